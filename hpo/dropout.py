@@ -1,0 +1,205 @@
+"""Dropout building blocks: the concrete dropout configuration of one trial, the layers that
+implement each variant, and the max-norm weight constraint.
+
+Every rate in this package is the probability of *dropping* a unit (PyTorch/Keras convention).
+Srivastava et al. (2014) quote the probability of *keeping* it, ``q = 1 - p``; convert only when
+quoting the paper.
+
+Library implementations are used wherever they exist: ``nn.Dropout`` (inverted Bernoulli),
+``nn.Dropout1d/2d`` (spatial), ``nn.AlphaDropout`` (alpha) and ``torchvision.ops.DropBlock2d``.
+Standard (test-time scaling), Gaussian, DropConnect and locked dropout have no PyTorch layer and
+are defined here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+Variant = Literal[
+    "inverted", "standard", "spatial", "alpha", "gaussian", "dropconnect", "locked", "dropblock"
+]
+VARIANTS: tuple[str, ...] = Variant.__args__  # type: ignore[attr-defined]
+
+#: Variants each architecture can build; a spec choosing another one is rejected.
+VARIANTS_BY_ARCH: dict[str, tuple[str, ...]] = {
+    "mlp": ("inverted", "standard", "alpha", "gaussian", "dropconnect"),
+    "cnn": ("inverted", "standard", "spatial", "gaussian", "dropblock"),
+    "lstm": ("inverted", "locked", "gaussian"),
+}
+
+#: Where dropout can sit in each architecture.
+PLACEMENTS_BY_ARCH: dict[str, tuple[str, ...]] = {
+    "mlp": ("input", "hidden"),
+    "cnn": ("input", "conv", "hidden"),
+    "lstm": ("input", "recurrent", "hidden"),
+}
+
+
+@dataclass(frozen=True)
+class DropoutConfig:
+    """The dropout of one trial, with every searched value resolved.
+
+    Args:
+        variant: How units are dropped (see :data:`VARIANTS`).
+        input: Drop probability on the network's input features (0 = off).
+        hidden: Drop probability after each hidden layer, one per layer (LSTM: after each
+            stacked layer; CNN: in the fully connected head).
+        conv: Drop probability after each convolution block (CNN only).
+        recurrent: Drop probability on the recurrent state between time steps (LSTM only).
+        block_size: Side of the dropped square for ``dropblock``, in feature-map pixels.
+        max_norm: Upper bound ``c`` on the L2 norm of each unit's incoming weights, applied
+            after every optimiser step; ``None`` disables the constraint.
+    """
+
+    variant: Variant = "inverted"
+    input: float = 0.0
+    hidden: tuple[float, ...] = ()
+    conv: float = 0.0
+    recurrent: float = 0.0
+    block_size: int = 3
+    max_norm: float | None = None
+
+    @classmethod
+    def none(cls, hidden_layers: int) -> DropoutConfig:
+        """No dropout anywhere and no max-norm: the baseline every study is compared with."""
+        return cls(hidden=(0.0,) * hidden_layers)
+
+
+class StandardDropout(nn.Module):
+    """Dropout as in Srivastava et al. (2014): units are dropped *without* rescaling during
+    training, and at test time activations are scaled by the retention probability ``1 - p``.
+
+    Scaling the activations that feed a layer by ``q`` equals scaling that layer's weights by
+    ``q`` (the paper's formulation), and gives the same expected activation as inverted dropout.
+    """
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        keep = 1.0 - self.p
+        if self.training:
+            return x * torch.bernoulli(torch.full_like(x, keep))
+        return x * keep
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class GaussianDropout(nn.Module):
+    """Multiplicative Gaussian noise ``N(1, p / (1 - p))`` during training, identity at test time:
+    the same mean and variance as inverted Bernoulli dropout at rate ``p`` (Srivastava et al.,
+    section 10)."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        std = (self.p / (1.0 - self.p)) ** 0.5
+        return x * (1.0 + std * torch.randn_like(x))
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class LockedDropout(nn.Module):
+    """Variational dropout for sequences (Gal & Ghahramani, 2016): one inverted Bernoulli mask per
+    sequence and feature, shared by every time step of an input shaped (batch, time, features)."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        mask = x.new_empty(x.shape[0], 1, x.shape[2]).bernoulli_(1.0 - self.p) / (1.0 - self.p)
+        return x * mask
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class DropConnectLinear(nn.Linear):
+    """A linear layer whose *weights* are dropped at rate ``p`` during training, with inverted
+    scaling so no change is needed at test time (Wan et al., 2013). One mask per mini-batch."""
+
+    def __init__(self, in_features: int, out_features: int, p: float, bias: bool = True) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return super().forward(x)
+        mask = torch.empty_like(self.weight).bernoulli_(1.0 - self.p) / (1.0 - self.p)
+        return F.linear(x, self.weight * mask, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, p={self.p}"
+
+
+def dropout_layer(variant: str, p: float, *, features: str = "dense", block_size: int = 3) -> nn.Module:
+    """The module that drops activations at rate ``p`` for one placement.
+
+    ``features`` says what the activations are: ``"dense"`` (batch, units), ``"maps"`` (batch,
+    channels, height, width) or ``"sequence"`` (batch, time, features). Spatial variants
+    (``spatial``, ``dropblock``) act on whole channels or blocks of ``maps`` and fall back to
+    inverted Bernoulli dropout on other placements; ``locked`` shares one mask across the time
+    steps of a ``sequence``. ``dropconnect`` drops weights, not activations, so it returns
+    ``nn.Identity`` here and the next layer is a :class:`DropConnectLinear`.
+    """
+    if p == 0 or variant == "dropconnect":
+        return nn.Identity()
+    if variant == "standard":
+        return StandardDropout(p)
+    if variant == "gaussian":
+        return GaussianDropout(p)
+    if variant == "alpha":
+        return nn.AlphaDropout(p)
+    if variant == "locked" and features == "sequence":
+        return LockedDropout(p)
+    if variant == "spatial" and features == "maps":
+        return nn.Dropout2d(p)
+    if variant == "spatial" and features == "sequence":
+        return nn.Dropout1d(p)
+    if variant == "dropblock" and features == "maps":
+        try:
+            from torchvision.ops import DropBlock2d
+        except ImportError as exc:  # pragma: no cover - depends on the install
+            raise ImportError(
+                "the dropblock variant needs torchvision: pip install 'dropout-hpo[vision]'"
+            ) from exc
+        return DropBlock2d(p, block_size)
+    return nn.Dropout(p)
+
+
+def linear_layer(in_features: int, out_features: int, variant: str, p: float) -> nn.Linear:
+    """A linear layer whose inputs are dropped at rate ``p``: DropConnect on its weights when the
+    variant is ``dropconnect``, a plain ``nn.Linear`` otherwise (the dropout then sits before it)."""
+    if variant == "dropconnect" and p > 0:
+        return DropConnectLinear(in_features, out_features, p)
+    return nn.Linear(in_features, out_features)
+
+
+@torch.no_grad()
+def apply_max_norm(module: nn.Module, max_norm: float) -> None:
+    """Rescale each unit's incoming weight vector to an L2 norm of at most ``max_norm``.
+
+    Every weight matrix or filter bank (any ``weight*`` parameter with 2 or more dimensions) is
+    treated as rows of incoming weights: rows of ``nn.Linear.weight``, output filters of
+    ``nn.Conv*d.weight``, gate rows of LSTM ``weight_ih``/``weight_hh``. Rows already inside the
+    ball are left untouched (``torch.renorm``). Call it after ``optimizer.step()``: a
+    parametrisation would change the gradients and is not the same constraint.
+    """
+    for name, param in module.named_parameters():
+        if param.ndim >= 2 and name.rsplit(".", 1)[-1].startswith("weight"):
+            param.renorm_(2, 0, max_norm)

@@ -1,0 +1,171 @@
+"""From a validated spec to Optuna suggestions and one trial's concrete configuration.
+
+Conditional parameters are suggested only where they matter: a placement's rate only when the
+placement is on, SGD momentum only with SGD, the DropBlock size only with DropBlock, the
+activation only when the variant does not impose SELU. Parameter names are the dotted spec paths.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+from hpo.dropout import DropoutConfig
+from hpo.module import TrainConfig
+from hpo.nets import NetConfig
+from hpo.spec import Choice, FloatRange, IntRange, PlacementSpec, Spec, is_searched
+
+#: Srivastava et al.'s recommended drop probabilities per placement (retention 0.8 on inputs,
+#: 0.75 after convolutions, 0.5 on hidden units), used by the ``recommended`` baseline.
+RECOMMENDED_RATES = {"input": 0.2, "conv": 0.25, "hidden": 0.5, "recurrent": 0.25}
+RECOMMENDED_MAX_NORM = 3.0
+_UNSET = object()
+
+
+class Suggester(Protocol):
+    """What :func:`suggest` needs from a trial: ``optuna.Trial`` and ``optuna.trial.FixedTrial``
+    both qualify."""
+
+    def suggest_float(self, name: str, low: float, high: float, *, step: float | None = None, log: bool = False) -> float: ...  # noqa: E501
+    def suggest_int(self, name: str, low: int, high: int, *, step: int = 1, log: bool = False) -> int: ...  # noqa: E501
+    def suggest_categorical(self, name: str, choices: Any) -> Any: ...
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    """Everything one trial trains with: network, dropout, optimisation, and its random seed."""
+
+    net: NetConfig
+    dropout: DropoutConfig
+    train: TrainConfig
+    seed: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def value(trial: Suggester, name: str, searchable: Any) -> Any:
+    """The value of one searchable: suggested from ``trial`` if it is a range or a choice, else
+    the fixed value itself."""
+    if isinstance(searchable, Choice):
+        return trial.suggest_categorical(name, list(searchable.choice))
+    if isinstance(searchable, IntRange):
+        return trial.suggest_int(name, searchable.low, searchable.high, step=searchable.step, log=searchable.log)
+    if isinstance(searchable, FloatRange):
+        return trial.suggest_float(name, searchable.low, searchable.high, step=searchable.step, log=searchable.log)
+    return searchable
+
+
+def _placement(trial: Suggester, name: str, placement: PlacementSpec | None, layers: int = 1) -> tuple[float, ...]:
+    if placement is None or not value(trial, f"{name}.enabled", placement.enabled):
+        return (0.0,) * layers
+    if placement.per_layer:
+        return tuple(value(trial, f"{name}.rate.{i}", placement.rate) for i in range(layers))
+    return (value(trial, f"{name}.rate", placement.rate),) * layers
+
+
+def suggest(trial: Suggester, spec: Spec, seed: int) -> TrialConfig:
+    """Draw one configuration of ``spec`` from ``trial``.
+
+    With ``model.couple_width`` on, each hidden layer gets ``round(units / (1 - rate))`` units, so
+    the expected number of active units stays ``units`` (Srivastava et al.'s n/q rule).
+    """
+    d, m, t = spec.dropout, spec.model, spec.training
+    variant = value(trial, "dropout.variant", d.variant)
+    layers = value(trial, "model.layers", m.layers)
+    hidden = _placement(trial, "dropout.hidden", d.hidden, layers)
+    dropout = DropoutConfig(
+        variant=variant,
+        input=_placement(trial, "dropout.input", d.input)[0],
+        hidden=hidden,
+        conv=_placement(trial, "dropout.conv", d.conv)[0],
+        recurrent=_placement(trial, "dropout.recurrent", d.recurrent)[0],
+        block_size=value(trial, "dropout.block_size", d.block_size) if variant == "dropblock" else 3,
+        max_norm=value(trial, "dropout.max_norm", d.max_norm),
+    )
+    units = value(trial, "model.units", m.units)
+    coupled = value(trial, "model.couple_width", m.couple_width)
+    net = NetConfig(
+        arch=m.arch,
+        units=tuple(round(units / (1.0 - p)) if coupled else units for p in hidden),
+        channels=tuple(m.channels),
+        activation="selu" if variant == "alpha" else value(trial, "model.activation", m.activation),
+    )
+    optimizer = value(trial, "training.optimizer", t.optimizer)
+    train = TrainConfig(
+        optimizer=optimizer,
+        lr=value(trial, "training.lr", t.lr),
+        momentum=value(trial, "training.momentum", t.momentum) if optimizer == "sgd" else 0.0,
+        weight_decay=value(trial, "training.weight_decay", t.weight_decay),
+        l1=value(trial, "training.l1", t.l1),
+        epochs=t.epochs,
+        early_stopping=t.early_stopping,
+        batch_size=value(trial, "training.batch_size", t.batch_size),
+    )
+    return TrialConfig(net=net, dropout=dropout, train=train, seed=seed)
+
+
+def searched_parameters(spec: Spec) -> dict[str, Any]:
+    """Every searched value of ``spec`` by parameter name (per-layer rates expanded), whether or
+    not a given trial suggests it."""
+    params: dict[str, Any] = {}
+    for section in ("model", "dropout", "training"):
+        for key, field in getattr(spec, section):
+            if isinstance(field, PlacementSpec):
+                if is_searched(field.enabled):
+                    params[f"{section}.{key}.enabled"] = field.enabled
+                if is_searched(field.rate):
+                    layers = spec.model.layers if field.per_layer else None
+                    names = [f"{section}.{key}.rate.{i}" for i in range(layers)] if layers else [f"{section}.{key}.rate"]
+                    params.update(dict.fromkeys(names, field.rate))
+            elif is_searched(field):
+                params[f"{section}.{key}"] = field
+    return params
+
+
+def centre(searchable: Any) -> Any:
+    """A deterministic middle value: the (geometric, for log ranges) midpoint of a range, on its
+    step grid, or the first choice."""
+    if isinstance(searchable, Choice):
+        return searchable.choice[0]
+    if searchable.log:
+        mid = math.sqrt(searchable.low * searchable.high)
+    else:
+        mid = (searchable.low + searchable.high) / 2
+    if isinstance(searchable, IntRange):
+        return searchable.low + round((mid - searchable.low) / searchable.step) * searchable.step
+    if searchable.step:
+        return searchable.low + round((mid - searchable.low) / searchable.step) * searchable.step
+    return mid
+
+
+def _contains(searchable: Any, v: Any) -> bool:
+    if isinstance(searchable, Choice):
+        return v in searchable.choice
+    return v is not None and searchable.low <= v <= searchable.high
+
+
+def baseline_params(spec: Spec, kind: str) -> dict[str, Any]:
+    """Parameters of a baseline trial: ``no_dropout`` turns every placement off (or its rate to 0)
+    and max-norm off; ``recommended`` sets Srivastava et al.'s rates and max-norm 3 with inverted
+    dropout. Values a spec's ranges exclude are left out; every other searched value sits at its
+    :func:`centre`, so the two baselines differ only in dropout."""
+    params = {}
+    for name, searchable in searched_parameters(spec).items():
+        target = _baseline_value(name, kind == "recommended")
+        params[name] = target if target is not _UNSET and _contains(searchable, target) else centre(searchable)
+    return params
+
+
+def _baseline_value(name: str, recommended: bool) -> Any:
+    if name == "dropout.variant":
+        return "inverted"
+    if name == "dropout.max_norm":
+        return RECOMMENDED_MAX_NORM if recommended else None
+    section, placement, *rest = name.split(".")
+    if section != "dropout" or not rest:
+        return _UNSET
+    if rest[0] == "enabled":
+        return recommended
+    return RECOMMENDED_RATES[placement] if recommended else 0.0

@@ -1,0 +1,185 @@
+"""One trial: train a configuration with Lightning and measure it.
+
+:func:`run_trial` knows nothing of studies or storage; it gets an optional trial-like object to
+report per-epoch values to (Optuna's pruning callback) and returns a :class:`TrialResult` or
+raises ``optuna.TrialPruned``, :class:`~hpo.module.NonFiniteLossError` or ``KeyboardInterrupt``.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback, EarlyStopping
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from hpo.data import Split, Splits
+from hpo.module import EPOCH_METRICS, ClassifierModule
+from hpo.nets import build_net
+from hpo.space import TrialConfig
+from hpo.spec import ObjectiveSpec
+
+_EVAL_BATCH = 4096
+
+
+@dataclass
+class TrialResult:
+    """What a finished trial measured.
+
+    Args:
+        values: Objective values, in the spec's order, at the best epoch.
+        best_epoch: Epoch (0-based) whose weights were kept, chosen on the first per-epoch
+            objective (``val/acc`` when every objective is a whole-trial metric).
+        history: Per-epoch metrics (``EPOCH_METRICS``), one dict per epoch run.
+        summary: Eval-mode loss and accuracy of the kept weights on each split
+            (``train_acc``, ``val_acc``, ``test_acc``, …), ``gap`` (train minus validation
+            accuracy), ``epochs`` run and mean ``epoch_time`` in seconds.
+    """
+
+    values: list[float]
+    best_epoch: int
+    history: list[dict[str, float]] = field(default_factory=list)
+    summary: dict[str, float] = field(default_factory=dict)
+
+
+class _BestEpoch(Callback):
+    """Keeps a CPU copy of the weights of the best epoch on ``monitor``."""
+
+    def __init__(self, monitor: str, maximize: bool) -> None:
+        self.monitor, self.maximize = monitor, maximize
+        self.best: float | None = None
+        self.epoch = -1
+        self.state: dict[str, torch.Tensor] | None = None
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: ClassifierModule) -> None:
+        if trainer.sanity_checking or not pl_module.history:
+            return
+        current = pl_module.history[-1][self.monitor]
+        better = self.best is None or (current > self.best if self.maximize else current < self.best)
+        if better:
+            self.best, self.epoch = current, pl_module.current_epoch
+            self.state = {k: v.detach().to("cpu", copy=True) for k, v in pl_module.net.state_dict().items()}
+
+
+def selection_objective(objectives: list[ObjectiveSpec]) -> ObjectiveSpec:
+    """The objective that picks the best epoch and drives pruning: the first one measured every
+    epoch, else maximising ``val/acc``."""
+    for objective in objectives:
+        if objective.metric in EPOCH_METRICS:
+            return objective
+    return ObjectiveSpec(metric="val/acc", direction="maximize")
+
+
+def run_trial(
+    config: TrialConfig,
+    data: Splits,
+    objectives: list[ObjectiveSpec],
+    *,
+    pruning_trial: Any | None = None,
+    accelerator: str = "auto",
+) -> TrialResult:
+    """Train ``config`` on ``data`` and measure it.
+
+    ``pruning_trial`` (an ``optuna.Trial``, or anything with ``report``/``should_prune``) gets the
+    selection metric after every epoch and may stop the trial with ``optuna.TrialPruned``.
+    """
+    _quiet_lightning()
+    pl.seed_everything(config.seed, workers=True, verbose=False)
+    net = build_net(config.net, config.dropout, data.input_shape, data.num_classes)
+    module = ClassifierModule(net, config.train, data.num_classes, max_norm=config.dropout.max_norm)
+    selection = selection_objective(objectives)
+    maximize = selection.direction == "maximize"
+    best = _BestEpoch(selection.metric, maximize)
+    callbacks: list[Callback] = [best]
+    if config.train.early_stopping:
+        callbacks.append(EarlyStopping(
+            selection.metric, patience=config.train.early_stopping, mode="max" if maximize else "min"
+        ))
+    if pruning_trial is not None:
+        from optuna_integration import PyTorchLightningPruningCallback
+
+        callbacks.append(PyTorchLightningPruningCallback(pruning_trial, monitor=selection.metric))
+
+    trainer = pl.Trainer(
+        accelerator=accelerator,
+        devices=1,
+        max_epochs=config.train.epochs,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    generator = torch.Generator().manual_seed(config.seed)
+    train_loader = DataLoader(
+        TensorDataset(data.train.x, data.train.y),
+        batch_size=config.train.batch_size, shuffle=True, generator=generator,
+    )
+    val_loader = DataLoader(TensorDataset(data.val.x, data.val.y), batch_size=_EVAL_BATCH)
+    _fit(trainer, module, train_loader, val_loader)
+
+    if best.state is not None:
+        net.load_state_dict(best.state)
+    summary = _evaluate_splits(net, data)
+    summary["epochs"] = len(module.history)
+    summary["epoch_time"] = sum(h["epoch_time"] for h in module.history) / max(len(module.history), 1)
+    at_best = {**module.history[best.epoch], "gap": summary["gap"], "epoch_time": summary["epoch_time"]}
+    return TrialResult(
+        values=[at_best[o.metric] for o in objectives],
+        best_epoch=best.epoch,
+        history=module.history,
+        summary=summary,
+    )
+
+
+def _fit(trainer: pl.Trainer, module: ClassifierModule, train: DataLoader, val: DataLoader) -> None:
+    """``trainer.fit`` that lets Ctrl-C through: Lightning turns it into ``sys.exit(1)`` and
+    leaves SIGINT ignored; here it becomes ``KeyboardInterrupt`` again, handler restored."""
+    main_thread = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGINT) if main_thread else None
+    try:
+        trainer.fit(module, train, val)
+    except SystemExit as exc:
+        raise KeyboardInterrupt("training interrupted") from exc
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, handler)
+
+
+@torch.inference_mode()
+def evaluate(net: torch.nn.Module, split: Split) -> tuple[float, float]:
+    """Eval-mode (no dropout) mean cross-entropy and accuracy of ``net`` on ``split``."""
+    net.eval()
+    device = next(net.parameters()).device
+    loss, correct = 0.0, 0
+    for start in range(0, len(split), _EVAL_BATCH):
+        x = split.x[start:start + _EVAL_BATCH].to(device)
+        y = split.y[start:start + _EVAL_BATCH].to(device)
+        logits = net(x)
+        loss += float(F.cross_entropy(logits, y, reduction="sum"))
+        correct += int((logits.argmax(1) == y).sum())
+    return loss / max(len(split), 1), correct / max(len(split), 1)
+
+
+def _evaluate_splits(net: torch.nn.Module, data: Splits) -> dict[str, float]:
+    summary: dict[str, float] = {}
+    for name in ("train", "val", "test"):
+        summary[f"{name}_loss"], summary[f"{name}_acc"] = evaluate(net, getattr(data, name))
+    summary["gap"] = summary["train_acc"] - summary["val_acc"]
+    return summary
+
+
+def _quiet_lightning() -> None:
+    """Silence Lightning's per-fit banners and advice: a study runs hundreds of fits."""
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="lightning")
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
