@@ -1,0 +1,309 @@
+"""The ``hpo`` command line: a thin layer over :mod:`hpo.api` and :mod:`hpo.study`.
+
+Bad input (an invalid search space, unreadable data, an unreachable store, an unknown study)
+ends with one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, Callable, TypeVar
+
+import optuna
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from hpo import __version__, api
+from hpo.data import DataError
+from hpo.executor import RunSummary, best_trial
+from hpo.export import to_csv, to_json, trial_rows
+from hpo.progress import StudyProgress, format_values
+from hpo.spec import SpecError
+from hpo.study import (
+    BASELINE, STORAGE_ENV, StoreError, StudyHandle, count_trials, load_study, open_storage, redact,
+    storage_url,
+)
+
+app = typer.Typer(
+    help="Bayesian optimisation of dropout configurations: submit a YAML search space, watch "
+    "trials land in a SQL study store, read the best configuration.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+console = Console()
+errors = Console(stderr=True)
+
+Storage = Annotated[
+    str | None,
+    typer.Option(
+        "--storage", envvar=STORAGE_ENV, show_default=False,
+        help="SQLAlchemy URL of the study store [default: sqlite:///hpo.db in this directory].",
+    ),
+]
+StudyName = Annotated[str, typer.Argument(help="Study name (see `hpo list`).", show_default=False)]
+
+
+class Accelerator(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    gpu = "gpu"
+
+
+class ExportFormat(str, Enum):
+    csv = "csv"
+    json = "json"
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _user_errors(command: F) -> F:
+    """Turn the errors a user can fix into one line on stderr and exit code 2."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except (SpecError, StoreError, DataError) as exc:
+            errors.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"dropout-hpo {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """dropout-hpo."""
+
+
+@app.command()
+@_user_errors
+def submit(
+    space: Annotated[Path, typer.Argument(help="Search-space YAML file (see search_spaces/).", show_default=False)],
+    trials: Annotated[int | None, typer.Option(min=1, help="Budget of finished trials [default: the spec's budget.trials].", show_default=False)] = None,
+    timeout: Annotated[float | None, typer.Option(min=0, help="Stop starting trials after this many seconds.", show_default=False)] = None,
+    study_name: Annotated[str | None, typer.Option(help="Study name [default: the spec's name].", show_default=False)] = None,
+    storage: Storage = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the sampler and the trials [default: the spec's sampler.seed, else random].", show_default=False)] = None,
+    baselines: Annotated[bool, typer.Option(help="Run the spec's baselines (no dropout; Srivastava et al.'s recommendation) first.")] = True,
+    accelerator: Annotated[Accelerator, typer.Option(help="Where trials train.")] = Accelerator.auto,
+) -> None:
+    """Create a study from a search space and run it until its trial budget is spent."""
+    progress: dict[str, StudyProgress] = {}
+
+    def start(handle: StudyHandle) -> None:
+        console.print(
+            f"study [bold]{handle.name}[/] in {_shown(handle.storage)}: {handle.budget} trials, "
+            f"sampler {handle.spec.sampler.name}, pruner {handle.spec.active_pruner.name}, seed {handle.seed}"
+        )
+        progress["bar"] = StudyProgress(handle.name, handle.budget, console).__enter__()
+
+    try:
+        handle, summary = api.submit(
+            space, trials=trials, timeout=timeout, study_name=study_name, storage=storage,
+            seed=seed, baselines=baselines, accelerator=accelerator.value,
+            on_start=start, on_progress=lambda c, b: progress["bar"](c, b),
+        )
+    finally:
+        if "bar" in progress:
+            progress["bar"].__exit__(None, None, None)
+    _report_run(handle, summary)
+
+
+@app.command()
+@_user_errors
+def resume(
+    study: StudyName,
+    storage: Storage = None,
+    trials: Annotated[int | None, typer.Option(min=1, help="New total budget of finished trials [default: unchanged].", show_default=False)] = None,
+    timeout: Annotated[float | None, typer.Option(min=0, help="Stop starting trials after this many seconds.", show_default=False)] = None,
+    accelerator: Annotated[Accelerator, typer.Option(help="Where trials train.")] = Accelerator.auto,
+) -> None:
+    """Continue a study: fail trials its stopped driver left RUNNING, re-queue them, and run
+    until the budget of finished trials is reached."""
+    progress: dict[str, StudyProgress] = {}
+
+    def start(handle: StudyHandle, orphans: list[int]) -> None:
+        if orphans:
+            console.print(f"abandoned trials {', '.join(map(str, orphans))} (their driver stopped); re-queued")
+        progress["bar"] = StudyProgress(handle.name, handle.budget, console).__enter__()
+
+    try:
+        handle, summary = api.resume(
+            study, storage=storage, trials=trials, timeout=timeout,
+            accelerator=accelerator.value, on_start=start,
+            on_progress=lambda c, b: progress["bar"](c, b),
+        )
+    finally:
+        if "bar" in progress:
+            progress["bar"].__exit__(None, None, None)
+    _report_run(handle, summary)
+
+
+@app.command()
+@_user_errors
+def status(study: StudyName, storage: Storage = None) -> None:
+    """Trial counts against the budget, the best value, and running or failed trials."""
+    handle = load_study(study, storage)
+    trials = handle.study.get_trials(deepcopy=False)
+    counts = count_trials(trials)
+    best = best_trial(handle.study)
+    console.print(f"study [bold]{handle.name}[/] in {_shown(handle.storage)}")
+    console.print(
+        f"finished {counts.finished}/{handle.budget}: complete {counts.complete}, pruned "
+        f"{counts.pruned}, failed {counts.failed}; running {counts.running}, waiting "
+        f"{counts.waiting}, abandoned {counts.abandoned}"
+    )
+    console.print(f"best: {format_values(best.values) if best else '-'}"
+                  + (f" (trial {best.number})" if best else ""))
+    for t in trials:
+        reason = t.user_attrs.get("fail_reason")
+        if reason:
+            console.print(f"  trial {t.number}: {reason}", markup=False, highlight=False)
+
+
+@app.command()
+@_user_errors
+def best(
+    study: StudyName,
+    storage: Storage = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """The best configuration found so far (multi-objective: the Pareto front)."""
+    handle = load_study(study, storage)
+    objectives = [o.metric for o in handle.spec.objective]
+    front = handle.study.best_trials if handle.spec.multi_objective else [best_trial(handle.study)]
+    front = [t for t in front if t is not None]
+    if not front:
+        errors.print(f"error: study {study!r} has no complete trial yet")
+        raise typer.Exit(1)
+    if as_json:
+        rows = [{"number": t.number, "values": dict(zip(objectives, t.values)), "params": t.params,
+                 "config": t.user_attrs.get("config")} for t in front]
+        console.print_json(data=rows if handle.spec.multi_objective else rows[0])
+        return
+    for t in front:
+        _print_trial(t, objectives)
+
+
+@app.command("list")
+@_user_errors
+def list_studies(storage: Storage = None) -> None:
+    """Every study in the store, with its trial counts and best value."""
+    rdb = open_storage(storage)
+    summaries = optuna.get_all_study_summaries(rdb, include_best_trial=False)
+    if not summaries:
+        console.print(f"no studies in {_shown(storage_url(storage))}")
+        return
+    table = Table("study", "created", "finished", "budget", "running", "best")
+    for s in sorted(summaries, key=lambda s: s.datetime_start or 0):
+        study = optuna.load_study(study_name=s.study_name, storage=rdb)
+        counts = count_trials(study.get_trials(deepcopy=False))
+        best = best_trial(study)
+        table.add_row(
+            s.study_name, f"{s.datetime_start:%Y-%m-%d %H:%M}" if s.datetime_start else "-",
+            str(counts.finished), str(s.user_attrs.get("hpo:trials", "-")), str(counts.running),
+            format_values(best.values if best else None),
+        )
+    console.print(table)
+
+
+@app.command()
+@_user_errors
+def delete(
+    study: StudyName,
+    storage: Storage = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Delete a study and all its trials from the store."""
+    handle = load_study(study, storage)
+    n = len(handle.study.get_trials(deepcopy=False))
+    if not yes:
+        if not sys.stdin.isatty():
+            raise StoreError("refusing to delete without confirmation: pass --yes")
+        typer.confirm(f"delete study {study!r} and its {n} trials?", abort=True)
+    optuna.delete_study(study_name=study, storage=open_storage(storage))
+    console.print(f"deleted study {study!r} ({n} trials)")
+
+
+@app.command()
+@_user_errors
+def export(
+    study: StudyName,
+    storage: Storage = None,
+    format: Annotated[ExportFormat, typer.Option("--format", "-f", help="Output format.")] = ExportFormat.csv,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="File to write [default: stdout].", show_default=False)] = None,
+) -> None:
+    """Every trial as CSV or JSON: state, objective values, parameters and metrics."""
+    handle = load_study(study, storage)
+    rows = trial_rows(handle.study, [o.metric for o in handle.spec.objective])
+    text = to_csv(rows) if format == ExportFormat.csv else to_json(rows)
+    if out is None:
+        sys.stdout.write(text)
+    else:
+        out.write_text(text)
+        console.print(f"wrote {len(rows)} trials to {out}")
+
+
+def _shown(url: str | None) -> str:
+    return redact(storage_url(url))
+
+
+def _print_trial(trial: optuna.trial.FrozenTrial, objectives: list[str]) -> None:
+    table = Table(title=f"trial {trial.number}", show_header=False)
+    for name, value in zip(objectives, trial.values):
+        table.add_row(f"[bold]{name}", f"{value:.4f}")
+    for key in ("test_acc", "train_acc", "gap", "epochs", "epoch_time"):
+        if key in trial.user_attrs:
+            value = trial.user_attrs[key]
+            table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    for name, value in trial.params.items():
+        table.add_row(name, f"{value:.4g}" if isinstance(value, float) else str(value))
+    console.print(table)
+
+
+def _report_run(handle: StudyHandle, summary: RunSummary) -> None:
+    c = summary.counts
+    why = {
+        "budget": "budget reached", "timeout": "timeout reached",
+        "interrupted": "interrupted; run `hpo resume " + handle.name + "` to continue",
+        "errors": summary.message,
+    }[summary.stopped]
+    console.print(
+        f"{why}: {c.finished}/{handle.budget} finished ({c.complete} complete, {c.pruned} pruned, "
+        f"{c.failed} failed)", markup=False, highlight=False,
+    )
+    objectives = [o.metric for o in handle.spec.objective]
+    best = best_trial(handle.study)
+    if best is None:
+        return
+    console.print("best configuration:")
+    _print_trial(best, objectives)
+    baseline = next(
+        (t for t in handle.study.get_trials(deepcopy=False)
+         if t.user_attrs.get(BASELINE) == "no_dropout" and t.values), None,
+    )
+    if baseline is not None and not handle.spec.multi_objective:
+        delta = best.values[0] - baseline.values[0]
+        better = delta > 0 if handle.spec.objective[0].direction == "maximize" else delta < 0
+        console.print(
+            f"no-dropout baseline (trial {baseline.number}): {objectives[0]} "
+            f"{baseline.values[0]:.4f}; the best trial is {delta:+.4f} "
+            f"({'better' if better else 'not better'})"
+        )
+    if summary.stopped == "errors":
+        raise typer.Exit(1)

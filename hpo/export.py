@@ -1,0 +1,58 @@
+"""A study's trials as flat rows, for CSV or JSON export and for tables.
+
+Parameters keep their spec names (``dropout.hidden.rate``); metrics are the eval-mode values
+each trial stored (``train_acc``, ``val_acc``, ``test_acc``, ``gap``, ``epochs``,
+``epoch_time`` in seconds).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial
+
+from hpo.study import ABANDONED, BASELINE, FAIL_REASON
+
+METRICS = ("train_acc", "val_acc", "test_acc", "train_loss", "val_loss", "test_loss", "gap",
+           "best_epoch", "epochs", "epoch_time")
+
+
+def trial_row(trial: FrozenTrial, objective_names: list[str]) -> dict[str, Any]:
+    """One trial as a flat mapping: number, state, objective values, parameters, metrics."""
+    attrs = trial.user_attrs
+    row: dict[str, Any] = {
+        "number": trial.number,
+        "state": "abandoned" if attrs.get(ABANDONED) else trial.state.name.lower(),
+        "baseline": attrs.get(BASELINE, ""),
+    }
+    values = trial.values or [None] * len(objective_names)
+    row.update(zip(objective_names, values))
+    row.update(trial.params)
+    row.update({m: attrs.get(m) for m in METRICS})
+    row["seed"] = attrs.get("seed")
+    row["duration_s"] = trial.duration.total_seconds() if trial.duration else None
+    row["fail_reason"] = attrs.get(FAIL_REASON) or attrs.get("pruned_reason", "")
+    return row
+
+
+def trial_rows(study: optuna.Study, objective_names: list[str]) -> list[dict[str, Any]]:
+    return [trial_row(t, objective_names) for t in study.get_trials(deepcopy=False)]
+
+
+def to_csv(rows: list[dict[str, Any]]) -> str:
+    columns: list[str] = []
+    for row in rows:
+        columns += [c for c in row if c not in columns]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def to_json(rows: list[dict[str, Any]]) -> str:
+    return json.dumps(rows, indent=2, default=str)

@@ -1,0 +1,287 @@
+"""Studies on a SQL study store: create, reopen, count against the budget, and reconcile.
+
+The store is Optuna's RDB storage, so any SQLAlchemy URL works (``sqlite:///hpo.db``, the
+default, or ``postgresql://…``) and every study opens with Optuna's own API and CLI. What Optuna
+does not keep (the spec, the trial budget, the seed) is kept as study user attributes, so
+``hpo resume NAME`` needs nothing but the name.
+
+Budget: a study's ``trials`` budget counts *finished* trials: complete, pruned and failed ones.
+Trials abandoned because the driver stopped (Ctrl-C, a killed process) do not count; their
+configuration is queued again.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+from optuna.storages import RDBStorage
+from optuna.trial import FrozenTrial, TrialState
+
+from hpo.space import baseline_params
+from hpo.spec import PrunerSpec, SamplerSpec, Spec, parse_spec
+
+DEFAULT_STORAGE = "sqlite:///hpo.db"
+STORAGE_ENV = "HPO_STORAGE"
+
+#: Seconds between heartbeats of a running trial, and silence after which another driver may
+#: declare it abandoned.
+HEARTBEAT_INTERVAL = 30.0
+HEARTBEAT_GRACE = 120.0
+
+_SPEC, _SPEC_SOURCE, _BUDGET, _SEED = "hpo:spec", "hpo:spec_source", "hpo:trials", "hpo:seed"
+_OWNER, _HEARTBEAT = "hpo:driver", "hpo:heartbeat"
+ABANDONED = "abandoned"
+FAIL_REASON = "fail_reason"
+BASELINE = "baseline"
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+class StoreError(Exception):
+    """The study store cannot be used as asked (unreachable, no such study, name taken)."""
+
+
+def storage_url(url: str | None = None) -> str:
+    """``url``, else ``$HPO_STORAGE``, else an SQLite file ``hpo.db`` in the working directory."""
+    return url or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
+
+
+def open_storage(url: str | None = None) -> RDBStorage:
+    """Optuna RDB storage at ``url`` (see :func:`storage_url`), with a clear error when it
+    cannot be reached."""
+    url = storage_url(url)
+    engine_kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite"):
+        engine_kwargs["connect_args"] = {"timeout": 60}
+    else:
+        engine_kwargs["pool_pre_ping"] = True
+    try:
+        return RDBStorage(url, engine_kwargs=engine_kwargs)
+    except Exception as exc:  # SQLAlchemy raises many types for a bad URL or server
+        raise StoreError(f"cannot open study store {redact(url)}: {_first_line(exc)}") from exc
+
+
+def redact(url: str) -> str:
+    """``url`` with its password hidden, for messages."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url.split("@")[-1]
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+SAMPLERS = {
+    "tpe": lambda s, seed: optuna.samplers.TPESampler(
+        seed=seed, multivariate=True, group=True, constant_liar=True,
+        **_startup(s, default=10),
+    ),
+    "gp": lambda s, seed: optuna.samplers.GPSampler(seed=seed, **_startup(s, default=10)),
+    "random": lambda s, seed: optuna.samplers.RandomSampler(seed=seed),
+    "cmaes": lambda s, seed: optuna.samplers.CmaEsSampler(
+        seed=seed, warn_independent_sampling=False, **_startup(s, default=1),
+    ),
+    "qmc": lambda s, seed: optuna.samplers.QMCSampler(seed=seed, warn_independent_sampling=False),
+}
+
+
+def _startup(spec: SamplerSpec, default: int) -> dict[str, int]:
+    return {"n_startup_trials": default if spec.n_startup_trials is None else spec.n_startup_trials}
+
+
+def make_sampler(spec: SamplerSpec, seed: int | None) -> optuna.samplers.BaseSampler:
+    """The Optuna sampler a spec names. TPE is multivariate with grouped (conditional)
+    parameters and the constant liar, so concurrent trials do not duplicate each other."""
+    return SAMPLERS[spec.name](spec, seed)
+
+
+def make_pruner(spec: PrunerSpec) -> optuna.pruners.BasePruner:
+    if spec.name == "median":
+        return optuna.pruners.MedianPruner(
+            n_startup_trials=spec.n_startup_trials, n_warmup_steps=spec.n_warmup_steps
+        )
+    if spec.name == "hyperband":
+        return optuna.pruners.HyperbandPruner(
+            min_resource=spec.min_resource, reduction_factor=spec.reduction_factor
+        )
+    return optuna.pruners.NopPruner()
+
+
+@dataclass
+class StudyHandle:
+    """An open study with the spec and budget it was submitted with."""
+
+    study: optuna.Study
+    spec: Spec
+    budget: int
+    seed: int
+    storage: str
+
+    @property
+    def name(self) -> str:
+        return self.study.study_name
+
+
+def create_study(
+    spec: Spec,
+    spec_text: str,
+    *,
+    name: str,
+    storage: str | None = None,
+    budget: int,
+    seed: int,
+    spec_source: str = "",
+) -> StudyHandle:
+    """Create study ``name`` from a validated spec, refusing to touch an existing one, and queue
+    the spec's baselines as its first trials."""
+    url = storage_url(storage)
+    rdb = open_storage(url)
+    if name in {s.study_name for s in optuna.get_all_study_summaries(rdb, include_best_trial=False)}:
+        raise StoreError(
+            f"study {name!r} already exists in {redact(url)}: run `hpo resume {name}` to continue "
+            "it, or choose another --study-name"
+        )
+    study = optuna.create_study(
+        storage=rdb,
+        study_name=name,
+        directions=spec.directions,
+        sampler=make_sampler(spec.sampler, seed),
+        pruner=make_pruner(spec.active_pruner),
+    )
+    for key, value in {_SPEC: spec_text, _SPEC_SOURCE: spec_source, _BUDGET: budget, _SEED: seed}.items():
+        study.set_user_attr(key, value)
+    for kind in spec.baselines:
+        study.enqueue_trial(baseline_params(spec, kind), user_attrs={BASELINE: kind})
+    return StudyHandle(study, spec, budget, seed, url)
+
+
+def load_study(name: str, storage: str | None = None) -> StudyHandle:
+    """Reopen a study made by ``hpo submit``. The sampler is re-seeded past the trials already
+    run, so a resumed study does not replay its first suggestions."""
+    url = storage_url(storage)
+    rdb = open_storage(url)
+    try:
+        plain = optuna.load_study(study_name=name, storage=rdb)
+    except KeyError as exc:
+        known = sorted(s.study_name for s in optuna.get_all_study_summaries(rdb, include_best_trial=False))
+        hint = f" (studies: {', '.join(known)})" if known else " (the store has no studies)"
+        raise StoreError(f"no study {name!r} in {redact(url)}{hint}") from exc
+    attrs = plain.user_attrs
+    if _SPEC not in attrs:
+        raise StoreError(f"study {name!r} was not created by hpo (it has no stored search space)")
+    spec = parse_spec(attrs[_SPEC], source=f"study {name!r}")
+    seed = int(attrs.get(_SEED, 0))
+    n_done = len(plain.get_trials(deepcopy=False))
+    study = optuna.load_study(
+        study_name=name,
+        storage=rdb,
+        sampler=make_sampler(spec.sampler, seed + n_done),
+        pruner=make_pruner(spec.active_pruner),
+    )
+    return StudyHandle(study, spec, int(attrs.get(_BUDGET, spec.budget.trials)), seed, url)
+
+
+def set_budget(handle: StudyHandle, trials: int) -> None:
+    """Change the study's budget of finished trials (``hpo resume --trials``)."""
+    handle.study.set_user_attr(_BUDGET, trials)
+    handle.budget = trials
+
+
+def is_abandoned(trial: FrozenTrial) -> bool:
+    return trial.state == TrialState.FAIL and bool(trial.user_attrs.get(ABANDONED))
+
+
+@dataclass(frozen=True)
+class Counts:
+    """Trials of a study by outcome. ``finished`` is what the budget counts."""
+
+    complete: int = 0
+    pruned: int = 0
+    failed: int = 0
+    abandoned: int = 0
+    running: int = 0
+    waiting: int = 0
+
+    @property
+    def finished(self) -> int:
+        return self.complete + self.pruned + self.failed
+
+
+def count_trials(trials: list[FrozenTrial]) -> Counts:
+    states = Counter(
+        "abandoned" if is_abandoned(t) else t.state.name.lower() for t in trials
+    )
+    return Counts(
+        complete=states["complete"], pruned=states["pruned"], failed=states["fail"],
+        abandoned=states["abandoned"], running=states["running"], waiting=states["waiting"],
+    )
+
+
+def driver_identity() -> dict[str, Any]:
+    return {"host": socket.gethostname(), "pid": os.getpid()}
+
+
+def claim(study: optuna.Study, trial: optuna.Trial) -> None:
+    """Mark ``trial`` as run by this process, so another driver can tell when it is orphaned."""
+    storage = study._storage
+    storage.set_trial_system_attr(trial._trial_id, _OWNER, driver_identity())
+    heartbeat(study, trial._trial_id)
+
+
+def heartbeat(study: optuna.Study, trial_id: int) -> None:
+    study._storage.set_trial_system_attr(trial_id, _HEARTBEAT, time.time())
+
+
+def _orphaned(trial: FrozenTrial, now: float) -> bool:
+    owner = trial.system_attrs.get(_OWNER)
+    if owner and owner.get("host") == socket.gethostname():
+        return owner.get("pid") == os.getpid() or not _pid_alive(int(owner["pid"]))
+    last = trial.system_attrs.get(_HEARTBEAT)
+    return last is None or now - float(last) > HEARTBEAT_GRACE
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def abandon(study: optuna.Study, trial_id: int, params: dict[str, Any], user_attrs: dict[str, Any], reason: str) -> None:
+    """Fail a trial its driver could not finish, record why, and queue its configuration again
+    (the abandoned trial does not count against the budget)."""
+    storage = study._storage
+    storage.set_trial_user_attr(trial_id, FAIL_REASON, reason)
+    storage.set_trial_user_attr(trial_id, ABANDONED, True)
+    storage.set_trial_state_values(trial_id, TrialState.FAIL)
+    retry_attrs = {k: v for k, v in user_attrs.items() if k == BASELINE}
+    study.enqueue_trial(params, user_attrs=retry_attrs)
+
+
+def reconcile(study: optuna.Study) -> list[int]:
+    """Abandon every RUNNING trial whose driver is gone: a dead process on this host, or no
+    heartbeat for :data:`HEARTBEAT_GRACE` seconds from another host. Returns their numbers."""
+    now = time.time()
+    orphans = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if _orphaned(t, now)]
+    for t in orphans:
+        owner = t.system_attrs.get(_OWNER, {})
+        abandon(
+            study, t._trial_id, t.params, t.user_attrs,
+            f"abandoned: driver {owner.get('host', '?')}:{owner.get('pid', '?')} stopped during the trial",
+        )
+    return [t.number for t in orphans]
