@@ -12,8 +12,9 @@ from pathlib import Path
 
 from hpo.data import load_data
 from hpo.executor import ProgressCallback, RunSummary, run_study
+from hpo.space import baseline_params
 from hpo.spec import load_spec
-from hpo.study import StudyHandle, create_study, load_study, reconcile, set_budget
+from hpo.study import BASELINE, StudyHandle, create_study, load_study, reconcile, set_budget
 
 
 def submit(
@@ -57,6 +58,7 @@ def submit(
         budget=trials or spec.budget.trials,
         seed=seed,
         spec_source=str(path),
+        first_trials=[(baseline_params(spec, kind), {BASELINE: kind}) for kind in spec.baselines],
     )
     if on_start is not None:
         on_start(handle)

@@ -1,32 +1,36 @@
 """The ``hpo`` command line: a thin layer over :mod:`hpo.api` and :mod:`hpo.study`.
 
 Bad input (an invalid search space, unreadable data, an unreachable store, an unknown study)
-ends with one line on stderr and exit code 2.
+ends with one line on stderr and exit code 2. Verbs that only read the store never import torch,
+so they answer at once.
 """
 
 from __future__ import annotations
 
 import functools
+import signal
 import sys
+import threading
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Callable, TypeVar
 
 import optuna
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from hpo import __version__, api
-from hpo.data import DataError
-from hpo.executor import RunSummary, best_trial
+from hpo import __version__
+from hpo.errors import HpoError, StoreError
 from hpo.export import to_csv, to_json, trial_rows
 from hpo.progress import StudyProgress, format_values
-from hpo.spec import SpecError
 from hpo.study import (
-    BASELINE, STORAGE_ENV, StoreError, StudyHandle, count_trials, load_study, open_storage, redact,
+    BASELINE, STORAGE_ENV, StudyHandle, best_trial, count_trials, load_study, open_storage, redact,
     storage_url,
 )
+
+if TYPE_CHECKING:
+    from hpo.executor import RunSummary
 
 app = typer.Typer(
     help="Bayesian optimisation of dropout configurations: submit a YAML search space, watch "
@@ -61,14 +65,21 @@ class ExportFormat(str, Enum):
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def _user_errors(command: F) -> F:
-    """Turn the errors a user can fix into one line on stderr and exit code 2."""
+    """Turn the errors a user can fix into one line on stderr and exit code 2, and SIGTERM (what
+    schedulers and `kill` send) into the same clean stop as Ctrl-C."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
             return command(*args, **kwargs)
-        except (SpecError, StoreError, DataError) as exc:
+        except HpoError as exc:
             errors.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
@@ -103,6 +114,8 @@ def submit(
     accelerator: Annotated[Accelerator, typer.Option(help="Where trials train.")] = Accelerator.auto,
 ) -> None:
     """Create a study from a search space and run it until its trial budget is spent."""
+    from hpo import api
+
     progress: dict[str, StudyProgress] = {}
 
     def start(handle: StudyHandle) -> None:
@@ -135,6 +148,8 @@ def resume(
 ) -> None:
     """Continue a study: fail trials its stopped driver left RUNNING, re-queue them, and run
     until the budget of finished trials is reached."""
+    from hpo import api
+
     progress: dict[str, StudyProgress] = {}
 
     def start(handle: StudyHandle, orphans: list[int]) -> None:
@@ -276,34 +291,44 @@ def _print_trial(trial: optuna.trial.FrozenTrial, objectives: list[str]) -> None
     console.print(table)
 
 
+_EXIT_CODES = {"budget": 0, "timeout": 0, "errors": 1, "interrupted": 130}
+
+
 def _report_run(handle: StudyHandle, summary: RunSummary) -> None:
+    """Print how the run ended and the best configuration; exit 1 after a run of errors, 130
+    after an interrupt."""
     c = summary.counts
     why = {
         "budget": "budget reached", "timeout": "timeout reached",
-        "interrupted": "interrupted; run `hpo resume " + handle.name + "` to continue",
+        "interrupted": f"interrupted; run `hpo resume {handle.name}` to continue",
         "errors": summary.message,
     }[summary.stopped]
     console.print(
         f"{why}: {c.finished}/{handle.budget} finished ({c.complete} complete, {c.pruned} pruned, "
         f"{c.failed} failed)", markup=False, highlight=False,
     )
-    objectives = [o.metric for o in handle.spec.objective]
     best = best_trial(handle.study)
-    if best is None:
-        return
-    console.print("best configuration:")
-    _print_trial(best, objectives)
+    if best is not None:
+        console.print("best configuration:")
+        _print_trial(best, [o.metric for o in handle.spec.objective])
+        if not handle.spec.multi_objective:
+            _compare_with_baseline(handle, best)
+    if _EXIT_CODES[summary.stopped]:
+        raise typer.Exit(_EXIT_CODES[summary.stopped])
+
+
+def _compare_with_baseline(handle: StudyHandle, best: optuna.trial.FrozenTrial) -> None:
     baseline = next(
         (t for t in handle.study.get_trials(deepcopy=False)
          if t.user_attrs.get(BASELINE) == "no_dropout" and t.values), None,
     )
-    if baseline is not None and not handle.spec.multi_objective:
-        delta = best.values[0] - baseline.values[0]
-        better = delta > 0 if handle.spec.objective[0].direction == "maximize" else delta < 0
-        console.print(
-            f"no-dropout baseline (trial {baseline.number}): {objectives[0]} "
-            f"{baseline.values[0]:.4f}; the best trial is {delta:+.4f} "
-            f"({'better' if better else 'not better'})"
-        )
-    if summary.stopped == "errors":
-        raise typer.Exit(1)
+    if baseline is None:
+        return
+    objective = handle.spec.objective[0]
+    delta = best.values[0] - baseline.values[0]
+    better = delta > 0 if objective.direction == "maximize" else delta < 0
+    console.print(
+        f"no-dropout baseline (trial {baseline.number}): {objective.metric} "
+        f"{baseline.values[0]:.4f}; the best trial is {delta:+.4f} "
+        f"({'better' if better else 'not better'})"
+    )

@@ -9,57 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-DatasetName = Literal["digits", "mnist", "fashion_mnist", "cifar10", "npz", "csv"]
-_TORCHVISION = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "cifar10": "CIFAR10"}
+from hpo.errors import DataError
+from hpo.spec import TORCHVISION_SETS, DataSpec
 
-
-class DataError(Exception):
-    """A data set cannot be read; the message says which file and why."""
-
-
-class DataSpec(BaseModel):
-    """Where a study's data comes from and how it is split.
-
-    Args:
-        dataset: ``digits`` (embedded, 1,797 8x8 images), ``mnist``, ``fashion_mnist``,
-            ``cifar10`` (torchvision files under ``root``), ``npz`` or ``csv`` (a file at ``path``).
-        root: torchvision root folder holding ``MNIST/``, ``FashionMNIST/`` or
-            ``cifar-10-batches-py/``.
-        path: The ``.npz`` (arrays ``x``, ``y``, optionally ``x_test``, ``y_test``) or ``.csv``
-            (numeric, with a header; the label column is ``label_column``) file.
-        label_column: Label column of a CSV file; the last column by default.
-        image_shape: Reshape each row of an ``npz``/``csv`` file to ``(C, H, W)`` (for a CNN).
-        val_fraction: Share of the training data held out for validation (0 to 0.9).
-        test_fraction: Share held out for testing when the data set has no test split of its own.
-        limit: Keep at most this many training examples (a quick look at a large data set).
-        seed: Seed of the split: the same seed gives every trial the same examples.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    dataset: DatasetName = "digits"
-    root: Path | None = None
-    path: Path | None = None
-    label_column: str | None = None
-    image_shape: tuple[int, int, int] | None = None
-    val_fraction: float = Field(0.2, ge=0.0, lt=0.9)
-    test_fraction: float = Field(0.2, gt=0.0, lt=0.9)
-    limit: int | None = Field(None, gt=0)
-    seed: int = 0
-
-    @model_validator(mode="after")
-    def _needs_location(self) -> DataSpec:
-        if self.dataset in _TORCHVISION and self.root is None:
-            raise ValueError(f"dataset {self.dataset!r} needs 'root' (a local torchvision folder)")
-        if self.dataset in ("npz", "csv") and self.path is None:
-            raise ValueError(f"dataset {self.dataset!r} needs 'path' (the .{self.dataset} file)")
-        return self
+__all__ = ["DataError", "DataSpec", "Split", "Splits", "load_data"]
 
 
 @dataclass(frozen=True)
@@ -93,7 +50,7 @@ def load_data(spec: DataSpec) -> Splits:
     """
     if spec.dataset == "digits":
         x, y, x_test, y_test = _digits()
-    elif spec.dataset in _TORCHVISION:
+    elif spec.dataset in TORCHVISION_SETS:
         x, y, x_test, y_test = _torchvision(spec.dataset, spec.root)
     elif spec.dataset == "npz":
         x, y, x_test, y_test = _npz(spec.path)
@@ -141,13 +98,13 @@ def _torchvision(name: str, root: Path | None) -> tuple[np.ndarray, ...]:
         raise DataError(
             f"dataset {name!r} needs torchvision: pip install 'dropout-hpo[vision]'"
         ) from exc
-    cls = getattr(datasets, _TORCHVISION[name])
+    cls = getattr(datasets, TORCHVISION_SETS[name])
     try:
         train, test = (cls(str(root), train=flag, download=False) for flag in (True, False))
     except RuntimeError as exc:
         raise DataError(
             f"{name} not found under {root} ({exc}); files are never downloaded: place "
-            f"torchvision's {_TORCHVISION[name]} files there"
+            f"torchvision's {TORCHVISION_SETS[name]} files there"
         ) from exc
     return (*_images(train), *_images(test))
 

@@ -14,31 +14,12 @@ are defined here.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-Variant = Literal[
-    "inverted", "standard", "spatial", "alpha", "gaussian", "dropconnect", "locked", "dropblock"
-]
-VARIANTS: tuple[str, ...] = Variant.__args__  # type: ignore[attr-defined]
-
-#: Variants each architecture can build; a spec choosing another one is rejected.
-VARIANTS_BY_ARCH: dict[str, tuple[str, ...]] = {
-    "mlp": ("inverted", "standard", "alpha", "gaussian", "dropconnect"),
-    "cnn": ("inverted", "standard", "spatial", "gaussian", "dropblock"),
-    "lstm": ("inverted", "locked", "gaussian"),
-}
-
-#: Where dropout can sit in each architecture.
-PLACEMENTS_BY_ARCH: dict[str, tuple[str, ...]] = {
-    "mlp": ("input", "hidden"),
-    "cnn": ("input", "conv", "hidden"),
-    "lstm": ("input", "recurrent", "hidden"),
-}
-
+from hpo.spec import Variant
 
 @dataclass(frozen=True)
 class DropoutConfig:

@@ -20,7 +20,8 @@ from hpo.data import Splits
 from hpo.module import NonFiniteLossError
 from hpo.space import suggest
 from hpo.study import (
-    FAIL_REASON, HEARTBEAT_INTERVAL, Counts, StudyHandle, abandon, claim, count_trials, heartbeat,
+    FAIL_REASON, HEARTBEAT_INTERVAL, Counts, StudyHandle, abandon, best_trial, claim, count_trials,
+    heartbeat,
 )
 from hpo.trial import TrialResult, run_trial
 
@@ -46,14 +47,6 @@ ProgressCallback = Callable[[Counts, FrozenTrial | None], None]
 def trial_seed(study_seed: int, number: int) -> int:
     """A distinct, reproducible seed per trial (weights, masks, batch order)."""
     return (study_seed * 1_000_003 + number) % 2**31
-
-
-def best_trial(study: optuna.Study) -> FrozenTrial | None:
-    """The best complete trial (single objective) or the first of the Pareto front."""
-    try:
-        return study.best_trial if len(study.directions) == 1 else (study.best_trials or [None])[0]
-    except ValueError:
-        return None
 
 
 class _Heartbeat(threading.Thread):
@@ -86,8 +79,9 @@ def run_study(
     on_progress: ProgressCallback | None = None,
 ) -> RunSummary:
     """Run trials until the study has ``handle.budget`` finished trials or ``timeout`` seconds
-    pass. Ctrl-C abandons the running trial (failed with the reason, configuration re-queued)
-    and returns with ``stopped == "interrupted"``."""
+    pass. Ctrl-C (``KeyboardInterrupt``) abandons the running trial (failed with the reason, its
+    configuration re-queued, not counted against the budget) and returns with
+    ``stopped == "interrupted"``; finished trials are already stored."""
     study, spec = handle.study, handle.spec
     prune = not spec.multi_objective and spec.active_pruner.name != "none"
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -101,6 +95,7 @@ def run_study(
             on_progress(counts, best_trial(study))
         return counts
 
+    trial: optuna.Trial | None = None
     try:
         counts = progress()
         while counts.finished < handle.budget:
@@ -122,11 +117,6 @@ def run_study(
                 trial.set_user_attr("pruned_reason", str(exc))
                 study.tell(trial, state=TrialState.PRUNED)
                 errors_in_a_row = 0
-            except KeyboardInterrupt:
-                beat.trial_id = None
-                abandon(study, trial._trial_id, trial.params, trial.user_attrs,
-                        "abandoned: interrupted by the user (Ctrl-C)")
-                return RunSummary(progress(), "interrupted")
             except NonFiniteLossError as exc:
                 _fail(study, trial, f"{type(exc).__name__}: {exc}")
                 errors_in_a_row = 0
@@ -138,15 +128,25 @@ def run_study(
                 _record(trial, result)
                 study.tell(trial, result.values)
                 errors_in_a_row = 0
-            beat.trial_id = None
+            trial = beat.trial_id = None
             counts = progress()
             if errors_in_a_row >= MAX_CONSECUTIVE_ERRORS:
                 return RunSummary(
                     counts, "errors", f"{errors_in_a_row} trials in a row failed; last: {last_error}"
                 )
         return RunSummary(counts, "budget")
+    except KeyboardInterrupt:
+        beat.trial_id = None
+        if trial is not None and _is_running(study, trial):
+            abandon(study, trial._trial_id, trial.params, trial.user_attrs,
+                    "abandoned: interrupted by the user (Ctrl-C)")
+        return RunSummary(count_trials(study.get_trials(deepcopy=False)), "interrupted")
     finally:
         beat.stop()
+
+
+def _is_running(study: optuna.Study, trial: optuna.Trial) -> bool:
+    return study._storage.get_trial(trial._trial_id).state == TrialState.RUNNING
 
 
 def _fail(study: optuna.Study, trial: optuna.Trial, reason: str) -> None:

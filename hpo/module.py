@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -19,8 +19,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from hpo.dropout import apply_max_norm
-
-Optimizer = Literal["sgd", "adam"]
+from hpo.spec import Optimizer
 
 #: Metrics logged once per epoch, in the order they appear in histories and exports.
 EPOCH_METRICS = ("train/loss", "train/acc", "val/loss", "val/acc", "epoch_time")

@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 from torch import nn
 
 from hpo.dropout import DropoutConfig, dropout_layer, linear_layer
-
-Arch = Literal["mlp", "cnn", "lstm"]
-Activation = Literal["relu", "tanh", "elu", "gelu", "selu"]
+from hpo.spec import Activation, Arch
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU, "gelu": nn.GELU, "selu": nn.SELU,

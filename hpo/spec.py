@@ -21,21 +21,77 @@ from pydantic import (
     field_validator, model_validator,
 )
 
-from hpo.data import DataSpec
-from hpo.dropout import PLACEMENTS_BY_ARCH, VARIANTS_BY_ARCH, Variant
-from hpo.module import Optimizer
-from hpo.nets import Activation, Arch
+from hpo.errors import SpecError
 
 T = TypeVar("T")
 _TAGS = ("value", "range", "choice")
 
 
-class SpecError(ValueError):
-    """A search space that cannot be used. ``str()`` is the one-line message for the user."""
+__all__ = ["Spec", "SpecError", "load_spec", "parse_spec"]
 
-    def __init__(self, source: str | Path, key: str, problem: str) -> None:
-        self.source, self.key, self.problem = str(source), key, problem
-        super().__init__(f"{source}: {key}: {problem}" if key else f"{source}: {problem}")
+Arch = Literal["mlp", "cnn", "lstm"]
+Activation = Literal["relu", "tanh", "elu", "gelu", "selu"]
+Optimizer = Literal["sgd", "adam"]
+Variant = Literal[
+    "inverted", "standard", "spatial", "alpha", "gaussian", "dropconnect", "locked", "dropblock"
+]
+VARIANTS: tuple[str, ...] = Variant.__args__  # type: ignore[attr-defined]
+
+#: Dropout variants each architecture can build; a spec choosing another one is rejected.
+VARIANTS_BY_ARCH: dict[str, tuple[str, ...]] = {
+    "mlp": ("inverted", "standard", "alpha", "gaussian", "dropconnect"),
+    "cnn": ("inverted", "standard", "spatial", "gaussian", "dropblock"),
+    "lstm": ("inverted", "locked", "gaussian"),
+}
+
+#: Where dropout can sit in each architecture.
+PLACEMENTS_BY_ARCH: dict[str, tuple[str, ...]] = {
+    "mlp": ("input", "hidden"),
+    "cnn": ("input", "conv", "hidden"),
+    "lstm": ("input", "recurrent", "hidden"),
+}
+
+DatasetName = Literal["digits", "mnist", "fashion_mnist", "cifar10", "npz", "csv"]
+TORCHVISION_SETS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "cifar10": "CIFAR10"}
+
+
+class DataSpec(BaseModel):
+    """Where a study's data comes from and how it is split.
+
+    Args:
+        dataset: ``digits`` (embedded, 1,797 8x8 images), ``mnist``, ``fashion_mnist``,
+            ``cifar10`` (torchvision files under ``root``), ``npz`` or ``csv`` (a file at ``path``).
+        root: torchvision root folder holding ``MNIST/``, ``FashionMNIST/`` or
+            ``cifar-10-batches-py/``.
+        path: The ``.npz`` (arrays ``x``, ``y``, optionally ``x_test``, ``y_test``) or ``.csv``
+            (numeric, with a header; the label column is ``label_column``) file.
+        label_column: Label column of a CSV file; the last column by default.
+        image_shape: Reshape each row of an ``npz``/``csv`` file to ``(C, H, W)`` (for a CNN).
+        val_fraction: Share of the training data held out for validation (0 to 0.9).
+        test_fraction: Share held out for testing when the data set has no test split of its own.
+        limit: Keep at most this many training examples (a quick look at a large data set).
+        seed: Seed of the split: the same seed gives every trial the same examples.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dataset: DatasetName = "digits"
+    root: Path | None = None
+    path: Path | None = None
+    label_column: str | None = None
+    image_shape: tuple[int, int, int] | None = None
+    val_fraction: float = Field(0.2, ge=0.0, lt=0.9)
+    test_fraction: float = Field(0.2, gt=0.0, lt=0.9)
+    limit: int | None = Field(None, gt=0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _needs_location(self) -> DataSpec:
+        if self.dataset in TORCHVISION_SETS and self.root is None:
+            raise ValueError(f"dataset {self.dataset!r} needs 'root' (a local torchvision folder)")
+        if self.dataset in ("npz", "csv") and self.path is None:
+            raise ValueError(f"dataset {self.dataset!r} needs 'path' (the .{self.dataset} file)")
+        return self
 
 
 class _Strict(BaseModel):

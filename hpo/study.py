@@ -24,7 +24,7 @@ import optuna
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
-from hpo.space import baseline_params
+from hpo.errors import StoreError
 from hpo.spec import PrunerSpec, SamplerSpec, Spec, parse_spec
 
 DEFAULT_STORAGE = "sqlite:///hpo.db"
@@ -43,10 +43,6 @@ BASELINE = "baseline"
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-
-
-class StoreError(Exception):
-    """The study store cannot be used as asked (unreachable, no such study, name taken)."""
 
 
 def storage_url(url: str | None = None) -> str:
@@ -143,9 +139,10 @@ def create_study(
     budget: int,
     seed: int,
     spec_source: str = "",
+    first_trials: list[tuple[dict[str, Any], dict[str, Any]]] = (),
 ) -> StudyHandle:
     """Create study ``name`` from a validated spec, refusing to touch an existing one, and queue
-    the spec's baselines as its first trials."""
+    ``first_trials`` (parameters, user attributes), e.g. the spec's baselines, before any other."""
     url = storage_url(storage)
     rdb = open_storage(url)
     if name in {s.study_name for s in optuna.get_all_study_summaries(rdb, include_best_trial=False)}:
@@ -162,8 +159,8 @@ def create_study(
     )
     for key, value in {_SPEC: spec_text, _SPEC_SOURCE: spec_source, _BUDGET: budget, _SEED: seed}.items():
         study.set_user_attr(key, value)
-    for kind in spec.baselines:
-        study.enqueue_trial(baseline_params(spec, kind), user_attrs={BASELINE: kind})
+    for params, user_attrs in first_trials:
+        study.enqueue_trial(params, user_attrs=user_attrs)
     return StudyHandle(study, spec, budget, seed, url)
 
 
@@ -197,6 +194,14 @@ def set_budget(handle: StudyHandle, trials: int) -> None:
     """Change the study's budget of finished trials (``hpo resume --trials``)."""
     handle.study.set_user_attr(_BUDGET, trials)
     handle.budget = trials
+
+
+def best_trial(study: optuna.Study) -> FrozenTrial | None:
+    """The best complete trial (single objective) or the first of the Pareto front."""
+    try:
+        return study.best_trial if len(study.directions) == 1 else (study.best_trials or [None])[0]
+    except ValueError:
+        return None
 
 
 def is_abandoned(trial: FrozenTrial) -> bool:

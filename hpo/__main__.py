@@ -1,0 +1,5 @@
+"""``python -m hpo``: the same as the ``hpo`` command."""
+
+from hpo.cli import app
+
+app()

@@ -1,0 +1,81 @@
+"""Shared fixtures: the digits splits, real SQLite and PostgreSQL study stores, tiny specs."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+import sqlalchemy
+
+from hpo.data import DataSpec, load_data
+
+POSTGRES_URL = os.environ.get("HPO_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+#: A spec small enough for a trial in well under a second on a CPU.
+TINY_SPEC = """
+name: tiny
+data: {dataset: digits, seed: 0}
+model: {arch: mlp, layers: 1, units: {low: 16, high: 64, log: true}}
+dropout:
+  variant: {choice: [inverted, gaussian]}
+  input: {enabled: {choice: [true, false]}, rate: {low: 0.05, high: 0.4}}
+  hidden: {low: 0.0, high: 0.6}
+  max_norm: {choice: [null, 3.0]}
+training: {lr: {low: 0.01, high: 0.2, log: true}, epochs: 3, batch_size: 128}
+sampler: {name: tpe, seed: 0, n_startup_trials: 3}
+pruner: {name: median, n_startup_trials: 2, n_warmup_steps: 1}
+budget: {trials: 4}
+"""
+
+
+@pytest.fixture(scope="session")
+def digits():
+    return load_data(DataSpec())
+
+
+@pytest.fixture
+def write_spec(tmp_path: Path):
+    """Write spec text to a YAML file in a temporary folder and return its path."""
+
+    def write(text: str = TINY_SPEC, name: str = "space.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(text)
+        return path
+
+    return write
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'studies.db'}"
+
+
+@pytest.fixture(scope="session")
+def postgres_server_url() -> str:
+    """A fresh PostgreSQL database for this test session, dropped afterwards. Skips when no
+    server answers at $HPO_TEST_POSTGRES_URL."""
+    try:
+        admin = sqlalchemy.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            name = f"hpo_test_{uuid.uuid4().hex[:8]}"
+            conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+    except Exception as exc:
+        pytest.skip(f"no PostgreSQL server reachable at {POSTGRES_URL}: {str(exc).splitlines()[0]}")
+    url = sqlalchemy.engine.make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
+    yield url
+    with admin.connect() as conn:
+        conn.execute(sqlalchemy.text(
+            f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"
+        ))
+        conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}"'))
+    admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def storage_url(request, tmp_path: Path) -> str:
+    """Each real study store in turn: an SQLite file, then PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'studies.db'}"
+    return request.getfixturevalue("postgres_server_url")

@@ -1,0 +1,175 @@
+"""The `hpo` command line: every verb, and stopping a real driver process mid-study."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+from typer.testing import CliRunner
+
+from hpo.cli import app
+from hpo.study import ABANDONED, FAIL_REASON
+
+from .conftest import TINY_SPEC
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def study_db(tmp_path_factory) -> str:
+    folder = tmp_path_factory.mktemp("cli")
+    (folder / "space.yaml").write_text(TINY_SPEC)
+    url = f"sqlite:///{folder / 'hpo.db'}"
+    result = runner.invoke(app, ["submit", str(folder / "space.yaml"), "--trials", "4",
+                                 "--storage", url, "--accelerator", "cpu", "--seed", "5"])
+    assert result.exit_code == 0, result.output
+    return url
+
+
+@pytest.mark.parametrize("verb", ["submit", "resume", "status", "best", "list", "delete", "export"])
+def test_every_verb_has_help(verb):
+    result = runner.invoke(app, [verb, "--help"])
+    assert result.exit_code == 0 and "Usage" in result.output
+
+
+def test_submit_prints_the_best_configuration_and_the_baseline_comparison(study_db):
+    result = runner.invoke(app, ["best", "tiny", "--storage", study_db])
+    assert result.exit_code == 0
+    assert "val/acc" in result.output and "dropout.hidden.rate" in result.output
+
+
+def test_best_as_json_matches_the_store(study_db):
+    result = runner.invoke(app, ["best", "tiny", "--storage", study_db, "--json"])
+    best = optuna.load_study(study_name="tiny", storage=study_db).best_trial
+    data = json.loads(result.stdout)
+    assert data["number"] == best.number and data["params"] == best.params
+    assert data["values"]["val/acc"] == pytest.approx(best.value)
+
+
+def test_status_counts_trials_against_the_budget(study_db):
+    result = runner.invoke(app, ["status", "tiny", "--storage", study_db])
+    assert result.exit_code == 0 and "finished 4/4" in result.output
+
+
+def test_list_shows_every_study(study_db):
+    result = runner.invoke(app, ["list", "--storage", study_db])
+    assert result.exit_code == 0 and "tiny" in result.output
+
+
+def test_storage_comes_from_the_environment(study_db):
+    result = runner.invoke(app, ["status", "tiny"], env={"HPO_STORAGE": study_db})
+    assert result.exit_code == 0 and "finished 4/4" in result.output
+
+
+def test_export_csv_has_one_row_per_trial_with_spec_parameter_names(study_db):
+    result = runner.invoke(app, ["export", "tiny", "--storage", study_db, "--format", "csv"])
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    trials = optuna.load_study(study_name="tiny", storage=study_db).trials
+    assert [int(r["number"]) for r in rows] == [t.number for t in trials]
+    assert {"state", "val/acc", "dropout.hidden.rate", "test_acc", "seed"} <= rows[0].keys()
+    for row, trial in zip(rows, trials):
+        assert row["state"] == trial.state.name.lower()
+        if trial.value is not None:
+            assert float(row["val/acc"]) == pytest.approx(trial.value)
+
+
+def test_export_json_to_a_file(study_db, tmp_path):
+    out = tmp_path / "trials.json"
+    result = runner.invoke(app, ["export", "tiny", "--storage", study_db, "-f", "json", "-o", str(out)])
+    assert result.exit_code == 0
+    rows = json.loads(out.read_text())
+    assert len(rows) == 4 and rows[0]["baseline"] == "no_dropout"
+
+
+def test_unknown_study_is_one_line_with_exit_2(study_db):
+    result = runner.invoke(app, ["status", "nope", "--storage", study_db])
+    assert result.exit_code == 2
+    assert result.stderr.strip().count("\n") == 0 and "no study 'nope'" in result.stderr
+
+
+def test_submitting_an_existing_study_name_is_refused(study_db, write_spec):
+    result = runner.invoke(app, ["submit", str(write_spec()), "--storage", study_db])
+    assert result.exit_code == 2 and "already exists" in result.stderr
+    assert len(optuna.load_study(study_name="tiny", storage=study_db).trials) == 4
+
+
+def test_delete_needs_confirmation_then_removes_the_study(write_spec, sqlite_url):
+    assert runner.invoke(app, ["submit", str(write_spec()), "--trials", "1", "--storage", sqlite_url,
+                               "--accelerator", "cpu"]).exit_code == 0
+    refused = runner.invoke(app, ["delete", "tiny", "--storage", sqlite_url])
+    assert refused.exit_code == 2 and "--yes" in refused.stderr
+    assert runner.invoke(app, ["delete", "tiny", "--storage", sqlite_url, "--yes"]).exit_code == 0
+    assert optuna.get_all_study_summaries(sqlite_url) == []
+
+
+# Stopping a real driver process. The trials are slow enough (30 epochs, no pruning) that the
+# signal lands while one is training.
+SLOW_SPEC = TINY_SPEC.replace("epochs: 3", "epochs: 30").replace(
+    "pruner: {name: median, n_startup_trials: 2, n_warmup_steps: 1}", "pruner: {name: none}"
+)
+
+
+def _hpo(*args: str, cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "hpo", *args], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for(url: str, finished: int, timeout: float = 120) -> list[optuna.trial.FrozenTrial]:
+    """Poll the store until ``finished`` trials are done and another is running."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            trials = optuna.load_study(study_name="tiny", storage=url).trials
+        except KeyError:
+            trials = []
+        done = [t for t in trials if t.state.is_finished()]
+        if len(done) >= finished and any(t.state == TrialState.RUNNING for t in trials):
+            return trials
+        time.sleep(0.2)
+    raise AssertionError(f"the study did not reach {finished} finished trials in {timeout} s")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=["ctrl-c", "sigterm", "kill-9"])
+def test_a_stopped_driver_loses_no_trial_and_resume_completes_the_budget(tmp_path, how):
+    (tmp_path / "space.yaml").write_text(SLOW_SPEC)
+    url = f"sqlite:///{tmp_path / 'hpo.db'}"
+    driver = _hpo("submit", "space.yaml", "--trials", "6", "--storage", url, "--accelerator", "cpu", cwd=tmp_path)
+    _wait_for(url, finished=2)
+    time.sleep(0.3)
+    driver.send_signal(how)
+    output = driver.communicate(timeout=60)[0]
+    before = optuna.load_study(study_name="tiny", storage=url).trials
+    finished_before = {t.number: t.values for t in before if t.state.is_finished() and not t.user_attrs.get(ABANDONED)}
+    assert len(finished_before) >= 2
+    if how == signal.SIGKILL:
+        assert driver.returncode == -signal.SIGKILL
+        assert [t.state for t in before].count(TrialState.RUNNING) == 1
+    else:
+        assert driver.returncode == 130, output
+        assert "hpo resume tiny" in output
+        assert TrialState.RUNNING not in [t.state for t in before]
+
+    resumed = subprocess.run([sys.executable, "-m", "hpo", "resume", "tiny", "--storage", url,
+                              "--accelerator", "cpu"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    after = optuna.load_study(study_name="tiny", storage=url).trials
+    assert TrialState.RUNNING not in [t.state for t in after]
+    counted = [t for t in after if t.state.is_finished() and not t.user_attrs.get(ABANDONED)]
+    assert len(counted) == 6
+    assert all(after[n].values == v for n, v in finished_before.items())
+    abandoned = [t for t in after if t.user_attrs.get(ABANDONED)]
+    assert len(abandoned) == 1
+    assert "abandoned" in abandoned[0].user_attrs[FAIL_REASON]
+    rerun = [t for t in counted if t.number > abandoned[0].number and t.params == abandoned[0].params]
+    assert rerun, "the abandoned configuration was run again"

@@ -1,0 +1,210 @@
+"""Studies on real SQL study stores (SQLite and PostgreSQL): budget, resume, failures, pruning,
+reconciling trials a dead driver left RUNNING, and compatibility with Optuna's own API and CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from hpo import api
+from hpo.errors import StoreError
+from hpo.executor import run_study
+from hpo.space import searched_parameters
+from hpo.study import (
+    ABANDONED, BASELINE, FAIL_REASON, HEARTBEAT_GRACE, claim, count_trials, load_study,
+    reconcile,
+)
+
+from .conftest import TINY_SPEC
+
+
+def _name() -> str:
+    return f"study-{uuid.uuid4().hex[:8]}"
+
+
+def test_a_study_runs_exactly_its_budget_and_opens_with_optuna(write_spec, storage_url):
+    name = _name()
+    handle, summary = api.submit(write_spec(), trials=5, study_name=name, storage=storage_url, accelerator="cpu")
+    assert summary.stopped == "budget" and summary.counts.finished == 5
+    study = optuna.load_study(study_name=name, storage=storage_url)
+    assert len(study.trials) == 5
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials)
+    names = set().union(*(t.params for t in study.trials))
+    assert names <= set(searched_parameters(handle.spec)) and "dropout.hidden.rate" in names
+    assert [t.user_attrs.get(BASELINE) for t in study.trials[:2]] == ["no_dropout", "recommended"]
+    assert study.trials[0].params["dropout.hidden.rate"] == 0.0
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert all({"val_acc", "test_acc", "history", "seed"} <= t.user_attrs.keys() for t in complete)
+    assert len({t.user_attrs["seed"] for t in study.trials}) == 5, "each trial has its own seed"
+
+
+def test_resume_continues_to_the_new_budget_without_losing_or_repeating_trials(write_spec, storage_url):
+    name = _name()
+    handle, _ = api.submit(write_spec(), trials=3, study_name=name, storage=storage_url, accelerator="cpu")
+    before = {t.number: t.values for t in handle.study.trials}
+    handle, summary = api.resume(name, storage=storage_url, trials=6, accelerator="cpu")
+    assert summary.counts.finished == 6
+    after = {t.number: t.values for t in optuna.load_study(study_name=name, storage=storage_url).trials}
+    assert sorted(after) == list(range(6))
+    assert all(after[n] == v for n, v in before.items())
+
+
+def test_resume_of_a_finished_study_runs_nothing(write_spec, storage_url):
+    name = _name()
+    api.submit(write_spec(), trials=2, study_name=name, storage=storage_url, accelerator="cpu")
+    _, summary = api.resume(name, storage=storage_url, accelerator="cpu")
+    assert summary.counts.finished == 2 and summary.stopped == "budget"
+
+
+def test_an_existing_study_name_is_refused_and_the_study_left_intact(write_spec, storage_url):
+    name = _name()
+    api.submit(write_spec(), trials=2, study_name=name, storage=storage_url, accelerator="cpu")
+    with pytest.raises(StoreError, match="already exists"):
+        api.submit(write_spec(), trials=2, study_name=name, storage=storage_url, accelerator="cpu")
+    assert len(optuna.load_study(study_name=name, storage=storage_url).trials) == 2
+
+
+def test_a_nan_loss_fails_the_trial_with_its_reason_and_the_study_goes_on(write_spec, storage_url):
+    name = _name()
+    spec = TINY_SPEC.replace("lr: {low: 0.01, high: 0.2, log: true}", "lr: {choice: [1.0e+12, 0.05]}")
+    spec = spec.replace("sampler: {name: tpe", "sampler: {name: random")
+    _, summary = api.submit(write_spec(spec), trials=6, study_name=name, storage=storage_url,
+                            accelerator="cpu", baselines=False, seed=1)
+    trials = optuna.load_study(study_name=name, storage=storage_url).trials
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert summary.counts.finished == 6 and summary.stopped == "budget"
+    assert failed and all(t.params["training.lr"] == 1e12 for t in failed)
+    assert all("NonFiniteLossError" in t.user_attrs[FAIL_REASON] for t in failed)
+    assert any(t.state == TrialState.COMPLETE for t in trials)
+
+
+def test_hopeless_trials_are_pruned_per_epoch(write_spec, sqlite_url):
+    spec = TINY_SPEC.replace("lr: {low: 0.01, high: 0.2, log: true}", "lr: {choice: [1.0e-7, 0.1]}")
+    spec = spec.replace("sampler: {name: tpe", "sampler: {name: random").replace("epochs: 3", "epochs: 6")
+    api.submit(write_spec(spec), trials=10, study_name="pruned", storage=sqlite_url,
+               accelerator="cpu", baselines=False, seed=3)
+    trials = optuna.load_study(study_name="pruned", storage=sqlite_url).trials
+    complete_before = lambda t: sum(u.state == TrialState.COMPLETE for u in trials[:t.number])  # noqa: E731
+    hopeless = [t for t in trials if t.params["training.lr"] == 1e-7 and complete_before(t) >= 2]
+    assert hopeless, "the seed gave no hopeless trial after the pruner's startup trials"
+    assert all(t.state == TrialState.PRUNED for t in hopeless)
+    assert all(len(t.intermediate_values) < 6 for t in hopeless)
+    assert all("pruned at epoch" in t.user_attrs["pruned_reason"] for t in hopeless)
+
+
+@pytest.mark.parametrize("sampler", ["gp", "random", "cmaes", "qmc"])
+def test_every_sampler_runs_a_study(write_spec, sqlite_url, sampler):
+    spec = TINY_SPEC.replace("name: tpe", f"name: {sampler}").replace("epochs: 3", "epochs: 1")
+    _, summary = api.submit(write_spec(spec), trials=3, study_name=sampler, storage=sqlite_url, accelerator="cpu")
+    assert summary.counts.finished == 3
+
+
+def test_hyperband_pruner_runs_a_study(write_spec, sqlite_url):
+    spec = TINY_SPEC.replace("pruner: {name: median, n_startup_trials: 2, n_warmup_steps: 1}", "pruner: {name: hyperband}")
+    _, summary = api.submit(write_spec(spec), trials=3, study_name="hb", storage=sqlite_url, accelerator="cpu")
+    assert summary.counts.finished == 3
+
+
+def test_multi_objective_study_keeps_a_pareto_front(write_spec, sqlite_url):
+    spec = TINY_SPEC.replace("pruner: {name: median, n_startup_trials: 2, n_warmup_steps: 1}", "")
+    spec += "objective: [val/acc, gap]\n"
+    handle, _ = api.submit(write_spec(spec), trials=4, study_name="mo", storage=sqlite_url, accelerator="cpu")
+    study = optuna.load_study(study_name="mo", storage=sqlite_url)
+    assert len(study.directions) == 2 and study.best_trials
+    for t in study.best_trials:
+        assert t.values[1] == pytest.approx(t.user_attrs["train_acc"] - t.user_attrs["val_acc"])
+
+
+def test_timeout_stops_starting_trials(write_spec, sqlite_url):
+    _, summary = api.submit(write_spec(), trials=1000, timeout=0.5, study_name="t", storage=sqlite_url, accelerator="cpu")
+    assert summary.stopped == "timeout" and 1 <= summary.counts.finished < 1000
+
+
+def _orphan(storage_url: str, write_spec, owner: dict) -> tuple[str, optuna.Study, int]:
+    """A study with one trial RUNNING under ``owner``, as a stopped driver leaves it."""
+    name = _name()
+    api.submit(write_spec(), trials=1, study_name=name, storage=storage_url, accelerator="cpu", baselines=False)
+    handle = load_study(name, storage_url)
+    trial = handle.study.ask()
+    trial.suggest_float("dropout.hidden.rate", 0.0, 0.6)
+    claim(handle.study, trial)
+    handle.study._storage.set_trial_system_attr(trial._trial_id, "hpo:driver", owner)
+    return name, handle.study, trial.number
+
+
+def test_reconcile_abandons_a_trial_whose_driver_process_is_dead(write_spec, storage_url):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    name, study, number = _orphan(storage_url, write_spec, {"host": os.uname().nodename, "pid": dead.pid})
+    assert reconcile(study) == [number]
+    trial = optuna.load_study(study_name=name, storage=storage_url).trials[number]
+    assert trial.state == TrialState.FAIL and trial.user_attrs[ABANDONED]
+    assert "stopped during the trial" in trial.user_attrs[FAIL_REASON]
+    waiting = study.get_trials(states=(TrialState.WAITING,))
+    assert [t.system_attrs["fixed_params"] for t in waiting] == [trial.params]
+    assert count_trials(study.trials).finished == 1, "an abandoned trial does not count"
+
+
+def test_reconcile_keeps_a_trial_whose_driver_is_alive(write_spec, storage_url):
+    _, study, _ = _orphan(storage_url, write_spec, {"host": os.uname().nodename, "pid": os.getppid()})
+    assert reconcile(study) == []
+
+
+def test_reconcile_judges_other_hosts_by_their_heartbeat(write_spec, storage_url):
+    _, study, number = _orphan(storage_url, write_spec, {"host": "elsewhere", "pid": 1})
+    assert reconcile(study) == []
+    trial_id = study.trials[number]._trial_id
+    study._storage.set_trial_system_attr(trial_id, "hpo:heartbeat", time.time() - HEARTBEAT_GRACE - 1)
+    assert reconcile(study) == [number]
+
+
+def test_resume_runs_the_abandoned_configuration_again(write_spec, storage_url):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    name, study, number = _orphan(storage_url, write_spec, {"host": os.uname().nodename, "pid": dead.pid})
+    rate = study.trials[number].params["dropout.hidden.rate"]
+    _, summary = api.resume(name, storage=storage_url, trials=2, accelerator="cpu")
+    trials = optuna.load_study(study_name=name, storage=storage_url).trials
+    assert summary.counts.finished == 2
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    assert trials[-1].params["dropout.hidden.rate"] == rate
+
+
+def test_optuna_cli_lists_the_trials_with_spec_parameter_names(write_spec, sqlite_url):
+    api.submit(write_spec(), trials=2, study_name="cli", storage=sqlite_url, accelerator="cpu")
+    optuna_cli = os.path.join(os.path.dirname(sys.executable), "optuna")
+    out = subprocess.run(
+        [optuna_cli, "trials", "--storage", sqlite_url, "--study-name", "cli", "-f", "json"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    import json
+
+    rows = json.loads(out)
+    assert len(rows) == 2 and "dropout.hidden.rate" in rows[0]["params"]
+
+
+def test_an_unreachable_store_is_a_clear_error():
+    with pytest.raises(StoreError, match="cannot open study store postgresql://nobody:\\*\\*\\*@127.0.0.1:1/x"):
+        load_study("x", "postgresql://nobody:secret@127.0.0.1:1/x")
+
+
+def test_loading_an_unknown_study_lists_the_known_ones(write_spec, sqlite_url):
+    api.submit(write_spec(), trials=1, study_name="known", storage=sqlite_url, accelerator="cpu")
+    with pytest.raises(StoreError, match="no study 'unknown'.*known"):
+        load_study("unknown", sqlite_url)
+
+
+def test_run_study_counts_failed_trials_against_the_budget(write_spec, sqlite_url):
+    spec = TINY_SPEC.replace("lr: {low: 0.01, high: 0.2, log: true}", "lr: 1.0e+12")
+    spec = spec.replace("max_norm: {choice: [null, 3.0]}", "max_norm: null")  # max-norm keeps it finite
+    handle, summary = api.submit(write_spec(spec), trials=3, study_name="nan", storage=sqlite_url,
+                                 accelerator="cpu", baselines=False)
+    assert summary.counts.failed == 3 and summary.stopped == "budget"
+    assert run_study(handle, None).counts.finished == 3, "nothing left to run"
