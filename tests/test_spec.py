@@ -126,3 +126,10 @@ def test_unreadable_space_file_is_one_line_with_exit_2(tmp_path, make):
     assert result.exit_code == 2
     line = result.stderr.strip()
     assert "\n" not in line and str(path) in line and "cannot read" in line
+
+
+def test_the_annotated_example_in_the_docs_is_a_valid_space():
+    doc = (Path(__file__).parents[1] / "docs" / "search-space.md").read_text()
+    example = doc.split("## An annotated example", 1)[1].split("```yaml", 1)[1].split("```", 1)[0]
+    spec = parse_spec(example, source="docs/search-space.md")
+    assert spec.name == "digits-mlp" and spec.dropout.input.per_layer is False
