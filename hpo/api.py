@@ -1,20 +1,95 @@
 """The library entry points behind the CLI: submit a search space, resume a study.
 
-Everything is validated (spec, data, store, study name) before the study store is written, so
-bad input leaves the store as it was.
+Everything is validated (spec, data, store, study name, execution options) before the study
+store is written, so bad input leaves the store as it was.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
-from hpo.data import load_data
-from hpo.executor import ProgressCallback, RunSummary, run_study
+from hpo.data import Splits, load_data
+from hpo.errors import HpoError
+from hpo.executor import Backend, LocalBackend, ProgressCallback, RunSummary, run_study
 from hpo.space import baseline_params
 from hpo.spec import load_spec
 from hpo.study import BASELINE, StudyHandle, create_study, load_study, reconcile, set_budget
+
+
+@dataclass(frozen=True)
+class Execution:
+    """Where and how trials run.
+
+    Args:
+        executor: ``local`` runs trials one after another in this process; ``ray`` runs them as
+            Ray tasks; ``auto`` picks Ray when there is more than one worker, a GPU per trial or
+            a Ray address, and ``local`` otherwise.
+        workers: Trials running at once (Ray only).
+        cpus_per_trial: CPUs each Ray trial task reserves (and its torch threads).
+        gpus_per_trial: GPUs each Ray trial task reserves; fractions share a GPU (0.25: four
+            trials per GPU), whole numbers above 1 are allowed.
+        max_retries: Times a configuration whose worker died is queued again.
+        ray_address: Ray cluster to use (else ``$RAY_ADDRESS``, else a local Ray instance).
+        accelerator: Lightning accelerator for in-process trials (``auto``, ``cpu``, ``gpu``).
+    """
+
+    executor: Literal["auto", "local", "ray"] = "auto"
+    workers: int = 1
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    max_retries: int = 1
+    ray_address: str | None = None
+    accelerator: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise HpoError(f"workers must be >= 1, got {self.workers}")
+        if self.cpus_per_trial <= 0:
+            raise HpoError(f"cpus-per-trial must be > 0, got {self.cpus_per_trial}")
+        if self.gpus_per_trial < 0 or (self.gpus_per_trial > 1 and self.gpus_per_trial != int(self.gpus_per_trial)):
+            raise HpoError(
+                f"gpus-per-trial must be a fraction in (0, 1] or a whole number, got {self.gpus_per_trial}"
+            )
+        if self.max_retries < 0:
+            raise HpoError(f"max-retries must be >= 0, got {self.max_retries}")
+        if self.executor == "local" and (self.workers > 1 or self.gpus_per_trial > 0):
+            raise HpoError("the local executor runs one trial at a time: use --executor ray for "
+                           "--workers above 1 or --gpus-per-trial")
+
+    @property
+    def uses_ray(self) -> bool:
+        if self.executor != "auto":
+            return self.executor == "ray"
+        return (self.workers > 1 or self.gpus_per_trial > 0 or bool(self.ray_address)
+                or bool(os.environ.get("RAY_ADDRESS")))
+
+
+@contextlib.contextmanager
+def _backend(handle: StudyHandle, data: Splits, execution: Execution) -> Iterator[Backend]:
+    spec = handle.spec
+    prune = not spec.multi_objective and spec.active_pruner.name != "none"
+    if not execution.uses_ray:
+        yield LocalBackend(data, spec.objective, prune, execution.accelerator)
+        return
+    import ray
+
+    from hpo.ray_executor import RayBackend, connect
+
+    started = connect(execution.ray_address)
+    try:
+        yield RayBackend(
+            data, spec.objective, prune=prune, workers=execution.workers,
+            cpus_per_trial=execution.cpus_per_trial, gpus_per_trial=execution.gpus_per_trial,
+        )
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def submit(
@@ -26,7 +101,7 @@ def submit(
     storage: str | None = None,
     seed: int | None = None,
     baselines: bool = True,
-    accelerator: str = "auto",
+    execution: Execution = Execution(),
     on_progress: ProgressCallback | None = None,
     on_start: Callable[[StudyHandle], None] | None = None,
 ) -> tuple[StudyHandle, RunSummary]:
@@ -41,7 +116,7 @@ def submit(
         seed: Seeds the sampler and each trial (default: the spec's ``sampler.seed``, else a
             random seed, recorded in the study).
         baselines: Queue the spec's baseline configurations first.
-        accelerator: Lightning accelerator for each trial (``auto``, ``cpu``, ``gpu``).
+        execution: Workers, resources per trial, retries, Ray address (see :class:`Execution`).
         on_start: Called once the study exists, before the first trial.
     """
     path = Path(space)
@@ -62,10 +137,11 @@ def submit(
     )
     if on_start is not None:
         on_start(handle)
-    summary = run_study(
-        handle, data, timeout=timeout or spec.budget.timeout,
-        accelerator=accelerator, on_progress=on_progress,
-    )
+    with _backend(handle, data, execution) as backend:
+        summary = run_study(
+            handle, backend, timeout=timeout or spec.budget.timeout,
+            max_retries=execution.max_retries, on_progress=on_progress,
+        )
     return handle, summary
 
 
@@ -75,7 +151,7 @@ def resume(
     storage: str | None = None,
     trials: int | None = None,
     timeout: float | None = None,
-    accelerator: str = "auto",
+    execution: Execution = Execution(),
     on_progress: ProgressCallback | None = None,
     on_start: Callable[[StudyHandle, list[int]], None] | None = None,
 ) -> tuple[StudyHandle, RunSummary]:
@@ -92,8 +168,9 @@ def resume(
         set_budget(handle, trials)
     if on_start is not None:
         on_start(handle, orphans)
-    summary = run_study(
-        handle, data, timeout=timeout or handle.spec.budget.timeout,
-        accelerator=accelerator, on_progress=on_progress,
-    )
+    with _backend(handle, data, execution) as backend:
+        summary = run_study(
+            handle, backend, timeout=timeout or handle.spec.budget.timeout,
+            max_retries=execution.max_retries, on_progress=on_progress,
+        )
     return handle, summary

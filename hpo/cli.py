@@ -57,10 +57,24 @@ class Accelerator(str, Enum):
     gpu = "gpu"
 
 
+class Executor(str, Enum):
+    auto = "auto"
+    local = "local"
+    ray = "ray"
+
+
 class ExportFormat(str, Enum):
     csv = "csv"
     json = "json"
 
+
+ExecutorOption = Annotated[Executor, typer.Option("--executor", help="local: one trial at a time in this process; ray: Ray tasks; auto: Ray when --workers > 1, --gpus-per-trial or a Ray address is given.")]
+Workers = Annotated[int, typer.Option(min=1, help="Trials running at once (Ray).")]
+CpusPerTrial = Annotated[float, typer.Option(min=0.01, help="CPUs each Ray trial reserves.")]
+GpusPerTrial = Annotated[float, typer.Option(min=0, help="GPUs each Ray trial reserves; 0.25 packs four trials per GPU.")]
+MaxRetries = Annotated[int, typer.Option(min=0, help="Times a configuration whose worker died is queued again.")]
+RayAddress = Annotated[str | None, typer.Option(envvar="RAY_ADDRESS", show_default=False, help="Ray cluster address [default: a local Ray instance when Ray is used].")]
+Timeout = Annotated[float | None, typer.Option(min=0, help="Stop starting trials after this many seconds.", show_default=False)]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -106,15 +120,24 @@ def main(
 def submit(
     space: Annotated[Path, typer.Argument(help="Search-space YAML file (see search_spaces/).", show_default=False)],
     trials: Annotated[int | None, typer.Option(min=1, help="Budget of finished trials [default: the spec's budget.trials].", show_default=False)] = None,
-    timeout: Annotated[float | None, typer.Option(min=0, help="Stop starting trials after this many seconds.", show_default=False)] = None,
+    timeout: Timeout = None,
     study_name: Annotated[str | None, typer.Option(help="Study name [default: the spec's name].", show_default=False)] = None,
     storage: Storage = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the sampler and the trials [default: the spec's sampler.seed, else random].", show_default=False)] = None,
     baselines: Annotated[bool, typer.Option(help="Run the spec's baselines (no dropout; Srivastava et al.'s recommendation) first.")] = True,
-    accelerator: Annotated[Accelerator, typer.Option(help="Where trials train.")] = Accelerator.auto,
+    executor: ExecutorOption = Executor.auto,
+    workers: Workers = 1,
+    cpus_per_trial: CpusPerTrial = 1.0,
+    gpus_per_trial: GpusPerTrial = 0.0,
+    max_retries: MaxRetries = 1,
+    ray_address: RayAddress = None,
+    accelerator: Annotated[Accelerator, typer.Option(help="Where in-process trials train.")] = Accelerator.auto,
 ) -> None:
     """Create a study from a search space and run it until its trial budget is spent."""
     from hpo import api
+
+    execution = api.Execution(executor.value, workers, cpus_per_trial, gpus_per_trial, max_retries,
+                              ray_address, accelerator.value)
 
     progress: dict[str, StudyProgress] = {}
 
@@ -128,7 +151,7 @@ def submit(
     try:
         handle, summary = api.submit(
             space, trials=trials, timeout=timeout, study_name=study_name, storage=storage,
-            seed=seed, baselines=baselines, accelerator=accelerator.value,
+            seed=seed, baselines=baselines, execution=execution,
             on_start=start, on_progress=lambda c, b: progress["bar"](c, b),
         )
     finally:
@@ -143,12 +166,21 @@ def resume(
     study: StudyName,
     storage: Storage = None,
     trials: Annotated[int | None, typer.Option(min=1, help="New total budget of finished trials [default: unchanged].", show_default=False)] = None,
-    timeout: Annotated[float | None, typer.Option(min=0, help="Stop starting trials after this many seconds.", show_default=False)] = None,
-    accelerator: Annotated[Accelerator, typer.Option(help="Where trials train.")] = Accelerator.auto,
+    timeout: Timeout = None,
+    executor: ExecutorOption = Executor.auto,
+    workers: Workers = 1,
+    cpus_per_trial: CpusPerTrial = 1.0,
+    gpus_per_trial: GpusPerTrial = 0.0,
+    max_retries: MaxRetries = 1,
+    ray_address: RayAddress = None,
+    accelerator: Annotated[Accelerator, typer.Option(help="Where in-process trials train.")] = Accelerator.auto,
 ) -> None:
     """Continue a study: fail trials its stopped driver left RUNNING, re-queue them, and run
     until the budget of finished trials is reached."""
     from hpo import api
+
+    execution = api.Execution(executor.value, workers, cpus_per_trial, gpus_per_trial, max_retries,
+                              ray_address, accelerator.value)
 
     progress: dict[str, StudyProgress] = {}
 
@@ -160,7 +192,7 @@ def resume(
     try:
         handle, summary = api.resume(
             study, storage=storage, trials=trials, timeout=timeout,
-            accelerator=accelerator.value, on_start=start,
+            execution=execution, on_start=start,
             on_progress=lambda c, b: progress["bar"](c, b),
         )
     finally:

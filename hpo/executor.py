@@ -1,35 +1,44 @@
-"""Running a study's trials: the driver asks Optuna for trials, runs them, and tells results.
+"""Running a study's trials: the driver asks Optuna for trials, has a backend run them, and tells
+the results.
 
-The driver is the only writer of trial outcomes (ask/tell), which keeps the sampler central and
-SQLite free of "database is locked" errors. This module runs trials in the driver's process,
-one after another; it is the executor for a laptop.
+The driver is the only process that writes trial outcomes (ask/tell), which keeps the sampler
+central and SQLite free of "database is locked" errors whatever the number of workers. A
+:class:`Backend` runs trials: :class:`LocalBackend` one at a time in this process (the laptop
+default), :class:`hpo.ray_executor.RayBackend` as Ray tasks on the local machine or a cluster.
+
+Outcomes a trial can have: complete (values told), pruned, failed (NaN loss, an error, its worker
+died: the reason is stored as ``fail_reason``), or abandoned (the driver stopped: failed, not
+counted against the budget, configuration re-queued).
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from hpo.data import Splits
 from hpo.module import NonFiniteLossError
-from hpo.space import suggest
+from hpo.space import TrialConfig, suggest
+from hpo.spec import ObjectiveSpec
 from hpo.study import (
     FAIL_REASON, HEARTBEAT_INTERVAL, Counts, StudyHandle, abandon, best_trial, claim, count_trials,
     heartbeat,
 )
 from hpo.trial import TrialResult, run_trial
 
-#: Unexpected errors (not NaN losses or pruning) in this many trials in a row stop the study:
-#: the cause is then almost surely the setup, not the configurations.
+#: Unexpected errors (not NaN losses, pruning or dead workers) in this many trials in a row stop
+#: the study: the cause is then almost surely the setup, not the configurations.
 MAX_CONSECUTIVE_ERRORS = 5
+RETRIES = "retries"
 
 StopReason = Literal["budget", "timeout", "interrupted", "errors"]
+ProgressCallback = Callable[[Counts, FrozenTrial | None], None]
 
 
 @dataclass(frozen=True)
@@ -41,7 +50,41 @@ class RunSummary:
     message: str = ""
 
 
-ProgressCallback = Callable[[Counts, FrozenTrial | None], None]
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one trial a backend ran.
+
+    ``kind`` is ``complete`` (with ``result``), ``pruned``, ``nan`` (the loss diverged),
+    ``error`` (the trial's code raised) or ``lost`` (its worker process died: killed, out of
+    memory, node lost), with ``reason`` saying why. ``worker`` describes where it ran.
+    """
+
+    kind: Literal["complete", "pruned", "nan", "error", "lost"]
+    result: TrialResult | None = None
+    reason: str = ""
+    worker: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrialJob:
+    """A trial a backend is running."""
+
+    trial: optuna.Trial
+    config: TrialConfig
+
+
+class Backend(Protocol):
+    """Runs trials for the driver. ``start`` may block (in-process) or return at once (Ray)."""
+
+    slots: int
+
+    def start(self, job: TrialJob) -> None: ...
+
+    def wait(self, timeout: float) -> Iterable[tuple[TrialJob, Outcome]]:
+        """Outcomes of jobs that finished, waiting up to ``timeout`` seconds for the first."""
+        ...
+
+    def cancel(self, jobs: Iterable[TrialJob]) -> None: ...
 
 
 def trial_seed(study_seed: int, number: int) -> int:
@@ -49,18 +92,66 @@ def trial_seed(study_seed: int, number: int) -> int:
     return (study_seed * 1_000_003 + number) % 2**31
 
 
+def execute(
+    config: TrialConfig, data: Splits, objectives: list[ObjectiveSpec], pruning_trial: Any, accelerator: str,
+) -> Outcome:
+    """Run one trial and classify how it ended (shared by every backend's workers)."""
+    try:
+        return Outcome("complete", result=run_trial(
+            config, data, objectives, pruning_trial=pruning_trial, accelerator=accelerator
+        ))
+    except optuna.TrialPruned as exc:
+        return Outcome("pruned", reason=str(exc))
+    except NonFiniteLossError as exc:
+        return Outcome("nan", reason=f"{type(exc).__name__}: {exc}")
+    except Exception as exc:
+        return Outcome("error", reason=_describe(exc))
+
+
+def _describe(exc: BaseException) -> str:
+    import torch
+
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return f"CUDA out of memory: {str(exc).splitlines()[0]}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+class LocalBackend:
+    """Trials one after another in the driver's own process: no start-up cost, for a laptop."""
+
+    slots = 1
+
+    def __init__(self, data: Splits, objectives: list[ObjectiveSpec], prune: bool, accelerator: str) -> None:
+        self.data, self.objectives, self.prune, self.accelerator = data, objectives, prune, accelerator
+        self._done: list[tuple[TrialJob, Outcome]] = []
+
+    def start(self, job: TrialJob) -> None:
+        outcome = execute(
+            job.config, self.data, self.objectives,
+            job.trial if self.prune else None, self.accelerator,
+        )
+        self._done.append((job, outcome))
+
+    def wait(self, timeout: float) -> list[tuple[TrialJob, Outcome]]:
+        done, self._done = self._done, []
+        return done
+
+    def cancel(self, jobs: Iterable[TrialJob]) -> None:
+        pass
+
+
 class _Heartbeat(threading.Thread):
-    """Records a heartbeat for the running trial every :data:`HEARTBEAT_INTERVAL` seconds."""
+    """Records a heartbeat for every running trial each :data:`HEARTBEAT_INTERVAL` seconds."""
 
     def __init__(self, study: optuna.Study) -> None:
         super().__init__(daemon=True, name="hpo-heartbeat")
-        self.study, self.trial_id = study, None
+        self.study = study
+        self.trial_ids: set[int] = set()
         self._stop = threading.Event()
 
     def run(self) -> None:
         while not self._stop.wait(HEARTBEAT_INTERVAL):
-            trial_id = self.trial_id
-            if trial_id is not None:
+            for trial_id in list(self.trial_ids):
                 try:
                     heartbeat(self.study, trial_id)
                 except Exception:  # the trial just finished, or the store hiccuped: next beat
@@ -72,19 +163,24 @@ class _Heartbeat(threading.Thread):
 
 def run_study(
     handle: StudyHandle,
-    data: Splits,
+    backend: Backend,
     *,
     timeout: float | None = None,
-    accelerator: str = "auto",
+    max_retries: int = 1,
     on_progress: ProgressCallback | None = None,
 ) -> RunSummary:
-    """Run trials until the study has ``handle.budget`` finished trials or ``timeout`` seconds
-    pass. Ctrl-C (``KeyboardInterrupt``) abandons the running trial (failed with the reason, its
-    configuration re-queued, not counted against the budget) and returns with
-    ``stopped == "interrupted"``; finished trials are already stored."""
+    """Run trials on ``backend`` until the study holds ``handle.budget`` finished trials, or
+    ``timeout`` seconds pass (running trials are then allowed to finish).
+
+    A trial is started only while finished plus running trials stay under the budget, so the
+    budget is exact at any number of workers. A trial whose worker died is failed with the reason
+    and its configuration re-queued, at most ``max_retries`` times. Ctrl-C
+    (``KeyboardInterrupt``) abandons every running trial (failed with the reason, re-queued, not
+    counted) and returns with ``stopped == "interrupted"``; finished trials are already stored.
+    """
     study, spec = handle.study, handle.spec
-    prune = not spec.multi_objective and spec.active_pruner.name != "none"
     deadline = None if timeout is None else time.monotonic() + timeout
+    running: dict[int, TrialJob] = {}
     errors_in_a_row, last_error = 0, ""
     beat = _Heartbeat(study)
     beat.start()
@@ -95,63 +191,73 @@ def run_study(
             on_progress(counts, best_trial(study))
         return counts
 
-    trial: optuna.Trial | None = None
     try:
         counts = progress()
-        while counts.finished < handle.budget:
-            if deadline is not None and time.monotonic() >= deadline:
-                return RunSummary(counts, "timeout")
-            trial = study.ask()
-            claim(study, trial)
-            beat.trial_id = trial._trial_id
-            progress()
-            try:
-                config = suggest(trial, spec, seed=trial_seed(handle.seed, trial.number))
-                trial.set_user_attr("seed", config.seed)
-                trial.set_user_attr("config", config.to_dict())
-                result = run_trial(
-                    config, data, spec.objective,
-                    pruning_trial=trial if prune else None, accelerator=accelerator,
-                )
-            except optuna.TrialPruned as exc:
-                trial.set_user_attr("pruned_reason", str(exc))
-                study.tell(trial, state=TrialState.PRUNED)
-                errors_in_a_row = 0
-            except NonFiniteLossError as exc:
-                _fail(study, trial, f"{type(exc).__name__}: {exc}")
-                errors_in_a_row = 0
-            except Exception as exc:
-                last_error = f"{type(exc).__name__}: {exc}"
-                _fail(study, trial, last_error)
-                errors_in_a_row += 1
-            else:
-                _record(trial, result)
-                study.tell(trial, result.values)
-                errors_in_a_row = 0
-            trial = beat.trial_id = None
-            counts = progress()
-            if errors_in_a_row >= MAX_CONSECUTIVE_ERRORS:
-                return RunSummary(
-                    counts, "errors", f"{errors_in_a_row} trials in a row failed; last: {last_error}"
-                )
-        return RunSummary(counts, "budget")
+        stopped: StopReason = "budget"
+        while True:
+            timed_out = deadline is not None and time.monotonic() >= deadline
+            while (len(running) < backend.slots and counts.finished + len(running) < handle.budget
+                   and not timed_out and errors_in_a_row < MAX_CONSECUTIVE_ERRORS):
+                job = _ask(study, spec, handle.seed)
+                running[job.trial.number] = job
+                beat.trial_ids.add(job.trial._trial_id)
+                counts = progress()
+                backend.start(job)
+            if not running:
+                if errors_in_a_row >= MAX_CONSECUTIVE_ERRORS:
+                    stopped = "errors"
+                elif timed_out and counts.finished < handle.budget:
+                    stopped = "timeout"
+                break
+            for job, outcome in backend.wait(timeout=0.2):
+                running.pop(job.trial.number)
+                beat.trial_ids.discard(job.trial._trial_id)
+                _tell(study, job, outcome, max_retries)
+                if outcome.kind == "error":
+                    errors_in_a_row, last_error = errors_in_a_row + 1, outcome.reason
+                else:
+                    errors_in_a_row = 0
+                counts = progress()
+        message = f"{errors_in_a_row} trials in a row failed; last: {last_error}" if stopped == "errors" else ""
+        return RunSummary(counts, stopped, message)
     except KeyboardInterrupt:
-        beat.trial_id = None
-        if trial is not None and _is_running(study, trial):
-            abandon(study, trial._trial_id, trial.params, trial.user_attrs,
-                    "abandoned: interrupted by the user (Ctrl-C)")
+        backend.cancel(running.values())
+        for job in running.values():
+            if study._storage.get_trial(job.trial._trial_id).state == TrialState.RUNNING:
+                abandon(study, job.trial._trial_id, job.trial.params, job.trial.user_attrs,
+                        "abandoned: interrupted by the user (Ctrl-C)")
         return RunSummary(count_trials(study.get_trials(deepcopy=False)), "interrupted")
     finally:
         beat.stop()
 
 
-def _is_running(study: optuna.Study, trial: optuna.Trial) -> bool:
-    return study._storage.get_trial(trial._trial_id).state == TrialState.RUNNING
+def _ask(study: optuna.Study, spec: Any, study_seed: int) -> TrialJob:
+    trial = study.ask()
+    claim(study, trial)
+    config = suggest(trial, spec, seed=trial_seed(study_seed, trial.number))
+    trial.set_user_attr("seed", config.seed)
+    trial.set_user_attr("config", config.to_dict())
+    return TrialJob(trial, config)
 
 
-def _fail(study: optuna.Study, trial: optuna.Trial, reason: str) -> None:
-    trial.set_user_attr(FAIL_REASON, reason)
+def _tell(study: optuna.Study, job: TrialJob, outcome: Outcome, max_retries: int) -> None:
+    trial = job.trial
+    if outcome.worker:
+        trial.set_user_attr("worker", outcome.worker)
+    if outcome.kind == "complete":
+        _record(trial, outcome.result)
+        study.tell(trial, outcome.result.values)
+        return
+    if outcome.kind == "pruned":
+        trial.set_user_attr("pruned_reason", outcome.reason)
+        study.tell(trial, state=TrialState.PRUNED)
+        return
+    trial.set_user_attr(FAIL_REASON, outcome.reason)
     study.tell(trial, state=TrialState.FAIL)
+    retries = int(trial.user_attrs.get(RETRIES, 0))
+    if outcome.kind == "lost" and retries < max_retries:
+        keep = {k: v for k, v in trial.user_attrs.items() if k == "baseline"}
+        study.enqueue_trial(trial.params, user_attrs={**keep, RETRIES: retries + 1, "retry_of": trial.number})
 
 
 def _record(trial: optuna.Trial, result: TrialResult) -> None:

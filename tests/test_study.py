@@ -14,8 +14,9 @@ import pytest
 from optuna.trial import TrialState
 
 from hpo import api
+from hpo.api import Execution
 from hpo.errors import StoreError
-from hpo.executor import run_study
+from hpo.executor import LocalBackend, run_study
 from hpo.space import searched_parameters
 from hpo.study import (
     ABANDONED, BASELINE, FAIL_REASON, HEARTBEAT_GRACE, claim, count_trials, load_study,
@@ -24,6 +25,8 @@ from hpo.study import (
 
 from .conftest import TINY_SPEC
 
+CPU = Execution(accelerator="cpu")
+
 
 def _name() -> str:
     return f"study-{uuid.uuid4().hex[:8]}"
@@ -31,7 +34,7 @@ def _name() -> str:
 
 def test_a_study_runs_exactly_its_budget_and_opens_with_optuna(write_spec, storage_url):
     name = _name()
-    handle, summary = api.submit(write_spec(), trials=5, study_name=name, storage=storage_url, accelerator="cpu")
+    handle, summary = api.submit(write_spec(), trials=5, study_name=name, storage=storage_url, execution=CPU)
     assert summary.stopped == "budget" and summary.counts.finished == 5
     study = optuna.load_study(study_name=name, storage=storage_url)
     assert len(study.trials) == 5
@@ -47,9 +50,9 @@ def test_a_study_runs_exactly_its_budget_and_opens_with_optuna(write_spec, stora
 
 def test_resume_continues_to_the_new_budget_without_losing_or_repeating_trials(write_spec, storage_url):
     name = _name()
-    handle, _ = api.submit(write_spec(), trials=3, study_name=name, storage=storage_url, accelerator="cpu")
+    handle, _ = api.submit(write_spec(), trials=3, study_name=name, storage=storage_url, execution=CPU)
     before = {t.number: t.values for t in handle.study.trials}
-    handle, summary = api.resume(name, storage=storage_url, trials=6, accelerator="cpu")
+    handle, summary = api.resume(name, storage=storage_url, trials=6, execution=CPU)
     assert summary.counts.finished == 6
     after = {t.number: t.values for t in optuna.load_study(study_name=name, storage=storage_url).trials}
     assert sorted(after) == list(range(6))
@@ -58,16 +61,16 @@ def test_resume_continues_to_the_new_budget_without_losing_or_repeating_trials(w
 
 def test_resume_of_a_finished_study_runs_nothing(write_spec, storage_url):
     name = _name()
-    api.submit(write_spec(), trials=2, study_name=name, storage=storage_url, accelerator="cpu")
-    _, summary = api.resume(name, storage=storage_url, accelerator="cpu")
+    api.submit(write_spec(), trials=2, study_name=name, storage=storage_url, execution=CPU)
+    _, summary = api.resume(name, storage=storage_url, execution=CPU)
     assert summary.counts.finished == 2 and summary.stopped == "budget"
 
 
 def test_an_existing_study_name_is_refused_and_the_study_left_intact(write_spec, storage_url):
     name = _name()
-    api.submit(write_spec(), trials=2, study_name=name, storage=storage_url, accelerator="cpu")
+    api.submit(write_spec(), trials=2, study_name=name, storage=storage_url, execution=CPU)
     with pytest.raises(StoreError, match="already exists"):
-        api.submit(write_spec(), trials=2, study_name=name, storage=storage_url, accelerator="cpu")
+        api.submit(write_spec(), trials=2, study_name=name, storage=storage_url, execution=CPU)
     assert len(optuna.load_study(study_name=name, storage=storage_url).trials) == 2
 
 
@@ -76,7 +79,7 @@ def test_a_nan_loss_fails_the_trial_with_its_reason_and_the_study_goes_on(write_
     spec = TINY_SPEC.replace("lr: {low: 0.01, high: 0.2, log: true}", "lr: {choice: [1.0e+12, 0.05]}")
     spec = spec.replace("sampler: {name: tpe", "sampler: {name: random")
     _, summary = api.submit(write_spec(spec), trials=6, study_name=name, storage=storage_url,
-                            accelerator="cpu", baselines=False, seed=1)
+                            execution=CPU, baselines=False, seed=1)
     trials = optuna.load_study(study_name=name, storage=storage_url).trials
     failed = [t for t in trials if t.state == TrialState.FAIL]
     assert summary.counts.finished == 6 and summary.stopped == "budget"
@@ -89,7 +92,7 @@ def test_hopeless_trials_are_pruned_per_epoch(write_spec, sqlite_url):
     spec = TINY_SPEC.replace("lr: {low: 0.01, high: 0.2, log: true}", "lr: {choice: [1.0e-7, 0.1]}")
     spec = spec.replace("sampler: {name: tpe", "sampler: {name: random").replace("epochs: 3", "epochs: 6")
     api.submit(write_spec(spec), trials=10, study_name="pruned", storage=sqlite_url,
-               accelerator="cpu", baselines=False, seed=3)
+               execution=CPU, baselines=False, seed=3)
     trials = optuna.load_study(study_name="pruned", storage=sqlite_url).trials
     complete_before = lambda t: sum(u.state == TrialState.COMPLETE for u in trials[:t.number])  # noqa: E731
     hopeless = [t for t in trials if t.params["training.lr"] == 1e-7 and complete_before(t) >= 2]
@@ -102,20 +105,20 @@ def test_hopeless_trials_are_pruned_per_epoch(write_spec, sqlite_url):
 @pytest.mark.parametrize("sampler", ["gp", "random", "cmaes", "qmc"])
 def test_every_sampler_runs_a_study(write_spec, sqlite_url, sampler):
     spec = TINY_SPEC.replace("name: tpe", f"name: {sampler}").replace("epochs: 3", "epochs: 1")
-    _, summary = api.submit(write_spec(spec), trials=3, study_name=sampler, storage=sqlite_url, accelerator="cpu")
+    _, summary = api.submit(write_spec(spec), trials=3, study_name=sampler, storage=sqlite_url, execution=CPU)
     assert summary.counts.finished == 3
 
 
 def test_hyperband_pruner_runs_a_study(write_spec, sqlite_url):
     spec = TINY_SPEC.replace("pruner: {name: median, n_startup_trials: 2, n_warmup_steps: 1}", "pruner: {name: hyperband}")
-    _, summary = api.submit(write_spec(spec), trials=3, study_name="hb", storage=sqlite_url, accelerator="cpu")
+    _, summary = api.submit(write_spec(spec), trials=3, study_name="hb", storage=sqlite_url, execution=CPU)
     assert summary.counts.finished == 3
 
 
 def test_multi_objective_study_keeps_a_pareto_front(write_spec, sqlite_url):
     spec = TINY_SPEC.replace("pruner: {name: median, n_startup_trials: 2, n_warmup_steps: 1}", "")
     spec += "objective: [val/acc, gap]\n"
-    handle, _ = api.submit(write_spec(spec), trials=4, study_name="mo", storage=sqlite_url, accelerator="cpu")
+    handle, _ = api.submit(write_spec(spec), trials=4, study_name="mo", storage=sqlite_url, execution=CPU)
     study = optuna.load_study(study_name="mo", storage=sqlite_url)
     assert len(study.directions) == 2 and study.best_trials
     for t in study.best_trials:
@@ -123,14 +126,14 @@ def test_multi_objective_study_keeps_a_pareto_front(write_spec, sqlite_url):
 
 
 def test_timeout_stops_starting_trials(write_spec, sqlite_url):
-    _, summary = api.submit(write_spec(), trials=1000, timeout=0.5, study_name="t", storage=sqlite_url, accelerator="cpu")
+    _, summary = api.submit(write_spec(), trials=1000, timeout=0.5, study_name="t", storage=sqlite_url, execution=CPU)
     assert summary.stopped == "timeout" and 1 <= summary.counts.finished < 1000
 
 
 def _orphan(storage_url: str, write_spec, owner: dict) -> tuple[str, optuna.Study, int]:
     """A study with one trial RUNNING under ``owner``, as a stopped driver leaves it."""
     name = _name()
-    api.submit(write_spec(), trials=1, study_name=name, storage=storage_url, accelerator="cpu", baselines=False)
+    api.submit(write_spec(), trials=1, study_name=name, storage=storage_url, execution=CPU, baselines=False)
     handle = load_study(name, storage_url)
     trial = handle.study.ask()
     trial.suggest_float("dropout.hidden.rate", 0.0, 0.6)
@@ -170,7 +173,7 @@ def test_resume_runs_the_abandoned_configuration_again(write_spec, storage_url):
     dead.wait()
     name, study, number = _orphan(storage_url, write_spec, {"host": os.uname().nodename, "pid": dead.pid})
     rate = study.trials[number].params["dropout.hidden.rate"]
-    _, summary = api.resume(name, storage=storage_url, trials=2, accelerator="cpu")
+    _, summary = api.resume(name, storage=storage_url, trials=2, execution=CPU)
     trials = optuna.load_study(study_name=name, storage=storage_url).trials
     assert summary.counts.finished == 2
     assert not [t for t in trials if t.state == TrialState.RUNNING]
@@ -178,7 +181,7 @@ def test_resume_runs_the_abandoned_configuration_again(write_spec, storage_url):
 
 
 def test_optuna_cli_lists_the_trials_with_spec_parameter_names(write_spec, sqlite_url):
-    api.submit(write_spec(), trials=2, study_name="cli", storage=sqlite_url, accelerator="cpu")
+    api.submit(write_spec(), trials=2, study_name="cli", storage=sqlite_url, execution=CPU)
     optuna_cli = os.path.join(os.path.dirname(sys.executable), "optuna")
     out = subprocess.run(
         [optuna_cli, "trials", "--storage", sqlite_url, "--study-name", "cli", "-f", "json"],
@@ -196,7 +199,7 @@ def test_an_unreachable_store_is_a_clear_error():
 
 
 def test_loading_an_unknown_study_lists_the_known_ones(write_spec, sqlite_url):
-    api.submit(write_spec(), trials=1, study_name="known", storage=sqlite_url, accelerator="cpu")
+    api.submit(write_spec(), trials=1, study_name="known", storage=sqlite_url, execution=CPU)
     with pytest.raises(StoreError, match="no study 'unknown'.*known"):
         load_study("unknown", sqlite_url)
 
@@ -205,6 +208,6 @@ def test_run_study_counts_failed_trials_against_the_budget(write_spec, sqlite_ur
     spec = TINY_SPEC.replace("lr: {low: 0.01, high: 0.2, log: true}", "lr: 1.0e+12")
     spec = spec.replace("max_norm: {choice: [null, 3.0]}", "max_norm: null")  # max-norm keeps it finite
     handle, summary = api.submit(write_spec(spec), trials=3, study_name="nan", storage=sqlite_url,
-                                 accelerator="cpu", baselines=False)
+                                 execution=CPU, baselines=False)
     assert summary.counts.failed == 3 and summary.stopped == "budget"
-    assert run_study(handle, None).counts.finished == 3, "nothing left to run"
+    assert run_study(handle, LocalBackend(None, [], False, "cpu")).counts.finished == 3, "nothing left to run"

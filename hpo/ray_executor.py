@@ -1,0 +1,227 @@
+"""Trials as Ray tasks, on this machine or on a Ray cluster.
+
+The driver keeps the study (ask/tell, pruning decisions, the only writer of the store); Ray runs
+each trial as a task with ``num_cpus``/``num_gpus`` resources, so fractional GPUs pack several
+trials onto one device. Per-epoch values travel to the driver through a small async actor, the
+:class:`PruningBroker`: a worker reports an epoch and waits for the driver's decision, so Optuna's
+pruners behave exactly as in a single process (Ray Tune's Optuna searcher, by contrast, disables
+them).
+
+A task whose worker process dies (killed, out of memory, node lost) surfaces as a ``lost``
+outcome; the driver fails the trial with the reason and re-queues its configuration. Trials that
+use a GPU get a fresh process each (``max_calls=1``), so GPU memory is returned to the device
+between trials; CPU-only trials reuse warm workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections.abc import Iterable
+from typing import Any
+
+import ray
+import ray.exceptions
+
+from hpo.data import Splits
+from hpo.executor import Outcome, TrialJob, execute
+from hpo.spec import ObjectiveSpec
+
+#: Seconds a worker waits for the driver's pruning decision before training on regardless.
+DECISION_TIMEOUT = 120.0
+
+_LOST = (
+    ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError, ray.exceptions.OutOfMemoryError,
+    ray.exceptions.LocalRayletDiedError, ray.exceptions.TaskCancelledError, ray.exceptions.ObjectLostError,
+)
+
+
+def connect(address: str | None = None, *, num_cpus: int | None = None) -> bool:
+    """Connect to the Ray cluster at ``address`` (else ``$RAY_ADDRESS``), or start a local Ray
+    instance. Returns whether this call started Ray (and so should shut it down)."""
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    ray.init(
+        address=address,
+        num_cpus=None if address else num_cpus,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=True,
+        logging_level="warning",
+    )
+    return True
+
+
+@ray.remote(num_cpus=0)
+class PruningBroker:
+    """Per-epoch reports from workers to the driver, and the driver's prune decisions back."""
+
+    def __init__(self) -> None:
+        self._reports: list[tuple[int, int, float]] = []
+        self._started: list[tuple[int, dict[str, Any]]] = []
+        self._decisions: dict[tuple[int, int], asyncio.Future] = {}
+        self._news = asyncio.Event()
+
+    async def started(self, number: int, worker: dict[str, Any]) -> None:
+        self._started.append((number, worker))
+        self._news.set()
+
+    async def report(self, number: int, step: int, value: float) -> bool:
+        """Called by a worker after each epoch; returns whether to prune."""
+        future = asyncio.get_running_loop().create_future()
+        self._decisions[(number, step)] = future
+        self._reports.append((number, step, value))
+        self._news.set()
+        try:
+            return await asyncio.wait_for(future, DECISION_TIMEOUT)
+        except asyncio.TimeoutError:
+            return False
+        finally:
+            self._decisions.pop((number, step), None)
+
+    async def drain(self, timeout: float) -> tuple[list[tuple[int, int, float]], list[tuple[int, dict[str, Any]]]]:
+        """Pending reports and trial starts, waiting up to ``timeout`` seconds for the first."""
+        if not (self._reports or self._started):
+            try:
+                await asyncio.wait_for(self._news.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+        self._news.clear()
+        reports, started = self._reports, self._started
+        self._reports, self._started = [], []
+        return reports, started
+
+    async def decide(self, decisions: list[tuple[int, int, bool]]) -> None:
+        for number, step, prune in decisions:
+            future = self._decisions.get((number, step))
+            if future is not None and not future.done():
+                future.set_result(prune)
+
+
+class RemoteTrial:
+    """The part of ``optuna.Trial`` the Lightning pruning callback uses, answered by the driver
+    through the broker."""
+
+    def __init__(self, broker: Any, number: int) -> None:
+        self.broker, self.number = broker, number
+        self._prune = False
+
+    def report(self, value: float, step: int) -> None:
+        self._prune = ray.get(self.broker.report.remote(self.number, step, float(value)))
+
+    def should_prune(self) -> bool:
+        return self._prune
+
+
+def _worker_info(cpus: float) -> dict[str, Any]:
+    gpu_ids = ray.get_gpu_ids()
+    return {"host": socket.gethostname(), "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()[:12],
+            "gpus": [str(g) for g in gpu_ids], "cpus": cpus}
+
+
+@ray.remote(max_retries=0)
+def _run_remote(config, data: Splits, objectives, broker, number: int, prune: bool, accelerator: str, cpus: float):
+    import torch
+
+    torch.set_num_threads(max(1, int(cpus)))
+    worker = _worker_info(cpus)
+    ray.get(broker.started.remote(number, worker))
+    outcome = execute(config, data, objectives, RemoteTrial(broker, number) if prune else None, accelerator)
+    return Outcome(outcome.kind, outcome.result, outcome.reason, worker)
+
+
+class RayBackend:
+    """Runs up to ``workers`` trials at once as Ray tasks.
+
+    Args:
+        workers: Concurrent trials.
+        cpus_per_trial: Ray ``num_cpus`` of each trial task (and its torch thread count).
+        gpus_per_trial: Ray ``num_gpus`` of each trial; fractions pack trials onto a GPU
+            (0.25: four trials per GPU). Above 0 each trial trains on its GPU.
+    """
+
+    def __init__(
+        self,
+        data: Splits,
+        objectives: list[ObjectiveSpec],
+        *,
+        prune: bool,
+        workers: int,
+        cpus_per_trial: float = 1.0,
+        gpus_per_trial: float = 0.0,
+    ) -> None:
+        self.objectives, self.prune, self.slots = objectives, prune, workers
+        self.cpus, self.gpus = cpus_per_trial, gpus_per_trial
+        self.accelerator = "gpu" if gpus_per_trial > 0 else "cpu"
+        self._data_ref = ray.put(data)
+        self._broker = PruningBroker.remote()
+        self._tasks: dict[ray.ObjectRef, TrialJob] = {}
+        self._jobs: dict[int, TrialJob] = {}
+        self._drain: ray.ObjectRef | None = None
+        self._options = {"num_cpus": cpus_per_trial, "num_gpus": gpus_per_trial}
+        if gpus_per_trial > 0:
+            self._options["max_calls"] = 1
+
+    def start(self, job: TrialJob) -> None:
+        ref = _run_remote.options(**self._options).remote(
+            job.config, self._data_ref, self.objectives, self._broker, job.trial.number,
+            self.prune, self.accelerator, self.cpus,
+        )
+        self._tasks[ref] = job
+        self._jobs[job.trial.number] = job
+
+    def wait(self, timeout: float) -> list[tuple[TrialJob, Outcome]]:
+        """Block until a trial ends or a worker reports an epoch (answered at once), at most
+        ``timeout`` seconds; return the trials that ended."""
+        if self._drain is None:
+            self._drain = self._broker.drain.remote(timeout)
+        ready, _ = ray.wait([self._drain, *self._tasks], num_returns=1, timeout=timeout)
+        if self._drain in ready:
+            self._answer(*ray.get(self._drain))
+            self._drain = None
+        ended, _ = ray.wait(list(self._tasks), num_returns=len(self._tasks), timeout=0) if self._tasks else ([], [])
+        done = []
+        for ref in ended:
+            job = self._tasks.pop(ref)
+            self._jobs.pop(job.trial.number, None)
+            done.append((job, self._outcome(ref)))
+        return done
+
+    def _answer(self, reports: list[tuple[int, int, float]], started: list[tuple[int, dict[str, Any]]]) -> None:
+        """Record where trials run; report workers' epochs to Optuna and send back whether each
+        should stop."""
+        for number, worker in started:
+            if number in self._jobs:
+                self._jobs[number].trial.set_user_attr("worker", worker)
+        decisions = []
+        for number, step, value in reports:
+            job = self._jobs.get(number)
+            if job is None:
+                continue
+            job.trial.report(value, step)
+            decisions.append((number, step, job.trial.should_prune()))
+        if decisions:
+            self._broker.decide.remote(decisions)
+
+    @staticmethod
+    def _outcome(ref: ray.ObjectRef) -> Outcome:
+        try:
+            return ray.get(ref)
+        except _LOST as exc:
+            return Outcome("lost", reason=f"worker lost: {type(exc).__name__}: {_first_line(exc)}")
+        except ray.exceptions.RayTaskError as exc:
+            return Outcome("error", reason=f"{type(exc.cause).__name__}: {exc.cause}")
+        except ray.exceptions.RayError as exc:
+            return Outcome("lost", reason=f"worker lost: {type(exc).__name__}: {_first_line(exc)}")
+
+    def cancel(self, jobs: Iterable[TrialJob]) -> None:
+        for ref in list(self._tasks):
+            ray.cancel(ref, force=True)
+        self._tasks.clear()
+        self._jobs.clear()
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0]

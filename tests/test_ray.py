@@ -1,0 +1,160 @@
+"""Ray-distributed trials on a real local Ray instance: exact budget with several workers on
+SQLite and PostgreSQL, pruning in parallel, and a killed worker or driver mid-study."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from hpo import api
+from hpo.api import Execution
+from hpo.study import ABANDONED, FAIL_REASON
+
+from .conftest import TINY_SPEC
+
+ray = pytest.importorskip("ray")
+
+TWO_WORKERS = Execution(workers=2, cpus_per_trial=1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    """One local Ray instance for the in-process tests of this module (2 CPUs, like CI)."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="warning")
+    yield
+    ray.shutdown()
+
+
+def _finished(trials):
+    return [t for t in trials if t.state.is_finished() and not t.user_attrs.get(ABANDONED)]
+
+
+def test_a_twelve_trial_study_with_two_workers_finishes_exactly_twelve_trials(write_spec, storage_url):
+    name = f"ray-{uuid.uuid4().hex[:8]}"
+    _, summary = api.submit(write_spec(), trials=12, study_name=name, storage=storage_url, execution=TWO_WORKERS)
+    trials = optuna.load_study(study_name=name, storage=storage_url).trials
+    assert summary.stopped == "budget" and summary.counts.finished == 12
+    assert len(trials) == 12 and len(_finished(trials)) == 12
+    assert TrialState.RUNNING not in [t.state for t in trials]
+    workers = {t.user_attrs["worker"]["pid"] for t in trials}
+    assert len(workers) == 2, "two worker processes ran the trials"
+    overlapping = any(
+        a.datetime_start < b.datetime_complete and b.datetime_start < a.datetime_complete
+        for a in trials for b in trials if a.number < b.number
+    )
+    assert overlapping, "no two trials ran at the same time"
+    assert len({t.user_attrs["seed"] for t in trials}) == 12
+
+
+def test_the_budget_stays_exact_after_a_resume_with_more_workers(write_spec, sqlite_url):
+    api.submit(write_spec(), trials=3, study_name="grow", storage=sqlite_url, execution=TWO_WORKERS)
+    _, summary = api.resume("grow", storage=sqlite_url, trials=7, execution=TWO_WORKERS)
+    assert summary.counts.finished == 7
+    assert len(optuna.load_study(study_name="grow", storage=sqlite_url).trials) == 7
+
+
+def test_pruners_keep_working_with_parallel_workers(write_spec, sqlite_url):
+    spec = TINY_SPEC.replace("lr: {low: 0.01, high: 0.2, log: true}", "lr: {choice: [1.0e-7, 0.1]}")
+    spec = spec.replace("sampler: {name: tpe", "sampler: {name: random").replace("epochs: 3", "epochs: 8")
+    api.submit(write_spec(spec), trials=12, study_name="prune", storage=sqlite_url, execution=TWO_WORKERS,
+               baselines=False, seed=3)
+    trials = optuna.load_study(study_name="prune", storage=sqlite_url).trials
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
+    assert any(t.params["training.lr"] == 1e-7 for t in pruned), "no hopeless trial was pruned"
+    assert all(0 < len(t.intermediate_values) < 8 for t in pruned), "pruned mid-training, per epoch"
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert all(len(t.intermediate_values) == 8 for t in complete), "every epoch was reported"
+
+
+def test_a_trial_error_in_a_worker_fails_only_that_trial(write_spec, sqlite_url):
+    spec = TINY_SPEC.replace("lr: {low: 0.01, high: 0.2, log: true}", "lr: {choice: [1.0e+12, 0.05]}")
+    spec = spec.replace("max_norm: {choice: [null, 3.0]}", "max_norm: null").replace("name: tpe", "name: random")
+    _, summary = api.submit(write_spec(spec), trials=6, study_name="nan", storage=sqlite_url,
+                            execution=TWO_WORKERS, baselines=False, seed=1)
+    trials = optuna.load_study(study_name="nan", storage=sqlite_url).trials
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert summary.counts.finished == 6 and failed
+    assert all("NonFiniteLossError" in t.user_attrs[FAIL_REASON] for t in failed)
+
+
+def test_invalid_execution_options_are_refused():
+    with pytest.raises(api.HpoError, match="gpus-per-trial"):
+        Execution(gpus_per_trial=1.5)
+    with pytest.raises(api.HpoError, match="workers"):
+        Execution(workers=0)
+
+
+# A killed worker or driver: real `hpo` processes with their own Ray instance.
+SLOW_SPEC = TINY_SPEC.replace("epochs: 3", "epochs: 40").replace(
+    "pruner: {name: median, n_startup_trials: 2, n_warmup_steps: 1}", "pruner: {name: none}"
+)
+
+
+def _poll(url: str, predicate, timeout: float = 180):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            trials = optuna.load_study(study_name="tiny", storage=url).trials
+        except KeyError:
+            trials = []
+        found = predicate(trials)
+        if found:
+            return found
+        time.sleep(0.2)
+    raise AssertionError("timed out waiting for the study")
+
+
+def _driver(tmp_path, url, *args):
+    (tmp_path / "space.yaml").write_text(SLOW_SPEC)
+    return subprocess.Popen(
+        [sys.executable, "-m", "hpo", "submit", "space.yaml", "--storage", url, *args],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+@pytest.mark.slow
+def test_killing_a_workers_process_fails_its_trial_and_the_study_still_fills_its_budget(tmp_path):
+    url = f"sqlite:///{tmp_path / 'hpo.db'}"
+    driver = _driver(tmp_path, url, "--trials", "6", "--workers", "2", "--max-retries", "1")
+    victim = _poll(url, lambda ts: next(
+        (t for t in ts if t.state == TrialState.RUNNING and "worker" in t.user_attrs), None))
+    time.sleep(1.0)
+    os.kill(victim.user_attrs["worker"]["pid"], signal.SIGKILL)
+    output = driver.communicate(timeout=300)[0]
+    assert driver.returncode == 0, output
+    trials = optuna.load_study(study_name="tiny", storage=url).trials
+    killed = trials[victim.number]
+    assert killed.state == TrialState.FAIL
+    assert "worker lost" in killed.user_attrs[FAIL_REASON] and "WorkerCrashedError" in killed.user_attrs[FAIL_REASON]
+    assert len(_finished(trials)) == 6, "the killed trial counts as failed; the budget is still exact"
+    retry = [t for t in trials if t.user_attrs.get("retry_of") == victim.number]
+    assert len(retry) == 1 and retry[0].params == killed.params and retry[0].state == TrialState.COMPLETE
+
+
+@pytest.mark.slow
+def test_killing_the_driver_then_resuming_loses_no_trial_and_leaves_none_running(tmp_path):
+    url = f"sqlite:///{tmp_path / 'hpo.db'}"
+    driver = _driver(tmp_path, url, "--trials", "8", "--workers", "2")
+    _poll(url, lambda ts: len(_finished(ts)) >= 2 and sum(t.state == TrialState.RUNNING for t in ts) == 2)
+    driver.kill()
+    driver.wait(timeout=60)
+    before = optuna.load_study(study_name="tiny", storage=url).trials
+    done_before = {t.number: t.values for t in _finished(before)}
+    assert [t.state for t in before].count(TrialState.RUNNING) == 2
+
+    resumed = subprocess.run([sys.executable, "-m", "hpo", "resume", "tiny", "--storage", url, "--workers", "2"],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    after = optuna.load_study(study_name="tiny", storage=url).trials
+    assert TrialState.RUNNING not in [t.state for t in after]
+    assert len(_finished(after)) == 8, "exactly the budget: nothing lost, nothing run twice"
+    assert all(after[n].values == v for n, v in done_before.items())
+    assert sum(bool(t.user_attrs.get(ABANDONED)) for t in after) == 2
