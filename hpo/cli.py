@@ -139,24 +139,19 @@ def submit(
     execution = api.Execution(executor.value, workers, cpus_per_trial, gpus_per_trial, max_retries,
                               ray_address, accelerator.value)
 
-    progress: dict[str, StudyProgress] = {}
+    with StudyProgress(console) as progress:
 
-    def start(handle: StudyHandle) -> None:
-        console.print(
-            f"study [bold]{handle.name}[/] in {_shown(handle.storage)}: {handle.budget} trials, "
-            f"sampler {handle.spec.sampler.name}, pruner {handle.spec.active_pruner.name}, seed {handle.seed}"
-        )
-        progress["bar"] = StudyProgress(handle.name, handle.budget, console).__enter__()
+        def start(handle: StudyHandle) -> None:
+            console.print(
+                f"study [bold]{handle.name}[/] in {_shown(handle.storage)}: {handle.budget} trials, "
+                f"sampler {handle.spec.sampler.name}, pruner {handle.spec.active_pruner.name}, seed {handle.seed}"
+            )
+            progress.begin(handle.name, handle.budget)
 
-    try:
         handle, summary = api.submit(
             space, trials=trials, timeout=timeout, study_name=study_name, storage=storage,
-            seed=seed, baselines=baselines, execution=execution,
-            on_start=start, on_progress=lambda c, b: progress["bar"](c, b),
+            seed=seed, baselines=baselines, execution=execution, on_start=start, on_progress=progress,
         )
-    finally:
-        if "bar" in progress:
-            progress["bar"].__exit__(None, None, None)
     _report_run(handle, summary)
 
 
@@ -182,22 +177,17 @@ def resume(
     execution = api.Execution(executor.value, workers, cpus_per_trial, gpus_per_trial, max_retries,
                               ray_address, accelerator.value)
 
-    progress: dict[str, StudyProgress] = {}
+    with StudyProgress(console) as progress:
 
-    def start(handle: StudyHandle, orphans: list[int]) -> None:
-        if orphans:
-            console.print(f"abandoned trials {', '.join(map(str, orphans))} (their driver stopped); re-queued")
-        progress["bar"] = StudyProgress(handle.name, handle.budget, console).__enter__()
+        def start(handle: StudyHandle, orphans: list[int]) -> None:
+            if orphans:
+                console.print(f"abandoned trials {', '.join(map(str, orphans))} (their driver stopped); re-queued")
+            progress.begin(handle.name, handle.budget)
 
-    try:
         handle, summary = api.resume(
-            study, storage=storage, trials=trials, timeout=timeout,
-            execution=execution, on_start=start,
-            on_progress=lambda c, b: progress["bar"](c, b),
+            study, storage=storage, trials=trials, timeout=timeout, execution=execution,
+            on_start=start, on_progress=progress,
         )
-    finally:
-        if "bar" in progress:
-            progress["bar"].__exit__(None, None, None)
     _report_run(handle, summary)
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from optuna.trial import FrozenTrial
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn,
+)
 
 from hpo.study import Counts
 
@@ -15,12 +17,13 @@ def format_values(values: list[float] | None) -> str:
 
 
 class StudyProgress:
-    """Context manager whose instances are :data:`hpo.executor.ProgressCallback` s."""
+    """A context manager whose instances are :data:`hpo.executor.ProgressCallback` s. The bar
+    appears when :meth:`begin` names the study, once it exists."""
 
-    def __init__(self, study_name: str, budget: int, console: Console | None = None) -> None:
-        self.budget = budget
+    def __init__(self, console: Console | None = None) -> None:
+        self.budget = 0
         self._progress = Progress(
-            TextColumn(f"[bold]{study_name}"),
+            TextColumn("[bold]{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("{task.fields[detail]}"),
@@ -28,16 +31,23 @@ class StudyProgress:
             console=console,
             transient=False,
         )
-        self._task = self._progress.add_task("trials", total=budget, detail="")
+        self._task: TaskID | None = None
+
+    def begin(self, study_name: str, budget: int) -> None:
+        self.budget = budget
+        self._task = self._progress.add_task(study_name, total=budget, detail="")
+        self._progress.start()
 
     def __enter__(self) -> StudyProgress:
-        self._progress.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._progress.stop()
+        if self._task is not None:
+            self._progress.stop()
 
     def __call__(self, counts: Counts, best: FrozenTrial | None) -> None:
+        if self._task is None:
+            return
         detail = (
             f"running {counts.running} · complete {counts.complete} · pruned {counts.pruned} · "
             f"failed {counts.failed} · best {format_values(best.values if best else None)}"

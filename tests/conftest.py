@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from pathlib import Path
 
+import optuna
 import pytest
 import sqlalchemy
 
@@ -79,3 +81,18 @@ def storage_url(request, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'studies.db'}"
     return request.getfixturevalue("postgres_server_url")
+
+
+def poll_trials(url: str, predicate, *, study: str = "tiny", timeout: float = 180):
+    """Poll a study another process is writing until ``predicate(trials)`` is truthy; return it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            trials = optuna.load_study(study_name=study, storage=url).trials
+        except KeyError:
+            trials = []
+        found = predicate(trials)
+        if found:
+            return found
+        time.sleep(0.2)
+    raise AssertionError(f"study {study!r} did not reach the expected state in {timeout} s")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from typer.testing import CliRunner
 from hpo.cli import app
 from hpo.study import ABANDONED, FAIL_REASON
 
-from .conftest import TINY_SPEC
+from .conftest import TINY_SPEC, poll_trials
 
 runner = CliRunner()
 
@@ -124,19 +123,9 @@ def _hpo(*args: str, cwd: Path) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True)
 
 
-def _wait_for(url: str, finished: int, timeout: float = 120) -> list[optuna.trial.FrozenTrial]:
-    """Poll the store until ``finished`` trials are done and another is running."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            trials = optuna.load_study(study_name="tiny", storage=url).trials
-        except KeyError:
-            trials = []
-        done = [t for t in trials if t.state.is_finished()]
-        if len(done) >= finished and any(t.state == TrialState.RUNNING for t in trials):
-            return trials
-        time.sleep(0.2)
-    raise AssertionError(f"the study did not reach {finished} finished trials in {timeout} s")
+def _two_finished_one_running(trials):
+    return (sum(t.state.is_finished() for t in trials) >= 2
+            and any(t.state == TrialState.RUNNING for t in trials))
 
 
 @pytest.mark.slow
@@ -145,7 +134,7 @@ def test_a_stopped_driver_loses_no_trial_and_resume_completes_the_budget(tmp_pat
     (tmp_path / "space.yaml").write_text(SLOW_SPEC)
     url = f"sqlite:///{tmp_path / 'hpo.db'}"
     driver = _hpo("submit", "space.yaml", "--trials", "6", "--storage", url, "--accelerator", "cpu", cwd=tmp_path)
-    _wait_for(url, finished=2)
+    poll_trials(url, _two_finished_one_running)
     time.sleep(0.3)
     driver.send_signal(how)
     output = driver.communicate(timeout=60)[0]

@@ -211,3 +211,12 @@ def test_run_study_counts_failed_trials_against_the_budget(write_spec, sqlite_ur
                                  execution=CPU, baselines=False)
     assert summary.counts.failed == 3 and summary.stopped == "budget"
     assert run_study(handle, LocalBackend(None, [], False, "cpu")).counts.finished == 3, "nothing left to run"
+
+
+def test_a_cuda_out_of_memory_error_becomes_a_clear_one_line_reason():
+    import torch
+
+    from hpo.executor import _describe
+
+    error = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
+    assert _describe(error) == "CUDA out of memory: CUDA out of memory. Tried to allocate 2.00 GiB"
