@@ -18,7 +18,7 @@ from hpo.data import Splits, load_data
 from hpo.errors import HpoError
 from hpo.executor import Backend, LocalBackend, ProgressCallback, RunSummary, run_study
 from hpo.space import baseline_params
-from hpo.spec import load_spec
+from hpo.spec import parse_spec, read_spec_file
 from hpo.study import BASELINE, StudyHandle, create_study, load_study, reconcile, set_budget
 
 
@@ -120,14 +120,15 @@ def submit(
         on_start: Called once the study exists, before the first trial.
     """
     path = Path(space)
-    spec = load_spec(path)
+    text = read_spec_file(path)
+    spec = parse_spec(text, source=path)
     if not baselines:
         spec = spec.model_copy(update={"baselines": []})
     data = load_data(spec.data)
     if seed is None:
         seed = spec.sampler.seed if spec.sampler.seed is not None else secrets.randbelow(2**31)
     handle = create_study(
-        spec, path.read_text(),
+        spec, text,
         name=study_name or spec.name,
         storage=storage,
         budget=trials or spec.budget.trials,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 import optuna
@@ -28,7 +28,7 @@ from hpo.space import TrialConfig, suggest
 from hpo.spec import ObjectiveSpec
 from hpo.study import (
     FAIL_REASON, HEARTBEAT_INTERVAL, Counts, StudyHandle, abandon, best_trial, claim, count_trials,
-    heartbeat,
+    heartbeat, requeue,
 )
 from hpo.trial import TrialResult, run_trial
 
@@ -56,13 +56,12 @@ class Outcome:
 
     ``kind`` is ``complete`` (with ``result``), ``pruned``, ``nan`` (the loss diverged),
     ``error`` (the trial's code raised) or ``lost`` (its worker process died: killed, out of
-    memory, node lost), with ``reason`` saying why. ``worker`` describes where it ran.
+    memory, node lost), with ``reason`` saying why.
     """
 
     kind: Literal["complete", "pruned", "nan", "error", "lost"]
     result: TrialResult | None = None
     reason: str = ""
-    worker: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -242,8 +241,6 @@ def _ask(study: optuna.Study, spec: Any, study_seed: int) -> TrialJob:
 
 def _tell(study: optuna.Study, job: TrialJob, outcome: Outcome, max_retries: int) -> None:
     trial = job.trial
-    if outcome.worker:
-        trial.set_user_attr("worker", outcome.worker)
     if outcome.kind == "complete":
         _record(trial, outcome.result)
         study.tell(trial, outcome.result.values)
@@ -256,8 +253,7 @@ def _tell(study: optuna.Study, job: TrialJob, outcome: Outcome, max_retries: int
     study.tell(trial, state=TrialState.FAIL)
     retries = int(trial.user_attrs.get(RETRIES, 0))
     if outcome.kind == "lost" and retries < max_retries:
-        keep = {k: v for k, v in trial.user_attrs.items() if k == "baseline"}
-        study.enqueue_trial(trial.params, user_attrs={**keep, RETRIES: retries + 1, "retry_of": trial.number})
+        requeue(study, trial.params, trial.user_attrs, **{RETRIES: retries + 1, "retry_of": trial.number})
 
 
 def _record(trial: optuna.Trial, result: TrialResult) -> None:

@@ -126,10 +126,8 @@ def _run_remote(config, data: Splits, objectives, broker, number: int, prune: bo
     import torch
 
     torch.set_num_threads(max(1, int(cpus)))
-    worker = _worker_info(cpus)
-    ray.get(broker.started.remote(number, worker))
-    outcome = execute(config, data, objectives, RemoteTrial(broker, number) if prune else None, accelerator)
-    return Outcome(outcome.kind, outcome.result, outcome.reason, worker)
+    ray.get(broker.started.remote(number, _worker_info(cpus)))
+    return execute(config, data, objectives, RemoteTrial(broker, number) if prune else None, accelerator)
 
 
 class RayBackend:

@@ -354,15 +354,18 @@ class Spec(_Strict):
         return PrunerSpec(name="none" if self.multi_objective else "median")
 
 
-def load_spec(path: str | Path) -> Spec:
-    """Read and validate a search-space file; raise :class:`SpecError` on any problem."""
-    path = Path(path)
+def read_spec_file(path: str | Path) -> str:
+    """The text of a search-space file; :class:`SpecError` when it cannot be read."""
     try:
-        text = path.read_text()
+        return Path(path).read_text()
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise SpecError(path, "", f"cannot read the file: {reason}") from exc
-    return parse_spec(text, source=path)
+
+
+def load_spec(path: str | Path) -> Spec:
+    """Read and validate a search-space file; raise :class:`SpecError` on any problem."""
+    return parse_spec(read_spec_file(path), source=path)
 
 
 def parse_spec(text: str, source: str | Path = "<spec>") -> Spec:

@@ -274,8 +274,13 @@ def abandon(study: optuna.Study, trial_id: int, params: dict[str, Any], user_att
     storage.set_trial_user_attr(trial_id, FAIL_REASON, reason)
     storage.set_trial_user_attr(trial_id, ABANDONED, True)
     storage.set_trial_state_values(trial_id, TrialState.FAIL)
-    retry_attrs = {k: v for k, v in user_attrs.items() if k == BASELINE}
-    study.enqueue_trial(params, user_attrs=retry_attrs)
+    requeue(study, params, user_attrs)
+
+
+def requeue(study: optuna.Study, params: dict[str, Any], user_attrs: dict[str, Any], **extra: Any) -> None:
+    """Queue a configuration again, keeping whether it is a baseline, plus ``extra`` attributes."""
+    kept = {k: v for k, v in user_attrs.items() if k == BASELINE}
+    study.enqueue_trial(params, user_attrs={**kept, **extra})
 
 
 def reconcile(study: optuna.Study) -> list[int]:
