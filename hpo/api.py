@@ -7,6 +7,7 @@ store is written, so bad input leaves the store as it was.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import secrets
 from collections.abc import Callable, Iterator
@@ -20,6 +21,9 @@ from hpo.executor import Backend, LocalBackend, ProgressCallback, RunSummary, ru
 from hpo.space import baseline_params
 from hpo.spec import parse_spec, read_spec_file
 from hpo.study import BASELINE, StudyHandle, create_study, load_study, reconcile, set_budget
+from hpo.tracking import Tracking, tracked
+
+log = logging.getLogger("hpo")
 
 
 @dataclass(frozen=True)
@@ -102,8 +106,10 @@ def submit(
     seed: int | None = None,
     baselines: bool = True,
     execution: Execution = Execution(),
+    tracking: Tracking = Tracking(),
     on_progress: ProgressCallback | None = None,
     on_start: Callable[[StudyHandle], None] | None = None,
+    on_warning: Callable[[str], None] = log.warning,
 ) -> tuple[StudyHandle, RunSummary]:
     """Create a study from the search-space file ``space`` and run it.
 
@@ -117,7 +123,9 @@ def submit(
             random seed, recorded in the study).
         baselines: Queue the spec's baseline configurations first.
         execution: Workers, resources per trial, retries, Ray address (see :class:`Execution`).
+        tracking: Where the study is mirrored in MLflow (see :class:`hpo.tracking.Tracking`).
         on_start: Called once the study exists, before the first trial.
+        on_warning: Gets problems that do not stop the study (MLflow unreachable).
     """
     path = Path(space)
     text = read_spec_file(path)
@@ -138,12 +146,17 @@ def submit(
     )
     if on_start is not None:
         on_start(handle)
-    with _backend(handle, data, execution) as backend:
-        summary = run_study(
-            handle, backend, timeout=timeout or spec.budget.timeout,
-            max_retries=execution.max_retries, on_progress=on_progress,
-        )
-    return handle, summary
+    return handle, _run(handle, data, execution, tracking, timeout or spec.budget.timeout, on_progress, on_warning)
+
+
+def _run(handle: StudyHandle, data: Splits, execution: Execution, tracking: Tracking, timeout: float | None,
+         on_progress: ProgressCallback | None, on_warning: Callable[[str], None]) -> RunSummary:
+    with tracked(handle, tracking, data, on_warning) as tracker, _backend(handle, data, execution) as backend:
+        summary = run_study(handle, backend, timeout=timeout, max_retries=execution.max_retries,
+                            on_progress=on_progress, listener=tracker)
+        if tracker is not None:
+            tracker.close(summary.stopped)
+    return summary
 
 
 def resume(
@@ -153,8 +166,10 @@ def resume(
     trials: int | None = None,
     timeout: float | None = None,
     execution: Execution = Execution(),
+    tracking: Tracking = Tracking(),
     on_progress: ProgressCallback | None = None,
     on_start: Callable[[StudyHandle, list[int]], None] | None = None,
+    on_warning: Callable[[str], None] = log.warning,
 ) -> tuple[StudyHandle, RunSummary]:
     """Continue a study until its budget of finished trials is reached.
 
@@ -169,9 +184,5 @@ def resume(
         set_budget(handle, trials)
     if on_start is not None:
         on_start(handle, orphans)
-    with _backend(handle, data, execution) as backend:
-        summary = run_study(
-            handle, backend, timeout=timeout or handle.spec.budget.timeout,
-            max_retries=execution.max_retries, on_progress=on_progress,
-        )
-    return handle, summary
+    return handle, _run(handle, data, execution, tracking, timeout or handle.spec.budget.timeout,
+                        on_progress, on_warning)

@@ -8,6 +8,7 @@ so they answer at once.
 from __future__ import annotations
 
 import functools
+import inspect
 import signal
 import sys
 import threading
@@ -45,7 +46,7 @@ Storage = Annotated[
     str | None,
     typer.Option(
         "--storage", envvar=STORAGE_ENV, show_default=False,
-        help="SQLAlchemy URL of the study store [default: sqlite:///hpo.db in this directory].",
+        help="SQLAlchemy URL of the study store \\[default: sqlite:///hpo.db in this directory].",
     ),
 ]
 StudyName = Annotated[str, typer.Argument(help="Study name (see `hpo list`).", show_default=False)]
@@ -73,8 +74,26 @@ Workers = Annotated[int, typer.Option(min=1, help="Trials running at once (Ray).
 CpusPerTrial = Annotated[float, typer.Option(min=0.01, help="CPUs each Ray trial reserves.")]
 GpusPerTrial = Annotated[float, typer.Option(min=0, help="GPUs each Ray trial reserves; 0.25 packs four trials per GPU.")]
 MaxRetries = Annotated[int, typer.Option(min=0, help="Times a configuration whose worker died is queued again.")]
-RayAddress = Annotated[str | None, typer.Option(envvar="RAY_ADDRESS", show_default=False, help="Ray cluster address [default: a local Ray instance when Ray is used].")]
+RayAddress = Annotated[str | None, typer.Option(envvar="RAY_ADDRESS", show_default=False, help="Ray cluster address \\[default: a local Ray instance when Ray is used].")]
 Timeout = Annotated[float | None, typer.Option(min=0, help="Stop starting trials after this many seconds.", show_default=False)]
+AcceleratorOption = Annotated[Accelerator, typer.Option(help="Where in-process trials train.")]
+TrackingUri = Annotated[str | None, typer.Option(envvar="MLFLOW_TRACKING_URI", show_default=False, help="MLflow tracking URI: an http(s):// server or an SQL store \\[default: sqlite:///mlflow.db in this directory].")]
+Experiment = Annotated[str | None, typer.Option(show_default=False, help="MLflow experiment \\[default: the study name].")]
+TrackingSwitch = Annotated[bool, typer.Option(help="Mirror the study into MLflow (a parent run, a nested run per trial).")]
+
+#: The options ``submit`` and ``resume`` share (see :func:`_run_options`).
+_RUN_OPTIONS = [
+    ("executor", ExecutorOption, Executor.auto),
+    ("workers", Workers, 1),
+    ("cpus_per_trial", CpusPerTrial, 1.0),
+    ("gpus_per_trial", GpusPerTrial, 0.0),
+    ("max_retries", MaxRetries, 1),
+    ("ray_address", RayAddress, None),
+    ("accelerator", AcceleratorOption, Accelerator.auto),
+    ("tracking", TrackingSwitch, True),
+    ("tracking_uri", TrackingUri, None),
+    ("experiment", Experiment, None),
+]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -115,29 +134,53 @@ def main(
     """dropout-hpo."""
 
 
+def _run_options(command: F) -> F:
+    """Give ``command`` the execution and MLflow options that ``submit`` and ``resume`` share;
+    it receives them as ``execution`` (:class:`hpo.api.Execution`) and ``tracking``
+    (:class:`hpo.tracking.Tracking`)."""
+    shared = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+        for name, annotation, default in _RUN_OPTIONS
+    ]
+    signature = inspect.signature(command, eval_str=True)
+    own = [p for p in signature.parameters.values() if p.name not in ("execution", "tracking")]
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from hpo.api import Execution
+        from hpo.tracking import Tracking
+
+        options = {name: kwargs.pop(name) for name, _, _ in _RUN_OPTIONS}
+        execution = Execution(
+            options["executor"].value, options["workers"], options["cpus_per_trial"],
+            options["gpus_per_trial"], options["max_retries"], options["ray_address"],
+            options["accelerator"].value,
+        )
+        tracking = Tracking(options["tracking"], options["tracking_uri"], options["experiment"])
+        return command(*args, execution=execution, tracking=tracking, **kwargs)
+
+    wrapper.__signature__ = signature.replace(parameters=own + shared)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in own + shared}
+    return wrapper  # type: ignore[return-value]
+
+
 @app.command()
 @_user_errors
+@_run_options
 def submit(
     space: Annotated[Path, typer.Argument(help="Search-space YAML file (see search_spaces/).", show_default=False)],
-    trials: Annotated[int | None, typer.Option(min=1, help="Budget of finished trials [default: the spec's budget.trials].", show_default=False)] = None,
+    trials: Annotated[int | None, typer.Option(min=1, help="Budget of finished trials \\[default: the spec's budget.trials].", show_default=False)] = None,
     timeout: Timeout = None,
-    study_name: Annotated[str | None, typer.Option(help="Study name [default: the spec's name].", show_default=False)] = None,
+    study_name: Annotated[str | None, typer.Option(help="Study name \\[default: the spec's name].", show_default=False)] = None,
     storage: Storage = None,
-    seed: Annotated[int | None, typer.Option(help="Seed of the sampler and the trials [default: the spec's sampler.seed, else random].", show_default=False)] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the sampler and the trials \\[default: the spec's sampler.seed, else random].", show_default=False)] = None,
     baselines: Annotated[bool, typer.Option(help="Run the spec's baselines (no dropout; Srivastava et al.'s recommendation) first.")] = True,
-    executor: ExecutorOption = Executor.auto,
-    workers: Workers = 1,
-    cpus_per_trial: CpusPerTrial = 1.0,
-    gpus_per_trial: GpusPerTrial = 0.0,
-    max_retries: MaxRetries = 1,
-    ray_address: RayAddress = None,
-    accelerator: Annotated[Accelerator, typer.Option(help="Where in-process trials train.")] = Accelerator.auto,
+    *,
+    execution: Any = None,
+    tracking: Any = None,
 ) -> None:
     """Create a study from a search space and run it until its trial budget is spent."""
     from hpo import api
-
-    execution = api.Execution(executor.value, workers, cpus_per_trial, gpus_per_trial, max_retries,
-                              ray_address, accelerator.value)
 
     with StudyProgress(console) as progress:
 
@@ -146,49 +189,97 @@ def submit(
                 f"study [bold]{handle.name}[/] in {_shown(handle.storage)}: {handle.budget} trials, "
                 f"sampler {handle.spec.sampler.name}, pruner {handle.spec.active_pruner.name}, seed {handle.seed}"
             )
+            _print_tracking(handle, tracking)
             progress.begin(handle.name, handle.budget)
 
         handle, summary = api.submit(
             space, trials=trials, timeout=timeout, study_name=study_name, storage=storage,
-            seed=seed, baselines=baselines, execution=execution, on_start=start, on_progress=progress,
+            seed=seed, baselines=baselines, execution=execution, tracking=tracking,
+            on_start=start, on_progress=progress, on_warning=_warn,
         )
     _report_run(handle, summary)
 
 
 @app.command()
 @_user_errors
+@_run_options
 def resume(
     study: StudyName,
     storage: Storage = None,
-    trials: Annotated[int | None, typer.Option(min=1, help="New total budget of finished trials [default: unchanged].", show_default=False)] = None,
+    trials: Annotated[int | None, typer.Option(min=1, help="New total budget of finished trials \\[default: unchanged].", show_default=False)] = None,
     timeout: Timeout = None,
-    executor: ExecutorOption = Executor.auto,
-    workers: Workers = 1,
-    cpus_per_trial: CpusPerTrial = 1.0,
-    gpus_per_trial: GpusPerTrial = 0.0,
-    max_retries: MaxRetries = 1,
-    ray_address: RayAddress = None,
-    accelerator: Annotated[Accelerator, typer.Option(help="Where in-process trials train.")] = Accelerator.auto,
+    *,
+    execution: Any = None,
+    tracking: Any = None,
 ) -> None:
     """Continue a study: fail trials its stopped driver left RUNNING, re-queue them, and run
     until the budget of finished trials is reached."""
     from hpo import api
-
-    execution = api.Execution(executor.value, workers, cpus_per_trial, gpus_per_trial, max_retries,
-                              ray_address, accelerator.value)
 
     with StudyProgress(console) as progress:
 
         def start(handle: StudyHandle, orphans: list[int]) -> None:
             if orphans:
                 console.print(f"abandoned trials {', '.join(map(str, orphans))} (their driver stopped); re-queued")
+            _print_tracking(handle, tracking)
             progress.begin(handle.name, handle.budget)
 
         handle, summary = api.resume(
             study, storage=storage, trials=trials, timeout=timeout, execution=execution,
-            on_start=start, on_progress=progress,
+            tracking=tracking, on_start=start, on_progress=progress, on_warning=_warn,
         )
     _report_run(handle, summary)
+
+
+def _print_tracking(handle: StudyHandle, tracking: Any) -> None:
+    if tracking.enabled:
+        console.print(
+            f"MLflow: experiment [bold]{tracking.experiment or handle.name}[/] in "
+            f"{redact(tracking.resolved_uri)} (see it with `hpo ui`)", highlight=False, soft_wrap=True,
+        )
+
+
+def _warn(message: str) -> None:
+    errors.print(f"warning: {message}", markup=False, highlight=False, soft_wrap=True)
+
+
+@app.command()
+@_user_errors
+def sync(
+    study: StudyName,
+    storage: Storage = None,
+    tracking_uri: TrackingUri = None,
+    experiment: Experiment = None,
+) -> None:
+    """Fill MLflow in from the study store: create missing trial runs, complete runs left open
+    while the tracking server was down, remove duplicate runs. Safe to run any time."""
+    from hpo.tracking import Tracking, sync as sync_study
+
+    handle = load_study(study, storage)
+    settings = Tracking(uri=tracking_uri, experiment=experiment)
+    report = sync_study(handle, settings)
+    console.print(
+        f"synced study {study!r} to {redact(settings.resolved_uri)} (experiment {report.experiment_id}, "
+        f"run {report.parent_id}): {report.created} runs created, {report.completed} completed, "
+        f"{report.removed} duplicates removed, {report.unchanged} already up to date",
+        markup=False, highlight=False, soft_wrap=True,
+    )
+
+
+@app.command()
+@_user_errors
+def ui(
+    tracking_uri: TrackingUri = None,
+    host: Annotated[str, typer.Option(help="Interface to bind; anything but loopback exposes the dashboard, which has no login, to the network.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 5000,
+) -> None:
+    """Start the MLflow dashboard on the tracking store (the embedded mlflow.db by default) and
+    print its address; Ctrl-C stops it."""
+    from hpo.dashboard import serve
+
+    serve(tracking_uri, host=host, port=port,
+          announce=lambda text: console.print(text, highlight=False, soft_wrap=True),
+          warn=_warn)
 
 
 @app.command()
@@ -283,7 +374,7 @@ def export(
     study: StudyName,
     storage: Storage = None,
     format: Annotated[ExportFormat, typer.Option("--format", "-f", help="Output format.")] = ExportFormat.csv,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="File to write [default: stdout].", show_default=False)] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="File to write \\[default: stdout].", show_default=False)] = None,
 ) -> None:
     """Every trial as CSV or JSON: state, objective values, parameters and metrics."""
     handle = load_study(study, storage)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 import optuna
@@ -27,8 +27,8 @@ from hpo.module import NonFiniteLossError
 from hpo.space import TrialConfig, suggest
 from hpo.spec import ObjectiveSpec
 from hpo.study import (
-    FAIL_REASON, HEARTBEAT_INTERVAL, Counts, StudyHandle, abandon, best_trial, claim, count_trials,
-    heartbeat, requeue,
+    FAIL_REASON, HEARTBEAT_INTERVAL, Counts, StudyHandle, abandon, best_trial, best_trials, claim,
+    count_trials, heartbeat, requeue,
 )
 from hpo.trial import TrialResult, run_trial
 
@@ -39,6 +39,8 @@ RETRIES = "retries"
 
 StopReason = Literal["budget", "timeout", "interrupted", "errors"]
 ProgressCallback = Callable[[Counts, FrozenTrial | None], None]
+#: ``(trial number, one epoch's metrics)``, from a backend to the driver.
+EpochCallback = Callable[[int, dict[str, float]], None]
 
 
 @dataclass(frozen=True)
@@ -66,16 +68,31 @@ class Outcome:
 
 @dataclass
 class TrialJob:
-    """A trial a backend is running."""
+    """A trial a backend is running, and the epochs it has reported so far."""
 
     trial: optuna.Trial
     config: TrialConfig
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+class TrialListener(Protocol):
+    """Told what happens to trials, in the driver (the MLflow tracker is one). Calls must return
+    quickly: they run between the driver's ask and tell."""
+
+    def trial_started(self, job: TrialJob) -> None: ...
+
+    def epoch(self, number: int, entry: dict[str, float]) -> None: ...
+
+    def trial_finished(self, job: TrialJob, trial: FrozenTrial, outcome: Outcome, counts: Counts,
+                       best: list[FrozenTrial]) -> None: ...
 
 
 class Backend(Protocol):
-    """Runs trials for the driver. ``start`` may block (in-process) or return at once (Ray)."""
+    """Runs trials for the driver. ``start`` may block (in-process) or return at once (Ray).
+    ``on_epoch``, set by the driver, gets every epoch a running trial finishes."""
 
     slots: int
+    on_epoch: EpochCallback | None
 
     def start(self, job: TrialJob) -> None: ...
 
@@ -93,11 +110,13 @@ def trial_seed(study_seed: int, number: int) -> int:
 
 def execute(
     config: TrialConfig, data: Splits, objectives: list[ObjectiveSpec], pruning_trial: Any, accelerator: str,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
 ) -> Outcome:
     """Run one trial and classify how it ended (shared by every backend's workers)."""
     try:
         return Outcome("complete", result=run_trial(
-            config, data, objectives, pruning_trial=pruning_trial, accelerator=accelerator
+            config, data, objectives, pruning_trial=pruning_trial, accelerator=accelerator,
+            on_epoch=on_epoch,
         ))
     except optuna.TrialPruned as exc:
         return Outcome("pruned", reason=str(exc))
@@ -122,12 +141,15 @@ class LocalBackend:
 
     def __init__(self, data: Splits, objectives: list[ObjectiveSpec], prune: bool, accelerator: str) -> None:
         self.data, self.objectives, self.prune, self.accelerator = data, objectives, prune, accelerator
+        self.on_epoch: EpochCallback | None = None
         self._done: list[tuple[TrialJob, Outcome]] = []
 
     def start(self, job: TrialJob) -> None:
+        number = job.trial.number
         outcome = execute(
             job.config, self.data, self.objectives,
             job.trial if self.prune else None, self.accelerator,
+            on_epoch=None if self.on_epoch is None else lambda entry: self.on_epoch(number, entry),
         )
         self._done.append((job, outcome))
 
@@ -167,6 +189,7 @@ def run_study(
     timeout: float | None = None,
     max_retries: int = 1,
     on_progress: ProgressCallback | None = None,
+    listener: TrialListener | None = None,
 ) -> RunSummary:
     """Run trials on ``backend`` until the study holds ``handle.budget`` finished trials, or
     ``timeout`` seconds pass (running trials are then allowed to finish).
@@ -176,6 +199,7 @@ def run_study(
     and its configuration re-queued, at most ``max_retries`` times. Ctrl-C
     (``KeyboardInterrupt``) abandons every running trial (failed with the reason, re-queued, not
     counted) and returns with ``stopped == "interrupted"``; finished trials are already stored.
+    ``listener`` hears of every trial's start, epochs and end (e.g. the MLflow tracker).
     """
     study, spec = handle.study, handle.spec
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -183,6 +207,15 @@ def run_study(
     errors_in_a_row, last_error = 0, ""
     beat = _Heartbeat(study)
     beat.start()
+
+    def on_epoch(number: int, entry: dict[str, float]) -> None:
+        job = running.get(number)
+        if job is not None:
+            job.history.append(entry)
+            if listener is not None:
+                listener.epoch(number, entry)
+
+    backend.on_epoch = on_epoch
 
     def progress() -> Counts:
         counts = count_trials(study.get_trials(deepcopy=False))
@@ -201,6 +234,8 @@ def run_study(
                 running[job.trial.number] = job
                 beat.trial_ids.add(job.trial._trial_id)
                 counts = progress()
+                if listener is not None:
+                    listener.trial_started(job)
                 backend.start(job)
             if not running:
                 if errors_in_a_row >= MAX_CONSECUTIVE_ERRORS:
@@ -217,6 +252,9 @@ def run_study(
                 else:
                     errors_in_a_row = 0
                 counts = progress()
+                if listener is not None:
+                    listener.trial_finished(job, study._storage.get_trial(job.trial._trial_id), outcome,
+                                            counts, best_trials(study))
         message = f"{errors_in_a_row} trials in a row failed; last: {last_error}" if stopped == "errors" else ""
         return RunSummary(counts, stopped, message)
     except KeyboardInterrupt:
@@ -245,6 +283,8 @@ def _tell(study: optuna.Study, job: TrialJob, outcome: Outcome, max_retries: int
         _record(trial, outcome.result)
         study.tell(trial, outcome.result.values)
         return
+    if job.history:
+        trial.set_user_attr("history", job.history)
     if outcome.kind == "pruned":
         trial.set_user_attr("pruned_reason", outcome.reason)
         study.tell(trial, state=TrialState.PRUNED)

@@ -21,8 +21,6 @@ from torchmetrics.classification import MulticlassAccuracy
 from hpo.dropout import apply_max_norm
 from hpo.spec import Optimizer
 
-#: Metrics logged once per epoch, in the order they appear in histories and exports.
-EPOCH_METRICS = ("train/loss", "train/acc", "val/loss", "val/acc", "epoch_time")
 
 
 class NonFiniteLossError(ArithmeticError):

@@ -25,7 +25,7 @@ import ray
 import ray.exceptions
 
 from hpo.data import Splits
-from hpo.executor import Outcome, TrialJob, execute
+from hpo.executor import EpochCallback, Outcome, TrialJob, execute
 from hpo.spec import ObjectiveSpec
 
 #: Seconds a worker waits for the driver's pruning decision before training on regardless.
@@ -61,11 +61,17 @@ class PruningBroker:
     def __init__(self) -> None:
         self._reports: list[tuple[int, int, float]] = []
         self._started: list[tuple[int, dict[str, Any]]] = []
+        self._epochs: list[tuple[int, dict[str, float]]] = []
         self._decisions: dict[tuple[int, int], asyncio.Future] = {}
         self._news = asyncio.Event()
 
     async def started(self, number: int, worker: dict[str, Any]) -> None:
         self._started.append((number, worker))
+        self._news.set()
+
+    async def epoch(self, number: int, entry: dict[str, float]) -> None:
+        """Called by a worker with every epoch's metrics (before its pruning report)."""
+        self._epochs.append((number, entry))
         self._news.set()
 
     async def report(self, number: int, step: int, value: float) -> bool:
@@ -81,17 +87,18 @@ class PruningBroker:
         finally:
             self._decisions.pop((number, step), None)
 
-    async def drain(self, timeout: float) -> tuple[list[tuple[int, int, float]], list[tuple[int, dict[str, Any]]]]:
-        """Pending reports and trial starts, waiting up to ``timeout`` seconds for the first."""
-        if not (self._reports or self._started):
+    async def drain(self, timeout: float) -> tuple[list, list, list]:
+        """Pending pruning reports, trial starts and epochs, waiting up to ``timeout`` seconds
+        for the first."""
+        if not (self._reports or self._started or self._epochs):
             try:
                 await asyncio.wait_for(self._news.wait(), timeout)
             except asyncio.TimeoutError:
                 pass
         self._news.clear()
-        reports, started = self._reports, self._started
-        self._reports, self._started = [], []
-        return reports, started
+        news = self._reports, self._started, self._epochs
+        self._reports, self._started, self._epochs = [], [], []
+        return news
 
     async def decide(self, decisions: list[tuple[int, int, bool]]) -> None:
         for number, step, prune in decisions:
@@ -127,7 +134,8 @@ def _run_remote(config, data: Splits, objectives, broker, number: int, prune: bo
 
     torch.set_num_threads(max(1, int(cpus)))
     ray.get(broker.started.remote(number, _worker_info(cpus)))
-    return execute(config, data, objectives, RemoteTrial(broker, number) if prune else None, accelerator)
+    return execute(config, data, objectives, RemoteTrial(broker, number) if prune else None, accelerator,
+                   on_epoch=lambda entry: ray.get(broker.epoch.remote(number, entry)))
 
 
 class RayBackend:
@@ -151,6 +159,7 @@ class RayBackend:
         gpus_per_trial: float = 0.0,
     ) -> None:
         self.objectives, self.prune, self.slots = objectives, prune, workers
+        self.on_epoch: EpochCallback | None = None
         self.cpus, self.gpus = cpus_per_trial, gpus_per_trial
         self.accelerator = "gpu" if gpus_per_trial > 0 else "cpu"
         self._data_ref = ray.put(data)
@@ -180,6 +189,8 @@ class RayBackend:
             self._answer(*ray.get(self._drain))
             self._drain = None
         ended, _ = ray.wait(list(self._tasks), num_returns=len(self._tasks), timeout=0) if self._tasks else ([], [])
+        if ended:  # their last epochs may still wait in the broker
+            self._answer(*ray.get(self._broker.drain.remote(0)))
         done = []
         for ref in ended:
             job = self._tasks.pop(ref)
@@ -187,12 +198,16 @@ class RayBackend:
             done.append((job, self._outcome(ref)))
         return done
 
-    def _answer(self, reports: list[tuple[int, int, float]], started: list[tuple[int, dict[str, Any]]]) -> None:
-        """Record where trials run; report workers' epochs to Optuna and send back whether each
-        should stop."""
+    def _answer(self, reports: list[tuple[int, int, float]], started: list[tuple[int, dict[str, Any]]],
+                epochs: list[tuple[int, dict[str, float]]]) -> None:
+        """Record where trials run; pass epochs on; report workers' selection metric to Optuna
+        and send back whether each trial should stop."""
         for number, worker in started:
             if number in self._jobs:
                 self._jobs[number].trial.set_user_attr("worker", worker)
+        if self.on_epoch is not None:
+            for number, entry in epochs:
+                self.on_epoch(number, entry)
         decisions = []
         for number, step, value in reports:
             job = self._jobs.get(number)

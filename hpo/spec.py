@@ -253,6 +253,8 @@ class TrainingSpec(_Strict):
     early_stopping: int | None = Field(None, ge=1)
 
 
+#: Metrics measured once per epoch, in the order they appear in histories and exports.
+EPOCH_METRICS = ("train/loss", "train/acc", "val/loss", "val/acc", "epoch_time")
 Metric = Literal["val/acc", "val/loss", "train/acc", "train/loss", "gap", "epoch_time"]
 Direction = Literal["maximize", "minimize"]
 

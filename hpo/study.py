@@ -204,6 +204,14 @@ def best_trial(study: optuna.Study) -> FrozenTrial | None:
         return None
 
 
+def best_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """The best complete trial as a one-element list (single objective), or the Pareto front."""
+    if len(study.directions) > 1:
+        return study.best_trials
+    best = best_trial(study)
+    return [] if best is None else [best]
+
+
 def is_abandoned(trial: FrozenTrial) -> bool:
     return trial.state == TrialState.FAIL and bool(trial.user_attrs.get(ABANDONED))
 

@@ -11,6 +11,7 @@ import logging
 import signal
 import threading
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,10 +22,10 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from hpo.data import Split, Splits
-from hpo.module import EPOCH_METRICS, ClassifierModule
+from hpo.module import ClassifierModule
 from hpo.nets import build_net
 from hpo.space import TrialConfig
-from hpo.spec import ObjectiveSpec
+from hpo.spec import EPOCH_METRICS, ObjectiveSpec
 
 _EVAL_BATCH = 4096
 
@@ -41,12 +42,14 @@ class TrialResult:
         summary: Eval-mode loss and accuracy of the kept weights on each split
             (``train_acc``, ``val_acc``, ``test_acc``, …), ``gap`` (train minus validation
             accuracy), ``epochs`` run and mean ``epoch_time`` in seconds.
+        state: The kept weights (CPU tensors), for logging the model of a best trial.
     """
 
     values: list[float]
     best_epoch: int
     history: list[dict[str, float]] = field(default_factory=list)
     summary: dict[str, float] = field(default_factory=dict)
+    state: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
 
 class _BestEpoch(Callback):
@@ -68,6 +71,17 @@ class _BestEpoch(Callback):
             self.state = {k: v.detach().to("cpu", copy=True) for k, v in pl_module.net.state_dict().items()}
 
 
+class _EpochListener(Callback):
+    """Hands each epoch's metrics to ``on_epoch`` (before pruning may stop the trial)."""
+
+    def __init__(self, on_epoch: Callable[[dict[str, float]], None]) -> None:
+        self.on_epoch = on_epoch
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: ClassifierModule) -> None:
+        if not trainer.sanity_checking and pl_module.history:
+            self.on_epoch(dict(pl_module.history[-1]))
+
+
 def selection_objective(objectives: list[ObjectiveSpec]) -> ObjectiveSpec:
     """The objective that picks the best epoch and drives pruning: the first one measured every
     epoch, else maximising ``val/acc``."""
@@ -84,11 +98,14 @@ def run_trial(
     *,
     pruning_trial: Any | None = None,
     accelerator: str = "auto",
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
 ) -> TrialResult:
     """Train ``config`` on ``data`` and measure it.
 
     ``pruning_trial`` (an ``optuna.Trial``, or anything with ``report``/``should_prune``) gets the
     selection metric after every epoch and may stop the trial with ``optuna.TrialPruned``.
+    ``on_epoch`` gets every epoch's metrics (``EPOCH_METRICS`` and ``epoch``), pruned epochs
+    included.
     """
     _quiet_lightning()
     pl.seed_everything(config.seed, workers=True, verbose=False)
@@ -98,6 +115,8 @@ def run_trial(
     maximize = selection.direction == "maximize"
     best = _BestEpoch(selection.metric, maximize)
     callbacks: list[Callback] = [best]
+    if on_epoch is not None:
+        callbacks.append(_EpochListener(on_epoch))
     if config.train.early_stopping:
         callbacks.append(EarlyStopping(
             selection.metric, patience=config.train.early_stopping, mode="max" if maximize else "min"
@@ -137,6 +156,7 @@ def run_trial(
         best_epoch=best.epoch,
         history=module.history,
         summary=summary,
+        state=best.state,
     )
 
 
@@ -178,8 +198,10 @@ def _evaluate_splits(net: torch.nn.Module, data: Splits) -> dict[str, float]:
 
 
 def _quiet_lightning() -> None:
-    """Silence Lightning's per-fit banners and advice: a study runs hundreds of fits."""
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+    """Silence Lightning's per-fit banners and advice: a study runs hundreds of fits. The
+    standalone ``pytorch_lightning`` names count too: importing ``mlflow.pytorch`` loads that
+    package, which re-points Lightning's shared rank-zero logger at them."""
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning", "pytorch_lightning", "lightning_fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module="lightning")
     warnings.filterwarnings("ignore", ".*does not have many workers.*")

@@ -55,24 +55,45 @@ def sqlite_url(tmp_path: Path) -> str:
 
 
 @pytest.fixture(scope="session")
-def postgres_server_url() -> str:
-    """A fresh PostgreSQL database for this test session, dropped afterwards. Skips when no
-    server answers at $HPO_TEST_POSTGRES_URL."""
-    try:
-        admin = sqlalchemy.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+def postgres_database():
+    """A factory of fresh PostgreSQL databases (URLs), all dropped at the end of the session.
+    Skips when no server answers at $HPO_TEST_POSTGRES_URL."""
+    admin = sqlalchemy.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    names: list[str] = []
+
+    def create() -> str:
+        name = f"hpo_test_{uuid.uuid4().hex[:8]}"
+        try:
+            with admin.connect() as conn:
+                conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+        except Exception as exc:
+            pytest.skip(f"no PostgreSQL server reachable at {POSTGRES_URL}: {str(exc).splitlines()[0]}")
+        names.append(name)
+        return sqlalchemy.engine.make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
+
+    yield create
+    for name in names:
         with admin.connect() as conn:
-            name = f"hpo_test_{uuid.uuid4().hex[:8]}"
-            conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
-    except Exception as exc:
-        pytest.skip(f"no PostgreSQL server reachable at {POSTGRES_URL}: {str(exc).splitlines()[0]}")
-    url = sqlalchemy.engine.make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
-    yield url
-    with admin.connect() as conn:
-        conn.execute(sqlalchemy.text(
-            f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"
-        ))
-        conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}"'))
+            conn.execute(sqlalchemy.text(
+                f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"
+            ))
+            conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}"'))
     admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def postgres_server_url(postgres_database) -> str:
+    """One fresh PostgreSQL database for the study stores of this test session."""
+    return postgres_database()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def mlflow_store(tmp_path_factory) -> str:
+    """Every study a test runs is tracked (the default) in one MLflow SQLite store for the
+    session, never in ./mlflow.db; subprocesses inherit it through the environment."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    return uri
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

@@ -1,0 +1,124 @@
+"""What MLflow tracking costs a study: the same study with tracking off, into the embedded SQLite
+store, and into a real `mlflow server` on loopback; prints one table.
+
+    python bench/tracking_overhead.py --trials 20 --epochs 10
+
+Each mode runs the same study (digits MLP, pruning and early stopping off, so every trial runs
+every epoch) in a fresh study store with the same seed, in-process. Stores are created before timing starts
+(MLflow's first-use migrations take seconds once, not per study). "overhead / trial" is the
+difference in wall time per trial from the untracked run; "calls / trial" counts MLflow client
+calls (each one HTTP request to a server).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SPACE = """
+name: bench
+data: {dataset: digits, seed: 0}
+model: {arch: mlp, layers: 2, units: 128}
+dropout:
+  variant: inverted
+  input: {low: 0.0, high: 0.3}
+  hidden: {low: 0.0, high: 0.6}
+  max_norm: {choice: [null, 3.0]}
+training: {lr: {low: 0.01, high: 0.2, log: true}, epochs: EPOCHS, batch_size: 64}
+sampler: {name: tpe, seed: 0}
+pruner: {name: none}
+baselines: []
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _count_calls() -> collections.Counter:
+    """Count MlflowClient calls (the tracker's every request goes through one)."""
+    from mlflow import MlflowClient
+
+    calls: collections.Counter = collections.Counter()
+    for name in ("create_run", "log_batch", "set_terminated", "log_text", "update_run", "get_run",
+                 "create_experiment", "get_experiment_by_name"):
+        original = getattr(MlflowClient, name)
+
+        def counted(self, *args, __original=original, __name=name, **kwargs):
+            calls[__name] += 1
+            return __original(self, *args, **kwargs)
+
+        setattr(MlflowClient, name, counted)
+    return calls
+
+
+def run(mode: str, uri: str | None, trials: int, epochs: int, workdir: Path, calls: collections.Counter) -> dict:
+    from hpo import api
+    from hpo.tracking import Tracking
+
+    spec = workdir / f"{mode}.yaml"
+    spec.write_text(SPACE.replace("EPOCHS", str(epochs)))
+    calls.clear()
+    start = time.perf_counter()
+    _, summary = api.submit(
+        spec, trials=trials, study_name=mode, storage=f"sqlite:///{workdir / (mode + '.db')}", seed=0,
+        execution=api.Execution(accelerator="cpu"),
+        tracking=Tracking(enabled=uri is not None, uri=uri),
+    )
+    wall = time.perf_counter() - start
+    assert summary.counts.finished == trials
+    return {"mode": mode, "wall": wall, "calls": sum(calls.values())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--trials", type=int, default=20)
+    parser.add_argument("--epochs", type=int, default=10)
+    args = parser.parse_args()
+
+    from mlflow import MlflowClient
+
+    from hpo.dashboard import healthy, server_command, stop
+
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        embedded = f"sqlite:///{workdir / 'mlflow.db'}"
+        MlflowClient(embedded).search_experiments()  # create the store before timing
+        port = _free_port()
+        server = subprocess.Popen(server_command(f"sqlite:///{workdir / 'server.db'}", "127.0.0.1", port),
+                                  cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                  start_new_session=True)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            while not healthy(url):
+                time.sleep(0.5)
+            calls = _count_calls()
+            rows = [run(mode, uri, args.trials, args.epochs, workdir, calls)
+                    for mode, uri in (("off", None), ("embedded", embedded), ("server", url))]
+        finally:
+            stop(server)
+
+    base = rows[0]["wall"] / args.trials
+    print(f"\n{args.trials} trials x {args.epochs} epochs, digits MLP 2x128, in-process, "
+          f"{platform.machine()}, {os.cpu_count()} CPUs\n")
+    print(f"{'tracking':<10} {'wall s':>8} {'s / trial':>10} {'overhead / trial':>17} {'calls / trial':>14}")
+    for row in rows:
+        per_trial = row["wall"] / args.trials
+        print(f"{row['mode']:<10} {row['wall']:>8.1f} {per_trial:>10.3f} "
+              f"{per_trial - base:>+15.3f} s {row['calls'] / args.trials:>14.1f}")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    main()
