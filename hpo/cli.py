@@ -266,6 +266,106 @@ def sync(
     )
 
 
+class ReportFormat(str, Enum):
+    md = "md"
+    html = "html"
+
+
+@app.command()
+@_user_errors
+def report(
+    study: StudyName,
+    storage: Storage = None,
+    format: Annotated[ReportFormat, typer.Option("--format", "-f", help="Markdown or HTML.")] = ReportFormat.md,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for the report and its PNG plots \\[default: reports/STUDY].", show_default=False)] = None,
+    tracking: TrackingSwitch = True,
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """Dropout tables and plots from the study's trials (rate vs accuracy, time and convergence
+    per placement, train/test gap with and without dropout, variants, regularizers, max-norm,
+    parameter importance, optimisation history); also attached to the study's MLflow run."""
+    from hpo import report as reports
+    from hpo.tracking import Tracking, log_report
+
+    handle = load_study(study, storage)
+    folder = out or Path("reports") / study
+    command = f"hpo report {study}" + (f" --format {format.value}" if format != ReportFormat.md else "")
+    built, path = reports.write(handle, folder, format.value, command)
+    console.print(f"wrote {path} ({len(built.tables)} tables, {len(built.figures)} plots)", highlight=False,
+                  soft_wrap=True)
+    if tracking:
+        settings = Tracking(uri=tracking_uri)
+        run_id = log_report(handle, settings, folder)
+        console.print(f"attached to MLflow run {run_id} at {redact(settings.resolved_uri)}", highlight=False,
+                      soft_wrap=True)
+
+
+@app.command("evaluate")
+@_user_errors
+def evaluate_uncertainty(
+    study: StudyName,
+    storage: Storage = None,
+    mc_samples: Annotated[int, typer.Option(min=1, help="Stochastic forward passes with dropout on.")] = 50,
+    trial: Annotated[int | None, typer.Option(help="Trial to evaluate \\[default: the best].", show_default=False)] = None,
+    tracking_uri: TrackingUri = None,
+    seed: Annotated[int, typer.Option(help="Seed of the dropout masks.")] = 0,
+) -> None:
+    """Monte-Carlo dropout on the test split: accuracy, negative log-likelihood and expected
+    calibration error of the averaged predictions, against the deterministic network."""
+    from hpo.best_model import chosen_trial, network
+    from hpo.data import load_data
+    from hpo.tracking import Tracking, model_uri
+    from hpo.uncertainty import compare
+
+    handle = load_study(study, storage)
+    chosen = chosen_trial(handle, trial)
+    data = load_data(handle.spec.data)
+    net, source = network(handle, chosen, data, model_uri(handle, Tracking(uri=tracking_uri), chosen.number))
+    result = compare(net, data.test, mc_samples, seed)
+    console.print(f"trial {chosen.number}, network from {source}; test split ({len(data.test)} examples)",
+                  highlight=False, soft_wrap=True)
+    if result.dropout_modules == 0:
+        console.print("this configuration has no active dropout: MC dropout equals the deterministic network")
+    table = Table()
+    for column in ("", "accuracy", "NLL (nats)", "ECE"):
+        table.add_column(column)
+    for name, scores in (("deterministic (eval mode)", result.deterministic),
+                         (f"MC dropout, {result.samples} passes", result.mc)):
+        table.add_row(name, f"{scores.accuracy:.4f}", f"{scores.nll:.4f}", f"{scores.ece:.4f}")
+    console.print(table)
+
+
+@app.command()
+@_user_errors
+def retrain(
+    study: StudyName,
+    storage: Storage = None,
+    trial: Annotated[int | None, typer.Option(help="Trial to re-train \\[default: the best].", show_default=False)] = None,
+    tracking: TrackingSwitch = True,
+    tracking_uri: TrackingUri = None,
+    accelerator: AcceleratorOption = Accelerator.cpu,
+) -> None:
+    """Train the best configuration on train + validation for the epochs it kept, test it once
+    on the held-out test split, and log it to MLflow."""
+    from hpo.best_model import chosen_trial, retrain as retrain_trial
+    from hpo.data import load_data
+    from hpo.tracking import Tracking, log_retrained
+
+    handle = load_study(study, storage)
+    chosen = chosen_trial(handle, trial)
+    data = load_data(handle.spec.data)
+    retrained = retrain_trial(handle, chosen, data, accelerator.value)
+    console.print(
+        f"trial {chosen.number} re-trained on {len(data.train) + len(data.val)} examples for {retrained.epochs} "
+        f"epochs: test acc {retrained.test_acc:.4f} (the trial, trained on {len(data.train)}: "
+        f"{chosen.user_attrs['test_acc']:.4f})", highlight=False, soft_wrap=True,
+    )
+    if tracking:
+        settings = Tracking(uri=tracking_uri)
+        run_id = log_retrained(handle, settings, retrained, data)
+        console.print(f"logged as MLflow run {run_id} with its model", highlight=False, soft_wrap=True)
+
+
 @app.command()
 @_user_errors
 def ui(

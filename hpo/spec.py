@@ -51,7 +51,7 @@ PLACEMENTS_BY_ARCH: dict[str, tuple[str, ...]] = {
     "lstm": ("input", "recurrent", "hidden"),
 }
 
-DatasetName = Literal["digits", "mnist", "fashion_mnist", "cifar10", "npz", "csv"]
+DatasetName = Literal["digits", "mnist1d", "mnist", "fashion_mnist", "cifar10", "npz", "csv"]
 TORCHVISION_SETS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "cifar10": "CIFAR10"}
 
 
@@ -59,7 +59,8 @@ class DataSpec(BaseModel):
     """Where a study's data comes from and how it is split.
 
     Args:
-        dataset: ``digits`` (embedded, 1,797 8x8 images), ``mnist``, ``fashion_mnist``,
+        dataset: ``digits`` (embedded, 1,797 8x8 images), ``mnist1d`` (generated, 4,000 + 1,000
+            sequences of 40 values; an MLP overfits it, so dropout matters), ``mnist``, ``fashion_mnist``,
             ``cifar10`` (torchvision files under ``root``), ``npz`` or ``csv`` (a file at ``path``).
         root: torchvision root folder holding ``MNIST/``, ``FashionMNIST/`` or
             ``cifar-10-batches-py/``.

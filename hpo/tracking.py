@@ -345,7 +345,6 @@ class Tracker:
         # Lightning's loggers; each trial then quiets them again (hpo.trial._quiet_lightning).
         import mlflow.pytorch  # noqa: F401
 
-        logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)  # the pickle-format notice
         self._client = client(self.settings)
         self._put("open")
         self._thread.start()
@@ -490,6 +489,7 @@ def log_model(uri: str, run_id: str, config: Any, state: dict[str, Any], data: S
     example = data.val.x[:4].numpy()
     with torch.inference_mode():
         output = net(torch.as_tensor(example)).numpy()
+    logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)  # the pickle-format notice, every time
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run(run_id=run_id):
         mlflow.pytorch.log_model(
@@ -604,3 +604,58 @@ def tracked(handle: StudyHandle, settings: Tracking, data: Splits | None,
         yield tracker
     finally:
         tracker.close("failed")
+
+
+# --- After the study: the report and the re-trained model -----------------------------------------
+
+
+def model_uri(handle: StudyHandle, settings: Tracking, number: int) -> str | None:
+    """``runs:/…/model`` of trial ``number`` when the tracker logged its network, else ``None``."""
+    known = handle.study.user_attrs.get(PARENT_ATTR) or {}
+    if not settings.enabled or known.get("uri") != redact(settings.resolved_uri):
+        return None
+    try:
+        mlflow_client = client(settings)
+        uri = mlflow_client.get_run(known["run_id"]).data.tags.get("hpo.best_model", "")
+        run_id = uri.removeprefix("runs:/").split("/")[0]
+        if run_id and mlflow_client.get_run(run_id).data.tags.get(NUMBER_TAG) == str(number):
+            return uri
+    except Exception:  # noqa: BLE001 - no model to load: the caller trains the trial again
+        return None
+    return None
+
+
+def log_report(handle: StudyHandle, settings: Tracking, folder: Path) -> str:
+    """Attach a report folder to the study's parent run (artifact path ``report/``)."""
+    try:
+        mlflow_client = client(settings)
+        _, parent_id = ensure_parent_run(mlflow_client, handle, settings)
+        mlflow_client.log_artifacts(parent_id, str(folder), "report")
+    except Exception as exc:
+        raise TrackingError(f"cannot log the report to MLflow at {redact(settings.resolved_uri)}: "
+                            f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}") from exc
+    return parent_id
+
+
+def log_retrained(handle: StudyHandle, settings: Tracking, retrained: Any, data: Splits) -> str:
+    """Record a re-training as a run nested under the study's run (tag ``hpo.role=retrain``),
+    with its parameters, per-epoch curves (``val/*`` is the watched test split), test metrics and
+    model."""
+    try:
+        mlflow_client = client(settings)
+        experiment_id, parent_id = ensure_parent_run(mlflow_client, handle, settings)
+        trial = retrained.trial
+        run = mlflow_client.create_run(experiment_id, tags={
+            PARENT_TAG: parent_id, STUDY_TAG: handle.name, ROLE_TAG: "retrain", NUMBER_TAG: str(trial.number),
+            "mlflow.runName": f"retrain-trial-{trial.number:03d}"})
+        now = int(time.time() * 1000)
+        _log(mlflow_client, run.info.run_id, params={**trial_params(trial), "epochs": str(retrained.epochs),
+                                                     "data": "train+val"},
+             metrics={"test_acc": retrained.test_acc, "test_loss": retrained.test_loss},
+             metric_list=[m for entry in retrained.result.history for m in epoch_metrics(entry, now)])
+        log_model(settings.resolved_uri, run.info.run_id, retrained.config, retrained.result.state, data)
+        mlflow_client.set_terminated(run.info.run_id)
+    except Exception as exc:
+        raise TrackingError(f"cannot log the re-training to MLflow at {redact(settings.resolved_uri)}: "
+                            f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}") from exc
+    return run.info.run_id

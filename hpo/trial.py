@@ -99,13 +99,15 @@ def run_trial(
     pruning_trial: Any | None = None,
     accelerator: str = "auto",
     on_epoch: Callable[[dict[str, float]], None] | None = None,
+    keep_last: bool = False,
 ) -> TrialResult:
     """Train ``config`` on ``data`` and measure it.
 
     ``pruning_trial`` (an ``optuna.Trial``, or anything with ``report``/``should_prune``) gets the
     selection metric after every epoch and may stop the trial with ``optuna.TrialPruned``.
     ``on_epoch`` gets every epoch's metrics (``EPOCH_METRICS`` and ``epoch``), pruned epochs
-    included.
+    included. ``keep_last`` keeps the final weights instead of the best epoch's (re-training
+    for a fixed number of epochs, where the validation data is only watched).
     """
     _quiet_lightning()
     pl.seed_everything(config.seed, workers=True, verbose=False)
@@ -145,7 +147,10 @@ def run_trial(
     val_loader = DataLoader(TensorDataset(data.val.x, data.val.y), batch_size=_EVAL_BATCH)
     _fit(trainer, module, train_loader, val_loader)
 
-    if best.state is not None:
+    if keep_last:
+        best.epoch = len(module.history) - 1
+        best.state = {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
+    elif best.state is not None:
         net.load_state_dict(best.state)
     summary = _evaluate_splits(net, data)
     summary["epochs"] = len(module.history)

@@ -143,3 +143,17 @@ def test_csv_with_text_values_is_a_clear_error(tmp_path):
     path.write_text("a,label\nx,1\ny,0\n")
     with pytest.raises(DataError, match="non-numeric"):
         load_data(DataSpec(dataset="csv", path=path))
+
+
+def test_mnist1d_is_generated_without_a_download_with_its_standard_split(monkeypatch):
+    import mnist1d.data
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("mnist1d.get_dataset downloads; it must never be called")
+
+    monkeypatch.setattr(mnist1d.data, "get_dataset", no_download)
+    first, again = load_data(DataSpec(dataset="mnist1d")), load_data(DataSpec(dataset="mnist1d"))
+    assert first.input_shape == (40,) and first.num_classes == 10
+    assert (len(first.train), len(first.val), len(first.test)) == (3200, 800, 1000)
+    assert torch.equal(first.train.x, again.train.x) and torch.equal(first.test.y, again.test.y)
+    assert abs(float(first.train.x.mean())) < 1e-3

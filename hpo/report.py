@@ -1,0 +1,325 @@
+"""``hpo report``: the dropout questions a study answers, as tables and plots from its stored
+trials.
+
+Every number comes from the study store: the complete trials' eval-mode metrics (``train_acc``,
+``val_acc``, ``test_acc``, ``gap``, ``epoch_time`` in seconds, ``best_epoch``) and their
+configurations (``config``: the effective dropout rates per placement, the variant, max-norm,
+L1 and weight decay, disabled placements counting as rate 0). A table appears only when the study
+varied what it compares (a variant table needs two variants).
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from hpo.study import StudyHandle, count_trials
+
+PLACEMENTS = ("input", "hidden", "conv", "recurrent")
+#: Rate bins of the rate tables: [0, 0.1), [0.1, 0.2), … [0.9, 1.0].
+BIN_WIDTH = 0.1
+
+
+@dataclass
+class Table:
+    """A titled table; ``rows`` hold numbers or text, formatted when rendered."""
+
+    key: str
+    title: str
+    columns: list[str]
+    rows: list[list[Any]]
+    note: str = ""
+
+
+@dataclass
+class Report:
+    study: str
+    objective: str
+    tables: list[Table] = field(default_factory=list)
+    figures: dict[str, Path] = field(default_factory=dict)
+
+    def table(self, key: str) -> Table | None:
+        return next((t for t in self.tables if t.key == key), None)
+
+
+# --- What each trial contributes ---------------------------------------------------------------
+
+
+def rate(trial: FrozenTrial, placement: str) -> float:
+    """The trial's effective drop rate at ``placement`` (mean over hidden layers; 0 when off)."""
+    value = trial.user_attrs["config"]["dropout"][placement]
+    if isinstance(value, (list, tuple)):
+        return sum(value) / len(value) if value else 0.0
+    return float(value)
+
+
+def uses_dropout(trial: FrozenTrial) -> bool:
+    return any(rate(trial, p) > 0 for p in PLACEMENTS)
+
+
+def regularizer(trial: FrozenTrial) -> str:
+    """Which regularizers a trial used, e.g. ``dropout + max-norm`` or ``none``."""
+    config = trial.user_attrs["config"]
+    parts = [name for name, used in (
+        ("dropout", uses_dropout(trial)),
+        ("L1", config["train"].get("l1", 0.0) > 0),
+        ("L2", config["train"].get("weight_decay", 0.0) > 0),
+        ("max-norm", config["dropout"].get("max_norm") is not None),
+    ) if used]
+    return " + ".join(parts) or "none"
+
+
+def complete_trials(study: optuna.Study) -> list[FrozenTrial]:
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if "config" in t.user_attrs]
+
+
+def _mean(values: Iterable[float]) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else math.nan
+
+
+def _group_rows(trials: list[FrozenTrial], key: Callable[[FrozenTrial], Any]) -> list[list[Any]]:
+    """Per group: trials, mean and best validation accuracy, mean test accuracy, mean gap."""
+    groups: dict[Any, list[FrozenTrial]] = defaultdict(list)
+    for trial in trials:
+        groups[key(trial)].append(trial)
+    return [
+        [name, len(ts), _mean(t.user_attrs["val_acc"] for t in ts), max(t.user_attrs["val_acc"] for t in ts),
+         _mean(t.user_attrs["test_acc"] for t in ts), _mean(t.user_attrs["gap"] for t in ts)]
+        for name, ts in sorted(groups.items(), key=lambda kv: str(kv[0]))
+    ]
+
+
+_GROUP_COLUMNS = ["trials", "mean val acc", "best val acc", "mean test acc", "mean train-val gap"]
+
+
+def varied_placements(trials: list[FrozenTrial]) -> list[str]:
+    """Placements whose rate differs between trials."""
+    return [p for p in PLACEMENTS if len({round(rate(t, p), 6) for t in trials}) > 1]
+
+
+def rate_bin(value: float) -> float:
+    """Lower edge of ``value``'s bin (0.9 holds 0.9 to 1.0)."""
+    return min(math.floor(value / BIN_WIDTH + 1e-9), round(1 / BIN_WIDTH) - 1) * BIN_WIDTH
+
+
+# --- Tables ------------------------------------------------------------------------------------
+
+
+def best_table(handle: StudyHandle, trials: list[FrozenTrial]) -> Table:
+    from hpo.study import best_trial
+
+    best = best_trial(handle.study)
+    rows: list[list[Any]] = [["trial", best.number]]
+    rows += [[o.metric, v] for o, v in zip(handle.spec.objective, best.values, strict=True)]
+    rows += [[k, best.user_attrs[k]] for k in ("test_acc", "train_acc", "gap", "epochs", "epoch_time")]
+    rows += [[name, value] for name, value in best.params.items()]
+    return Table("best", "Best configuration", ["", "value"], rows,
+                 "Test accuracy is on the held-out test split, never used to choose.")
+
+
+def rate_table(trials: list[FrozenTrial], placement: str) -> Table:
+    bins: dict[float, list[FrozenTrial]] = defaultdict(list)
+    for trial in trials:
+        bins[rate_bin(rate(trial, placement))].append(trial)
+    rows = [
+        [f"{low:.1f}-{low + BIN_WIDTH:.1f}", len(ts), _mean(t.user_attrs["val_acc"] for t in ts),
+         max(t.user_attrs["val_acc"] for t in ts), _mean(t.user_attrs["test_acc"] for t in ts),
+         _mean(t.user_attrs["gap"] for t in ts), 1000 * _mean(t.user_attrs["epoch_time"] for t in ts),
+         _mean(t.user_attrs["best_epoch"] + 1 for t in ts)]
+        for low, ts in sorted(bins.items())
+    ]
+    return Table(
+        f"rate_{placement}", f"{placement.capitalize()} dropout rate vs accuracy, time and convergence",
+        ["rate", *_GROUP_COLUMNS, "ms / epoch", "epochs to best"], rows,
+        "Rates binned by 0.1; epochs to best is the epoch whose weights were kept (1-based).",
+    )
+
+
+def gap_table(trials: list[FrozenTrial]) -> Table:
+    groups: dict[str, list[FrozenTrial]] = defaultdict(list)
+    for trial in trials:
+        groups["with dropout" if uses_dropout(trial) else "without dropout"].append(trial)
+    rows = [
+        [name, len(ts), _mean(t.user_attrs["train_acc"] for t in ts), _mean(t.user_attrs["test_acc"] for t in ts),
+         _mean(t.user_attrs["train_acc"] - t.user_attrs["test_acc"] for t in ts),
+         max(t.user_attrs["test_acc"] for t in ts)]
+        for name, ts in sorted(groups.items())
+    ]
+    return Table("gap", "Generalisation: train vs test accuracy with and without dropout",
+                 ["", "trials", "mean train acc", "mean test acc", "mean train-test gap", "best test acc"], rows)
+
+
+def grouped_table(key: str, title: str, trials: list[FrozenTrial], by: Callable[[FrozenTrial], Any],
+                  label: str) -> Table | None:
+    rows = _group_rows(trials, by)
+    return Table(key, title, [label, *_GROUP_COLUMNS], rows) if len(rows) > 1 else None
+
+
+def importance_table(study: optuna.Study) -> Table | None:
+    """Optuna's fANOVA importances of the searched parameters for the first objective."""
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if len(trials) < 3:
+        return None
+    try:
+        importances = optuna.importance.get_param_importances(
+            study, target=(lambda t: t.values[0]) if len(study.directions) > 1 else None
+        )
+    except (RuntimeError, ValueError):  # fewer than two distinct values of every parameter
+        return None
+    if not importances:
+        return None
+    return Table("importance", "Parameter importance (fANOVA, first objective)", ["parameter", "importance"],
+                 [[k, v] for k, v in importances.items()])
+
+
+def build(handle: StudyHandle) -> Report:
+    """Every table the study's trials support."""
+    trials = complete_trials(handle.study)
+    report = Report(handle.name, handle.spec.objective[0].metric)
+    counts = count_trials(handle.study.get_trials(deepcopy=False))
+    report.tables.append(Table("trials", "Trials", ["complete", "pruned", "failed", "abandoned"],
+                               [[counts.complete, counts.pruned, counts.failed, counts.abandoned]]))
+    if not trials:
+        return report
+    report.tables.append(best_table(handle, trials))
+    report.tables += [rate_table(trials, p) for p in varied_placements(trials)]
+    if len({uses_dropout(t) for t in trials}) > 1:
+        report.tables.append(gap_table(trials))
+    for table in (
+        grouped_table("variant", "Dropout variant vs accuracy", trials,
+                      lambda t: t.user_attrs["config"]["dropout"]["variant"], "variant"),
+        grouped_table("regularizer", "Regularizer comparison", trials, regularizer, "regularizers"),
+        grouped_table("max_norm", "Max-norm constraint c vs accuracy", trials,
+                      lambda t: t.user_attrs["config"]["dropout"]["max_norm"] or "off", "c"),
+        importance_table(handle.study),
+    ):
+        if table is not None:
+            report.tables.append(table)
+    return report
+
+
+# --- Plots ---------------------------------------------------------------------------------------
+
+
+def plot(report: Report, handle: StudyHandle, out: Path) -> None:
+    """Write the report's PNG figures into ``out``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    trials = complete_trials(handle.study)
+    target = (lambda t: t.values[0]) if handle.spec.multi_objective else None
+    for placement in varied_placements(trials):
+        rates = [rate(t, placement) for t in trials]
+        fig, (acc, time_ax) = plt.subplots(1, 2, figsize=(10, 4))
+        for key, marker in (("train_acc", "^"), ("val_acc", "o"), ("test_acc", "s")):
+            acc.scatter(rates, [t.user_attrs[key] for t in trials], marker=marker, label=key.replace("_", " "), alpha=0.7)
+        acc.set(xlabel=f"{placement} dropout rate", ylabel="accuracy", title="accuracy (eval mode, kept epoch)")
+        acc.legend()
+        time_ax.scatter(rates, [1000 * t.user_attrs["epoch_time"] for t in trials], label="ms / epoch")
+        time_ax.set(xlabel=f"{placement} dropout rate", ylabel="ms per training epoch", title="cost")
+        epochs_ax = time_ax.twinx()
+        epochs_ax.scatter(rates, [t.user_attrs["best_epoch"] + 1 for t in trials], color="tab:red", marker="x",
+                          label="epochs to best")
+        epochs_ax.set_ylabel("epochs to best", color="tab:red")
+        fig.tight_layout()
+        report.figures[f"rate_{placement}"] = _save(fig, out / f"rate_{placement}.png")
+    if report.table("gap") is not None:
+        rows = report.table("gap").rows
+        fig, ax = plt.subplots(figsize=(5, 4))
+        width = 0.35
+        for i, (column, label) in enumerate(((2, "train"), (3, "test"))):
+            ax.bar([j + i * width for j in range(len(rows))], [r[column] for r in rows], width, label=label)
+        ax.set_xticks([j + width / 2 for j in range(len(rows))], [r[0] for r in rows])
+        ax.set(ylabel="mean accuracy", title="train vs test accuracy")
+        ax.set_ylim(min(r[3] for r in rows) - 0.1, 1.0)
+        ax.legend()
+        fig.tight_layout()
+        report.figures["gap"] = _save(fig, out / "gap.png")
+    if trials:
+        ax = optuna.visualization.matplotlib.plot_optimization_history(
+            handle.study, target=target, target_name=report.objective)
+        report.figures["history"] = _save(ax.figure, out / "history.png")
+    if report.table("importance") is not None:
+        ax = optuna.visualization.matplotlib.plot_param_importances(
+            handle.study, target=target, target_name=report.objective)
+        report.figures["importance"] = _save(ax.figure, out / "importance.png")
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+# --- Rendering -----------------------------------------------------------------------------------
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return "-" if math.isnan(value) else f"{value:.4g}"
+    return str(value)
+
+
+_FIGURE_AFTER = {"rate_input": "rate_input", "rate_hidden": "rate_hidden", "rate_conv": "rate_conv",
+                 "rate_recurrent": "rate_recurrent", "gap": "gap", "importance": "importance", "best": "history"}
+
+
+def to_markdown(report: Report, command: str = "") -> str:
+    lines = [f"# Dropout report: {report.study}", ""]
+    if command:
+        lines += [f"Made with `{command}`.", ""]
+    for table in report.tables:
+        lines += [f"## {table.title}", "", "| " + " | ".join(table.columns) + " |",
+                  "|" + "---|" * len(table.columns)]
+        lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in table.rows]
+        if table.note:
+            lines += ["", table.note]
+        figure = report.figures.get(_FIGURE_AFTER.get(table.key, ""))
+        if figure is not None:
+            lines += ["", f"![{figure.stem}]({figure.name})"]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def to_html(report: Report, command: str = "") -> str:
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(report.study)}</title>"
+             "<style>body{font-family:sans-serif;max-width:60em;margin:auto}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}</style></head><body>",
+             f"<h1>Dropout report: {html.escape(report.study)}</h1>"]
+    if command:
+        parts.append(f"<p>Made with <code>{html.escape(command)}</code>.</p>")
+    for table in report.tables:
+        parts.append(f"<h2>{html.escape(table.title)}</h2><table><tr>"
+                     + "".join(f"<th>{html.escape(c)}</th>" for c in table.columns) + "</tr>")
+        parts += ["<tr>" + "".join(f"<td>{html.escape(_cell(v))}</td>" for v in row) + "</tr>" for row in table.rows]
+        parts.append("</table>")
+        if table.note:
+            parts.append(f"<p>{html.escape(table.note)}</p>")
+        figure = report.figures.get(_FIGURE_AFTER.get(table.key, ""))
+        if figure is not None:
+            parts.append(f"<img src='{html.escape(figure.name)}' alt='{html.escape(figure.stem)}'>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write(handle: StudyHandle, out: Path, fmt: str = "md", command: str = "") -> tuple[Report, Path]:
+    """Build the report, write its figures and ``report.md`` (or ``report.html``) into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    report = build(handle)
+    plot(report, handle, out)
+    path = out / f"report.{fmt}"
+    path.write_text(to_markdown(report, command) if fmt == "md" else to_html(report, command))
+    return report, path
