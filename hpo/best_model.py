@@ -7,6 +7,7 @@ one, and otherwise is trained again from the stored configuration with the trial
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 
 import optuna
@@ -45,6 +46,7 @@ def network(handle: StudyHandle, trial: FrozenTrial, data: Splits, model_uri: st
     """The trained network of ``trial`` and where it came from: the MLflow model at
     ``model_uri`` when it loads, else a re-run of the trial (same configuration and seed)."""
     if model_uri:
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         try:
             import mlflow.pytorch
 

@@ -165,7 +165,8 @@ def grouped_table(key: str, title: str, trials: list[FrozenTrial], by: Callable[
 
 
 def importance_table(study: optuna.Study) -> Table | None:
-    """Optuna's fANOVA importances of the searched parameters for the first objective."""
+    """Optuna's fANOVA importances of the searched parameters for the first objective (when
+    there are at least two)."""
     trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if len(trials) < 3:
         return None
@@ -175,7 +176,7 @@ def importance_table(study: optuna.Study) -> Table | None:
         )
     except (RuntimeError, ValueError):  # fewer than two distinct values of every parameter
         return None
-    if not importances:
+    if len(importances) < 2:  # one parameter is trivially all of it
         return None
     return Table("importance", "Parameter importance (fANOVA, first objective)", ["parameter", "importance"],
                  [[k, v] for k, v in importances.items()])
