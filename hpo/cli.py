@@ -368,6 +368,29 @@ def retrain(
 
 @app.command()
 @_user_errors
+def doctor(
+    storage: Storage = None,
+    tracking_uri: TrackingUri = None,
+    ray_address: RayAddress = None,
+) -> None:
+    """Check that the study store, the MLflow tracking URI and the Ray cluster configured here
+    (options or HPO_STORAGE, MLFLOW_TRACKING_URI, RAY_ADDRESS) can be reached; exit 1 if one
+    cannot, naming it."""
+    from hpo.doctor import diagnose
+
+    checks = diagnose(storage, tracking_uri, ray_address)
+    for check in checks:
+        mark = "[green]ok[/]" if check.ok else "[red]UNREACHABLE[/]"
+        console.print(f"{mark}  {check.service}: {check.target} - {check.detail} ({check.seconds:.1f} s)",
+                      highlight=False, soft_wrap=True)
+    failed = [c.service for c in checks if not c.ok]
+    if failed:
+        errors.print(f"error: cannot reach the {' and the '.join(failed)}", markup=False, highlight=False)
+        raise typer.Exit(1)
+
+
+@app.command()
+@_user_errors
 def ui(
     tracking_uri: TrackingUri = None,
     host: Annotated[str, typer.Option(help="Interface to bind; anything but loopback exposes the dashboard, which has no login, to the network.")] = "127.0.0.1",

@@ -35,10 +35,25 @@ def study_db(tmp_path_factory) -> str:
     return url
 
 
-@pytest.mark.parametrize("verb", ["submit", "resume", "status", "best", "list", "delete", "export"])
+VERBS = ["submit", "resume", "status", "best", "list", "delete", "export", "sync", "ui", "report",
+         "evaluate", "retrain", "doctor"]
+
+
+@pytest.mark.parametrize("verb", VERBS)
 def test_every_verb_has_help(verb):
     result = runner.invoke(app, [verb, "--help"])
     assert result.exit_code == 0 and "Usage" in result.output
+
+
+def test_every_verb_is_tested_for_help():
+    assert sorted(c.name or c.callback.__name__ for c in app.registered_commands) == sorted(VERBS)
+
+
+@pytest.mark.parametrize("verb", ["status", "list", "ui", "doctor", "sync", "report"])
+def test_verbs_that_need_no_training_do_not_import_torch(verb):
+    code = ("import sys; from typer.testing import CliRunner; from hpo.cli import app; "
+            f"CliRunner().invoke(app, ['{verb}', '--help']); print('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
 
 
 def test_submit_prints_the_best_configuration_and_the_baseline_comparison(study_db):

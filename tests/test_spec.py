@@ -133,3 +133,12 @@ def test_the_annotated_example_in_the_docs_is_a_valid_space():
     example = doc.split("## An annotated example", 1)[1].split("```yaml", 1)[1].split("```", 1)[0]
     spec = parse_spec(example, source="docs/search-space.md")
     assert spec.name == "digits-mlp" and spec.dropout.input.per_layer is False
+
+
+def test_a_spec_cannot_run_code(tmp_path):
+    """The YAML loader is safe: Python tags are refused, not executed."""
+    marker = tmp_path / "pwned"
+    text = f'name: !!python/object/apply:os.system ["touch {marker}"]\n'
+    with pytest.raises(SpecError):
+        parse_spec(text, source="evil.yaml")
+    assert not marker.exists()

@@ -184,12 +184,18 @@ def test_a_tracking_server_and_ray_workers_give_the_same_layout(write_spec, serv
 
 
 @pytest.mark.postgres
-def test_an_mlflow_server_backed_by_postgresql_tracks_a_study(write_spec, server_factory, postgres_database,
-                                                               postgres_server_url):
+def test_the_cluster_service_path_on_postgresql(write_spec, server_factory, postgres_database, postgres_server_url):
+    """What docker/compose.yaml runs, without containers: the study store on PostgreSQL, an
+    MLflow server backed by PostgreSQL, and two Ray workers running trials at once: every trial
+    lands once in the store and once in MLflow."""
     server = server_factory(backend_uri=postgres_database())
     name = _name()
-    api.submit(write_spec(), trials=4, study_name=name, storage=postgres_server_url, execution=CPU,
-               tracking=Tracking(uri=server.url))
+    _, summary = api.submit(write_spec(), trials=8, study_name=name, storage=postgres_server_url,
+                            execution=Execution(workers=2, cpus_per_trial=1), tracking=Tracking(uri=server.url))
+    assert summary.counts.finished == 8
+    trials = optuna.load_study(study_name=name, storage=postgres_server_url).trials
+    assert [t.number for t in trials] == list(range(8))
+    assert len({t.user_attrs["worker"]["pid"] for t in trials}) == 2
     _check_mirrors_the_store(server.url, postgres_server_url, name)
 
 
