@@ -132,7 +132,8 @@ def dropout_layer(variant: str, p: float, *, features: str = "dense", block_size
     """The module that drops activations at rate ``p`` for one placement.
 
     ``features`` says what the activations are: ``"dense"`` (batch, units), ``"maps"`` (batch,
-    channels, height, width) or ``"sequence"`` (batch, time, features). Spatial variants
+    channels, height, width), ``"channels"`` (batch, channels, length: a Conv1d's output) or
+    ``"sequence"`` (batch, time, features). Spatial variants
     (``spatial``, ``dropblock``) act on whole channels or blocks of ``maps`` and fall back to
     inverted Bernoulli dropout on other placements; ``locked`` shares one mask across the time
     steps of a ``sequence``. ``dropconnect`` drops weights, not activations, so it returns
@@ -150,7 +151,7 @@ def dropout_layer(variant: str, p: float, *, features: str = "dense", block_size
         return LockedDropout(p)
     if variant == "spatial" and features == "maps":
         return nn.Dropout2d(p)
-    if variant == "spatial" and features == "sequence":
+    if variant == "spatial" and features in ("sequence", "channels"):
         return nn.Dropout1d(p)
     if variant == "dropblock" and features == "maps":
         try:

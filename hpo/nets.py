@@ -26,10 +26,13 @@ class NetConfig:
     """Architecture of one trial's network.
 
     Args:
-        arch: ``mlp``, ``cnn`` or ``lstm``.
-        units: Width of each hidden layer (MLP layers, the CNN's fully connected head, or the
-            hidden size of each stacked LSTM layer). Its length is the number of such layers.
-        channels: Output channels of each 3x3 convolution block (CNN only).
+        arch: ``mlp``, ``cnn`` (2-D convolutions), ``conv1d`` (1-D convolutions over a
+            sequence), ``lstm`` or ``gru``.
+        units: Width of each hidden layer (MLP layers, the convolutional nets' fully connected
+            head, or the hidden size of each stacked recurrent layer). Its length is the number of
+            such layers.
+        channels: Output channels of each convolution block (3x3 for ``cnn``, width 5 for
+            ``conv1d``).
         activation: Non-linearity of the MLP and CNN. The ``alpha`` dropout variant always uses
             SELU with LeCun-normal initialisation, which alpha dropout is defined for.
     """
@@ -59,9 +62,11 @@ def build_net(
         if len(input_shape) != 3:
             raise ValueError(f"the cnn needs image input (C, H, W), got shape {input_shape}")
         return CNN(input_shape, num_classes, net, dropout)
-    if net.arch == "lstm":
-        steps, features = _as_sequence(input_shape)
-        return LSTMClassifier(features, num_classes, net, dropout)
+    if net.arch == "conv1d":
+        return Conv1dNet(input_shape, num_classes, net, dropout)
+    if net.arch in ("lstm", "gru"):
+        _, features = _as_sequence(input_shape)
+        return LSTMClassifier(features, num_classes, net, dropout, cell=net.arch)
     raise ValueError(f"unknown architecture {net.arch!r}")
 
 
@@ -158,22 +163,47 @@ class CNN(nn.Module):
         return self.head(self.features(x))
 
 
+class Conv1dNet(nn.Module):
+    """1-D convolutional classifier for sequences (MNIST-1D): ``input dropout → [conv(width 5) →
+    activation → max-pool → conv dropout]×B → flatten → dense head``. With the ``spatial``
+    variant the conv placement drops whole channels (``nn.Dropout1d``)."""
+
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, net: NetConfig, dropout: DropoutConfig):
+        super().__init__()
+        channels, length = (1, input_shape[0]) if len(input_shape) == 1 else (input_shape[0], math.prod(input_shape[1:]))
+        self.shape = (channels, length)
+        blocks: list[nn.Module] = [dropout_layer(dropout.variant, dropout.input, features="channels")]
+        for out_channels in net.channels:
+            blocks += [nn.Conv1d(channels, out_channels, 5, padding=2), _activation(net, dropout)]
+            if length >= 2:
+                blocks.append(nn.MaxPool1d(2))
+                length //= 2
+            blocks.append(dropout_layer(dropout.variant, dropout.conv, features="channels"))
+            channels = out_channels
+        self.features = nn.Sequential(*blocks)
+        self.head = nn.Sequential(nn.Flatten(), *_dense_stack(channels * length, num_classes, net, dropout, 0.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x.reshape(len(x), *self.shape)))
+
+
 class DropoutLSTMLayer(nn.Module):
-    """One LSTM layer with dropout on the recurrent state ``h`` between time steps.
+    """One LSTM (or GRU, ``cell="gru"``) layer with dropout on the recurrent state ``h`` between
+    time steps.
 
     With the ``locked`` variant one mask per sequence is reused at every step (Gal & Ghahramani's
     variational RNN); otherwise a fresh inverted mask is drawn each step. ``nn.LSTM(dropout=…)``
     cannot do this: it only drops between stacked layers. Without recurrent dropout the fused
-    ``nn.LSTM`` kernel is used.
+    ``nn.LSTM`` / ``nn.GRU`` kernel is used.
     """
 
-    def __init__(self, input_size: int, hidden_size: int, p: float, locked: bool) -> None:
+    def __init__(self, input_size: int, hidden_size: int, p: float, locked: bool, cell: str = "lstm") -> None:
         super().__init__()
-        self.p, self.locked, self.hidden_size = p, locked, hidden_size
+        self.p, self.locked, self.hidden_size, self.kind = p, locked, hidden_size, cell
         if p > 0:
-            self.cell = nn.LSTMCell(input_size, hidden_size)
+            self.cell = (nn.GRUCell if cell == "gru" else nn.LSTMCell)(input_size, hidden_size)
         else:
-            self.lstm = nn.LSTM(input_size, hidden_size, batch_first=True)
+            self.lstm = (nn.GRU if cell == "gru" else nn.LSTM)(input_size, hidden_size, batch_first=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.p == 0:
@@ -189,25 +219,30 @@ class DropoutLSTMLayer(nn.Module):
                 if mask is None or not self.locked:
                     mask = h.new_empty(h.shape).bernoulli_(keep) / keep
                 h = h * mask
-            h, c = self.cell(x[:, t], (h, c))
+            if self.kind == "gru":
+                h = self.cell(x[:, t], h)
+            else:
+                h, c = self.cell(x[:, t], (h, c))
             outputs.append(h)
         return torch.stack(outputs, dim=1)
 
 
 class LSTMClassifier(nn.Module):
-    """Stacked LSTM over a (batch, time, features) sequence, classifying from the last step.
+    """Stacked LSTM (or GRU) over a (batch, time, features) sequence, classifying from the last
+    step.
 
     Placements: ``input`` on the input sequence, ``recurrent`` on ``h`` between steps, ``hidden``
     after each stacked layer (the last one feeds the output layer).
     """
 
-    def __init__(self, in_features: int, num_classes: int, net: NetConfig, dropout: DropoutConfig):
+    def __init__(self, in_features: int, num_classes: int, net: NetConfig, dropout: DropoutConfig,
+                 cell: str = "lstm"):
         super().__init__()
         locked = dropout.variant == "locked"
         self.input_dropout = dropout_layer(dropout.variant, dropout.input, features="sequence")
         sizes = (in_features, *net.units)
         self.layers = nn.ModuleList(
-            DropoutLSTMLayer(sizes[i], sizes[i + 1], dropout.recurrent, locked)
+            DropoutLSTMLayer(sizes[i], sizes[i + 1], dropout.recurrent, locked, cell)
             for i in range(len(net.units))
         )
         self.between = nn.ModuleList(

@@ -29,7 +29,7 @@ _TAGS = ("value", "range", "choice")
 
 __all__ = ["Spec", "SpecError", "load_spec", "parse_spec"]
 
-Arch = Literal["mlp", "cnn", "lstm"]
+Arch = Literal["mlp", "cnn", "conv1d", "lstm", "gru"]
 Activation = Literal["relu", "tanh", "elu", "gelu", "selu"]
 Optimizer = Literal["sgd", "adam"]
 Variant = Literal[
@@ -41,14 +41,18 @@ VARIANTS: tuple[str, ...] = Variant.__args__  # type: ignore[attr-defined]
 VARIANTS_BY_ARCH: dict[str, tuple[str, ...]] = {
     "mlp": ("inverted", "standard", "alpha", "gaussian", "dropconnect"),
     "cnn": ("inverted", "standard", "spatial", "gaussian", "dropblock"),
+    "conv1d": ("inverted", "standard", "spatial", "gaussian"),
     "lstm": ("inverted", "locked", "gaussian"),
+    "gru": ("inverted", "locked", "gaussian"),
 }
 
 #: Where dropout can sit in each architecture.
 PLACEMENTS_BY_ARCH: dict[str, tuple[str, ...]] = {
     "mlp": ("input", "hidden"),
     "cnn": ("input", "conv", "hidden"),
+    "conv1d": ("input", "conv", "hidden"),
     "lstm": ("input", "recurrent", "hidden"),
+    "gru": ("input", "recurrent", "hidden"),
 }
 
 DatasetName = Literal["digits", "mnist1d", "mnist", "fashion_mnist", "cifar10", "npz", "csv"]

@@ -19,7 +19,7 @@ CASES = [(arch, variant) for arch, variants in VARIANTS_BY_ARCH.items() for vari
 def _dropout(arch: str, variant: str) -> DropoutConfig:
     return DropoutConfig(
         variant=variant, input=0.2, hidden=(0.3,), max_norm=3.0,
-        conv=0.3 if arch == "cnn" else 0.0, recurrent=0.3 if arch == "lstm" else 0.0,
+        conv=0.3 if arch in ("cnn", "conv1d") else 0.0, recurrent=0.3 if arch in ("lstm", "gru") else 0.0,
     )
 
 
@@ -58,6 +58,32 @@ def test_spatial_variant_puts_channel_dropout_after_conv_blocks_only():
 def test_zero_rates_build_no_dropout_layers():
     net = build_net(NetConfig(units=(16, 16)), DropoutConfig.none(2), (64,), 3)
     assert not any(isinstance(m, (nn.Dropout, nn.AlphaDropout)) for m in net.modules())
+
+
+def test_conv1d_spatial_dropout_drops_whole_channels():
+    net = build_net(NetConfig(arch="conv1d", units=(16,), channels=(8,)),
+                    DropoutConfig(variant="spatial", hidden=(0.0,), conv=0.5), (40,), 10)
+    drop = [m for m in net.features if isinstance(m, torch.nn.Dropout1d)]
+    assert len(drop) == 1
+    out = drop[0].train()(torch.ones(64, 8, 20))
+    per_channel = out.sum(dim=2)
+    assert torch.all((per_channel == 0) | (per_channel == 40)), "a channel is dropped whole or kept (x2)"
+
+
+def test_gru_with_locked_recurrent_dropout_reuses_one_mask():
+    net = build_net(NetConfig(arch="gru", units=(8,)), DropoutConfig(variant="locked", hidden=(0.0,), recurrent=0.5),
+                    (40,), 10)
+    layer = net.layers[0]
+    assert isinstance(layer.cell, torch.nn.GRUCell)
+    torch.manual_seed(0)
+    masks = []
+    original = torch.Tensor.bernoulli_
+    try:
+        torch.Tensor.bernoulli_ = lambda self, p: masks.append(1) or original(self, p)
+        net.train()(torch.randn(4, 40))
+    finally:
+        torch.Tensor.bernoulli_ = original
+    assert len(masks) == 1, "one mask per sequence, not one per step"
 
 
 def test_lstm_without_recurrent_dropout_uses_the_fused_kernel():
