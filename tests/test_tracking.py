@@ -140,7 +140,7 @@ def _check_mirrors_the_store(uri: str, storage: str, study: str) -> dict[int, ob
             assert run.data.metrics["val_acc"] == pytest.approx(trial.user_attrs["val_acc"])
             assert len(history) == trial.user_attrs["epochs"]
         if state == "pruned":
-            assert len(history) == len(trial.intermediate_values) < 5
+            assert 0 < len(history) == len(trial.intermediate_values) <= 5  # may be pruned at its last epoch
         if state == "failed":
             assert run.data.tags["hpo.reason"] == trial.user_attrs[FAIL_REASON]
     counts = {s: sum(t.state == s for t in trials) for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
