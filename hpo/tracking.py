@@ -358,8 +358,9 @@ class Tracker:
     def trial_finished(self, job: TrialJob, trial: FrozenTrial, outcome: Outcome, counts: Counts,
                        best: list[FrozenTrial]) -> None:
         model = None
-        if outcome.result is not None and outcome.result.state and any(t.number == trial.number for t in best):
-            model = (job.config, outcome.result.state)
+        if (outcome.result is not None and outcome.result.state and self.data is not None
+                and any(t.number == trial.number for t in best)):
+            model = (trained_network(job.config, outcome.result.state, self.data), self.data.val.x[:4])
         self._put("finished", trial, model, counts, list(best))
 
     def close(self, stopped: str = "budget") -> None:
@@ -451,7 +452,7 @@ class Tracker:
             record.status = "RUNNING"
         run_id = write_trial_run(self._client, self.experiment_id, record, state.run_id, state.steps, state.params)
         if model is not None:
-            log_model(self.settings.resolved_uri, run_id, *model, self.data)
+            log_model(self.settings.resolved_uri, run_id, *model)
             self._client.set_terminated(run_id, status="FINISHED", end_time=record.end_ms)
             _log(self._client, self.parent_id, tags={"hpo.best_model": f"runs:/{run_id}/model"})
         _log(self._client, self.parent_id, step=counts.finished,
@@ -469,24 +470,34 @@ class Tracker:
         self._client.set_terminated(self.parent_id, status=status)
 
 
-def log_model(uri: str, run_id: str, config: Any, state: dict[str, Any], data: Splits) -> None:
-    """Log a trial's network (``config``: its :class:`~hpo.space.TrialConfig`, ``state``: the
-    kept weights) as an MLflow PyTorch model in ``run_id``, with an input example and signature;
+def trained_network(config: Any, state: dict[str, Any], data: Splits) -> Any:
+    """A trial's network (``config``: its :class:`~hpo.space.TrialConfig`) with its kept
+    weights, in eval mode. Built in the caller's thread, inside ``torch.random.fork_rng``:
+    initialising layers draws from torch's global generator, which a trial training at the same
+    time in this process would otherwise share, making its dropout masks depend on timing."""
+    import torch
+
+    from hpo.nets import build_net
+
+    with torch.random.fork_rng():
+        net = build_net(config.net, config.dropout, data.input_shape, data.num_classes)
+    net.load_state_dict(state)
+    return net.eval()
+
+
+def log_model(uri: str, run_id: str, net: Any, example: Any) -> None:
+    """Log ``net`` (from :func:`trained_network`) as an MLflow PyTorch model in ``run_id``, with
+    ``example`` inputs (a few rows) and the signature they give;
     ``mlflow.pytorch.load_model("runs:/<run_id>/model")`` loads it (with ``dropout-hpo``
     installed). The whole module is pickled rather than exported, so its dropout layers can be
-    switched on again for Monte-Carlo dropout. ``start_run`` is thread-local in MLflow, so this
-    is safe in the tracker's thread."""
+    switched on again for Monte-Carlo dropout. Nothing here draws random numbers, and
+    ``start_run`` is thread-local in MLflow, so this is safe in the tracker's thread."""
     import mlflow
     import mlflow.pytorch
     import torch
     from mlflow.models import infer_signature
 
-    from hpo.nets import build_net
-
-    net = build_net(config.net, config.dropout, data.input_shape, data.num_classes)
-    net.load_state_dict(state)
-    net.eval()
-    example = data.val.x[:4].numpy()
+    example = example.numpy()
     with torch.inference_mode():
         output = net(torch.as_tensor(example)).numpy()
     logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)  # the pickle-format notice, every time
@@ -653,7 +664,8 @@ def log_retrained(handle: StudyHandle, settings: Tracking, retrained: Any, data:
                                                      "data": "train+val"},
              metrics={"test_acc": retrained.test_acc, "test_loss": retrained.test_loss},
              metric_list=[m for entry in retrained.result.history for m in epoch_metrics(entry, now)])
-        log_model(settings.resolved_uri, run.info.run_id, retrained.config, retrained.result.state, data)
+        log_model(settings.resolved_uri, run.info.run_id,
+                  trained_network(retrained.config, retrained.result.state, data), data.val.x[:4])
         mlflow_client.set_terminated(run.info.run_id)
     except Exception as exc:
         raise TrackingError(f"cannot log the re-training to MLflow at {redact(settings.resolved_uri)}: "

@@ -371,3 +371,16 @@ def test_the_best_model_loads_with_mlflow_pytorch_and_predicts(write_spec, tmp_p
     assert pyfunc.metadata.signature is not None
     logits = pyfunc.predict(digits.test.x[:8].numpy())
     assert logits.shape == (8, 10) and torch.isfinite(torch.as_tensor(logits)).all()
+
+
+def test_tracking_does_not_change_what_trials_compute(write_spec, tmp_path, sqlite_url):
+    """The tracker logs best models while the next trial trains: it must not draw from torch's
+    global random generator, or dropout masks (and results) would depend on its timing."""
+    spec = TINY_SPEC.replace("epochs: 3", "epochs: 6").replace("pruner: {name: median", "pruner: {name: none")
+    values = {}
+    for name, tracking in (("tracked", Tracking(uri=f"sqlite:///{tmp_path / 'mlflow.db'}")),
+                           ("untracked", Tracking(enabled=False))):
+        api.submit(write_spec(spec), trials=6, study_name=name, storage=sqlite_url, seed=2, execution=CPU,
+                   tracking=tracking)
+        values[name] = [(t.params, t.values) for t in optuna.load_study(study_name=name, storage=sqlite_url).trials]
+    assert values["tracked"] == values["untracked"]
