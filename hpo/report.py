@@ -21,7 +21,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from hpo.study import StudyHandle, count_trials
+from hpo.study import StudyHandle, best_trial, count_trials
 
 PLACEMENTS = ("input", "hidden", "conv", "recurrent")
 #: Rate bins of the rate tables: [0, 0.1), [0.1, 0.2), … [0.9, 1.0].
@@ -114,9 +114,7 @@ def rate_bin(value: float) -> float:
 # --- Tables ------------------------------------------------------------------------------------
 
 
-def best_table(handle: StudyHandle, trials: list[FrozenTrial]) -> Table:
-    from hpo.study import best_trial
-
+def best_table(handle: StudyHandle) -> Table:
     best = best_trial(handle.study)
     rows: list[list[Any]] = [["trial", best.number]]
     rows += [[o.metric, v] for o, v in zip(handle.spec.objective, best.values, strict=True)]
@@ -191,7 +189,7 @@ def build(handle: StudyHandle) -> Report:
                                [[counts.complete, counts.pruned, counts.failed, counts.abandoned]]))
     if not trials:
         return report
-    report.tables.append(best_table(handle, trials))
+    report.tables.append(best_table(handle))
     report.tables += [rate_table(trials, p) for p in varied_placements(trials)]
     if len({uses_dropout(t) for t in trials}) > 1:
         report.tables.append(gap_table(trials))
