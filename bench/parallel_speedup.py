@@ -17,29 +17,17 @@ import tempfile
 import time
 from pathlib import Path
 
-SPACE = """
-name: bench
-data: {dataset: digits, seed: 0}
-model: {arch: mlp, layers: 2, units: 256}
-dropout:
-  variant: inverted
-  input: {low: 0.0, high: 0.3}
-  hidden: {low: 0.0, high: 0.6}
-  max_norm: {choice: [null, 3.0]}
-training: {lr: {low: 0.01, high: 0.2, log: true}, epochs: EPOCHS, batch_size: 32}
-sampler: {name: tpe, seed: 0}
-pruner: {name: none}
-baselines: []
-"""
+from common import fixed_work_space
 
 
 def run(mode: str, workers: int, trials: int, epochs: int, folder: Path) -> dict:
     import ray
 
     from hpo import api
+    from hpo.tracking import Tracking
 
     space = folder / f"{mode}-{workers}.yaml"
-    space.write_text(SPACE.replace("EPOCHS", str(epochs)))
+    space.write_text(fixed_work_space(units=256, batch_size=32, epochs=epochs))
     url = f"sqlite:///{folder / f'{mode}-{workers}.db'}"
     ray_start = 0.0
     if mode == "ray":
@@ -49,7 +37,8 @@ def run(mode: str, workers: int, trials: int, epochs: int, folder: Path) -> dict
     execution = api.Execution(executor="local" if mode == "in-process" else "ray", workers=workers,
                               cpus_per_trial=1, accelerator="cpu")
     start = time.perf_counter()
-    _, summary = api.submit(space, trials=trials, storage=url, execution=execution)
+    _, summary = api.submit(space, trials=trials, storage=url, execution=execution,
+                            tracking=Tracking(enabled=False))
     wall = time.perf_counter() - start
     if mode == "ray":
         ray.shutdown()

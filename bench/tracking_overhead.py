@@ -17,7 +17,6 @@ import argparse
 import collections
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,27 +24,9 @@ import time
 import uuid
 from pathlib import Path
 
+from common import fixed_work_space, free_port
+
 ROOT = Path(__file__).resolve().parent.parent
-SPACE = """
-name: bench
-data: {dataset: digits, seed: 0}
-model: {arch: mlp, layers: 2, units: 128}
-dropout:
-  variant: inverted
-  input: {low: 0.0, high: 0.3}
-  hidden: {low: 0.0, high: 0.6}
-  max_norm: {choice: [null, 3.0]}
-training: {lr: {low: 0.01, high: 0.2, log: true}, epochs: EPOCHS, batch_size: 64}
-sampler: {name: tpe, seed: 0}
-pruner: {name: none}
-baselines: []
-"""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _count_calls() -> collections.Counter:
@@ -70,7 +51,7 @@ def run(mode: str, uri: str | None, trials: int, epochs: int, workdir: Path, cal
     from hpo.tracking import Tracking
 
     spec = workdir / f"{mode}.yaml"
-    spec.write_text(SPACE.replace("EPOCHS", str(epochs)))
+    spec.write_text(fixed_work_space(units=128, batch_size=64, epochs=epochs))
     calls.clear()
     start = time.perf_counter()
     _, summary = api.submit(
@@ -98,7 +79,7 @@ def main() -> None:
         workdir = Path(tmp)
         embedded = f"sqlite:///{workdir / 'mlflow.db'}"
         MlflowClient(embedded).search_experiments()  # create the store before timing
-        port = _free_port()
+        port = free_port()
         server = subprocess.Popen(server_command(f"sqlite:///{workdir / 'server.db'}", "127.0.0.1", port),
                                   cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                   start_new_session=True)

@@ -21,8 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from hpo.errors import HpoError
-from hpo.study import redact
-from hpo.tracking import ARTIFACTS_DIR, TrackingError, tracking_uri
+from hpo.study import redact, sqlite_path
+from hpo.tracking import TrackingError, artifacts_dir, tracking_uri
 
 #: Seconds to wait for ``mlflow server`` to answer its health check (it migrates the database
 #: the first time).
@@ -33,8 +33,7 @@ def server_command(uri: str, host: str, port: int) -> list[str]:
     """The ``mlflow server`` command serving tracking store ``uri`` with one worker process."""
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
                "--host", host, "--port", str(port), "--workers", "1"]
-    if uri.startswith("sqlite:///"):
-        artifacts = Path(uri.removeprefix("sqlite:///")).parent.resolve() / ARTIFACTS_DIR
+    if (artifacts := artifacts_dir(uri)) is not None:
         command += ["--artifacts-destination", str(artifacts)]
     return command
 
@@ -74,7 +73,7 @@ def serve(uri: str | None, *, host: str = "127.0.0.1", port: int = 5000,
         state = "answering" if healthy(uri) else "NOT answering"
         announce(f"the tracking URI is a server; its dashboard is {redact(uri)} ({state})")
         return
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+    if (db := sqlite_path(uri)) is not None and not db.exists():
         raise HpoError(f"no MLflow store at {uri}: run a study first (`hpo submit …`) or pass --tracking-uri")
     if not _port_free(host, port):
         raise HpoError(f"port {port} on {host} is in use: choose another with --port")

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from hpo.study import redact, storage_url
+from hpo.errors import describe
+from hpo.study import redact, sqlite_path, storage_url
 
 #: Seconds each network check may take.
 TIMEOUT = 5.0
@@ -38,7 +39,7 @@ def _timed(service: str, target: str, probe: Callable[[], str]) -> Check:
     try:
         detail, ok = probe(), True
     except Exception as exc:  # noqa: BLE001 - every failure is reported, none raised
-        detail, ok = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}", False
+        detail, ok = describe(exc), False
     return Check(service, target, ok, detail, time.perf_counter() - start)
 
 
@@ -49,7 +50,7 @@ def check_store(url: str | None) -> Check:
         import optuna
         from optuna.storages import RDBStorage
 
-        if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
+        if (db := sqlite_path(url)) is not None and not db.exists():
             return "no file yet: the first `hpo submit` creates it"
         kwargs = {} if url.startswith("sqlite") else {"connect_args": {"connect_timeout": int(TIMEOUT)}}
         storage = RDBStorage(url, engine_kwargs=kwargs)
@@ -69,7 +70,7 @@ def check_tracking(uri: str | None) -> Check:
 
             with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=TIMEOUT) as response:
                 return f"server answers ({response.status})"
-        if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        if (db := sqlite_path(uri)) is not None and not db.exists():
             return "no file yet: the first tracked study creates it"
         from mlflow import MlflowClient
 

@@ -23,3 +23,13 @@ class DataError(HpoError):
 
 class StoreError(HpoError):
     """The study store cannot be used as asked (unreachable, no such study, name taken)."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (drivers and servers add pages of detail)."""
+    return (str(exc).strip().splitlines() or [""])[0]
+
+
+def describe(exc: BaseException) -> str:
+    """``Type: first line of the message``, for one-line errors and warnings."""
+    return f"{type(exc).__name__}: {first_line(exc)}"

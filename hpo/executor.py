@@ -27,7 +27,7 @@ from hpo.module import NonFiniteLossError
 from hpo.space import TrialConfig, suggest
 from hpo.spec import ObjectiveSpec
 from hpo.study import (
-    FAIL_REASON, HEARTBEAT_INTERVAL, Counts, StudyHandle, abandon, best_trial, best_trials, claim,
+    FAIL_REASON, HEARTBEAT_INTERVAL, Counts, StudyHandle, abandon, best_trials, claim,
     count_trials, heartbeat, requeue,
 )
 from hpo.trial import TrialResult, run_trial
@@ -217,14 +217,16 @@ def run_study(
 
     backend.on_epoch = on_epoch
 
-    def progress() -> Counts:
+    def progress() -> tuple[Counts, list[FrozenTrial]]:
+        """Trial counts and the best trials (read once, for the progress bar and the listener)."""
         counts = count_trials(study.get_trials(deepcopy=False))
+        best = best_trials(study) if on_progress is not None or listener is not None else []
         if on_progress is not None:
-            on_progress(counts, best_trial(study))
-        return counts
+            on_progress(counts, best[0] if best else None)
+        return counts, best
 
     try:
-        counts = progress()
+        counts, _ = progress()
         stopped: StopReason = "budget"
         while True:
             timed_out = deadline is not None and time.monotonic() >= deadline
@@ -233,7 +235,7 @@ def run_study(
                 job = _ask(study, spec, handle.seed)
                 running[job.trial.number] = job
                 beat.trial_ids.add(job.trial._trial_id)
-                counts = progress()
+                counts, _ = progress()
                 if listener is not None:
                     listener.trial_started(job)
                 backend.start(job)
@@ -251,10 +253,9 @@ def run_study(
                     errors_in_a_row, last_error = errors_in_a_row + 1, outcome.reason
                 else:
                     errors_in_a_row = 0
-                counts = progress()
+                counts, best = progress()
                 if listener is not None:
-                    listener.trial_finished(job, study._storage.get_trial(job.trial._trial_id), outcome,
-                                            counts, best_trials(study))
+                    listener.trial_finished(job, study._storage.get_trial(job.trial._trial_id), outcome, counts, best)
         message = f"{errors_in_a_row} trials in a row failed; last: {last_error}" if stopped == "errors" else ""
         return RunSummary(counts, stopped, message)
     except KeyboardInterrupt:

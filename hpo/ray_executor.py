@@ -25,6 +25,7 @@ import ray
 import ray.exceptions
 
 from hpo.data import Splits
+from hpo.errors import describe
 from hpo.executor import EpochCallback, Outcome, TrialJob, execute
 from hpo.spec import ObjectiveSpec
 
@@ -223,18 +224,14 @@ class RayBackend:
         try:
             return ray.get(ref)
         except _LOST as exc:
-            return Outcome("lost", reason=f"worker lost: {type(exc).__name__}: {_first_line(exc)}")
+            return Outcome("lost", reason=f"worker lost: {describe(exc)}")
         except ray.exceptions.RayTaskError as exc:
             return Outcome("error", reason=f"{type(exc.cause).__name__}: {exc.cause}")
         except ray.exceptions.RayError as exc:
-            return Outcome("lost", reason=f"worker lost: {type(exc).__name__}: {_first_line(exc)}")
+            return Outcome("lost", reason=f"worker lost: {describe(exc)}")
 
     def cancel(self, jobs: Iterable[TrialJob]) -> None:
         for ref in list(self._tasks):
             ray.cancel(ref, force=True)
         self._tasks.clear()
         self._jobs.clear()
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [""])[0]

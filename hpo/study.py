@@ -18,13 +18,14 @@ import time
 import warnings
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import optuna
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
-from hpo.errors import StoreError
+from hpo.errors import StoreError, first_line
 from hpo.spec import PrunerSpec, SamplerSpec, Spec, parse_spec
 
 DEFAULT_STORAGE = "sqlite:///hpo.db"
@@ -62,7 +63,13 @@ def open_storage(url: str | None = None) -> RDBStorage:
     try:
         return RDBStorage(url, engine_kwargs=engine_kwargs)
     except Exception as exc:  # SQLAlchemy raises many types for a bad URL or server
-        raise StoreError(f"cannot open study store {redact(url)}: {_first_line(exc)}") from exc
+        raise StoreError(f"cannot open study store {redact(url)}: {first_line(exc) or type(exc).__name__}") from exc
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URL (relative to the working directory), else
+    ``None``."""
+    return Path(url.removeprefix("sqlite:///")) if url.startswith("sqlite:///") else None
 
 
 def redact(url: str) -> str:
@@ -73,10 +80,6 @@ def redact(url: str) -> str:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:
         return url.split("@")[-1]
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 SAMPLERS = {

@@ -28,10 +28,12 @@ from typing import TYPE_CHECKING, Any
 
 from optuna.trial import FrozenTrial, TrialState
 
-from hpo.errors import HpoError
+from hpo.errors import HpoError, describe
 from hpo.export import METRICS
 from hpo.spec import EPOCH_METRICS
-from hpo.study import ABANDONED, BASELINE, FAIL_REASON, Counts, StudyHandle, best_trials, count_trials, redact
+from hpo.study import (
+    ABANDONED, BASELINE, FAIL_REASON, Counts, StudyHandle, best_trials, count_trials, redact, sqlite_path,
+)
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -59,13 +61,11 @@ def tracking_uri(uri: str | None = None) -> str:
     return uri or os.environ.get(TRACKING_ENV) or DEFAULT_TRACKING_URI
 
 
-def artifact_root(uri: str) -> str | None:
+def artifacts_dir(uri: str) -> Path | None:
     """Where an embedded (``sqlite:///``) store keeps artifacts: ``mlartifacts/`` beside the
     database file. ``None`` for a server, which chooses for itself."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    db = Path(uri.removeprefix("sqlite:///"))
-    return (db.parent.resolve() / ARTIFACTS_DIR).as_uri()
+    db = sqlite_path(uri)
+    return None if db is None else db.parent.resolve() / ARTIFACTS_DIR
 
 
 @dataclass(frozen=True)
@@ -126,12 +126,22 @@ _STATUS = {"complete": "FINISHED", "pruned": "KILLED", "failed": "FAILED", "aban
            "running": "RUNNING", "waiting": "SCHEDULED"}
 
 
+def run_params(params: dict[str, Any], seed: Any = None) -> dict[str, str]:
+    """Optuna parameters (spec paths) and the trial's seed, as MLflow parameters."""
+    logged = {name: str(value) for name, value in params.items()}
+    if seed is not None:
+        logged["seed"] = str(seed)
+    return logged
+
+
 def trial_params(trial: FrozenTrial) -> dict[str, str]:
-    """The trial's Optuna parameters (spec paths) and its seed, as MLflow parameters."""
-    params = {name: str(value) for name, value in trial.params.items()}
-    if "seed" in trial.user_attrs:
-        params["seed"] = str(trial.user_attrs["seed"])
-    return params
+    return run_params(trial.params, trial.user_attrs.get("seed"))
+
+
+def run_tags(number: int, study_name: str, parent_id: str, state: str) -> dict[str, str]:
+    """The tags that place a trial's run: its parent, study, trial number, state and name."""
+    return {PARENT_TAG: parent_id, STUDY_TAG: study_name, ROLE_TAG: "trial", NUMBER_TAG: str(number),
+            STATE_TAG: state, "mlflow.runName": f"trial-{number:03d}"}
 
 
 def trial_history(trial: FrozenTrial) -> list[dict[str, float]]:
@@ -147,10 +157,7 @@ def trial_record(trial: FrozenTrial, study_name: str, parent_id: str, objectives
     """Parameters, tags, epoch history, final metrics and status of ``trial``'s MLflow run."""
     state = trial_state(trial)
     attrs = trial.user_attrs
-    tags = {
-        PARENT_TAG: parent_id, STUDY_TAG: study_name, ROLE_TAG: "trial",
-        NUMBER_TAG: str(trial.number), STATE_TAG: state, "mlflow.runName": f"trial-{trial.number:03d}",
-    }
+    tags = run_tags(trial.number, study_name, parent_id, state)
     if attrs.get(BASELINE):
         tags["hpo.baseline"] = str(attrs[BASELINE])
     reason = attrs.get(FAIL_REASON) or attrs.get("pruned_reason")
@@ -220,7 +227,8 @@ def ensure_experiment(mlflow_client: MlflowClient, name: str, uri: str) -> str:
     on its runs table) or restored from deletion when needed."""
     experiment = mlflow_client.get_experiment_by_name(name)
     if experiment is None:
-        return mlflow_client.create_experiment(name, artifact_location=artifact_root(uri), tags=_TRAINING_KIND)
+        folder = artifacts_dir(uri)
+        return mlflow_client.create_experiment(name, artifact_location=folder and folder.as_uri(), tags=_TRAINING_KIND)
     if experiment.lifecycle_stage == "deleted":
         mlflow_client.restore_experiment(experiment.experiment_id)
     return experiment.experiment_id
@@ -393,7 +401,7 @@ class Tracker:
     def _fail(self, exc: BaseException) -> None:
         if self.failed is not None:
             return
-        self.failed = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+        self.failed = describe(exc)
         self._warn(
             f"MLflow tracking at {redact(self.settings.resolved_uri)} failed ({self.failed}); trials go on "
             f"in the study store. Fill MLflow in later with `hpo sync {self.handle.name}`"
@@ -422,12 +430,11 @@ class Tracker:
         return self._runs.setdefault(number, _RunState())
 
     def _on_started(self, number: int, params: dict[str, Any], seed: int, at: float) -> None:
-        tags = {PARENT_TAG: self.parent_id, STUDY_TAG: self.handle.name, ROLE_TAG: "trial",
-                NUMBER_TAG: str(number), STATE_TAG: "running", "mlflow.runName": f"trial-{number:03d}"}
+        tags = run_tags(number, self.handle.name, self.parent_id, "running")
         run = self._client.create_run(self.experiment_id, start_time=int(at * 1000), tags=tags)
         state = self._run(number)
         state.run_id = run.info.run_id
-        logged = {**{k: str(v) for k, v in params.items()}, "seed": str(seed)}
+        logged = run_params(params, seed)
         _log(self._client, state.run_id, params=logged)
         state.params = tuple(logged)
 
@@ -553,7 +560,8 @@ def sync(handle: StudyHandle, settings: Tracking = Tracking()) -> SyncReport:
                 existing.setdefault(int(run.data.tags[NUMBER_TAG]), []).append(run)
         created = completed = removed = unchanged = 0
         objectives = _objectives(handle)
-        for trial in handle.study.get_trials(deepcopy=False):
+        trials = handle.study.get_trials(deepcopy=False)
+        for trial in trials:
             runs = sorted(existing.get(trial.number, []), key=_completeness, reverse=True)
             for extra in runs[1:]:
                 mlflow_client.delete_run(extra.info.run_id)
@@ -571,7 +579,6 @@ def sync(handle: StudyHandle, settings: Tracking = Tracking()) -> SyncReport:
                 completed += 1
             else:
                 unchanged += 1
-        trials = handle.study.get_trials(deepcopy=False)
         counts = count_trials(trials)
         _log(mlflow_client, parent_id, step=counts.finished,
              metrics=study_metrics(counts, best_trials(handle.study), objectives, handle.budget))
@@ -581,8 +588,7 @@ def sync(handle: StudyHandle, settings: Tracking = Tracking()) -> SyncReport:
         raise
     except Exception as exc:
         raise TrackingError(
-            f"cannot sync study {handle.name!r} to MLflow at {redact(settings.resolved_uri)}: "
-            f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+            f"cannot sync study {handle.name!r} to MLflow at {redact(settings.resolved_uri)}: {describe(exc)}"
         ) from exc
     return SyncReport(experiment_id, parent_id, created, completed, removed, unchanged)
 
@@ -643,8 +649,8 @@ def log_report(handle: StudyHandle, settings: Tracking, folder: Path) -> str:
         _, parent_id = ensure_parent_run(mlflow_client, handle, settings)
         mlflow_client.log_artifacts(parent_id, str(folder), "report")
     except Exception as exc:
-        raise TrackingError(f"cannot log the report to MLflow at {redact(settings.resolved_uri)}: "
-                            f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}") from exc
+        raise TrackingError(
+            f"cannot log the report to MLflow at {redact(settings.resolved_uri)}: {describe(exc)}") from exc
     return parent_id
 
 
@@ -668,6 +674,6 @@ def log_retrained(handle: StudyHandle, settings: Tracking, retrained: Any, data:
                   trained_network(retrained.config, retrained.result.state, data), data.val.x[:4])
         mlflow_client.set_terminated(run.info.run_id)
     except Exception as exc:
-        raise TrackingError(f"cannot log the re-training to MLflow at {redact(settings.resolved_uri)}: "
-                            f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}") from exc
+        raise TrackingError(
+            f"cannot log the re-training to MLflow at {redact(settings.resolved_uri)}: {describe(exc)}") from exc
     return run.info.run_id

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import time
 import uuid
 from pathlib import Path
@@ -102,6 +103,13 @@ def storage_url(request, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'studies.db'}"
     return request.getfixturevalue("postgres_server_url")
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (for a server to start on, or to fail to reach)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def poll_trials(url: str, predicate, *, study: str = "tiny", timeout: float = 180):

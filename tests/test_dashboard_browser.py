@@ -16,7 +16,7 @@ from hpo import api
 from hpo.api import Execution
 from hpo.tracking import Tracking
 
-from .test_tracking import _free_port
+from .conftest import free_port
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
@@ -40,7 +40,7 @@ def test_the_dashboard_lists_the_study_and_its_runs(write_spec, tmp_path, sqlite
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     api.submit(write_spec(), trials=3, study_name="in-the-browser", storage=sqlite_url,
                execution=Execution(accelerator="cpu"), tracking=Tracking(uri=uri))
-    port = _free_port()
+    port = free_port()
     ui = subprocess.Popen([sys.executable, "-m", "hpo", "ui", "--port", str(port), "--tracking-uri", uri],
                           stdout=subprocess.PIPE, text=True, cwd=tmp_path)
     try:

@@ -32,24 +32,28 @@ def _services() -> dict:
     return yaml.safe_load(COMPOSE.read_text())["services"]
 
 
-@pytest.mark.skipif(COMPOSE_CLI is None, reason="no docker-compose (apt-get install docker-compose)")
+needs_compose = pytest.mark.skipif(COMPOSE_CLI is None, reason="no docker-compose (apt-get install docker-compose)")
+
+
+def _compose_config(tmp_path: Path, env: str, flag: str) -> subprocess.CompletedProcess:
+    """``docker-compose config FLAG`` on the compose file with ``env`` as its .env file."""
+    env_file = tmp_path / ".env"
+    env_file.write_text(env)
+    return subprocess.run([COMPOSE_CLI, "--env-file", str(env_file), "-f", str(COMPOSE), "config", flag],
+                          capture_output=True, text=True)
+
+
+@needs_compose
 def test_the_compose_file_validates_with_docker_compose(tmp_path):
-    env = tmp_path / ".env"
-    env.write_text("POSTGRES_PASSWORD=only-for-this-test\n")
-    out = subprocess.run([COMPOSE_CLI, "--env-file", str(env), "-f", str(COMPOSE), "config", "--quiet"],
-                         capture_output=True, text=True)
+    out = _compose_config(tmp_path, "POSTGRES_PASSWORD=only-for-this-test\n", "--quiet")
     assert out.returncode == 0, out.stderr
-    services = subprocess.run([COMPOSE_CLI, "--env-file", str(env), "-f", str(COMPOSE), "config", "--services"],
-                              capture_output=True, text=True).stdout.split()
+    services = _compose_config(tmp_path, "POSTGRES_PASSWORD=only-for-this-test\n", "--services").stdout.split()
     assert set(services) >= {"postgres", "mlflow", "ray-head", "ray-worker"}
 
 
-@pytest.mark.skipif(COMPOSE_CLI is None, reason="no docker-compose (apt-get install docker-compose)")
+@needs_compose
 def test_compose_refuses_to_start_without_a_database_password(tmp_path):
-    env = tmp_path / ".env"
-    env.write_text("POSTGRES_USER=hpo\n")
-    out = subprocess.run([COMPOSE_CLI, "--env-file", str(env), "-f", str(COMPOSE), "config", "--quiet"],
-                         capture_output=True, text=True)
+    out = _compose_config(tmp_path, "POSTGRES_USER=hpo\n", "--quiet")
     assert out.returncode != 0 and "set POSTGRES_PASSWORD in docker/.env" in out.stderr
 
 

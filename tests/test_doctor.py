@@ -11,11 +11,7 @@ import pytest
 
 from hpo.doctor import check_ray, check_store, check_tracking, diagnose
 
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from .conftest import free_port
 
 
 def test_a_reachable_setup_passes(sqlite_url, mlflow_store):
@@ -29,7 +25,7 @@ def test_the_postgresql_store_is_checked_with_a_real_connection(postgres_server_
 
 
 def test_an_unreachable_postgresql_store_is_named_quickly():
-    check = check_store(f"postgresql://nobody@127.0.0.1:{_closed_port()}/none")
+    check = check_store(f"postgresql://nobody@127.0.0.1:{free_port()}/none")
     assert not check.ok and "OperationalError" in check.detail and check.seconds < 10
 
 
@@ -44,14 +40,14 @@ def test_ray_address_is_a_tcp_check():
         listening.bind(("127.0.0.1", 0))
         listening.listen()
         assert check_ray(f"127.0.0.1:{listening.getsockname()[1]}").ok
-    assert not check_ray(f"ray://127.0.0.1:{_closed_port()}").ok
+    assert not check_ray(f"ray://127.0.0.1:{free_port()}").ok
     assert check_ray(None).ok
 
 
 def test_hpo_doctor_names_what_it_cannot_reach(sqlite_url, tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "hpo", "doctor", "--storage", sqlite_url,
-         "--tracking-uri", f"http://127.0.0.1:{_closed_port()}", "--ray-address", f"127.0.0.1:{_closed_port()}"],
+         "--tracking-uri", f"http://127.0.0.1:{free_port()}", "--ray-address", f"127.0.0.1:{free_port()}"],
         capture_output=True, text=True, cwd=tmp_path,
     )
     assert out.returncode == 1

@@ -29,7 +29,7 @@ from hpo.tracking import (
 )
 from hpo.trial import evaluate
 
-from .conftest import TINY_SPEC
+from .conftest import TINY_SPEC, free_port
 
 CPU = Execution(accelerator="cpu")
 
@@ -43,18 +43,12 @@ MIXED_SPEC = (
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class MlflowServer:
     """A real `mlflow server` process on loopback (the command `hpo ui` runs)."""
 
     def __init__(self, backend_uri: str, workdir: Path, port: int | None = None) -> None:
         self.backend_uri, self.workdir = backend_uri, workdir
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
 
@@ -271,7 +265,7 @@ def test_resume_keeps_the_parent_run(write_spec, tmp_path, sqlite_url):
 def test_an_unreachable_tracking_server_warns_once_and_the_study_runs(write_spec, sqlite_url):
     warnings: list[str] = []
     _, summary = api.submit(write_spec(), trials=2, study_name="unreached", storage=sqlite_url, execution=CPU,
-                            tracking=Tracking(uri=f"http://127.0.0.1:{_free_port()}", request_timeout=2),
+                            tracking=Tracking(uri=f"http://127.0.0.1:{free_port()}", request_timeout=2),
                             on_warning=warnings.append)
     assert summary.counts.finished == 2
     assert len(warnings) == 1 and "hpo sync unreached" in warnings[0]
@@ -338,7 +332,7 @@ def test_the_tracker_thread_never_blocks_the_driver(write_spec, sqlite_url):
 def test_hpo_ui_serves_the_embedded_store(write_spec, tmp_path, sqlite_url):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     api.submit(write_spec(), trials=1, study_name="shown", storage=sqlite_url, execution=CPU, tracking=Tracking(uri=uri))
-    port = _free_port()
+    port = free_port()
     ui = subprocess.Popen([sys.executable, "-m", "hpo", "ui", "--port", str(port), "--tracking-uri", uri],
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     try:
