@@ -378,3 +378,20 @@ def test_tracking_does_not_change_what_trials_compute(write_spec, tmp_path, sqli
                    tracking=tracking)
         values[name] = [(t.params, t.values) for t in optuna.load_study(study_name=name, storage=sqlite_url).trials]
     assert values["tracked"] == values["untracked"]
+
+
+def test_a_chosen_experiment_holds_the_study(write_spec, tmp_path, sqlite_url):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    api.submit(write_spec(), trials=1, study_name="elsewhere", storage=sqlite_url, execution=CPU,
+               tracking=Tracking(uri=uri, experiment="team-dropout"))
+    client = MlflowClient(uri)
+    assert client.get_experiment_by_name("elsewhere") is None
+    runs = client.search_runs([client.get_experiment_by_name("team-dropout").experiment_id])
+    assert {r.data.tags[ROLE_TAG] for r in runs} == {"study", "trial"}
+
+
+def test_hpo_ui_warns_only_off_loopback():
+    from hpo.dashboard import is_loopback
+
+    assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1")
+    assert not is_loopback("0.0.0.0") and not is_loopback("10.0.0.5") and not is_loopback("myhost")
