@@ -11,7 +11,7 @@ import logging
 import signal
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,8 +19,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, TensorDataset
-
+from hpo.batches import Loading, make_loaders
 from hpo.data import Split, Splits
 from hpo.module import ClassifierModule
 from hpo.nets import build_net
@@ -100,6 +99,7 @@ def run_trial(
     accelerator: str = "auto",
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     keep_last: bool = False,
+    loading: Loading = "auto",
 ) -> TrialResult:
     """Train ``config`` on ``data`` and measure it.
 
@@ -107,7 +107,8 @@ def run_trial(
     selection metric after every epoch and may stop the trial with ``optuna.TrialPruned``.
     ``on_epoch`` gets every epoch's metrics (``EPOCH_METRICS`` and ``epoch``), pruned epochs
     included. ``keep_last`` keeps the final weights instead of the best epoch's (re-training
-    for a fixed number of epochs, where the validation data is only watched).
+    for a fixed number of epochs, where the validation data is only watched). ``loading`` says
+    how batches reach the device (:func:`hpo.batches.make_loaders`: resident when the data fits).
     """
     _quiet_lightning()
     pl.seed_everything(config.seed, workers=True, verbose=False)
@@ -139,12 +140,9 @@ def run_trial(
         enable_model_summary=False,
         num_sanity_val_steps=0,
     )
-    generator = torch.Generator().manual_seed(config.seed)
-    train_loader = DataLoader(
-        TensorDataset(data.train.x, data.train.y),
-        batch_size=config.train.batch_size, shuffle=True, generator=generator,
+    train_loader, val_loader = make_loaders(
+        data, config.train.batch_size, _EVAL_BATCH, config.seed, trainer.strategy.root_device, loading
     )
-    val_loader = DataLoader(TensorDataset(data.val.x, data.val.y), batch_size=_EVAL_BATCH)
     _fit(trainer, module, train_loader, val_loader)
 
     if keep_last:
@@ -165,7 +163,7 @@ def run_trial(
     )
 
 
-def _fit(trainer: pl.Trainer, module: ClassifierModule, train: DataLoader, val: DataLoader) -> None:
+def _fit(trainer: pl.Trainer, module: pl.LightningModule, train: Iterable, val: Iterable) -> None:
     """``trainer.fit`` that lets Ctrl-C through: Lightning turns it into ``sys.exit(1)`` and
     leaves SIGINT ignored; here it becomes ``KeyboardInterrupt`` again, handler restored."""
     main_thread = threading.current_thread() is threading.main_thread()
