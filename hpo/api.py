@@ -19,7 +19,7 @@ from hpo.data import Splits, load_data
 from hpo.errors import HpoError
 from hpo.executor import Backend, LocalBackend, ProgressCallback, RunSummary, run_study
 from hpo.space import baseline_params
-from hpo.spec import parse_spec, read_spec_file
+from hpo.spec import Spec, parse_spec, read_spec_file
 from hpo.study import BASELINE, StudyHandle, create_study, load_study, reconcile, set_budget
 from hpo.tracking import Tracking, tracked
 
@@ -37,32 +37,40 @@ class Execution:
         workers: Trials running at once (Ray only).
         cpus_per_trial: CPUs each Ray trial task reserves (and its torch threads).
         gpus_per_trial: GPUs each Ray trial task reserves; fractions share a GPU (0.25: four
-            trials per GPU), whole numbers above 1 are allowed.
+            trials per GPU), whole numbers above 1 are allowed. ``"auto"`` measures one trial
+            (or group) alone on a GPU and packs as many per GPU as its memory footprint, GPU
+            utilisation and the CPUs allow (:mod:`hpo.packing`).
         max_retries: Times a configuration whose worker died is queued again.
         ray_address: Ray cluster to use (else ``$RAY_ADDRESS``, else a local Ray instance).
         accelerator: Lightning accelerator for in-process trials (``auto``, ``cpu``, ``gpu``).
+        group_size: Trials trained together as one vectorised model (:mod:`hpo.group`; MLP
+            search spaces). Each group takes one worker slot and one ``gpus_per_trial`` share.
     """
 
     executor: Literal["auto", "local", "ray"] = "auto"
     workers: int = 1
     cpus_per_trial: float = 1.0
-    gpus_per_trial: float = 0.0
+    gpus_per_trial: float | Literal["auto"] = 0.0
     max_retries: int = 1
     ray_address: str | None = None
     accelerator: str = "auto"
+    group_size: int = 1
 
     def __post_init__(self) -> None:
         if self.workers < 1:
             raise HpoError(f"workers must be >= 1, got {self.workers}")
         if self.cpus_per_trial <= 0:
             raise HpoError(f"cpus-per-trial must be > 0, got {self.cpus_per_trial}")
-        if self.gpus_per_trial < 0 or (self.gpus_per_trial > 1 and self.gpus_per_trial != int(self.gpus_per_trial)):
+        gpus = self.gpus_per_trial
+        if gpus != "auto" and (not isinstance(gpus, (int, float)) or gpus < 0 or (gpus > 1 and gpus != int(gpus))):
             raise HpoError(
-                f"gpus-per-trial must be a fraction in (0, 1] or a whole number, got {self.gpus_per_trial}"
+                f"gpus-per-trial must be 'auto', a fraction in (0, 1] or a whole number, got {gpus!r}"
             )
+        if self.group_size < 1:
+            raise HpoError(f"group-size must be >= 1, got {self.group_size}")
         if self.max_retries < 0:
             raise HpoError(f"max-retries must be >= 0, got {self.max_retries}")
-        if self.executor == "local" and (self.workers > 1 or self.gpus_per_trial > 0):
+        if self.executor == "local" and (self.workers > 1 or self.gpus_per_trial == "auto" or self.gpus_per_trial > 0):
             raise HpoError("the local executor runs one trial at a time: use --executor ray for "
                            "--workers above 1 or --gpus-per-trial")
 
@@ -70,26 +78,32 @@ class Execution:
     def uses_ray(self) -> bool:
         if self.executor != "auto":
             return self.executor == "ray"
-        return (self.workers > 1 or self.gpus_per_trial > 0 or bool(self.ray_address)
+        return (self.workers > 1 or self.gpus_per_trial == "auto" or self.gpus_per_trial > 0 or bool(self.ray_address)
                 or bool(os.environ.get("RAY_ADDRESS")))
 
 
 @contextlib.contextmanager
-def _backend(handle: StudyHandle, data: Splits, execution: Execution) -> Iterator[Backend]:
-    spec = handle.spec
+def _backend(spec: Spec, seed: int, data: Splits, execution: Execution,
+             on_note: Callable[[str], None] = log.info) -> Iterator[Backend]:
+    """The backend that runs trials, opened before the study is written so that a cluster
+    that cannot run them (``--gpus-per-trial auto`` without a GPU) leaves the store as it was."""
     prune = not spec.multi_objective and spec.active_pruner.name != "none"
     if not execution.uses_ray:
         yield LocalBackend(data, spec.objective, prune, execution.accelerator)
         return
     import ray
 
-    from hpo.ray_executor import RayBackend, connect
+    from hpo.ray_executor import RayBackend, auto_gpus_per_trial, connect
 
     started = connect(execution.ray_address)
     try:
+        gpus = execution.gpus_per_trial
+        if gpus == "auto":
+            gpus, note = auto_gpus_per_trial(spec, seed, data, execution.group_size, execution.cpus_per_trial)
+            on_note(note)
         yield RayBackend(
             data, spec.objective, prune=prune, workers=execution.workers,
-            cpus_per_trial=execution.cpus_per_trial, gpus_per_trial=execution.gpus_per_trial,
+            cpus_per_trial=execution.cpus_per_trial, gpus_per_trial=gpus,
         )
     finally:
         if started:
@@ -110,6 +124,7 @@ def submit(
     on_progress: ProgressCallback | None = None,
     on_start: Callable[[StudyHandle], None] | None = None,
     on_warning: Callable[[str], None] = log.warning,
+    on_note: Callable[[str], None] = log.info,
 ) -> tuple[StudyHandle, RunSummary]:
     """Create a study from the search-space file ``space`` and run it.
 
@@ -126,6 +141,7 @@ def submit(
         tracking: Where the study is mirrored in MLflow (see :class:`hpo.tracking.Tracking`).
         on_start: Called once the study exists, before the first trial.
         on_warning: Gets problems that do not stop the study (MLflow unreachable).
+        on_note: Gets decisions made for the user (the measured ``--gpus-per-trial auto``).
     """
     path = Path(space)
     text = read_spec_file(path)
@@ -135,25 +151,27 @@ def submit(
     data = load_data(spec.data)
     if seed is None:
         seed = spec.sampler.seed if spec.sampler.seed is not None else secrets.randbelow(2**31)
-    handle = create_study(
-        spec, text,
-        name=study_name or spec.name,
-        storage=storage,
-        budget=trials or spec.budget.trials,
-        seed=seed,
-        spec_source=str(path),
-        first_trials=[(baseline_params(spec, kind), {BASELINE: kind}) for kind in spec.baselines],
-    )
-    if on_start is not None:
-        on_start(handle)
-    return handle, _run(handle, data, execution, tracking, timeout or spec.budget.timeout, on_progress, on_warning)
+    with _backend(spec, seed, data, execution, on_note) as backend:
+        handle = create_study(
+            spec, text,
+            name=study_name or spec.name,
+            storage=storage,
+            budget=trials or spec.budget.trials,
+            seed=seed,
+            spec_source=str(path),
+            first_trials=[(baseline_params(spec, kind), {BASELINE: kind}) for kind in spec.baselines],
+        )
+        if on_start is not None:
+            on_start(handle)
+        return handle, _run(handle, data, backend, execution, tracking, timeout or spec.budget.timeout,
+                            on_progress, on_warning)
 
 
-def _run(handle: StudyHandle, data: Splits, execution: Execution, tracking: Tracking, timeout: float | None,
-         on_progress: ProgressCallback | None, on_warning: Callable[[str], None]) -> RunSummary:
-    with tracked(handle, tracking, data, on_warning) as tracker, _backend(handle, data, execution) as backend:
+def _run(handle: StudyHandle, data: Splits, backend: Backend, execution: Execution, tracking: Tracking,
+         timeout: float | None, on_progress: ProgressCallback | None, on_warning: Callable[[str], None]) -> RunSummary:
+    with tracked(handle, tracking, data, on_warning) as tracker:
         summary = run_study(handle, backend, timeout=timeout, max_retries=execution.max_retries,
-                            on_progress=on_progress, listener=tracker)
+                            on_progress=on_progress, listener=tracker, group_size=execution.group_size)
         if tracker is not None:
             tracker.close(summary.stopped)
     return summary
@@ -170,6 +188,7 @@ def resume(
     on_progress: ProgressCallback | None = None,
     on_start: Callable[[StudyHandle, list[int]], None] | None = None,
     on_warning: Callable[[str], None] = log.warning,
+    on_note: Callable[[str], None] = log.info,
 ) -> tuple[StudyHandle, RunSummary]:
     """Continue a study until its budget of finished trials is reached.
 
@@ -184,5 +203,6 @@ def resume(
         set_budget(handle, trials)
     if on_start is not None:
         on_start(handle, orphans)
-    return handle, _run(handle, data, execution, tracking, timeout or handle.spec.budget.timeout,
-                        on_progress, on_warning)
+    with _backend(handle.spec, handle.seed, data, execution, on_note) as backend:
+        return handle, _run(handle, data, backend, execution, tracking, timeout or handle.spec.budget.timeout,
+                            on_progress, on_warning)

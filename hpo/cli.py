@@ -72,7 +72,8 @@ class ExportFormat(str, Enum):
 ExecutorOption = Annotated[Executor, typer.Option("--executor", help="local: one trial at a time in this process; ray: Ray tasks; auto: Ray when --workers > 1, --gpus-per-trial or a Ray address is given.")]
 Workers = Annotated[int, typer.Option(min=1, help="Trials running at once (Ray).")]
 CpusPerTrial = Annotated[float, typer.Option(min=0.01, help="CPUs each Ray trial reserves.")]
-GpusPerTrial = Annotated[float, typer.Option(min=0, help="GPUs each Ray trial reserves; 0.25 packs four trials per GPU.")]
+GpusPerTrial = Annotated[str, typer.Option(help="GPUs each Ray trial reserves; 0.25 packs four trials per GPU; auto measures one trial on a GPU and packs as many as fit.")]
+GroupSize = Annotated[int, typer.Option(min=1, help="Trials trained together as one vectorised model (MLP spaces; 32-128 fill a GPU).")]
 MaxRetries = Annotated[int, typer.Option(min=0, help="Times a configuration whose worker died is queued again.")]
 RayAddress = Annotated[str | None, typer.Option(envvar="RAY_ADDRESS", show_default=False, help="Ray cluster address \\[default: a local Ray instance when Ray is used].")]
 Timeout = Annotated[float | None, typer.Option(min=0, help="Stop starting trials after this many seconds.", show_default=False)]
@@ -86,7 +87,8 @@ _RUN_OPTIONS = [
     ("executor", ExecutorOption, Executor.auto),
     ("workers", Workers, 1),
     ("cpus_per_trial", CpusPerTrial, 1.0),
-    ("gpus_per_trial", GpusPerTrial, 0.0),
+    ("gpus_per_trial", GpusPerTrial, "0"),
+    ("group_size", GroupSize, 1),
     ("max_retries", MaxRetries, 1),
     ("ray_address", RayAddress, None),
     ("accelerator", AcceleratorOption, Accelerator.auto),
@@ -153,8 +155,8 @@ def _run_options(command: F) -> F:
         options = {name: kwargs.pop(name) for name, _, _ in _RUN_OPTIONS}
         execution = Execution(
             options["executor"].value, options["workers"], options["cpus_per_trial"],
-            options["gpus_per_trial"], options["max_retries"], options["ray_address"],
-            options["accelerator"].value,
+            _gpus(options["gpus_per_trial"]), options["max_retries"], options["ray_address"],
+            options["accelerator"].value, options["group_size"],
         )
         tracking = Tracking(options["tracking"], options["tracking_uri"], options["experiment"])
         return command(*args, execution=execution, tracking=tracking, **kwargs)
@@ -195,7 +197,7 @@ def submit(
         handle, summary = api.submit(
             space, trials=trials, timeout=timeout, study_name=study_name, storage=storage,
             seed=seed, baselines=baselines, execution=execution, tracking=tracking,
-            on_start=start, on_progress=progress, on_warning=_warn,
+            on_start=start, on_progress=progress, on_warning=_warn, on_note=_note,
         )
     _report_run(handle, summary)
 
@@ -226,7 +228,7 @@ def resume(
 
         handle, summary = api.resume(
             study, storage=storage, trials=trials, timeout=timeout, execution=execution,
-            tracking=tracking, on_start=start, on_progress=progress, on_warning=_warn,
+            tracking=tracking, on_start=start, on_progress=progress, on_warning=_warn, on_note=_note,
         )
     _report_run(handle, summary)
 
@@ -237,6 +239,20 @@ def _print_tracking(handle: StudyHandle, tracking: Any) -> None:
             f"MLflow: experiment [bold]{tracking.experiment or handle.name}[/] in "
             f"{redact(tracking.resolved_uri)} (see it with `hpo ui`)", highlight=False, soft_wrap=True,
         )
+
+
+def _gpus(value: str) -> float | str:
+    """``--gpus-per-trial``: ``auto`` or a number."""
+    if value.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(value)
+    except ValueError:
+        raise HpoError(f"--gpus-per-trial must be 'auto' or a number, got {value!r}") from None
+
+
+def _note(message: str) -> None:
+    console.print(message, markup=False, highlight=False, soft_wrap=True)
 
 
 def _warn(message: str) -> None:

@@ -23,6 +23,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from hpo.data import Splits
+from hpo.group import SHARED_PARAMETERS, group_key, run_group
 from hpo.module import NonFiniteLossError
 from hpo.space import TrialConfig, suggest
 from hpo.spec import ObjectiveSpec
@@ -68,11 +69,13 @@ class Outcome:
 
 @dataclass
 class TrialJob:
-    """A trial a backend is running, and the epochs it has reported so far."""
+    """A trial a backend is running, and the epochs it has reported so far. ``group`` is the
+    number of the first trial of the vectorised group it trains in (its own number if alone)."""
 
     trial: optuna.Trial
     config: TrialConfig
     history: list[dict[str, float]] = field(default_factory=list)
+    group: int = -1
 
 
 class TrialListener(Protocol):
@@ -88,13 +91,15 @@ class TrialListener(Protocol):
 
 
 class Backend(Protocol):
-    """Runs trials for the driver. ``start`` may block (in-process) or return at once (Ray).
-    ``on_epoch``, set by the driver, gets every epoch a running trial finishes."""
+    """Runs trials for the driver. ``start`` may block (in-process) or return at once (Ray);
+    it gets one trial, or several sharing a :func:`~hpo.group.group_key` to train as one
+    vectorised group (one slot). ``on_epoch``, set by the driver, gets every epoch a running
+    trial finishes."""
 
     slots: int
     on_epoch: EpochCallback | None
 
-    def start(self, job: TrialJob) -> None: ...
+    def start(self, jobs: list[TrialJob]) -> None: ...
 
     def wait(self, timeout: float) -> Iterable[tuple[TrialJob, Outcome]]:
         """Outcomes of jobs that finished, waiting up to ``timeout`` seconds for the first."""
@@ -126,6 +131,25 @@ def execute(
         return Outcome("error", reason=_describe(exc))
 
 
+def execute_group(
+    configs: list[TrialConfig], data: Splits, objectives: list[ObjectiveSpec], pruning_trials: list[Any] | None,
+    accelerator: str, on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+) -> list[Outcome]:
+    """Train ``configs`` as one vectorised group (:func:`hpo.group.run_group`); one outcome per
+    member. An error in the group's own code fails every member with it."""
+    if len(configs) == 1:
+        one = None if on_epoch is None else (lambda entry: on_epoch(0, entry))
+        return [execute(configs[0], data, objectives, pruning_trials[0] if pruning_trials else None,
+                        accelerator, on_epoch=one)]
+    try:
+        ends = run_group(configs, data, objectives, pruning_trials=pruning_trials,
+                         accelerator=accelerator, on_epoch=on_epoch)
+    except Exception as exc:
+        return [Outcome("error", reason=_describe(exc))] * len(configs)
+    return [Outcome("complete", result=end) if isinstance(end, TrialResult) else Outcome(end.kind, reason=end.reason)
+            for end in ends]
+
+
 def _describe(exc: BaseException) -> str:
     import torch
 
@@ -144,14 +168,13 @@ class LocalBackend:
         self.on_epoch: EpochCallback | None = None
         self._done: list[tuple[TrialJob, Outcome]] = []
 
-    def start(self, job: TrialJob) -> None:
-        number = job.trial.number
-        outcome = execute(
-            job.config, self.data, self.objectives,
-            job.trial if self.prune else None, self.accelerator,
-            on_epoch=None if self.on_epoch is None else lambda entry: self.on_epoch(number, entry),
+    def start(self, jobs: list[TrialJob]) -> None:
+        outcomes = execute_group(
+            [job.config for job in jobs], self.data, self.objectives,
+            [job.trial for job in jobs] if self.prune else None, self.accelerator,
+            on_epoch=None if self.on_epoch is None else lambda k, entry: self.on_epoch(jobs[k].trial.number, entry),
         )
-        self._done.append((job, outcome))
+        self._done.extend(zip(jobs, outcomes))
 
     def wait(self, timeout: float) -> list[tuple[TrialJob, Outcome]]:
         done, self._done = self._done, []
@@ -190,6 +213,7 @@ def run_study(
     max_retries: int = 1,
     on_progress: ProgressCallback | None = None,
     listener: TrialListener | None = None,
+    group_size: int = 1,
 ) -> RunSummary:
     """Run trials on ``backend`` until the study holds ``handle.budget`` finished trials, or
     ``timeout`` seconds pass (running trials are then allowed to finish).
@@ -200,6 +224,11 @@ def run_study(
     (``KeyboardInterrupt``) abandons every running trial (failed with the reason, re-queued, not
     counted) and returns with ``stopped == "interrupted"``; finished trials are already stored.
     ``listener`` hears of every trial's start, epochs and end (e.g. the MLflow tracker).
+
+    With ``group_size`` above 1 each slot trains up to that many trials as one vectorised group
+    (MLPs only): the first is asked as usual, the others with its shape fixed
+    (:data:`~hpo.group.SHARED_PARAMETERS`), so the sampler still chooses every dropout rate,
+    max-norm radius, learning rate and weight decay.
     """
     study, spec = handle.study, handle.spec
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -230,15 +259,19 @@ def run_study(
         stopped: StopReason = "budget"
         while True:
             timed_out = deadline is not None and time.monotonic() >= deadline
-            while (len(running) < backend.slots and counts.finished + len(running) < handle.budget
+            while (len({job.group for job in running.values()}) < backend.slots
+                   and counts.finished + len(running) < handle.budget
                    and not timed_out and errors_in_a_row < MAX_CONSECUTIVE_ERRORS):
-                job = _ask(study, spec, handle.seed)
-                running[job.trial.number] = job
-                beat.trial_ids.add(job.trial._trial_id)
-                counts, _ = progress()
-                if listener is not None:
-                    listener.trial_started(job)
-                backend.start(job)
+                size = min(group_size, handle.budget - counts.finished - len(running))
+                for jobs in _ask_group(study, spec, handle.seed, size):
+                    for job in jobs:
+                        running[job.trial.number] = job
+                        beat.trial_ids.add(job.trial._trial_id)
+                    counts, _ = progress()
+                    if listener is not None:
+                        for job in jobs:
+                            listener.trial_started(job)
+                    backend.start(jobs)
             if not running:
                 if errors_in_a_row >= MAX_CONSECUTIVE_ERRORS:
                     stopped = "errors"
@@ -275,7 +308,33 @@ def _ask(study: optuna.Study, spec: Any, study_seed: int) -> TrialJob:
     config = suggest(trial, spec, seed=trial_seed(study_seed, trial.number))
     trial.set_user_attr("seed", config.seed)
     trial.set_user_attr("config", config.to_dict())
-    return TrialJob(trial, config)
+    return TrialJob(trial, config, group=trial.number)
+
+
+def _ask_group(study: optuna.Study, spec: Any, study_seed: int, size: int) -> list[list[TrialJob]]:
+    """Ask for ``size`` trials to train together: the first as usual, the rest with the first's
+    :data:`~hpo.group.SHARED_PARAMETERS` fixed (Optuna's ``PartialFixedSampler`` around the
+    study's sampler). Returned as groups of equal :func:`~hpo.group.group_key` (widths coupled
+    to dropout rates can still split them); a trial that cannot be vectorised is its own group."""
+    first = _ask(study, spec, study_seed)
+    if size == 1 or group_key(first.config) is None:
+        return [[first]]
+    fixed = {name: v for name, v in first.trial.params.items() if name in SHARED_PARAMETERS}
+    sampler = study.sampler
+    study.sampler = optuna.samplers.PartialFixedSampler(fixed, sampler)
+    try:
+        jobs = [first] + [_ask(study, spec, study_seed) for _ in range(size - 1)]
+    finally:
+        study.sampler = sampler
+    groups: dict[Any, list[TrialJob]] = {}
+    for job in jobs:
+        groups.setdefault(group_key(job.config), []).append(job)
+    for members in groups.values():
+        for job in members:
+            job.group = members[0].trial.number
+            if len(members) > 1:
+                job.trial.set_user_attr("group", {"first": job.group, "size": len(members)})
+    return list(groups.values())
 
 
 def _tell(study: optuna.Study, job: TrialJob, outcome: Outcome, max_retries: int) -> None:

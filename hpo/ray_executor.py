@@ -16,6 +16,7 @@ between trials; CPU-only trials reuse warm workers.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import socket
 from collections.abc import Iterable
@@ -26,7 +27,7 @@ import ray.exceptions
 
 from hpo.data import Splits
 from hpo.errors import describe
-from hpo.executor import EpochCallback, Outcome, TrialJob, execute
+from hpo.executor import EpochCallback, Outcome, TrialJob, execute_group
 from hpo.spec import ObjectiveSpec
 
 #: Seconds a worker waits for the driver's pruning decision before training on regardless.
@@ -130,17 +131,22 @@ def _worker_info(cpus: float) -> dict[str, Any]:
 
 
 @ray.remote(max_retries=0)
-def _run_remote(config, data: Splits, objectives, broker, number: int, prune: bool, accelerator: str, cpus: float):
+def _run_remote(configs, data: Splits, objectives, broker, numbers: list[int], prune: bool, accelerator: str,
+                cpus: float) -> list[Outcome]:
+    """One trial, or a vectorised group of trials (``numbers``, one per config)."""
     import torch
 
     torch.set_num_threads(max(1, int(cpus)))
-    ray.get(broker.started.remote(number, _worker_info(cpus)))
-    return execute(config, data, objectives, RemoteTrial(broker, number) if prune else None, accelerator,
-                   on_epoch=lambda entry: ray.get(broker.epoch.remote(number, entry)))
+    worker = _worker_info(cpus)
+    for number in numbers:
+        ray.get(broker.started.remote(number, worker))
+    return execute_group(configs, data, objectives,
+                         [RemoteTrial(broker, number) for number in numbers] if prune else None, accelerator,
+                         on_epoch=lambda k, entry: ray.get(broker.epoch.remote(numbers[k], entry)))
 
 
 class RayBackend:
-    """Runs up to ``workers`` trials at once as Ray tasks.
+    """Runs up to ``workers`` trials (or vectorised groups) at once as Ray tasks.
 
     Args:
         workers: Concurrent trials.
@@ -165,20 +171,21 @@ class RayBackend:
         self.accelerator = "gpu" if gpus_per_trial > 0 else "cpu"
         self._data_ref = ray.put(data)
         self._broker = PruningBroker.remote()
-        self._tasks: dict[ray.ObjectRef, TrialJob] = {}
+        self._tasks: dict[ray.ObjectRef, list[TrialJob]] = {}
         self._jobs: dict[int, TrialJob] = {}
         self._drain: ray.ObjectRef | None = None
         self._options = {"num_cpus": cpus_per_trial, "num_gpus": gpus_per_trial}
         if gpus_per_trial > 0:
             self._options["max_calls"] = 1
 
-    def start(self, job: TrialJob) -> None:
+    def start(self, jobs: list[TrialJob]) -> None:
         ref = _run_remote.options(**self._options).remote(
-            job.config, self._data_ref, self.objectives, self._broker, job.trial.number,
-            self.prune, self.accelerator, self.cpus,
+            [job.config for job in jobs], self._data_ref, self.objectives, self._broker,
+            [job.trial.number for job in jobs], self.prune, self.accelerator, self.cpus,
         )
-        self._tasks[ref] = job
-        self._jobs[job.trial.number] = job
+        self._tasks[ref] = jobs
+        for job in jobs:
+            self._jobs[job.trial.number] = job
 
     def wait(self, timeout: float) -> list[tuple[TrialJob, Outcome]]:
         """Block until a trial ends or a worker reports an epoch (answered at once), at most
@@ -194,9 +201,10 @@ class RayBackend:
             self._answer(*ray.get(self._broker.drain.remote(0)))
         done = []
         for ref in ended:
-            job = self._tasks.pop(ref)
-            self._jobs.pop(job.trial.number, None)
-            done.append((job, self._outcome(ref)))
+            jobs = self._tasks.pop(ref)
+            for job in jobs:
+                self._jobs.pop(job.trial.number, None)
+            done.extend(zip(jobs, self._outcomes(ref, len(jobs))))
         return done
 
     def _answer(self, reports: list[tuple[int, int, float]], started: list[tuple[int, dict[str, Any]]],
@@ -220,18 +228,58 @@ class RayBackend:
             self._broker.decide.remote(decisions)
 
     @staticmethod
-    def _outcome(ref: ray.ObjectRef) -> Outcome:
+    def _outcomes(ref: ray.ObjectRef, members: int) -> list[Outcome]:
         try:
             return ray.get(ref)
         except _LOST as exc:
-            return Outcome("lost", reason=f"worker lost: {describe(exc)}")
+            failure = Outcome("lost", reason=f"worker lost: {describe(exc)}")
         except ray.exceptions.RayTaskError as exc:
-            return Outcome("error", reason=f"{type(exc.cause).__name__}: {exc.cause}")
+            failure = Outcome("error", reason=f"{type(exc.cause).__name__}: {exc.cause}")
         except ray.exceptions.RayError as exc:
-            return Outcome("lost", reason=f"worker lost: {describe(exc)}")
+            failure = Outcome("lost", reason=f"worker lost: {describe(exc)}")
+        return [failure] * members
 
     def cancel(self, jobs: Iterable[TrialJob]) -> None:
         for ref in list(self._tasks):
             ray.cancel(ref, force=True)
         self._tasks.clear()
         self._jobs.clear()
+
+
+@ray.remote(num_gpus=1, max_retries=0)
+def _probe_remote(configs, data: Splits, objectives):
+    from hpo.packing import probe
+
+    return probe(configs, data, objectives)
+
+
+def auto_gpus_per_trial(spec: Any, seed: int, data: Splits, group_size: int, cpus_per_trial: float) -> tuple[float, str]:
+    """``--gpus-per-trial auto``: probe one representative trial (the spec's ``recommended``
+    baseline, or a group of ``group_size`` of them) alone on a whole GPU of the cluster and
+    return Ray's ``num_gpus`` per trial and a line saying what was measured and chosen."""
+    from optuna.trial import FixedTrial
+
+    from hpo.errors import HpoError
+    from hpo.group import group_key
+    from hpo.packing import gpu_fraction, trials_per_gpu
+    from hpo.space import baseline_params, suggest
+
+    resources = ray.cluster_resources()
+    gpus = resources.get("GPU", 0)
+    if gpus < 1:
+        raise HpoError("--gpus-per-trial auto measures a trial on a GPU, and the Ray cluster has none "
+                       "(use --gpus-per-trial 0 to train on CPUs)")
+    config = suggest(FixedTrial(baseline_params(spec, "recommended")), spec, seed=seed)
+    members = group_size if group_key(config) is not None else 1
+    configs = [dataclasses.replace(config, seed=config.seed + k) for k in range(members)]
+    try:
+        measured = ray.get(_probe_remote.remote(configs, data, spec.objective))
+    except ray.exceptions.RayTaskError as exc:
+        raise HpoError(f"--gpus-per-trial auto: the probe failed: {exc.cause}") from None
+    per_gpu = trials_per_gpu(measured, resources.get("CPU", 1) / gpus, cpus_per_trial)
+    fraction = gpu_fraction(per_gpu)
+    what = f"a group of {members} trials" if members > 1 else "one trial"
+    note = (f"--gpus-per-trial auto: {what} alone on a {measured.device} used "
+            f"{measured.footprint_bytes / 2**20:,.0f} MiB of {measured.total_bytes / 2**30:,.0f} GiB and kept it "
+            f"busy {measured.utilization:.0%} of the time → {per_gpu} per GPU (--gpus-per-trial {fraction:g})")
+    return fraction, note

@@ -1,0 +1,384 @@
+"""Vectorised trial groups: K trial configurations that share an MLP's shape, trained together as
+one batched model.
+
+Small dropout MLPs leave a GPU nearly idle; stacking K members' weights into ``(K, out, in)``
+tensors turns K small matrix products into one batched product (``../shared/DESIGN.md`` §4:
+0.053 s per model-epoch at K=128 against 1.09 s for one plain trial). Each member keeps what
+makes it a different trial: its own initial weights (built exactly as a solo trial with its seed
+builds them), its own batch order (that solo trial's order), its own dropout rates and masks,
+max-norm radius, learning rate, weight decay and L1 coefficient. What members must share is
+:func:`group_key`: the layer widths, activation, dropout variant, optimiser, momentum, batch size
+and epochs.
+
+Members leave the group one by one: pruned (each reports its own epochs to Optuna), stopped
+early, or diverged (non-finite loss); the group then shrinks (:meth:`GroupModule.compact`) so
+the remaining members run as fast as a smaller group. Each member ends as a plain
+:class:`~hpo.nets.MLP` with its best epoch's weights, measured by the same code as a solo trial.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from hpo.batches import GroupBatches, ResidentBatches
+from hpo.data import Splits
+from hpo.nets import _ACTIVATIONS, build_net
+from hpo.space import TrialConfig
+from hpo.spec import ObjectiveSpec
+from hpo.trial import _EVAL_BATCH, TrialResult, _evaluate_splits, _fit, _quiet_lightning, selection_objective
+
+#: Dropout variants with a vectorised form. On an MLP every other variant (spatial, locked,
+#: dropblock) falls back to inverted dropout, in a group as in :func:`hpo.dropout.dropout_layer`.
+_OWN_FORM = ("standard", "gaussian", "alpha", "dropconnect")
+#: ``-scale * alpha`` of SELU: the value alpha dropout sets dropped units to.
+_ALPHA_PRIME = -1.7580993408473766
+
+#: The parameters whose values fix a group's shape (:func:`group_key`): a driver asks a group's
+#: first trial as usual and the others with these fixed to the first's values.
+SHARED_PARAMETERS = frozenset({
+    "model.layers", "model.units", "model.activation", "model.couple_width", "dropout.variant",
+    "training.optimizer", "training.momentum", "training.batch_size",
+})
+
+#: What a member's epoch handler says: go on, or the trial was pruned.
+EpochHandler = Callable[[int, dict[str, float]], bool]
+
+
+def group_key(config: TrialConfig) -> Hashable | None:
+    """What the members of a group must share, or ``None`` when ``config`` cannot be vectorised
+    (only MLPs can)."""
+    if config.net.arch != "mlp":
+        return None
+    t = config.train
+    return (config.net, config.dropout.variant, t.optimizer, t.momentum, t.batch_size, t.epochs, t.early_stopping)
+
+
+def _member_net(config: TrialConfig, data: Splits) -> nn.Module:
+    """The member's network as a solo trial with its seed builds it (same initial weights)."""
+    torch.manual_seed(config.seed)
+    return build_net(config.net, config.dropout, data.input_shape, data.num_classes)
+
+
+class GroupMLP(nn.Module):
+    """K MLPs of one shape as stacked parameters: ``weights[i]`` is ``(K, out, in)``, ``biases[i]``
+    ``(K, out)``. ``rates[:, i]`` is each member's drop probability on the input of linear layer
+    ``i`` (the input placement for ``i = 0``, hidden layer ``i - 1`` after it).
+
+    ``forward`` takes ``(K, batch, …)`` inputs (each member its own batch) or ``(batch, …)``
+    inputs shared by every member, and returns ``(K, batch, classes)`` logits.
+    """
+
+    def __init__(self, configs: list[TrialConfig], data: Splits) -> None:
+        super().__init__()
+        nets = [_member_net(c, data) for c in configs]
+        linears = [[m for m in net.modules() if isinstance(m, nn.Linear)] for net in nets]
+        self.names = [name for name, _ in nets[0].named_parameters()]
+        self.weights = nn.ParameterList(
+            torch.stack([layers[i].weight.detach() for layers in linears]) for i in range(len(linears[0]))
+        )
+        self.biases = nn.ParameterList(
+            torch.stack([layers[i].bias.detach() for layers in linears]) for i in range(len(linears[0]))
+        )
+        self.register_buffer("rates", torch.tensor(
+            [[c.dropout.input, *c.dropout.hidden] for c in configs], dtype=torch.float32
+        ))
+        self.input_dims = data.input_shape
+        variant = configs[0].dropout.variant
+        self.variant = variant if variant in _OWN_FORM else "inverted"
+        self.activation = nn.SELU() if variant == "alpha" else _ACTIVATIONS[configs[0].net.activation]()
+
+    @property
+    def size(self) -> int:
+        return len(self.rates)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shared = x.ndim == len(self.input_dims) + 1
+        h = x.flatten(1) if shared else x.flatten(2)
+        last = len(self.weights) - 1
+        for i, (weight, bias) in enumerate(zip(self.weights, self.biases)):
+            p = self.rates[:, i].view(-1, 1, 1)
+            if self.variant == "dropconnect":
+                if self.training:
+                    weight = weight * torch.bernoulli((1 - p).expand_as(weight)) / (1 - p)
+            else:
+                h = self._drop(h, p)
+            h = torch.matmul(h, weight.transpose(1, 2)) + bias.unsqueeze(1)
+            if i < last:
+                h = self.activation(h)
+        return h if h.ndim == 3 else h.expand(self.size, *h.shape)
+
+    def _drop(self, h: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """Per-member dropout of activations ``h`` at rates ``p`` (``(K, 1, 1)``), as the
+        variant's solo layer computes it (:mod:`hpo.dropout`)."""
+        keep = 1 - p
+        if not self.training:
+            return h * keep if self.variant == "standard" else h
+        if h.ndim == 2:
+            h = h.expand(self.size, *h.shape)
+        if self.variant == "gaussian":
+            return h * (1 + torch.sqrt(p / keep) * torch.randn_like(h))
+        mask = torch.bernoulli(keep.expand_as(h))
+        if self.variant == "standard":
+            return h * mask
+        if self.variant == "alpha":
+            a = (keep * (1 + p * _ALPHA_PRIME**2)) ** -0.5
+            return a * (h * mask + _ALPHA_PRIME * (1 - mask)) - a * _ALPHA_PRIME * p
+        return h * mask / keep
+
+    def member_state(self, k: int, weights: list[torch.Tensor] | None = None,
+                     biases: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Member ``k``'s parameters as a solo :class:`~hpo.nets.MLP` ``state_dict`` (CPU)."""
+        weights = self.weights if weights is None else weights
+        biases = self.biases if biases is None else biases
+        tensors = [t for pair in zip(weights, biases) for t in pair]
+        return {name: t[k].detach().to("cpu", copy=True) for name, t in zip(self.names, tensors)}
+
+
+@dataclass
+class MemberEnd:
+    """How a member left the group: ``complete`` (with its best epoch), ``pruned`` or ``nan``."""
+
+    kind: str
+    reason: str = ""
+    best_epoch: int = -1
+    state: dict[str, torch.Tensor] | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+class GroupModule(pl.LightningModule):
+    """Trains a :class:`GroupMLP` with manual optimisation, one optimiser step for all members.
+
+    Per-member hyper-parameters without a per-member form in ``torch.optim`` are applied around
+    its step: weight decay is added to each member's gradient as ``torch.optim`` adds it
+    (coupled L2), and the optimiser steps with learning rate 1 and each member's update is then
+    scaled by its own rate (exact: SGD's and Adam's updates are linear in the rate). Max-norm
+    rescales rows whose L2 norm exceeds each member's radius, as ``torch.renorm`` does.
+
+    ``on_member_epoch(k, entry)`` gets each member's epoch metrics (``k`` is the member's
+    position in the original group) and returns whether the member was pruned.
+    """
+
+    def __init__(self, configs: list[TrialConfig], data: Splits, selection: ObjectiveSpec,
+                 on_member_epoch: EpochHandler, batches: GroupBatches) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.net = GroupMLP(configs, data)
+        self.configs, self.batches, self.on_member_epoch = configs, batches, on_member_epoch
+        self.monitor, self.maximize = selection.metric, selection.direction == "maximize"
+        t = [c.train for c in configs]
+        self.register_buffer("lr", torch.tensor([x.lr for x in t]))
+        self.register_buffer("weight_decay", torch.tensor([x.weight_decay for x in t]))
+        self.register_buffer("l1", torch.tensor([x.l1 for x in t]))
+        self.register_buffer("max_norm", torch.tensor(
+            [math.inf if c.dropout.max_norm is None else c.dropout.max_norm for c in configs]
+        ))
+        self.members = list(range(len(configs)))
+        self.ends: dict[int, MemberEnd] = {}
+        self.histories: list[list[dict[str, float]]] = [[] for _ in configs]
+        self.best_value = [None] * len(configs)
+        self.best_epoch = [-1] * len(configs)
+        self.waited = [0] * len(configs)
+        self.best_weights: list[torch.Tensor] = []
+        self.best_biases: list[torch.Tensor] = []
+        self._epoch_start, self._epoch_time = 0.0, math.nan
+        self._reset_sums()
+
+    def _reset_sums(self) -> None:
+        k = self.net.size
+        self._train = torch.zeros(3, k, device=self.device)  # loss sum, correct, examples
+        self._batches = 0
+        self._val = torch.zeros(4, k, device=self.device)    # batch-mean loss sum, correct, examples, batches
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        logits = self.net(x)
+        losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape).mean(1)
+        with torch.no_grad():
+            self._train[0] += losses.detach()
+            self._train[1] += (logits.argmax(-1) == y).sum(1)
+            self._train[2] += y.shape[1]
+            self._batches += 1
+        loss = losses.sum()
+        if bool((self.l1 > 0).any()):
+            loss = loss + sum((w.abs().sum((1, 2)) * self.l1).sum() for w in self.net.weights)
+        optimizer = self.optimizers()
+        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        params = list(self.net.parameters())
+        with torch.no_grad():
+            for p in params:
+                p.grad.add_(p * self.weight_decay.view(-1, *[1] * (p.ndim - 1)))
+            before = [p.detach().clone() for p in params]
+        optimizer.step()
+        with torch.no_grad():
+            for p, old in zip(params, before):
+                p.copy_(old.lerp_(p, self.lr.view(-1, *[1] * (p.ndim - 1))))
+            for w in self.net.weights:
+                norms = torch.linalg.vector_norm(w, dim=2, keepdim=True)
+                c = self.max_norm.view(-1, 1, 1)
+                w.mul_(torch.where(norms > c, c / (norms + 1e-7), 1.0))
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        logits = self.net(x)
+        losses = F.cross_entropy(logits.flatten(0, 1), y.repeat(self.net.size), reduction="none")
+        self._val[0] += losses.view(self.net.size, -1).mean(1)
+        self._val[1] += (logits.argmax(-1) == y).sum(1)
+        self._val[2] += len(y)
+        self._val[3] += 1
+
+    def on_fit_start(self) -> None:
+        self.best_weights = [w.detach().clone() for w in self.net.weights]
+        self.best_biases = [b.detach().clone() for b in self.net.biases]
+
+    def on_train_epoch_start(self) -> None:
+        self._reset_sums()
+        self._epoch_start = time.perf_counter()
+
+    def on_validation_epoch_start(self) -> None:
+        self._epoch_time = time.perf_counter() - self._epoch_start
+
+    def on_validation_epoch_end(self) -> None:
+        train, val = self._train.cpu(), self._val.cpu()
+        leaving: list[int] = []
+        for pos, k in enumerate(self.members):
+            entry = {
+                "epoch": self.current_epoch,
+                "train/loss": float(train[0, pos] / max(self._batches, 1)),
+                "train/acc": float(train[1, pos] / train[2, pos]),
+                "val/loss": float(val[0, pos] / val[3, pos]),
+                "val/acc": float(val[1, pos] / val[2, pos]),
+                "epoch_time": self._epoch_time,
+            }
+            if not math.isfinite(entry["train/loss"]):
+                self.ends[k] = MemberEnd("nan", f"NonFiniteLossError: training loss became {entry['train/loss']} "
+                                                f"in epoch {self.current_epoch}", history=self.histories[k])
+                leaving.append(pos)
+                continue
+            self.histories[k].append(entry)
+            if self.on_member_epoch(k, entry):
+                self.ends[k] = MemberEnd("pruned", f"Trial was pruned at epoch {self.current_epoch}.",
+                                         history=self.histories[k])
+                leaving.append(pos)
+                continue
+            if self._improved(k, entry[self.monitor]):
+                self.best_value[k], self.best_epoch[k], self.waited[k] = entry[self.monitor], self.current_epoch, 0
+                with torch.no_grad():
+                    for best, now in zip([*self.best_weights, *self.best_biases],
+                                         [*self.net.weights, *self.net.biases]):
+                        best[pos] = now[pos]
+            else:
+                self.waited[k] += 1
+            patience = self.configs[k].train.early_stopping
+            if (patience and self.waited[k] >= patience) or self.current_epoch + 1 >= self.configs[k].train.epochs:
+                self.ends[k] = self._complete(k, pos)
+                leaving.append(pos)
+        if leaving:
+            self.compact([pos for pos in range(len(self.members)) if pos not in leaving])
+        if not self.members:
+            self.trainer.should_stop = True
+
+    def _improved(self, k: int, value: float) -> bool:
+        best = self.best_value[k]
+        return best is None or (value > best if self.maximize else value < best)
+
+    def _complete(self, k: int, pos: int) -> MemberEnd:
+        return MemberEnd("complete", best_epoch=self.best_epoch[k], history=self.histories[k],
+                         state=self.net.member_state(pos, self.best_weights, self.best_biases))
+
+    def compact(self, keep: list[int]) -> None:
+        """Go on with the members at positions ``keep``: stacked parameters, their optimiser
+        state, per-member settings, best weights and batch orders shrink to those members."""
+        index = torch.tensor(keep, device=self.device, dtype=torch.long)
+        optimizer = self.optimizers().optimizer
+        for p in self.net.parameters():
+            state = optimizer.state.get(p, {})
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.ndim and value.shape[0] == p.shape[0]:
+                    state[key] = value.index_select(0, index)
+            p.data = p.data.index_select(0, index)
+            p.grad = None
+        for name in ("lr", "weight_decay", "l1", "max_norm"):
+            setattr(self, name, getattr(self, name).index_select(0, index))
+        self.net.rates = self.net.rates.index_select(0, index)
+        self.best_weights = [t.index_select(0, index) for t in self.best_weights]
+        self.best_biases = [t.index_select(0, index) for t in self.best_biases]
+        self.members = [self.members[pos] for pos in keep]
+        self.batches.keep(keep)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        t = self.configs[0].train
+        if t.optimizer == "adam":
+            return torch.optim.Adam(self.net.parameters(), lr=1.0)
+        return torch.optim.SGD(self.net.parameters(), lr=1.0, momentum=t.momentum)
+
+
+def run_group(
+    configs: list[TrialConfig],
+    data: Splits,
+    objectives: list[ObjectiveSpec],
+    *,
+    pruning_trials: list[Any] | None = None,
+    accelerator: str = "auto",
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+) -> list[TrialResult | MemberEnd]:
+    """Train ``configs`` (one :func:`group_key`) as one vectorised model.
+
+    ``pruning_trials[k]`` (an ``optuna.Trial`` or anything with ``report``/``should_prune``)
+    gets member ``k``'s selection metric after every epoch and may prune that member alone.
+    ``on_epoch(k, metrics)`` gets every epoch of every member. Returns, per member, a
+    :class:`~hpo.trial.TrialResult` (measured like a solo trial's) or the :class:`MemberEnd` of a
+    pruned or diverged member.
+    """
+    keys = {group_key(c) for c in configs}
+    if len(keys) != 1 or None in keys:
+        raise ValueError("a vectorised group needs MLP configurations that share a group key")
+    _quiet_lightning()
+    selection = selection_objective(objectives)
+
+    def on_member_epoch(k: int, entry: dict[str, float]) -> bool:
+        if on_epoch is not None:
+            on_epoch(k, dict(entry))
+        if pruning_trials is None:
+            return False
+        trial = pruning_trials[k]
+        trial.report(entry[selection.metric], step=int(entry["epoch"]))
+        return trial.should_prune()
+
+    trainer = pl.Trainer(
+        accelerator=accelerator, devices=1, max_epochs=configs[0].train.epochs, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    device = trainer.strategy.root_device
+    batches = GroupBatches(data.train, configs[0].train.batch_size, device, [c.seed for c in configs])
+    module = GroupModule(configs, data, selection, on_member_epoch, batches)
+    torch.manual_seed(configs[0].seed)
+    _fit(trainer, module, batches, ResidentBatches(data.val, _EVAL_BATCH, device))
+    for pos, k in enumerate(module.members):  # stopped by max_epochs before a decision
+        module.ends[k] = module._complete(k, pos)
+    return [_result(module.ends[k], configs[k], data, objectives) for k in range(len(configs))]
+
+
+def _result(end: MemberEnd, config: TrialConfig, data: Splits, objectives: list[ObjectiveSpec]) -> TrialResult | MemberEnd:
+    """A completed member measured as :func:`hpo.trial.run_trial` measures a solo trial."""
+    if end.kind != "complete":
+        return end
+    net = build_net(config.net, config.dropout, data.input_shape, data.num_classes)
+    net.load_state_dict(end.state)
+    summary = _evaluate_splits(net, data)
+    summary["epochs"] = len(end.history)
+    summary["epoch_time"] = sum(h["epoch_time"] for h in end.history) / max(len(end.history), 1)
+    at_best = {**end.history[end.best_epoch], "gap": summary["gap"], "epoch_time": summary["epoch_time"]}
+    return TrialResult(values=[at_best[o.metric] for o in objectives], best_epoch=end.best_epoch,
+                       history=end.history, summary=summary, state=end.state)
+

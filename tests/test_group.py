@@ -1,0 +1,141 @@
+"""Vectorised trial groups: members train as they would alone (exactly, where no dropout noise is
+drawn; within run-to-run noise where it is), leave the group one by one when pruned or diverged,
+and a study with groups fills its budget with groups of one shape."""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import uuid
+
+import optuna
+import pytest
+import torch
+from optuna.trial import FixedTrial, TrialState
+
+from hpo import api
+from hpo.api import Execution
+from hpo.dropout import DropoutConfig
+from hpo.group import SHARED_PARAMETERS, GroupMLP, MemberEnd, group_key, run_group
+from hpo.module import TrainConfig
+from hpo.nets import NetConfig, build_net
+from hpo.space import TrialConfig, suggest
+from hpo.spec import ObjectiveSpec, parse_spec
+from hpo.trial import TrialResult, run_trial
+
+from .conftest import TINY_SPEC
+
+VAL_ACC = [ObjectiveSpec(metric="val/acc", direction="maximize")]
+
+
+def _config(seed: int = 1, *, variant: str = "inverted", rates: tuple[float, float] = (0.0, 0.0),
+            max_norm: float | None = None, epochs: int = 4, **train) -> TrialConfig:
+    return TrialConfig(
+        net=NetConfig(units=(32,)),
+        dropout=DropoutConfig(variant=variant, input=rates[0], hidden=(rates[1],), max_norm=max_norm),
+        train=TrainConfig(**{"lr": 0.05, "epochs": epochs, "batch_size": 128, **train}),
+        seed=seed,
+    )
+
+
+@pytest.mark.parametrize("optimizer,tolerance", [("sgd", 1e-5), ("adam", 2e-3)])
+def test_members_without_dropout_noise_train_exactly_as_they_do_alone(digits, optimizer, tolerance):
+    """Per-member learning rate, weight decay, L1 and max-norm, and each member's own initial
+    weights and batch order: with no masks drawn, a member's epochs equal its solo run's."""
+    lr = 0.005 if optimizer == "adam" else 0.05
+    members = [
+        _config(1, optimizer=optimizer, lr=lr, weight_decay=1e-3, l1=1e-4, max_norm=0.8),
+        _config(2, optimizer=optimizer, lr=lr * 3, max_norm=None),
+        _config(3, optimizer=optimizer, lr=lr / 2, weight_decay=1e-2, max_norm=2.0),
+    ]
+    group = run_group(members, digits, VAL_ACC, accelerator="cpu")
+    for config, member in zip(members, group):
+        solo = run_trial(config, digits, VAL_ACC, accelerator="cpu")
+        assert isinstance(member, TrialResult)
+        assert [h["val/loss"] for h in member.history] == pytest.approx(
+            [h["val/loss"] for h in solo.history], abs=tolerance)
+        assert member.best_epoch == solo.best_epoch
+        assert member.summary["test_acc"] == pytest.approx(solo.summary["test_acc"], abs=0.01)
+
+
+@pytest.mark.parametrize("variant", ["inverted", "standard", "gaussian", "alpha", "dropconnect"])
+def test_a_group_in_eval_mode_computes_each_members_solo_network(digits, variant):
+    configs = [_config(s, variant=variant, rates=r) for s, r in ((1, (0.2, 0.5)), (2, (0.0, 0.3)), (3, (0.4, 0.0)))]
+    group = GroupMLP(configs, digits).eval()
+    x = digits.val.x[:50]
+    out = group(x)
+    for k, config in enumerate(configs):
+        solo = build_net(config.net, config.dropout, digits.input_shape, digits.num_classes)
+        solo.load_state_dict(group.member_state(k))
+        assert torch.allclose(out[k], solo.eval()(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["inverted", "dropconnect", "gaussian"])
+def test_with_dropout_a_member_matches_its_solo_runs_within_run_to_run_noise(digits, variant):
+    seeds = [11, 12, 13, 14]
+    configs = [_config(s, variant=variant, rates=(0.2, 0.5), epochs=6) for s in seeds]
+    solo = [run_trial(c, digits, VAL_ACC, accelerator="cpu").summary["test_acc"] for c in configs]
+    grouped = [r.summary["test_acc"] for r in run_group(configs, digits, VAL_ACC, accelerator="cpu")]
+    spread = max(statistics.stdev(solo), statistics.stdev(grouped), 0.005)
+    assert abs(statistics.mean(grouped) - statistics.mean(solo)) <= 3 * spread, (solo, grouped)
+    assert min(grouped) > 0.5 and min(solo) > 0.5, "both learn"
+
+
+def test_members_are_pruned_individually_through_their_own_optuna_trials(digits):
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.ThresholdPruner(lower=0.5, n_warmup_steps=1))
+    trials = [study.ask() for _ in range(3)]
+    configs = [_config(1), _config(2, lr=1e-7), _config(3)]
+    seen: list[tuple[int, int]] = []
+    results = run_group(configs, digits, VAL_ACC, pruning_trials=trials, accelerator="cpu",
+                        on_epoch=lambda k, entry: seen.append((k, entry["epoch"])))
+    assert isinstance(results[1], MemberEnd) and results[1].kind == "pruned"
+    assert results[1].reason == "Trial was pruned at epoch 1."
+    assert [isinstance(r, TrialResult) for r in results] == [True, False, True]
+    assert sorted(trials[1].storage.get_trial(trials[1]._trial_id).intermediate_values) == [0, 1]
+    assert len(study.trials[0].intermediate_values) == 4 == len(results[0].history)
+    assert sorted(e for k, e in seen if k == 1) == [0, 1], "the pruned member stopped training"
+
+
+def test_a_diverging_member_fails_alone(digits):
+    configs = [_config(1), _config(2, lr=1e12), _config(3)]
+    results = run_group(configs, digits, VAL_ACC, accelerator="cpu")
+    assert results[1].kind == "nan" and "NonFiniteLossError" in results[1].reason
+    assert all(isinstance(results[k], TrialResult) and results[k].summary["val_acc"] > 0.8 for k in (0, 2))
+
+
+def test_only_mlp_configurations_of_one_shape_can_share_a_group(digits):
+    assert group_key(_config(1, rates=(0.1, 0.2), lr=0.1)) == group_key(_config(2, rates=(0.3, 0.0), lr=0.01))
+    assert group_key(_config(1)) != group_key(_config(1, batch_size=64))
+    cnn = dataclasses.replace(_config(1), net=NetConfig(arch="cnn", units=(32,)))
+    assert group_key(cnn) is None
+    with pytest.raises(ValueError, match="share a group key"):
+        run_group([_config(1), _config(2, batch_size=64)], digits, VAL_ACC, accelerator="cpu")
+
+
+def test_a_study_with_groups_fills_its_budget_with_groups_of_one_shape(write_spec, sqlite_url):
+    name = f"groups-{uuid.uuid4().hex[:8]}"
+    _, summary = api.submit(write_spec(), trials=7, study_name=name, storage=sqlite_url,
+                            execution=Execution(accelerator="cpu", group_size=3))
+    trials = optuna.load_study(study_name=name, storage=sqlite_url).trials
+    assert summary.counts.finished == 7 and len(trials) == 7
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    assert [t.user_attrs.get("group") for t in trials] == (
+        [{"first": 0, "size": 3}] * 3 + [{"first": 3, "size": 3}] * 3 + [None]), "the last trial ran alone"
+    for first in (0, 3):
+        members = trials[first:first + 3]
+        shared = [{k: v for k, v in t.params.items() if k in SHARED_PARAMETERS} for t in members]
+        assert shared[0] and all(s == shared[0] for s in shared)
+    assert len({t.params["training.lr"] for t in trials[3:6]}) == 3, "the sampler still chose each member's lr"
+
+
+def test_group_configurations_come_from_the_spec_as_solo_ones_do():
+    spec = parse_spec(TINY_SPEC)
+    params = {"model.units": 32, "dropout.variant": "gaussian", "dropout.input.enabled": False,
+              "dropout.hidden.rate": 0.3, "dropout.max_norm": None, "training.lr": 0.05}
+    assert group_key(suggest(FixedTrial(params), spec, seed=0)) is not None
+    assert SHARED_PARAMETERS >= {"model.units", "dropout.variant"}
+
+
+def test_invalid_group_sizes_are_refused():
+    with pytest.raises(api.HpoError, match="group-size"):
+        Execution(group_size=0)
