@@ -1,0 +1,68 @@
+"""--gpus-per-trial auto: how a probe's measurements become trials per GPU, and the clear error
+where there is no GPU to measure on."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from hpo.api import Execution
+from hpo.errors import HpoError
+from hpo.packing import HEADROOM, MAX_TRIALS_PER_GPU, Probe, gpu_fraction, trials_per_gpu
+
+GIB = 2**30
+H100 = 80 * GIB
+
+
+def _probe(footprint_gib: float, utilization: float) -> Probe:
+    return Probe(footprint_bytes=int(footprint_gib * GIB), total_bytes=H100, utilization=utilization, seconds=3.0)
+
+
+def test_a_trial_that_keeps_the_gpu_a_tenth_busy_gets_company_until_it_would_be_full():
+    assert trials_per_gpu(_probe(1.0, 0.10), cpus_per_gpu=16, cpus_per_trial=1) == 8
+
+
+def test_memory_limits_packing_when_trials_are_large():
+    assert trials_per_gpu(_probe(20.0, 0.05), cpus_per_gpu=16, cpus_per_trial=1) == 3  # 0.85 * 80 / 20
+
+
+def test_cpus_limit_packing_each_trial_needs_its_own():
+    assert trials_per_gpu(_probe(1.0, 0.02), cpus_per_gpu=4, cpus_per_trial=2) == 2
+
+
+def test_packing_stays_between_one_and_the_maximum():
+    assert trials_per_gpu(_probe(1.0, 1.0), cpus_per_gpu=16, cpus_per_trial=1) == 1
+    assert trials_per_gpu(_probe(100.0, 0.5), cpus_per_gpu=16, cpus_per_trial=1) == 1
+    assert trials_per_gpu(_probe(0.1, 0.0), cpus_per_gpu=128, cpus_per_trial=1) == MAX_TRIALS_PER_GPU
+    assert HEADROOM < 1
+
+
+@pytest.mark.parametrize("trials", [1, 2, 3, 6, 7, 16])
+def test_gpu_fractions_fit_that_many_trials_on_one_gpu_in_ray_precision(trials):
+    fraction = gpu_fraction(trials)
+    assert fraction * trials <= 1 and round(fraction, 4) == fraction
+    assert (fraction + 1e-4) * trials > 1 - 1e-3 * trials
+
+
+def test_auto_is_an_execution_option_that_needs_ray():
+    assert Execution(gpus_per_trial="auto").uses_ray
+    with pytest.raises(HpoError, match="local executor"):
+        Execution(executor="local", gpus_per_trial="auto")
+    with pytest.raises(HpoError, match="'auto'"):
+        Execution(gpus_per_trial="many")
+
+
+def test_auto_without_a_gpu_is_a_one_line_error_and_writes_no_study(write_spec, tmp_path):
+    store = tmp_path / "s.db"
+    done = subprocess.run(
+        [sys.executable, "-m", "hpo", "submit", str(write_spec()), "--gpus-per-trial", "auto",
+         "--storage", f"sqlite:///{store}", "--no-tracking"],
+        capture_output=True, text=True, timeout=240, cwd=tmp_path,
+    )
+    assert done.returncode == 2, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert lines == ["error: --gpus-per-trial auto measures a trial on a GPU, and the Ray cluster has none "
+                     "(use --gpus-per-trial 0 to train on CPUs)"]
+    assert not store.exists()
