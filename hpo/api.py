@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from hpo.batches import Loading
 from hpo.data import Splits, load_data
 from hpo.errors import HpoError
 from hpo.executor import Backend, LocalBackend, ProgressCallback, RunSummary, run_study
@@ -45,6 +46,9 @@ class Execution:
         accelerator: Lightning accelerator for in-process trials (``auto``, ``cpu``, ``gpu``).
         group_size: Trials trained together as one vectorised model (:mod:`hpo.group`; MLP
             search spaces). Each group takes one worker slot and one ``gpus_per_trial`` share.
+        loading: How batches reach the device: ``auto`` holds the data on it when it fits
+            (:mod:`hpo.batches`), ``dataloader`` copies each batch from host memory (the
+            benchmark's baseline), ``resident`` insists. Seeded trials compute the same either way.
     """
 
     executor: Literal["auto", "local", "ray"] = "auto"
@@ -55,6 +59,7 @@ class Execution:
     ray_address: str | None = None
     accelerator: str = "auto"
     group_size: int = 1
+    loading: Loading = "auto"
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -89,7 +94,7 @@ def _backend(spec: Spec, seed: int, data: Splits, execution: Execution,
     that cannot run them (``--gpus-per-trial auto`` without a GPU) leaves the store as it was."""
     prune = not spec.multi_objective and spec.active_pruner.name != "none"
     if not execution.uses_ray:
-        yield LocalBackend(data, spec.objective, prune, execution.accelerator)
+        yield LocalBackend(data, spec.objective, prune, execution.accelerator, execution.loading)
         return
     import ray
 
@@ -103,7 +108,7 @@ def _backend(spec: Spec, seed: int, data: Splits, execution: Execution,
             on_note(note)
         yield RayBackend(
             data, spec.objective, prune=prune, workers=execution.workers,
-            cpus_per_trial=execution.cpus_per_trial, gpus_per_trial=gpus,
+            cpus_per_trial=execution.cpus_per_trial, gpus_per_trial=gpus, loading=execution.loading,
         )
     finally:
         if started:

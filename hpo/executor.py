@@ -22,6 +22,7 @@ from typing import Any, Literal, Protocol
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from hpo.batches import Loading
 from hpo.data import Splits
 from hpo.group import SHARED_PARAMETERS, group_key, run_group
 from hpo.module import NonFiniteLossError
@@ -115,13 +116,13 @@ def trial_seed(study_seed: int, number: int) -> int:
 
 def execute(
     config: TrialConfig, data: Splits, objectives: list[ObjectiveSpec], pruning_trial: Any, accelerator: str,
-    on_epoch: Callable[[dict[str, float]], None] | None = None,
+    on_epoch: Callable[[dict[str, float]], None] | None = None, loading: Loading = "auto",
 ) -> Outcome:
     """Run one trial and classify how it ended (shared by every backend's workers)."""
     try:
         return Outcome("complete", result=run_trial(
             config, data, objectives, pruning_trial=pruning_trial, accelerator=accelerator,
-            on_epoch=on_epoch,
+            on_epoch=on_epoch, loading=loading,
         ))
     except optuna.TrialPruned as exc:
         return Outcome("pruned", reason=str(exc))
@@ -133,14 +134,15 @@ def execute(
 
 def execute_group(
     configs: list[TrialConfig], data: Splits, objectives: list[ObjectiveSpec], pruning_trials: list[Any] | None,
-    accelerator: str, on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    accelerator: str, on_epoch: Callable[[int, dict[str, float]], None] | None = None, loading: Loading = "auto",
 ) -> list[Outcome]:
-    """Train ``configs`` as one vectorised group (:func:`hpo.group.run_group`); one outcome per
-    member. An error in the group's own code fails every member with it."""
+    """Train ``configs`` as one vectorised group (:func:`hpo.group.run_group`, always on
+    resident data); one outcome per member. An error in the group's own code fails every
+    member with it. A single config is a solo trial, with ``loading``."""
     if len(configs) == 1:
         one = None if on_epoch is None else (lambda entry: on_epoch(0, entry))
         return [execute(configs[0], data, objectives, pruning_trials[0] if pruning_trials else None,
-                        accelerator, on_epoch=one)]
+                        accelerator, on_epoch=one, loading=loading)]
     try:
         ends = run_group(configs, data, objectives, pruning_trials=pruning_trials,
                          accelerator=accelerator, on_epoch=on_epoch)
@@ -163,8 +165,10 @@ class LocalBackend:
 
     slots = 1
 
-    def __init__(self, data: Splits, objectives: list[ObjectiveSpec], prune: bool, accelerator: str) -> None:
+    def __init__(self, data: Splits, objectives: list[ObjectiveSpec], prune: bool, accelerator: str,
+                 loading: Loading = "auto") -> None:
         self.data, self.objectives, self.prune, self.accelerator = data, objectives, prune, accelerator
+        self.loading = loading
         self.on_epoch: EpochCallback | None = None
         self._done: list[tuple[TrialJob, Outcome]] = []
 
@@ -173,6 +177,7 @@ class LocalBackend:
             [job.config for job in jobs], self.data, self.objectives,
             [job.trial for job in jobs] if self.prune else None, self.accelerator,
             on_epoch=None if self.on_epoch is None else lambda k, entry: self.on_epoch(jobs[k].trial.number, entry),
+            loading=self.loading,
         )
         self._done.extend(zip(jobs, outcomes))
 

@@ -25,6 +25,7 @@ from typing import Any
 import ray
 import ray.exceptions
 
+from hpo.batches import Loading
 from hpo.data import Splits
 from hpo.errors import describe
 from hpo.executor import EpochCallback, Outcome, TrialJob, execute_group
@@ -132,7 +133,7 @@ def _worker_info(cpus: float) -> dict[str, Any]:
 
 @ray.remote(max_retries=0)
 def _run_remote(configs, data: Splits, objectives, broker, numbers: list[int], prune: bool, accelerator: str,
-                cpus: float) -> list[Outcome]:
+                cpus: float, loading: str) -> list[Outcome]:
     """One trial, or a vectorised group of trials (``numbers``, one per config)."""
     import torch
 
@@ -142,7 +143,7 @@ def _run_remote(configs, data: Splits, objectives, broker, numbers: list[int], p
         ray.get(broker.started.remote(number, worker))
     return execute_group(configs, data, objectives,
                          [RemoteTrial(broker, number) for number in numbers] if prune else None, accelerator,
-                         on_epoch=lambda k, entry: ray.get(broker.epoch.remote(numbers[k], entry)))
+                         on_epoch=lambda k, entry: ray.get(broker.epoch.remote(numbers[k], entry)), loading=loading)
 
 
 class RayBackend:
@@ -153,6 +154,7 @@ class RayBackend:
         cpus_per_trial: Ray ``num_cpus`` of each trial task (and its torch thread count).
         gpus_per_trial: Ray ``num_gpus`` of each trial; fractions pack trials onto a GPU
             (0.25: four trials per GPU). Above 0 each trial trains on its GPU.
+        loading: How batches reach the device (:func:`hpo.batches.make_loaders`).
     """
 
     def __init__(
@@ -164,10 +166,11 @@ class RayBackend:
         workers: int,
         cpus_per_trial: float = 1.0,
         gpus_per_trial: float = 0.0,
+        loading: Loading = "auto",
     ) -> None:
         self.objectives, self.prune, self.slots = objectives, prune, workers
         self.on_epoch: EpochCallback | None = None
-        self.cpus, self.gpus = cpus_per_trial, gpus_per_trial
+        self.cpus, self.gpus, self.loading = cpus_per_trial, gpus_per_trial, loading
         self.accelerator = "gpu" if gpus_per_trial > 0 else "cpu"
         self._data_ref = ray.put(data)
         self._broker = PruningBroker.remote()
@@ -181,7 +184,7 @@ class RayBackend:
     def start(self, jobs: list[TrialJob]) -> None:
         ref = _run_remote.options(**self._options).remote(
             [job.config for job in jobs], self._data_ref, self.objectives, self._broker,
-            [job.trial.number for job in jobs], self.prune, self.accelerator, self.cpus,
+            [job.trial.number for job in jobs], self.prune, self.accelerator, self.cpus, self.loading,
         )
         self._tasks[ref] = jobs
         for job in jobs:
