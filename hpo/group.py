@@ -181,6 +181,7 @@ class GroupModule(pl.LightningModule):
         self.register_buffer("max_norm", torch.tensor(
             [math.inf if c.dropout.max_norm is None else c.dropout.max_norm for c in configs]
         ))
+        self.uses_l1 = any(x.l1 > 0 for x in t)
         self.members = list(range(len(configs)))
         self.ends: dict[int, MemberEnd] = {}
         self.histories: list[list[dict[str, float]]] = [[] for _ in configs]
@@ -208,7 +209,7 @@ class GroupModule(pl.LightningModule):
             self._train[2] += y.shape[1]
             self._batches += 1
         loss = losses.sum()
-        if bool((self.l1 > 0).any()):
+        if self.uses_l1:
             loss = loss + sum((w.abs().sum((1, 2)) * self.l1).sum() for w in self.net.weights)
         optimizer = self.optimizers()
         optimizer.zero_grad(set_to_none=True)

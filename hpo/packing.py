@@ -98,13 +98,16 @@ def probe(configs: list[TrialConfig], data: Splits, objectives: list[ObjectiveSp
             if epochs:  # the first epoch includes start-up: sample the second only
                 samples.append(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100)
 
+    def on_epoch(member: int, entry: dict[str, float]) -> None:
+        if member == 0:
+            epochs.append(entry["epoch"])
+
     sampler = threading.Thread(target=sample, daemon=True)
     torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
     sampler.start()
     try:
-        outcomes = execute_group(configs, short, objectives, None, "gpu",
-                                 on_epoch=lambda k, entry: k == 0 and epochs.append(entry["epoch"]))
+        outcomes = execute_group(configs, short, objectives, None, "gpu", on_epoch=on_epoch)
     finally:
         stop.set()
         sampler.join()
