@@ -31,10 +31,10 @@ from torch.nn import functional as F
 
 from hpo.batches import GroupBatches, ResidentBatches
 from hpo.data import Splits
-from hpo.nets import _ACTIVATIONS, build_net
+from hpo.nets import ACTIVATIONS, build_net
 from hpo.space import TrialConfig
 from hpo.spec import ObjectiveSpec
-from hpo.trial import _EVAL_BATCH, TrialResult, _evaluate_splits, _fit, _quiet_lightning, selection_objective
+from hpo.trial import EVAL_BATCH, TrialResult, fit_interruptible, measure, quiet_lightning, selection_objective
 
 #: Dropout variants with a vectorised form. On an MLP every other variant (spatial, locked,
 #: dropblock) falls back to inverted dropout, in a group as in :func:`hpo.dropout.dropout_layer`.
@@ -94,7 +94,7 @@ class GroupMLP(nn.Module):
         self.input_dims = data.input_shape
         variant = configs[0].dropout.variant
         self.variant = variant if variant in _OWN_FORM else "inverted"
-        self.activation = nn.SELU() if variant == "alpha" else _ACTIVATIONS[configs[0].net.activation]()
+        self.activation = nn.SELU() if variant == "alpha" else ACTIVATIONS[configs[0].net.activation]()
 
     @property
     def size(self) -> int:
@@ -343,7 +343,7 @@ def run_group(
     keys = {group_key(c) for c in configs}
     if len(keys) != 1 or None in keys:
         raise ValueError("a vectorised group needs MLP configurations that share a group key")
-    _quiet_lightning()
+    quiet_lightning()
     selection = selection_objective(objectives)
 
     def on_member_epoch(k: int, entry: dict[str, float]) -> bool:
@@ -364,7 +364,7 @@ def run_group(
     batches = GroupBatches(data.train, configs[0].train.batch_size, device, [c.seed for c in configs])
     module = GroupModule(configs, data, selection, on_member_epoch, batches)
     torch.manual_seed(configs[0].seed)
-    _fit(trainer, module, batches, ResidentBatches(data.val, _EVAL_BATCH, device))
+    fit_interruptible(trainer, module, batches, ResidentBatches(data.val, EVAL_BATCH, device))
     for pos, k in enumerate(module.members):  # stopped by max_epochs before a decision
         module.ends[k] = module._complete(k, pos)
     return [_result(module.ends[k], configs[k], data, objectives) for k in range(len(configs))]
@@ -376,10 +376,5 @@ def _result(end: MemberEnd, config: TrialConfig, data: Splits, objectives: list[
         return end
     net = build_net(config.net, config.dropout, data.input_shape, data.num_classes)
     net.load_state_dict(end.state)
-    summary = _evaluate_splits(net, data)
-    summary["epochs"] = len(end.history)
-    summary["epoch_time"] = sum(h["epoch_time"] for h in end.history) / max(len(end.history), 1)
-    at_best = {**end.history[end.best_epoch], "gap": summary["gap"], "epoch_time": summary["epoch_time"]}
-    return TrialResult(values=[at_best[o.metric] for o in objectives], best_epoch=end.best_epoch,
-                       history=end.history, summary=summary, state=end.state)
+    return measure(net, data, objectives, end.history, end.best_epoch, end.state)
 

@@ -16,7 +16,7 @@ from torch import nn
 from hpo.dropout import DropoutConfig, dropout_layer, linear_layer
 from hpo.spec import Activation, Arch
 
-_ACTIVATIONS: dict[str, type[nn.Module]] = {
+ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU, "gelu": nn.GELU, "selu": nn.SELU,
 }
 
@@ -80,7 +80,7 @@ def _as_sequence(input_shape: tuple[int, ...]) -> tuple[int, int]:
 
 
 def _activation(net: NetConfig, dropout: DropoutConfig) -> nn.Module:
-    return nn.SELU() if dropout.variant == "alpha" else _ACTIVATIONS[net.activation]()
+    return nn.SELU() if dropout.variant == "alpha" else ACTIVATIONS[net.activation]()
 
 
 def _dense_stack(

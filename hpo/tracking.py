@@ -350,7 +350,7 @@ class Tracker:
         """Start the background thread, which first opens the experiment and the study's parent
         run; nothing here waits on MLflow."""
         # Imported here, before any trial: it loads pytorch_lightning, which re-points
-        # Lightning's loggers; each trial then quiets them again (hpo.trial._quiet_lightning).
+        # Lightning's loggers; each trial then quiets them again (hpo.trial.quiet_lightning).
         import mlflow.pytorch  # noqa: F401
 
         self._client = client(self.settings)

@@ -26,7 +26,7 @@ from hpo.nets import build_net
 from hpo.space import TrialConfig
 from hpo.spec import EPOCH_METRICS, ObjectiveSpec
 
-_EVAL_BATCH = 4096
+EVAL_BATCH = 4096
 
 
 @dataclass
@@ -110,7 +110,7 @@ def run_trial(
     for a fixed number of epochs, where the validation data is only watched). ``loading`` says
     how batches reach the device (:func:`hpo.batches.make_loaders`: resident when the data fits).
     """
-    _quiet_lightning()
+    quiet_lightning()
     pl.seed_everything(config.seed, workers=True, verbose=False)
     net = build_net(config.net, config.dropout, data.input_shape, data.num_classes)
     module = ClassifierModule(net, config.train, data.num_classes, max_norm=config.dropout.max_norm)
@@ -141,29 +141,36 @@ def run_trial(
         num_sanity_val_steps=0,
     )
     train_loader, val_loader = make_loaders(
-        data, config.train.batch_size, _EVAL_BATCH, config.seed, trainer.strategy.root_device, loading
+        data, config.train.batch_size, EVAL_BATCH, config.seed, trainer.strategy.root_device, loading
     )
-    _fit(trainer, module, train_loader, val_loader)
+    fit_interruptible(trainer, module, train_loader, val_loader)
 
     if keep_last:
         best.epoch = len(module.history) - 1
         best.state = {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
     elif best.state is not None:
         net.load_state_dict(best.state)
-    summary = _evaluate_splits(net, data)
-    summary["epochs"] = len(module.history)
-    summary["epoch_time"] = sum(h["epoch_time"] for h in module.history) / max(len(module.history), 1)
-    at_best = {**module.history[best.epoch], "gap": summary["gap"], "epoch_time": summary["epoch_time"]}
+    return measure(net, data, objectives, module.history, best.epoch, best.state)
+
+
+def measure(net: torch.nn.Module, data: Splits, objectives: list[ObjectiveSpec], history: list[dict[str, float]],
+            best_epoch: int, state: dict[str, torch.Tensor] | None) -> TrialResult:
+    """The result of a trial whose ``net`` holds the kept weights: eval-mode metrics of every
+    split, and the objectives at ``best_epoch`` of ``history`` (shared by solo and grouped trials)."""
+    summary = evaluate_splits(net, data)
+    summary["epochs"] = len(history)
+    summary["epoch_time"] = sum(h["epoch_time"] for h in history) / max(len(history), 1)
+    at_best = {**history[best_epoch], "gap": summary["gap"], "epoch_time": summary["epoch_time"]}
     return TrialResult(
         values=[at_best[o.metric] for o in objectives],
-        best_epoch=best.epoch,
-        history=module.history,
+        best_epoch=best_epoch,
+        history=history,
         summary=summary,
-        state=best.state,
+        state=state,
     )
 
 
-def _fit(trainer: pl.Trainer, module: pl.LightningModule, train: Iterable, val: Iterable) -> None:
+def fit_interruptible(trainer: pl.Trainer, module: pl.LightningModule, train: Iterable, val: Iterable) -> None:
     """``trainer.fit`` that lets Ctrl-C through: Lightning turns it into ``sys.exit(1)`` and
     leaves SIGINT ignored; here it becomes ``KeyboardInterrupt`` again, handler restored."""
     main_thread = threading.current_thread() is threading.main_thread()
@@ -183,16 +190,16 @@ def evaluate(net: torch.nn.Module, split: Split) -> tuple[float, float]:
     net.eval()
     device = next(net.parameters()).device
     loss, correct = 0.0, 0
-    for start in range(0, len(split), _EVAL_BATCH):
-        x = split.x[start:start + _EVAL_BATCH].to(device)
-        y = split.y[start:start + _EVAL_BATCH].to(device)
+    for start in range(0, len(split), EVAL_BATCH):
+        x = split.x[start:start + EVAL_BATCH].to(device)
+        y = split.y[start:start + EVAL_BATCH].to(device)
         logits = net(x)
         loss += float(F.cross_entropy(logits, y, reduction="sum"))
         correct += int((logits.argmax(1) == y).sum())
     return loss / max(len(split), 1), correct / max(len(split), 1)
 
 
-def _evaluate_splits(net: torch.nn.Module, data: Splits) -> dict[str, float]:
+def evaluate_splits(net: torch.nn.Module, data: Splits) -> dict[str, float]:
     summary: dict[str, float] = {}
     for name in ("train", "val", "test"):
         summary[f"{name}_loss"], summary[f"{name}_acc"] = evaluate(net, getattr(data, name))
@@ -200,7 +207,7 @@ def _evaluate_splits(net: torch.nn.Module, data: Splits) -> dict[str, float]:
     return summary
 
 
-def _quiet_lightning() -> None:
+def quiet_lightning() -> None:
     """Silence Lightning's per-fit banners and advice: a study runs hundreds of fits. The
     standalone ``pytorch_lightning`` names count too: importing ``mlflow.pytorch`` loads that
     package, which re-points Lightning's shared rank-zero logger at them."""
