@@ -26,25 +26,34 @@ Loading = Literal["auto", "resident", "dataloader"]
 RESIDENT_MEMORY_FRACTION = 0.25
 
 
-class ResidentBatches:
+class _OnDevice:
+    """A split moved to ``device`` once, served in batches of ``batch_size`` (the last one
+    smaller, as a ``DataLoader`` without ``drop_last``)."""
+
+    def __init__(self, split: Split, batch_size: int, device: torch.device | str) -> None:
+        self.x = split.x.to(device)
+        self.y = split.y.to(device)
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.y) // self.batch_size)
+
+
+class ResidentBatches(_OnDevice):
     """Batches of a split that lives on ``device``, for Lightning's ``fit`` like a ``DataLoader``.
 
     Each ``iter()`` is one epoch. With ``generator`` the order is shuffled and drawn from the
     generator the way ``DataLoader(shuffle=True, generator=…)`` draws it (one 64-bit base seed,
     the permutation, and the trailing permutation its ``RandomSampler`` discards), so the batches
     equal the ``DataLoader``'s, batch for batch. Without one, the base seed comes from torch's
-    global generator, as a ``DataLoader``'s does: dropout masks then match too. Only the permutation (8 bytes per example) is
-    copied to the device, once per epoch.
+    global generator, as a ``DataLoader``'s does: dropout masks then match too. Only the
+    permutation (8 bytes per example) is copied to the device, once per epoch.
     """
 
     def __init__(self, split: Split, batch_size: int, device: torch.device | str,
                  generator: torch.Generator | None = None) -> None:
-        self.x = split.x.to(device)
-        self.y = split.y.to(device)
-        self.batch_size, self.generator = batch_size, generator
-
-    def __len__(self) -> int:
-        return -(-len(self.y) // self.batch_size)
+        super().__init__(split, batch_size, device)
+        self.generator = generator
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.y)
@@ -59,19 +68,14 @@ class ResidentBatches:
             yield self.x[index], self.y[index]
 
 
-class GroupBatches:
+class GroupBatches(_OnDevice):
     """Batches for a vectorised trial group: member ``k`` gets the batches a solo trial seeded
     with ``seeds[k]`` gets from :class:`ResidentBatches`, stacked into ``(K, batch, …)`` inputs
     and ``(K, batch)`` labels. :meth:`keep` drops members that left the group."""
 
     def __init__(self, split: Split, batch_size: int, device: torch.device | str, seeds: list[int]) -> None:
-        self.x = split.x.to(device)
-        self.y = split.y.to(device)
-        self.batch_size = batch_size
+        super().__init__(split, batch_size, device)
         self.generators = [torch.Generator().manual_seed(seed) for seed in seeds]
-
-    def __len__(self) -> int:
-        return -(-len(self.y) // self.batch_size)
 
     def keep(self, members: list[int]) -> None:
         """Go on with only these members (positions in the current group)."""

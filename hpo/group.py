@@ -280,7 +280,7 @@ class GroupModule(pl.LightningModule):
             else:
                 self.waited[k] += 1
             patience = self.configs[k].train.early_stopping
-            if (patience and self.waited[k] >= patience) or self.current_epoch + 1 >= self.configs[k].train.epochs:
+            if patience and self.waited[k] >= patience:
                 self.ends[k] = self._complete(k, pos)
                 leaving.append(pos)
         if leaving:
@@ -365,7 +365,7 @@ def run_group(
     module = GroupModule(configs, data, selection, on_member_epoch, batches)
     torch.manual_seed(configs[0].seed)
     fit_interruptible(trainer, module, batches, ResidentBatches(data.val, EVAL_BATCH, device))
-    for pos, k in enumerate(module.members):  # stopped by max_epochs before a decision
+    for pos, k in enumerate(module.members):  # trained every epoch
         module.ends[k] = module._complete(k, pos)
     return [_result(module.ends[k], configs[k], data, objectives) for k in range(len(configs))]
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from hpo.batches import split_bytes
 from hpo.data import Split, Splits
 from hpo.space import TrialConfig
 from hpo.spec import ObjectiveSpec
@@ -83,8 +84,7 @@ def probe(configs: list[TrialConfig], data: Splits, objectives: list[ObjectiveSp
         val=data.val, test=Split(data.test.x[:1], data.test.y[:1]),
         input_shape=data.input_shape, num_classes=data.num_classes, name=data.name,
     )
-    full_data = sum(t.nelement() * t.element_size() for t in (data.train.x, data.train.y))
-    short_data = sum(t.nelement() * t.element_size() for t in (short.train.x, short.train.y))
+    unseen_bytes = split_bytes(data) - split_bytes(short)  # resident in real trials, not in the probe
     configs = [dataclasses.replace(c, train=dataclasses.replace(c.train, epochs=2, early_stopping=None))
                for c in configs]
     pynvml.nvmlInit()
@@ -119,7 +119,7 @@ def probe(configs: list[TrialConfig], data: Splits, objectives: list[ObjectiveSp
     name = pynvml.nvmlDeviceGetName(handle)
     pynvml.nvmlShutdown()
     return Probe(
-        footprint_bytes=int(footprint + full_data - short_data),
+        footprint_bytes=int(footprint + unseen_bytes),
         total_bytes=int(total),
         utilization=sum(samples) / len(samples) if samples else 1.0,
         seconds=time.perf_counter() - started,

@@ -19,6 +19,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping
 from torch.nn import functional as F
+
 from hpo.batches import Loading, make_loaders
 from hpo.data import Split, Splits
 from hpo.module import ClassifierModule
