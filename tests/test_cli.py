@@ -177,3 +177,20 @@ def test_a_stopped_driver_loses_no_trial_and_resume_completes_the_budget(tmp_pat
     assert "abandoned" in abandoned[0].user_attrs[FAIL_REASON]
     rerun = [t for t in counted if t.number > abandoned[0].number and t.params == abandoned[0].params]
     assert rerun, "the abandoned configuration was run again"
+
+
+def test_group_size_and_gpus_per_trial_reach_the_study_from_the_command_line(tmp_path, write_spec):
+    url = f"sqlite:///{tmp_path / 'g.db'}"
+    result = runner.invoke(app, ["submit", str(write_spec()), "--trials", "3", "--group-size", "3",
+                                 "--storage", url, "--no-tracking", "--gpus-per-trial", "0"])
+    assert result.exit_code == 0, result.output
+    trials = optuna.load_study(study_name="tiny", storage=url).trials
+    assert [t.user_attrs.get("group") for t in trials] == [{"first": 0, "size": 3}] * 3
+
+
+def test_a_gpus_per_trial_that_is_neither_auto_nor_a_number_is_one_line_with_exit_2(tmp_path, write_spec):
+    store = tmp_path / "g.db"
+    result = runner.invoke(app, ["submit", str(write_spec()), "--gpus-per-trial", "lots", "--storage", f"sqlite:///{store}"])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == "error: --gpus-per-trial must be 'auto' or a number, got 'lots'"
+    assert not store.exists()
