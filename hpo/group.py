@@ -132,7 +132,7 @@ class GroupMLP(nn.Module):
         if self.variant == "alpha":
             a = (keep * (1 + p * _ALPHA_PRIME**2)) ** -0.5
             return a * (h * mask + _ALPHA_PRIME * (1 - mask)) - a * _ALPHA_PRIME * p
-        return h * mask / keep
+        return h * mask.div_(keep)  # scaled in place: one product to save for backward
 
     def member_state(self, k: int, weights: list[torch.Tensor] | None = None,
                      biases: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
@@ -182,6 +182,9 @@ class GroupModule(pl.LightningModule):
             [math.inf if c.dropout.max_norm is None else c.dropout.max_norm for c in configs]
         ))
         self.uses_l1 = any(x.l1 > 0 for x in t)
+        self.uses_weight_decay = any(x.weight_decay > 0 for x in t)
+        self.uses_max_norm = any(c.dropout.max_norm is not None for c in configs)
+        self.sgd = t[0].optimizer == "sgd"
         self.members = list(range(len(configs)))
         self.ends: dict[int, MemberEnd] = {}
         self.histories: list[list[dict[str, float]]] = [[] for _ in configs]
@@ -214,18 +217,34 @@ class GroupModule(pl.LightningModule):
         optimizer = self.optimizers()
         optimizer.zero_grad(set_to_none=True)
         self.manual_backward(loss)
+        self._step(optimizer)
+
+    @torch.no_grad()
+    def _step(self, optimizer) -> None:
+        """One optimiser step with each member's learning rate, weight decay and max-norm.
+
+        SGD's update is linear in the gradient, so each member's gradient (with its weight decay)
+        is scaled by its learning rate and SGD steps with rate 1: the momentum buffer then holds
+        the solo buffer times the rate, and the update is the solo update. Adam's is not (it
+        divides by the gradient's scale), so Adam steps with rate 1 and each member then moves
+        back towards its pre-step weights by ``1 - lr``. Only the passes a group needs run: no
+        weight-decay pass without weight decay, no max-norm pass without a finite radius.
+        """
         params = list(self.net.parameters())
-        with torch.no_grad():
-            for p in params:
-                p.grad.add_(p * self.weight_decay.view(-1, *[1] * (p.ndim - 1)))
-            before = [p.detach().clone() for p in params]
+        for p in params:
+            if self.uses_weight_decay:
+                p.grad.addcmul_(p, _per_member(self.weight_decay, p))
+            if self.sgd:
+                p.grad.mul_(_per_member(self.lr, p))
+        before = None if self.sgd else [p.clone() for p in params]
         optimizer.step()
-        with torch.no_grad():
+        if before is not None:
             for p, old in zip(params, before):
-                p.copy_(old.lerp_(p, self.lr.view(-1, *[1] * (p.ndim - 1))))
+                p.lerp_(old, _per_member(1 - self.lr, p))
+        if self.uses_max_norm:
+            c = self.max_norm.view(-1, 1, 1)
             for w in self.net.weights:
                 norms = torch.linalg.vector_norm(w, dim=2, keepdim=True)
-                c = self.max_norm.view(-1, 1, 1)
                 w.mul_(torch.where(norms > c, c / (norms + 1e-7), 1.0))
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
@@ -321,6 +340,11 @@ class GroupModule(pl.LightningModule):
         if t.optimizer == "adam":
             return torch.optim.Adam(self.net.parameters(), lr=1.0)
         return torch.optim.SGD(self.net.parameters(), lr=1.0, momentum=t.momentum)
+
+
+def _per_member(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``(K,)`` per-member ``values`` shaped to broadcast over stacked parameter ``like``."""
+    return values.view(-1, *[1] * (like.ndim - 1))
 
 
 def run_group(
