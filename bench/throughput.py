@@ -18,11 +18,15 @@ speed is never bought with quality. Ray's start-up is timed apart from the packe
 
     python bench/throughput.py --small                                # a CPU in ~2 minutes
     python bench/throughput.py --trials 64 --epochs 5 --group-size 32  # a GPU
+
+On a machine with a per-command time limit, run the modes in parts with ``--save`` and print one
+table from the parts with ``--table a.json b.json`` (docs/throughput.md has the GPU recipe).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import tempfile
@@ -118,9 +122,40 @@ def machine(accelerator: str) -> str:
     return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
+def describe(args: argparse.Namespace) -> str:
+    trials = f"{args.trials} trials" + (f" ({args.baseline_trials} in dataloader/resident)" if args.baseline_trials else "")
+    return (f"machine: {machine(args.accelerator)}; {trials} x {args.epochs} epochs, MLP 784-{args.units}x3-10, "
+            f"batch 128, {args.examples:,} synthetic images; groups of {args.group_size}, "
+            f"{args.workers} packed trials at once")
+
+
+def print_table(rows: list[dict], headers: list[str]) -> None:
+    """One Markdown table of ``rows`` in :data:`MODES` order; speed-ups are in trials per minute
+    against the ``dataloader`` row, so modes may have run different numbers of trials."""
+    rows = sorted(rows, key=lambda r: MODES.index(r["mode"]))
+    baseline = next((r for r in rows if r["mode"] == "dataloader"), None)
+    print()
+    for header in dict.fromkeys(headers):
+        print(header)
+    print()
+    print("| mode | trials | study wall (s) | trials/min | s per model-epoch | vs (a) | diverged | best val acc | its test acc |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        rate = 60 * r["trials"] / r["wall"]
+        speedup = f"{rate / (60 * baseline['trials'] / baseline['wall']):.1f}x" if baseline else "-"
+        print(f"| {r['mode']} | {r['trials']} | {r['wall']:.1f} | {rate:.1f} | "
+              f"{r['wall'] / max(r['model_epochs'], 1):.3f} | {speedup} | {r['failed']} | {r['val']:.4f} | "
+              f"{r['test']:.4f} |")
+    for r in rows:
+        if r["ray_start"]:
+            print(f"\n{r['mode']}: Ray start-up {r['ray_start']:.1f} s, not counted. " + " ".join(r["notes"]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=32, help="budget of every mode")
+    parser.add_argument("--baseline-trials", type=int, default=0,
+                        help="a smaller budget for the one-at-a-time modes (dataloader, resident), to fit a time limit")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--units", type=int, default=1024, help="width of the 3 hidden layers")
     parser.add_argument("--examples", type=int, default=60_000, help="training + validation images")
@@ -130,10 +165,22 @@ def main() -> None:
     parser.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "gpu"])
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--small", action="store_true",
-                        help="CPU smoke size: 8 trials x 2 epochs, 3x128 units, 6,000 images, groups of 4, 2 workers")
+                        help="CPU smoke size: defaults of 8 trials x 2 epochs, 3x128 units, 6,000 images, groups of 4, 2 workers")
+    parser.add_argument("--save", type=Path, help="also write the rows to this JSON file, for --table")
+    parser.add_argument("--table", type=Path, nargs="+", metavar="JSON",
+                        help="run nothing: print one table from the rows of earlier --save runs")
     args = parser.parse_args()
-    if args.small:
-        args.trials, args.epochs, args.units, args.examples, args.group_size, args.workers = 8, 2, 128, 6000, 4, 2
+    if args.small:  # smaller defaults; options given on the command line still win
+        parser.set_defaults(trials=8, epochs=2, units=128, examples=6000, group_size=4, workers=2)
+        args = parser.parse_args()
+    if args.table:
+        try:
+            saved = [json.loads(path.read_text()) for path in args.table]
+            rows, headers = [row for s in saved for row in s["rows"]], [s["header"] for s in saved]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            parser.error(f"--table takes files written by --save: {exc}")
+        print_table(rows, headers)
+        return
     if args.accelerator == "auto":
         import torch
 
@@ -145,24 +192,14 @@ def main() -> None:
         space = folder / "space.yaml"
         space.write_text(reference_space(data, args.units, args.epochs))
         for mode in args.modes:
-            rows.append(run(mode, space, folder, args.trials, args))
+            one_at_a_time = mode in ("dataloader", "resident")
+            trials = args.baseline_trials if one_at_a_time and args.baseline_trials else args.trials
+            rows.append(run(mode, space, folder, trials, args))
             print(f"{mode}: {rows[-1]['wall']:.1f} s", flush=True)
-    baseline = next((r for r in rows if r["mode"] == "dataloader"), None)
-    print()
-    print(f"machine: {machine(args.accelerator)}; {args.trials} trials x {args.epochs} epochs, MLP 784-"
-          f"{args.units}x3-10, batch 128, {args.examples:,} synthetic images; groups of {args.group_size}, "
-          f"{args.workers} packed trials at once")
-    print()
-    print("| mode | study wall (s) | trials/min | s per model-epoch | vs (a) | diverged | best val acc | its test acc |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        speedup = f"{baseline['wall'] / r['wall']:.1f}x" if baseline else "-"
-        print(f"| {r['mode']} | {r['wall']:.1f} | {60 * r['trials'] / r['wall']:.1f} | "
-              f"{r['wall'] / max(r['model_epochs'], 1):.3f} | {speedup} | {r['failed']} | {r['val']:.4f} | "
-              f"{r['test']:.4f} |")
-    for r in rows:
-        if r["ray_start"]:
-            print(f"\n{r['mode']}: Ray start-up {r['ray_start']:.1f} s, not counted. " + " ".join(r["notes"]))
+    header = describe(args)
+    if args.save:
+        args.save.write_text(json.dumps({"header": header, "rows": rows}, indent=1))
+    print_table(rows, [header])
 
 
 if __name__ == "__main__":

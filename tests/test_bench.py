@@ -12,17 +12,27 @@ BENCH = Path(__file__).resolve().parents[1] / "bench" / "throughput.py"
 
 
 @pytest.mark.slow
-def test_the_throughput_bench_prints_a_row_per_mode_with_accuracy():
-    done = subprocess.run(
-        [sys.executable, str(BENCH), "--small", "--trials", "4", "--modes", "dataloader", "resident", "groups"],
-        capture_output=True, text=True, timeout=280,
-    )
+def test_the_throughput_bench_prints_a_row_per_mode_with_accuracy_also_from_saved_parts(tmp_path):
+    """Modes run in two parts (as under a device's per-command limit; the one-at-a-time modes with a
+    smaller budget) and --table joins them."""
+    parts = (("a", ["--trials", "99", "--baseline-trials", "4", "--modes", "dataloader", "resident"]),
+             ("b", ["--trials", "4", "--modes", "groups"]))
+    for part, options in parts:
+        done = subprocess.run(
+            [sys.executable, str(BENCH), "--small", *options,
+             "--save", str(tmp_path / f"{part}.json")],
+            capture_output=True, text=True, timeout=280,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+    done = subprocess.run([sys.executable, str(BENCH), "--table", str(tmp_path / "b.json"), str(tmp_path / "a.json")],
+                          capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr[-2000:]
-    rows = {line.split("|")[1].strip(): line for line in done.stdout.splitlines() if line.startswith("| ") and "mode" not in line}
-    assert set(rows) == {"dataloader", "resident", "groups"}
-    cells = {mode: [c.strip() for c in row.split("|")[2:-1]] for mode, row in rows.items()}
-    assert all(float(c[1]) > 0 and 0.5 < float(c[5]) <= 1 for c in cells.values()), cells
-    assert cells["dataloader"][5:] == cells["resident"][5:], "resident data computes the same trials"
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and "mode" not in line]
+    cells = {row.split("|")[1].strip(): [c.strip() for c in row.split("|")[2:-1]] for row in rows}
+    assert list(cells) == ["dataloader", "resident", "groups"]
+    assert cells["dataloader"][4] == "1.0x"
+    assert all(c[0] == "4" and float(c[2]) > 0 and 0.5 < float(c[6]) <= 1 for c in cells.values()), cells
+    assert cells["dataloader"][6:] == cells["resident"][6:], "resident data computes the same trials"
 
 
 def test_the_group_overhead_bench_times_a_bare_loop_and_run_group_per_group_size():
