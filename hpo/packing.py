@@ -13,6 +13,7 @@ import dataclasses
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -29,8 +30,18 @@ HEADROOM = 0.85
 CONTEXT_BYTES = 600 * 2**20
 #: More trials per GPU than this buy nothing measurable and multiply start-up costs.
 MAX_TRIALS_PER_GPU = 16
-#: Examples the probe trains on (two epochs), enough for steady-state utilisation.
+#: Training examples per probe epoch (the validation split shrinks in proportion), so that epochs
+#: are short and the measured window, not the data set, sets the probe's length.
 PROBE_EXAMPLES = 8192
+#: Seconds after the first epoch before utilisation is sampled: NVML's counter averages over the
+#: last 1/6 to 1 s, so earlier readings would include start-up.
+SETTLE_SECONDS = 1.0
+#: Seconds of steady-state training whose utilisation is averaged.
+MEASURE_SECONDS = 3.0
+#: How often utilisation is read during the measured window.
+SAMPLE_SECONDS = 0.05
+#: Epochs the probe may train before its measured window is complete (tiny data sets).
+PROBE_MAX_EPOCHS = 500
 
 
 @dataclass(frozen=True)
@@ -38,11 +49,13 @@ class Probe:
     """One trial (or group) measured alone on a GPU.
 
     Args:
-        footprint_bytes: GPU memory the trial's process held at its peak (NVML's per-process
-            figure, else PyTorch's peak reserved memory plus :data:`CONTEXT_BYTES`).
+        footprint_bytes: GPU memory the trial's process held at its peak: how much the GPU's
+            used memory (NVML) grew, plus PyTorch's peak reserved memory above what it still
+            reserves at the end (else the peak reserved memory plus :data:`CONTEXT_BYTES`), plus
+            the resident data the probe's shortened splits left out.
         total_bytes: The GPU's memory.
-        utilization: Fraction of the probe's wall time in which a kernel was running (NVML's
-            utilisation counter, averaged over the second epoch), 0-1.
+        utilization: Fraction of the time in which a kernel was running (NVML's utilisation
+            counter, averaged over the measured window of steady-state training), 0-1.
         seconds: Wall time of the probe's training.
         device: The GPU's name.
     """
@@ -71,76 +84,103 @@ def gpu_fraction(trials: int) -> float:
 
 
 def probe(configs: list[TrialConfig], data: Splits, objectives: list[ObjectiveSpec]) -> Probe:
-    """Train ``configs`` (one trial, or a vectorised group) for two short epochs on this
-    process's GPU and measure it. Runs where the trials will run: in a Ray task holding one
-    whole GPU."""
-    import pynvml
+    """Train ``configs`` (one trial, or a vectorised group) on this process's GPU 0 for a few
+    seconds and measure it. Runs where the trials will run: in a Ray task holding one whole GPU,
+    so that the GPU's used memory grows by this process's footprint alone.
 
-    from hpo.executor import execute_group
-
-    device = torch.cuda.current_device()
-    short = Splits(
-        train=Split(data.train.x[:PROBE_EXAMPLES], data.train.y[:PROBE_EXAMPLES]),
-        val=data.val, test=Split(data.test.x[:1], data.test.y[:1]),
-        input_shape=data.input_shape, num_classes=data.num_classes, name=data.name,
-    )
+    NVML is read through ``torch.cuda`` (``device_memory_used``, ``utilization``), which maps
+    ``CUDA_VISIBLE_DEVICES`` (indices or UUIDs, as Ray sets it) to NVML's numbering.
+    """
+    device = 0
+    used_before = torch.cuda.device_memory_used(device)  # before this process's CUDA context exists
+    short = probe_splits(data)
     unseen_bytes = split_bytes(data) - split_bytes(short)  # resident in real trials, not in the probe
-    configs = [dataclasses.replace(c, train=dataclasses.replace(c.train, epochs=2, early_stopping=None))
-               for c in configs]
-    pynvml.nvmlInit()
-    handle = pynvml.nvmlDeviceGetHandleByIndex(_physical_index(device))
     samples: list[float] = []
-    epochs: list[float] = []
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.wait(0.02):
-            if epochs:  # the first epoch includes start-up: sample the second only
-                samples.append(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100)
-
-    def on_epoch(member: int, entry: dict[str, float]) -> None:
-        if member == 0:
-            epochs.append(entry["epoch"])
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    torch.cuda.reset_peak_memory_stats(device)
-    started = time.perf_counter()
-    sampler.start()
-    try:
-        outcomes = execute_group(configs, short, objectives, None, "gpu", on_epoch=on_epoch)
-    finally:
-        stop.set()
-        sampler.join()
-    errors = [o.reason for o in outcomes if o.kind != "complete"]
-    if errors:
-        raise RuntimeError(f"the --gpus-per-trial auto probe trial failed: {errors[0]}")
-    footprint = _process_bytes(pynvml, handle) or torch.cuda.max_memory_reserved(device) + CONTEXT_BYTES
-    total = pynvml.nvmlDeviceGetMemoryInfo(handle).total
-    name = pynvml.nvmlDeviceGetName(handle)
-    pynvml.nvmlShutdown()
+    seconds = train_measured(configs, short, objectives, "gpu",
+                             lambda: samples.append(torch.cuda.utilization(device) / 100))
+    peak_extra = torch.cuda.max_memory_reserved(device) - torch.cuda.memory_reserved(device)
+    grown = torch.cuda.device_memory_used(device) - used_before
+    footprint = grown + peak_extra if grown > 0 else torch.cuda.max_memory_reserved(device) + CONTEXT_BYTES
     return Probe(
         footprint_bytes=int(footprint + unseen_bytes),
-        total_bytes=int(total),
+        total_bytes=int(torch.cuda.get_device_properties(device).total_memory),
         utilization=sum(samples) / len(samples) if samples else 1.0,
-        seconds=time.perf_counter() - started,
-        device=name.decode() if isinstance(name, bytes) else str(name),
+        seconds=seconds,
+        device=torch.cuda.get_device_name(device),
     )
 
 
-def _physical_index(device: int) -> int:
-    """NVML numbers GPUs physically; ``CUDA_VISIBLE_DEVICES`` (set by Ray) renumbers them."""
-    import os
+def probe_splits(data: Splits) -> Splits:
+    """``data`` cut to :data:`PROBE_EXAMPLES` training examples, validation in proportion, so
+    that a probe epoch has a real epoch's mix of training and validation."""
+    n = min(len(data.train), PROBE_EXAMPLES)
+    n_val = max(1, round(len(data.val) * n / len(data.train)))
+    return Splits(
+        train=Split(data.train.x[:n], data.train.y[:n]), val=Split(data.val.x[:n_val], data.val.y[:n_val]),
+        test=Split(data.test.x[:1], data.test.y[:1]),
+        input_shape=data.input_shape, num_classes=data.num_classes, name=data.name,
+    )
 
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
-    ids = [v for v in visible.split(",") if v.strip()]
-    return int(ids[device]) if ids and ids[device].strip().isdigit() else device
+
+class _Window:
+    """Stands in for each member's Optuna trial during a probe: once the measured window (after
+    the first epoch, :data:`SETTLE_SECONDS`, then :data:`MEASURE_SECONDS`) has passed, it prunes
+    every member at the next epoch end, the same epoch for all."""
+
+    def __init__(self, settle: float, measure: float) -> None:
+        self.settle, self.measure = settle, measure
+        self.first_epoch_end: float | None = None
+        self.epoch, self.over = -1, False
+
+    def report(self, value: float, step: int) -> None:
+        if step == self.epoch:
+            return
+        self.epoch = step
+        now = time.perf_counter()
+        if self.first_epoch_end is None:
+            self.first_epoch_end = now
+        else:
+            self.over = now - self.first_epoch_end >= self.settle + self.measure
+
+    def should_prune(self) -> bool:
+        return self.over
+
+    def measuring(self) -> bool:
+        if self.first_epoch_end is None:
+            return False
+        return self.settle <= time.perf_counter() - self.first_epoch_end < self.settle + self.measure
 
 
-def _process_bytes(pynvml, handle) -> int:
-    import os
+def train_measured(configs: list[TrialConfig], data: Splits, objectives: list[ObjectiveSpec], accelerator: str,
+                   sample: Callable[[], None], *, settle: float = SETTLE_SECONDS,
+                   measure: float = MEASURE_SECONDS,
+                   on_epoch: Callable[[int, dict[str, float]], None] | None = None) -> float:
+    """Train ``configs`` as one group (or one trial) until ``measure`` seconds of steady state
+    have passed after the first epoch and ``settle``, calling ``sample()`` every
+    :data:`SAMPLE_SECONDS` in that window (``on_epoch`` as in
+    :func:`hpo.executor.execute_group`). Returns the training's wall time in seconds; raises
+    ``RuntimeError`` if the trial fails or diverges."""
+    from hpo.executor import execute_group
 
+    configs = [dataclasses.replace(c, train=dataclasses.replace(c.train, epochs=PROBE_MAX_EPOCHS, early_stopping=None))
+               for c in configs]
+    window = _Window(settle, measure)
+    stop = threading.Event()
+
+    def sampler() -> None:
+        while not stop.wait(SAMPLE_SECONDS):
+            if window.measuring():
+                sample()
+
+    thread = threading.Thread(target=sampler, daemon=True)
+    started = time.perf_counter()
+    thread.start()
     try:
-        processes = pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
-    except pynvml.NVMLError:
-        return 0
-    return sum(p.usedGpuMemory or 0 for p in processes if p.pid == os.getpid())
+        outcomes = execute_group(configs, data, objectives, [window] * len(configs), accelerator, on_epoch=on_epoch)
+    finally:
+        stop.set()
+        thread.join()
+    errors = [o.reason for o in outcomes if o.kind not in ("complete", "pruned")]
+    if errors:
+        raise RuntimeError(f"the --gpus-per-trial auto probe trial failed: {errors[0]}")
+    return time.perf_counter() - started

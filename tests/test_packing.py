@@ -5,14 +5,23 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import pytest
 
 from hpo.api import Execution
 from hpo.errors import HpoError
-from hpo.packing import HEADROOM, MAX_TRIALS_PER_GPU, Probe, gpu_fraction, trials_per_gpu
+from hpo.dropout import DropoutConfig
+from hpo.module import TrainConfig
+from hpo.nets import NetConfig
+from hpo.packing import (
+    HEADROOM, MAX_TRIALS_PER_GPU, PROBE_EXAMPLES, Probe, gpu_fraction, probe_splits, train_measured, trials_per_gpu,
+)
+from hpo.space import TrialConfig
+from hpo.spec import ObjectiveSpec
 
 GIB = 2**30
+VAL_ACC = [ObjectiveSpec(metric="val/acc", direction="maximize")]
 H100 = 80 * GIB
 
 
@@ -66,3 +75,37 @@ def test_auto_without_a_gpu_is_a_one_line_error_and_writes_no_study(write_spec, 
     assert lines == ["error: --gpus-per-trial auto measures a trial on a GPU, and the Ray cluster has none "
                      "(use --gpus-per-trial 0 to train on CPUs)"]
     assert not store.exists()
+
+
+def _tiny(seed: int) -> TrialConfig:
+    return TrialConfig(net=NetConfig(units=(16,)), dropout=DropoutConfig(input=0.1, hidden=(0.3,)),
+                       train=TrainConfig(lr=0.05, epochs=3, early_stopping=2, batch_size=128), seed=seed)
+
+
+@pytest.mark.parametrize("members", [1, 3])
+def test_the_probe_trains_past_its_first_epoch_samples_only_its_measured_window_then_stops(digits, members):
+    """The probe's length is set by its window, not by the trial's epochs or early stopping:
+    utilisation is read only from ``settle`` seconds after the first epoch until ``measure``
+    seconds later, and every member stops at the first epoch end after that."""
+    settle, measure = 0.3, 0.8
+    reads: list[float] = []
+    ends: dict[int, list[float]] = {}
+
+    def on_epoch(member: int, entry: dict[str, float]) -> None:
+        ends.setdefault(member, []).append(time.perf_counter())
+
+    train_measured([_tiny(s) for s in range(members)], probe_splits(digits), VAL_ACC, "cpu",
+                   lambda: reads.append(time.perf_counter()), settle=settle, measure=measure, on_epoch=on_epoch)
+    first, last = ends[0][0], ends[0][-1]
+    assert len(ends[0]) > 3, "went on past the configs' 3 epochs and their early stopping"
+    assert {len(e) for e in ends.values()} == {len(ends[0])} and len(ends) == members, "all stop at one epoch"
+    assert reads and first + settle - 0.05 <= reads[0] and reads[-1] < first + settle + measure + 0.05
+    assert reads[-1] - reads[0] > measure / 2
+    longest_epoch = max(b - a for a, b in zip(ends[0], ends[0][1:]))
+    assert last <= first + settle + measure + longest_epoch + 0.1
+
+
+def test_probe_splits_keep_a_real_epochs_mix_of_training_and_validation(digits):
+    short = probe_splits(digits)
+    assert len(short.train) == min(len(digits.train), PROBE_EXAMPLES)
+    assert len(short.val) / len(short.train) == pytest.approx(len(digits.val) / len(digits.train), rel=0.05)
