@@ -92,7 +92,8 @@ def probe(configs: list[TrialConfig], data: Splits, objectives: list[ObjectiveSp
     ``CUDA_VISIBLE_DEVICES`` (indices or UUIDs, as Ray sets it) to NVML's numbering.
     """
     device = 0
-    used_before = torch.cuda.device_memory_used(device)  # before this process's CUDA context exists
+    fresh = not torch.cuda.is_initialized()  # no CUDA context yet: the GPU's growth is all ours
+    used_before = torch.cuda.device_memory_used(device)
     short = probe_splits(data)
     unseen_bytes = split_bytes(data) - split_bytes(short)  # resident in real trials, not in the probe
     samples: list[float] = []
@@ -100,7 +101,7 @@ def probe(configs: list[TrialConfig], data: Splits, objectives: list[ObjectiveSp
                              lambda: samples.append(torch.cuda.utilization(device) / 100))
     peak_extra = torch.cuda.max_memory_reserved(device) - torch.cuda.memory_reserved(device)
     grown = torch.cuda.device_memory_used(device) - used_before
-    footprint = grown + peak_extra if grown > 0 else torch.cuda.max_memory_reserved(device) + CONTEXT_BYTES
+    footprint = grown + peak_extra if fresh and grown > 0 else torch.cuda.max_memory_reserved(device) + CONTEXT_BYTES
     return Probe(
         footprint_bytes=int(footprint + unseen_bytes),
         total_bytes=int(torch.cuda.get_device_properties(device).total_memory),
