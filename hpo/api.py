@@ -23,6 +23,7 @@ from hpo.space import baseline_params
 from hpo.spec import Spec, parse_spec, read_spec_file
 from hpo.study import BASELINE, StudyHandle, create_study, load_study, reconcile, set_budget
 from hpo.tracking import Tracking, tracked
+from hpo.trial import PRECISIONS, Precision
 
 log = logging.getLogger("hpo")
 
@@ -49,6 +50,11 @@ class Execution:
         loading: How batches reach the device: ``auto`` holds the data on it when it fits
             (:mod:`hpo.batches`), ``dataloader`` copies each batch from host memory (the
             benchmark's baseline), ``resident`` insists. Seeded trials compute the same either way.
+        precision: How training arithmetic runs: ``32`` (float32), ``tf32`` (TensorFloat-32
+            matrix products on GPUs that have them) or ``bf16`` (Lightning's bf16 mixed
+            precision); see :data:`hpo.trial.Precision`. The faster two trade a little numerical
+            precision for speed on a GPU; on a CPU ``tf32`` changes nothing and ``bf16`` is
+            usually slower.
     """
 
     executor: Literal["auto", "local", "ray"] = "auto"
@@ -60,6 +66,7 @@ class Execution:
     accelerator: str = "auto"
     group_size: int = 1
     loading: Loading = "auto"
+    precision: Precision = "32"
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -71,6 +78,8 @@ class Execution:
             raise HpoError(
                 f"gpus-per-trial must be 'auto', a fraction in (0, 1] or a whole number, got {gpus!r}"
             )
+        if self.precision not in PRECISIONS:
+            raise HpoError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.group_size < 1:
             raise HpoError(f"group-size must be >= 1, got {self.group_size}")
         if self.max_retries < 0:
@@ -94,7 +103,7 @@ def _backend(spec: Spec, seed: int, data: Splits, execution: Execution,
     that cannot run them (``--gpus-per-trial auto`` without a GPU) leaves the store as it was."""
     prune = not spec.multi_objective and spec.active_pruner.name != "none"
     if not execution.uses_ray:
-        yield LocalBackend(data, spec.objective, prune, execution.accelerator, execution.loading)
+        yield LocalBackend(data, spec.objective, prune, execution.accelerator, execution.loading, execution.precision)
         return
     import ray
 
@@ -104,11 +113,13 @@ def _backend(spec: Spec, seed: int, data: Splits, execution: Execution,
     try:
         gpus = execution.gpus_per_trial
         if gpus == "auto":
-            gpus, note = auto_gpus_per_trial(spec, seed, data, execution.group_size, execution.cpus_per_trial)
+            gpus, note = auto_gpus_per_trial(spec, seed, data, execution.group_size, execution.cpus_per_trial,
+                                             execution.precision)
             on_note(note)
         yield RayBackend(
             data, spec.objective, prune=prune, workers=execution.workers,
             cpus_per_trial=execution.cpus_per_trial, gpus_per_trial=gpus, loading=execution.loading,
+            precision=execution.precision,
         )
     finally:
         if started:

@@ -58,6 +58,12 @@ class Accelerator(str, Enum):
     gpu = "gpu"
 
 
+class PrecisionChoice(str, Enum):
+    fp32 = "32"
+    tf32 = "tf32"
+    bf16 = "bf16"
+
+
 class Executor(str, Enum):
     auto = "auto"
     local = "local"
@@ -78,6 +84,7 @@ MaxRetries = Annotated[int, typer.Option(min=0, help="Times a configuration whos
 RayAddress = Annotated[str | None, typer.Option(envvar="RAY_ADDRESS", show_default=False, help="Ray cluster address \\[default: a local Ray instance when Ray is used].")]
 Timeout = Annotated[float | None, typer.Option(min=0, help="Stop starting trials after this many seconds.", show_default=False)]
 AcceleratorOption = Annotated[Accelerator, typer.Option(help="Where in-process trials train.")]
+PrecisionOption = Annotated[PrecisionChoice, typer.Option("--precision", help="Training arithmetic: 32 (float32), tf32 (TensorFloat-32 matrix products on a GPU) or bf16 (bf16 mixed precision).")]
 TrackingUri = Annotated[str | None, typer.Option(envvar="MLFLOW_TRACKING_URI", show_default=False, help="MLflow tracking URI: an http(s):// server or an SQL store \\[default: sqlite:///mlflow.db in this directory].")]
 Experiment = Annotated[str | None, typer.Option(show_default=False, help="MLflow experiment \\[default: the study name].")]
 TrackingSwitch = Annotated[bool, typer.Option(help="Mirror the study into MLflow (a parent run, a nested run per trial).")]
@@ -92,6 +99,7 @@ _RUN_OPTIONS = [
     ("max_retries", MaxRetries, 1),
     ("ray_address", RayAddress, None),
     ("accelerator", AcceleratorOption, Accelerator.auto),
+    ("precision", PrecisionOption, PrecisionChoice.fp32),
     ("tracking", TrackingSwitch, True),
     ("tracking_uri", TrackingUri, None),
     ("experiment", Experiment, None),
@@ -156,7 +164,7 @@ def _run_options(command: F) -> F:
         execution = Execution(
             options["executor"].value, options["workers"], options["cpus_per_trial"],
             _gpus(options["gpus_per_trial"]), options["max_retries"], options["ray_address"],
-            options["accelerator"].value, options["group_size"],
+            options["accelerator"].value, options["group_size"], precision=options["precision"].value,
         )
         tracking = Tracking(options["tracking"], options["tracking_uri"], options["experiment"])
         return command(*args, execution=execution, tracking=tracking, **kwargs)

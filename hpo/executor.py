@@ -32,7 +32,7 @@ from hpo.study import (
     FAIL_REASON, HEARTBEAT_INTERVAL, Counts, StudyHandle, abandon, best_trials, claim,
     count_trials, heartbeat, requeue,
 )
-from hpo.trial import TrialResult, run_trial
+from hpo.trial import Precision, TrialResult, run_trial
 
 #: Unexpected errors (not NaN losses, pruning or dead workers) in this many trials in a row stop
 #: the study: the cause is then almost surely the setup, not the configurations.
@@ -95,10 +95,12 @@ class Backend(Protocol):
     """Runs trials for the driver. ``start`` may block (in-process) or return at once (Ray);
     it gets one trial, or several sharing a :func:`~hpo.group.group_key` to train as one
     vectorised group (one slot). ``on_epoch``, set by the driver, gets every epoch a running
-    trial finishes."""
+    trial finishes. ``precision`` is how its trials compute (recorded on trials that are not
+    float32)."""
 
     slots: int
     on_epoch: EpochCallback | None
+    precision: Precision
 
     def start(self, jobs: list[TrialJob]) -> None: ...
 
@@ -117,12 +119,13 @@ def trial_seed(study_seed: int, number: int) -> int:
 def execute(
     config: TrialConfig, data: Splits, objectives: list[ObjectiveSpec], pruning_trial: Any, accelerator: str,
     on_epoch: Callable[[dict[str, float]], None] | None = None, loading: Loading = "auto",
+    precision: Precision = "32",
 ) -> Outcome:
     """Run one trial and classify how it ended (shared by every backend's workers)."""
     try:
         return Outcome("complete", result=run_trial(
             config, data, objectives, pruning_trial=pruning_trial, accelerator=accelerator,
-            on_epoch=on_epoch, loading=loading,
+            on_epoch=on_epoch, loading=loading, precision=precision,
         ))
     except optuna.TrialPruned as exc:
         return Outcome("pruned", reason=str(exc))
@@ -135,6 +138,7 @@ def execute(
 def execute_group(
     configs: list[TrialConfig], data: Splits, objectives: list[ObjectiveSpec], pruning_trials: list[Any] | None,
     accelerator: str, on_epoch: Callable[[int, dict[str, float]], None] | None = None, loading: Loading = "auto",
+    precision: Precision = "32",
 ) -> list[Outcome]:
     """Train ``configs`` as one vectorised group (:func:`hpo.group.run_group`, always on
     resident data); one outcome per member. An error in the group's own code fails every
@@ -142,10 +146,10 @@ def execute_group(
     if len(configs) == 1:
         one = None if on_epoch is None else (lambda entry: on_epoch(0, entry))
         return [execute(configs[0], data, objectives, pruning_trials[0] if pruning_trials else None,
-                        accelerator, on_epoch=one, loading=loading)]
+                        accelerator, on_epoch=one, loading=loading, precision=precision)]
     try:
         ends = run_group(configs, data, objectives, pruning_trials=pruning_trials,
-                         accelerator=accelerator, on_epoch=on_epoch)
+                         accelerator=accelerator, on_epoch=on_epoch, precision=precision)
     except Exception as exc:
         return [Outcome("error", reason=_describe(exc))] * len(configs)
     return [Outcome("complete", result=end) if isinstance(end, TrialResult) else Outcome(end.kind, reason=end.reason)
@@ -166,9 +170,9 @@ class LocalBackend:
     slots = 1
 
     def __init__(self, data: Splits, objectives: list[ObjectiveSpec], prune: bool, accelerator: str,
-                 loading: Loading = "auto") -> None:
+                 loading: Loading = "auto", precision: Precision = "32") -> None:
         self.data, self.objectives, self.prune, self.accelerator = data, objectives, prune, accelerator
-        self.loading = loading
+        self.loading, self.precision = loading, precision
         self.on_epoch: EpochCallback | None = None
         self._done: list[tuple[TrialJob, Outcome]] = []
 
@@ -177,7 +181,7 @@ class LocalBackend:
             [job.config for job in jobs], self.data, self.objectives,
             [job.trial for job in jobs] if self.prune else None, self.accelerator,
             on_epoch=None if self.on_epoch is None else lambda k, entry: self.on_epoch(jobs[k].trial.number, entry),
-            loading=self.loading,
+            loading=self.loading, precision=self.precision,
         )
         self._done.extend(zip(jobs, outcomes))
 
@@ -272,6 +276,8 @@ def run_study(
                     for job in jobs:
                         running[job.trial.number] = job
                         beat.trial_ids.add(job.trial._trial_id)
+                        if backend.precision != "32":
+                            job.trial.set_user_attr("precision", backend.precision)
                     counts, _ = progress()
                     if listener is not None:
                         for job in jobs:

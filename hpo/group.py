@@ -34,7 +34,10 @@ from hpo.data import Splits
 from hpo.nets import ACTIVATIONS, build_net
 from hpo.space import TrialConfig
 from hpo.spec import ObjectiveSpec
-from hpo.trial import EVAL_BATCH, TrialResult, fit_interruptible, measure, quiet_lightning, selection_objective
+from hpo.trial import (
+    EVAL_BATCH, Precision, TrialResult, fit_interruptible, matmul_precision, measure, quiet_lightning,
+    selection_objective, trainer,
+)
 
 #: Dropout variants with a vectorised form. On an MLP every other variant (spatial, locked,
 #: dropblock) falls back to inverted dropout, in a group as in :func:`hpo.dropout.dropout_layer`.
@@ -355,12 +358,14 @@ def run_group(
     pruning_trials: list[Any] | None = None,
     accelerator: str = "auto",
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    precision: Precision = "32",
 ) -> list[TrialResult | MemberEnd]:
     """Train ``configs`` (one :func:`group_key`) as one vectorised model.
 
     ``pruning_trials[k]`` (an ``optuna.Trial`` or anything with ``report``/``should_prune``)
     gets member ``k``'s selection metric after every epoch and may prune that member alone.
-    ``on_epoch(k, metrics)`` gets every epoch of every member. Returns, per member, a
+    ``on_epoch(k, metrics)`` gets every epoch of every member; ``precision`` is as for
+    :func:`~hpo.trial.run_trial`. Returns, per member, a
     :class:`~hpo.trial.TrialResult` (measured like a solo trial's) or the :class:`MemberEnd` of a
     pruned or diverged member.
     """
@@ -379,16 +384,13 @@ def run_group(
         trial.report(entry[selection.metric], step=int(entry["epoch"]))
         return trial.should_prune()
 
-    trainer = pl.Trainer(
-        accelerator=accelerator, devices=1, max_epochs=configs[0].train.epochs, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
-    device = trainer.strategy.root_device
+    fitter = trainer(accelerator, configs[0].train.epochs, precision)
+    device = fitter.strategy.root_device
     batches = GroupBatches(data.train, configs[0].train.batch_size, device, [c.seed for c in configs])
     module = GroupModule(configs, data, selection, on_member_epoch, batches)
     torch.manual_seed(configs[0].seed)
-    fit_interruptible(trainer, module, batches, ResidentBatches(data.val, EVAL_BATCH, device))
+    with matmul_precision(precision):
+        fit_interruptible(fitter, module, batches, ResidentBatches(data.val, EVAL_BATCH, device))
     for pos, k in enumerate(module.members):  # trained every epoch
         module.ends[k] = module._complete(k, pos)
     return [_result(module.ends[k], configs[k], data, objectives) for k in range(len(configs))]

@@ -22,6 +22,7 @@ from hpo.batches import split_bytes
 from hpo.data import Split, Splits
 from hpo.space import TrialConfig
 from hpo.spec import ObjectiveSpec
+from hpo.trial import Precision
 
 #: Never plan more than this share of a GPU's memory, or of its time.
 HEADROOM = 0.85
@@ -83,7 +84,7 @@ def gpu_fraction(trials: int) -> float:
     return math.floor(10_000 / trials) / 10_000
 
 
-def probe(configs: list[TrialConfig], data: Splits, objectives: list[ObjectiveSpec]) -> Probe:
+def probe(configs: list[TrialConfig], data: Splits, objectives: list[ObjectiveSpec], precision: Precision = "32") -> Probe:
     """Train ``configs`` (one trial, or a vectorised group) on this process's GPU 0 for a few
     seconds and measure it. Runs where the trials will run: in a Ray task holding one whole GPU,
     so that the GPU's used memory grows by this process's footprint alone.
@@ -98,7 +99,7 @@ def probe(configs: list[TrialConfig], data: Splits, objectives: list[ObjectiveSp
     unseen_bytes = split_bytes(data) - split_bytes(short)  # resident in real trials, not in the probe
     samples: list[float] = []
     seconds = train_measured(configs, short, objectives, "gpu",
-                             lambda: samples.append(torch.cuda.utilization(device) / 100))
+                             lambda: samples.append(torch.cuda.utilization(device) / 100), precision=precision)
     peak_extra = torch.cuda.max_memory_reserved(device) - torch.cuda.memory_reserved(device)
     grown = torch.cuda.device_memory_used(device) - used_before
     footprint = grown + peak_extra if fresh and grown > 0 else torch.cuda.max_memory_reserved(device) + CONTEXT_BYTES
@@ -155,7 +156,8 @@ class _Window:
 def train_measured(configs: list[TrialConfig], data: Splits, objectives: list[ObjectiveSpec], accelerator: str,
                    sample: Callable[[], None], *, settle: float = SETTLE_SECONDS,
                    measure: float = MEASURE_SECONDS,
-                   on_epoch: Callable[[int, dict[str, float]], None] | None = None) -> float:
+                   on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+                   precision: Precision = "32") -> float:
     """Train ``configs`` as one group (or one trial) until ``measure`` seconds of steady state
     have passed after the first epoch and ``settle``, calling ``sample()`` every
     :data:`SAMPLE_SECONDS` in that window (``on_epoch`` as in
@@ -177,7 +179,8 @@ def train_measured(configs: list[TrialConfig], data: Splits, objectives: list[Ob
     started = time.perf_counter()
     thread.start()
     try:
-        outcomes = execute_group(configs, data, objectives, [window] * len(configs), accelerator, on_epoch=on_epoch)
+        outcomes = execute_group(configs, data, objectives, [window] * len(configs), accelerator, on_epoch=on_epoch,
+                                 precision=precision)
     finally:
         stop.set()
         thread.join()

@@ -30,6 +30,7 @@ from hpo.data import Splits
 from hpo.errors import describe
 from hpo.executor import EpochCallback, Outcome, TrialJob, execute_group
 from hpo.spec import ObjectiveSpec
+from hpo.trial import Precision
 
 #: Seconds a worker waits for the driver's pruning decision before training on regardless.
 DECISION_TIMEOUT = 120.0
@@ -133,7 +134,7 @@ def _worker_info(cpus: float) -> dict[str, Any]:
 
 @ray.remote(max_retries=0)
 def _run_remote(configs, data: Splits, objectives, broker, numbers: list[int], prune: bool, accelerator: str,
-                cpus: float, loading: str) -> list[Outcome]:
+                cpus: float, loading: str, precision: str) -> list[Outcome]:
     """One trial, or a vectorised group of trials (``numbers``, one per config)."""
     import torch
 
@@ -143,7 +144,8 @@ def _run_remote(configs, data: Splits, objectives, broker, numbers: list[int], p
         ray.get(broker.started.remote(number, worker))
     return execute_group(configs, data, objectives,
                          [RemoteTrial(broker, number) for number in numbers] if prune else None, accelerator,
-                         on_epoch=lambda k, entry: ray.get(broker.epoch.remote(numbers[k], entry)), loading=loading)
+                         on_epoch=lambda k, entry: ray.get(broker.epoch.remote(numbers[k], entry)), loading=loading,
+                         precision=precision)
 
 
 class RayBackend:
@@ -155,6 +157,7 @@ class RayBackend:
         gpus_per_trial: Ray ``num_gpus`` of each trial; fractions pack trials onto a GPU
             (0.25: four trials per GPU). Above 0 each trial trains on its GPU.
         loading: How batches reach the device (:func:`hpo.batches.make_loaders`).
+        precision: How training arithmetic runs (:data:`hpo.trial.Precision`).
     """
 
     def __init__(
@@ -167,10 +170,11 @@ class RayBackend:
         cpus_per_trial: float = 1.0,
         gpus_per_trial: float = 0.0,
         loading: Loading = "auto",
+        precision: Precision = "32",
     ) -> None:
         self.objectives, self.prune, self.slots = objectives, prune, workers
         self.on_epoch: EpochCallback | None = None
-        self.cpus, self.gpus, self.loading = cpus_per_trial, gpus_per_trial, loading
+        self.cpus, self.gpus, self.loading, self.precision = cpus_per_trial, gpus_per_trial, loading, precision
         self.accelerator = "gpu" if gpus_per_trial > 0 else "cpu"
         self._data_ref = ray.put(data)
         self._broker = PruningBroker.remote()
@@ -184,7 +188,7 @@ class RayBackend:
     def start(self, jobs: list[TrialJob]) -> None:
         ref = _run_remote.options(**self._options).remote(
             [job.config for job in jobs], self._data_ref, self.objectives, self._broker,
-            [job.trial.number for job in jobs], self.prune, self.accelerator, self.cpus, self.loading,
+            [job.trial.number for job in jobs], self.prune, self.accelerator, self.cpus, self.loading, self.precision,
         )
         self._tasks[ref] = jobs
         for job in jobs:
@@ -250,16 +254,18 @@ class RayBackend:
 
 
 @ray.remote(num_gpus=1, max_retries=0)
-def _probe_remote(configs, data: Splits, objectives):
+def _probe_remote(configs, data: Splits, objectives, precision: str):
     from hpo.packing import probe
 
-    return probe(configs, data, objectives)
+    return probe(configs, data, objectives, precision)
 
 
-def auto_gpus_per_trial(spec: Any, seed: int, data: Splits, group_size: int, cpus_per_trial: float) -> tuple[float, str]:
+def auto_gpus_per_trial(spec: Any, seed: int, data: Splits, group_size: int, cpus_per_trial: float,
+                        precision: Precision = "32") -> tuple[float, str]:
     """``--gpus-per-trial auto``: probe one representative trial (the spec's ``recommended``
-    baseline, or a group of ``group_size`` of them) alone on a whole GPU of the cluster and
-    return Ray's ``num_gpus`` per trial and a line saying what was measured and chosen."""
+    baseline, or a group of ``group_size`` of them) alone on a whole GPU of the cluster, at the
+    study's ``precision``, and return Ray's ``num_gpus`` per trial and a line saying what was
+    measured and chosen."""
     from optuna.trial import FixedTrial
 
     from hpo.errors import HpoError
@@ -276,7 +282,7 @@ def auto_gpus_per_trial(spec: Any, seed: int, data: Splits, group_size: int, cpu
     members = group_size if group_key(config) is not None else 1
     configs = [dataclasses.replace(config, seed=config.seed + k) for k in range(members)]
     try:
-        measured = ray.get(_probe_remote.remote(configs, data, spec.objective))
+        measured = ray.get(_probe_remote.remote(configs, data, spec.objective, precision))
     except ray.exceptions.RayTaskError as exc:
         raise HpoError(f"--gpus-per-trial auto: the probe failed: {exc.cause}") from None
     per_gpu = trials_per_gpu(measured, resources.get("CPU", 1) / gpus, cpus_per_trial)

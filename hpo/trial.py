@@ -7,13 +7,14 @@ raises ``optuna.TrialPruned``, :class:`~hpo.module.NonFiniteLossError` or ``Keyb
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -28,6 +29,38 @@ from hpo.space import TrialConfig
 from hpo.spec import EPOCH_METRICS, ObjectiveSpec
 
 EVAL_BATCH = 4096
+
+#: How training arithmetic runs (``--precision``): ``32`` float32 throughout; ``tf32`` float32
+#: weights and activations with TensorFloat-32 matrix products where the GPU has them (torch's
+#: ``high`` matmul precision: Ampere and later); ``bf16`` Lightning's ``bf16-mixed`` (float32
+#: weights, products and activations in bfloat16 under autocast). Measurement after training
+#: (:func:`evaluate`) is always float32.
+Precision = Literal["32", "tf32", "bf16"]
+PRECISIONS: tuple[Precision, ...] = ("32", "tf32", "bf16")
+
+
+def trainer(accelerator: str, epochs: int, precision: Precision = "32",
+            callbacks: list[Callback] | None = None) -> pl.Trainer:
+    """The Lightning trainer of one trial or group: one device, no logger, checkpoints, progress
+    bar or sanity check (a study runs hundreds of fits; dropout-hpo records what it needs)."""
+    return pl.Trainer(
+        accelerator=accelerator, devices=1, max_epochs=epochs, callbacks=callbacks,
+        precision="bf16-mixed" if precision == "bf16" else "32-true",
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+
+
+@contextlib.contextmanager
+def matmul_precision(precision: Precision) -> Iterator[None]:
+    """torch's float32 matrix-product precision for ``precision`` while training, restored after
+    (it is process-wide, and in-process trials share the driver's process)."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high" if precision == "tf32" else "highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 @dataclass
@@ -101,6 +134,7 @@ def run_trial(
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     keep_last: bool = False,
     loading: Loading = "auto",
+    precision: Precision = "32",
 ) -> TrialResult:
     """Train ``config`` on ``data`` and measure it.
 
@@ -109,7 +143,8 @@ def run_trial(
     ``on_epoch`` gets every epoch's metrics (``EPOCH_METRICS`` and ``epoch``), pruned epochs
     included. ``keep_last`` keeps the final weights instead of the best epoch's (re-training
     for a fixed number of epochs, where the validation data is only watched). ``loading`` says
-    how batches reach the device (:func:`hpo.batches.make_loaders`: resident when the data fits).
+    how batches reach the device (:func:`hpo.batches.make_loaders`: resident when the data fits);
+    ``precision`` how its arithmetic runs (:data:`Precision`).
     """
     quiet_lightning()
     pl.seed_everything(config.seed, workers=True, verbose=False)
@@ -130,21 +165,12 @@ def run_trial(
 
         callbacks.append(PyTorchLightningPruningCallback(pruning_trial, monitor=selection.metric))
 
-    trainer = pl.Trainer(
-        accelerator=accelerator,
-        devices=1,
-        max_epochs=config.train.epochs,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
+    fitter = trainer(accelerator, config.train.epochs, precision, callbacks)
     train_loader, val_loader = make_loaders(
-        data, config.train.batch_size, EVAL_BATCH, config.seed, trainer.strategy.root_device, loading
+        data, config.train.batch_size, EVAL_BATCH, config.seed, fitter.strategy.root_device, loading
     )
-    fit_interruptible(trainer, module, train_loader, val_loader)
+    with matmul_precision(precision):
+        fit_interruptible(fitter, module, train_loader, val_loader)
 
     if keep_last:
         best.epoch = len(module.history) - 1

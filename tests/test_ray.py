@@ -101,6 +101,18 @@ def test_vectorised_groups_run_as_ray_tasks_and_prune_members_individually(write
     assert complete and all(len(t.user_attrs["history"]) == 6 for t in complete)
 
 
+def test_ray_workers_train_at_the_studys_precision(write_spec, sqlite_url):
+    """The same seeded trial on a Ray worker: bf16 mixed precision changes its losses."""
+    histories = {}
+    for precision in ("32", "bf16"):
+        api.submit(write_spec(), trials=1, study_name=f"p{precision}", storage=sqlite_url, baselines=False, seed=4,
+                   execution=Execution(workers=1, executor="ray", cpus_per_trial=1, precision=precision))
+        trial, = optuna.load_study(study_name=f"p{precision}", storage=sqlite_url).trials
+        assert "worker" in trial.user_attrs and trial.user_attrs.get("precision") == (None if precision == "32" else "bf16")
+        histories[precision] = [h["train/loss"] for h in trial.user_attrs["history"]]
+    assert len(histories["32"]) == len(histories["bf16"]) and histories["32"] != histories["bf16"]
+
+
 def test_invalid_execution_options_are_refused():
     with pytest.raises(api.HpoError, match="gpus-per-trial"):
         Execution(gpus_per_trial=1.5)
