@@ -34,6 +34,7 @@ from hpo.module import TrainConfig
 from hpo.nets import NetConfig
 from hpo.space import TrialConfig
 from hpo.spec import ObjectiveSpec
+from hpo.trial import matmul_precision
 
 RATES = (0.2, 0.5)
 MAX_NORM = 3.0
@@ -58,8 +59,8 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bare(k: int, data: Splits, units: int, epochs: int, device: torch.device) -> float:
-    """Seconds of the last of ``epochs`` epochs of the bare stacked loop."""
+def bare(k: int, data: Splits, units: int, epochs: int, device: torch.device, precision: str) -> float:
+    """Seconds of the last of ``epochs`` epochs of the bare stacked loop (bf16: under autocast)."""
     widths = [784, units, units, units, 10]
     weights = [(torch.randn(k, o, i, device=device) / i**0.5).requires_grad_() for i, o in zip(widths, widths[1:])]
     biases = [torch.zeros(k, o, device=device, requires_grad=True) for o in widths[1:]]
@@ -74,12 +75,13 @@ def bare(k: int, data: Splits, units: int, epochs: int, device: torch.device) ->
         for begin in range(0, len(y), BATCH):
             idx = order[begin:begin + BATCH]
             h, target = x[idx].expand(k, -1, -1), y[idx]
-            for i, (w, b) in enumerate(zip(weights, biases)):
-                h = h * torch.bernoulli(torch.full_like(h, keep[i])) / keep[i]
-                h = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
-                if i < len(weights) - 1:
-                    h = torch.relu(h)
-            loss = F.cross_entropy(h.flatten(0, 1), target.repeat(k)) * k
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                for i, (w, b) in enumerate(zip(weights, biases)):
+                    h = h * torch.bernoulli(torch.full_like(h, keep[i])) / keep[i]
+                    h = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
+                    if i < len(weights) - 1:
+                        h = torch.relu(h)
+                loss = F.cross_entropy(h.flatten(0, 1), target.repeat(k)) * k
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -88,7 +90,7 @@ def bare(k: int, data: Splits, units: int, epochs: int, device: torch.device) ->
     return seconds
 
 
-def grouped(k: int, data: Splits, units: int, epochs: int, accelerator: str) -> tuple[float, float]:
+def grouped(k: int, data: Splits, units: int, epochs: int, accelerator: str, precision: str) -> tuple[float, float]:
     """(seconds of the last epoch's training, whole wall time) of ``run_group`` on ``k`` members."""
     configs = [
         TrialConfig(
@@ -102,7 +104,7 @@ def grouped(k: int, data: Splits, units: int, epochs: int, accelerator: str) -> 
     last: list[float] = []
     start = time.perf_counter()
     run_group(configs, data, [ObjectiveSpec(metric="val/acc", direction="maximize")], accelerator=accelerator,
-              on_epoch=lambda member, entry: last.append(entry["epoch_time"]) if member == 0 else None)
+              precision=precision, on_epoch=lambda member, entry: last.append(entry["epoch_time"]) if member == 0 else None)
     return last[-1], time.perf_counter() - start
 
 
@@ -112,6 +114,7 @@ def main() -> None:
     parser.add_argument("--units", type=int, default=1024)
     parser.add_argument("--examples", type=int, default=50_000, help="training images per epoch")
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--precision", default="32", choices=["32", "tf32", "bf16"], help="training arithmetic")
     parser.add_argument("--small", action="store_true", help="CPU size: K = 1, 4, 16; 3x256 units; 5,000 images; 2 epochs")
     args = parser.parse_args()
     if args.small:
@@ -121,13 +124,14 @@ def main() -> None:
     data = random_splits(args.examples)
     what = torch.cuda.get_device_name(0) if cuda else f"CPU, {torch.get_num_threads()} threads"
     print(f"{what}, torch {torch.__version__}; MLP 784-{args.units}x3-10, batch {BATCH}, "
-          f"{args.examples:,} images, {args.epochs} epochs")
+          f"{args.examples:,} images, {args.epochs} epochs, precision {args.precision}")
     print()
     print("| K | bare: s/model-epoch | run_group: s/model-epoch | overhead | run_group wall / (K x epochs) |")
     print("|---|---|---|---|---|")
     for k in args.sizes:
-        floor = bare(k, data, args.units, args.epochs, device) / k
-        epoch, wall = grouped(k, data, args.units, args.epochs, "gpu" if cuda else "cpu")
+        with matmul_precision(args.precision):
+            floor = bare(k, data, args.units, args.epochs, device, args.precision) / k
+        epoch, wall = grouped(k, data, args.units, args.epochs, "gpu" if cuda else "cpu", args.precision)
         print(f"| {k} | {floor:.4f} | {epoch / k:.4f} | {epoch / k / floor:.2f}x | {wall / (k * args.epochs):.4f} |",
               flush=True)
 

@@ -73,15 +73,17 @@ def reference_space(data: Path, units: int, epochs: int) -> str:
     return yaml.safe_dump(spec, sort_keys=False)
 
 
-def execution(mode: str, accelerator: str, workers: int, group_size: int, gpus_per_trial: str):
+def execution(mode: str, args: argparse.Namespace):
     from hpo.api import Execution
 
     if mode == "packed":
-        gpus = 0.0 if accelerator == "cpu" else (gpus_per_trial if gpus_per_trial == "auto" else float(gpus_per_trial))
-        return Execution(executor="ray", workers=workers, cpus_per_trial=1, gpus_per_trial=gpus)
+        gpus = 0.0 if args.accelerator == "cpu" else (
+            args.gpus_per_trial if args.gpus_per_trial == "auto" else float(args.gpus_per_trial))
+        return Execution(executor="ray", workers=args.workers, cpus_per_trial=1, gpus_per_trial=gpus,
+                         precision=args.precision)
     loading = "dataloader" if mode == "dataloader" else "resident"
-    return Execution(executor="local", accelerator=accelerator, loading=loading,
-                     group_size=group_size if mode == "groups" else 1)
+    return Execution(executor="local", accelerator=args.accelerator, loading=loading, precision=args.precision,
+                     group_size=args.group_size if mode == "groups" else 1)
 
 
 def run(mode: str, space: Path, folder: Path, trials: int, args: argparse.Namespace) -> dict:
@@ -100,7 +102,7 @@ def run(mode: str, space: Path, folder: Path, trials: int, args: argparse.Namesp
     start = time.perf_counter()
     handle, summary = api.submit(
         space, trials=trials, storage=f"sqlite:///{folder / f'{mode}.db'}", study_name=mode,
-        execution=execution(mode, args.accelerator, args.workers, args.group_size, args.gpus_per_trial),
+        execution=execution(mode, args),
         tracking=Tracking(enabled=False), on_note=notes.append,
     )
     wall = time.perf_counter() - start
@@ -125,7 +127,7 @@ def machine(accelerator: str) -> str:
 def describe(args: argparse.Namespace) -> str:
     trials = f"{args.trials} trials" + (f" ({args.baseline_trials} in dataloader/resident)" if args.baseline_trials else "")
     return (f"machine: {machine(args.accelerator)}; {trials} x {args.epochs} epochs, MLP 784-{args.units}x3-10, "
-            f"batch 128, {args.examples:,} synthetic images; groups of {args.group_size}, "
+            f"batch 128, {args.examples:,} synthetic images, precision {args.precision}; groups of {args.group_size}, "
             f"{args.workers} packed trials at once")
 
 
@@ -163,6 +165,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=8, help="trials at once in packed mode")
     parser.add_argument("--gpus-per-trial", default="auto", help="packed mode on a GPU: a fraction or auto")
     parser.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "gpu"])
+    parser.add_argument("--precision", default="32", choices=["32", "tf32", "bf16"], help="training arithmetic of every mode")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--small", action="store_true",
                         help="CPU smoke size: defaults of 8 trials x 2 epochs, 3x128 units, 6,000 images, groups of 4, 2 workers")
