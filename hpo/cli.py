@@ -324,6 +324,29 @@ def report(
                       soft_wrap=True)
 
 
+@app.command()
+@_user_errors
+def compare(
+    studies: Annotated[list[str], typer.Argument(help="Two or more study names (see `hpo list`).", show_default=False)],
+    storage: Storage = None,
+    format: Annotated[ReportFormat, typer.Option("--format", "-f", help="Markdown or HTML.")] = ReportFormat.md,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the comparison and its plot.")] = Path("reports/compare"),
+) -> None:
+    """One table across studies, e.g. MLP vs Conv1d vs LSTM on one data set: each study's best
+    trial (test accuracy, train-test gap, time per epoch, its dropout) and the best test accuracy
+    its trials reached with and without dropout."""
+    from hpo import report as reports
+
+    if len(studies) < 2:
+        raise HpoError("compare needs two or more studies")
+    if len(set(studies)) < len(studies):
+        raise HpoError("a study is named twice")
+    handles = [load_study(name, storage) for name in studies]
+    command = "hpo compare " + " ".join(studies) + (f" --format {format.value}" if format != ReportFormat.md else "")
+    built, path = reports.compare(handles, out, format.value, command)
+    console.print(f"wrote {path} ({len(built.tables[0].rows)} studies)", highlight=False, soft_wrap=True)
+
+
 @app.command("evaluate")
 @_user_errors
 def evaluate_uncertainty(

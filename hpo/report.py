@@ -206,6 +206,83 @@ def build(handle: StudyHandle) -> Report:
     return report
 
 
+# --- Across studies ------------------------------------------------------------------------------
+
+
+def dropout_summary(trial: FrozenTrial) -> str:
+    """The trial's dropout in words: variant, the rate at each placement that uses one, max-norm."""
+    config = trial.user_attrs["config"]["dropout"]
+    rates = [f"{p} {rate(trial, p):.2f}" for p in PLACEMENTS if rate(trial, p) > 0]
+    text = f"{config['variant']}: {', '.join(rates)}" if rates else "none"
+    return text + (f"; max-norm {config['max_norm']:g}" if config.get("max_norm") is not None else "")
+
+
+def _best_test(trials: list[FrozenTrial]) -> float:
+    return max((t.user_attrs["test_acc"] for t in trials), default=math.nan)
+
+
+def comparison_table(handles: list[StudyHandle]) -> Table:
+    """One row per study: its best trial (the study's own objective) and that trial's test
+    accuracy, gap, epoch time and dropout, and the best test accuracy its trials reached with and
+    without dropout. Made for one data set and several architectures (MLP vs Conv1d vs LSTM)."""
+    rows = []
+    for handle in handles:
+        trials = complete_trials(handle.study)
+        best = best_trial(handle.study)
+        with_dropout = _best_test([t for t in trials if uses_dropout(t)])
+        without = _best_test([t for t in trials if not uses_dropout(t)])
+        spec = handle.spec
+        row: list[Any] = [handle.name, spec.data.dataset, spec.model.arch, len(trials)]
+        if best is None or "config" not in best.user_attrs:
+            row += [math.nan] * 5 + ["-"]
+        else:
+            a = best.user_attrs
+            row += [best.values[0], a["test_acc"], a["train_acc"] - a["test_acc"], 1000 * a["epoch_time"],
+                    a["best_epoch"] + 1, dropout_summary(best)]
+        rows.append(row + [without, with_dropout, with_dropout - without])
+    objectives = {h.spec.objective[0].metric for h in handles}
+    objective = objectives.pop() if len(objectives) == 1 else "objective"
+    notes = ["The best trial is each study's own (its first objective); test accuracy is on the held-out "
+             "test split, never used to choose. Dropout gain: best test accuracy with dropout minus without."]
+    datasets = {h.spec.data.dataset for h in handles}
+    if len(datasets) > 1:
+        notes.append(f"The studies use different data sets ({', '.join(sorted(datasets))}): their accuracies "
+                     "are not comparable.")
+    return Table(
+        "compare", "Studies compared",
+        ["study", "data", "arch", "complete trials", f"best {objective}", "its test acc", "its train-test gap",
+         "its ms / epoch", "its epochs to best", "its dropout", "best test acc without dropout",
+         "best test acc with dropout", "dropout gain"],
+        rows, " ".join(notes),
+    )
+
+
+def compare(handles: list[StudyHandle], out: Path, fmt: str = "md", command: str = "") -> tuple[Report, Path]:
+    """Write ``compare.md`` (or ``.html``) and ``compare.png`` (best test accuracy with and
+    without dropout per study) into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    report = Report(" vs ".join(h.name for h in handles), "", [comparison_table(handles)])
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report.tables[0].rows
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(rows), 4))
+    width = 0.38
+    for i, (column, label) in enumerate(((-3, "without dropout"), (-2, "with dropout"))):
+        ax.bar([j + i * width for j in range(len(rows))], [r[column] for r in rows], width, label=label)
+    ax.set_xticks([j + width / 2 for j in range(len(rows))], [f"{r[0]}\n({r[2]})" for r in rows])
+    ax.set(ylabel="best test accuracy", title="best test accuracy with and without dropout")
+    ax.legend()
+    fig.tight_layout()
+    report.figures["compare"] = _save(fig, out / "compare.png")
+    path = out / f"compare.{fmt}"
+    text = to_markdown(report, command) if fmt == "md" else to_html(report, command)
+    path.write_text(text.replace("Dropout report:", "Dropout comparison:", 1))
+    return report, path
+
+
 # --- Plots ---------------------------------------------------------------------------------------
 
 
@@ -272,7 +349,7 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-_FIGURE_AFTER = {"rate_input": "rate_input", "rate_hidden": "rate_hidden", "rate_conv": "rate_conv",
+_FIGURE_AFTER = {"compare": "compare", "rate_input": "rate_input", "rate_hidden": "rate_hidden", "rate_conv": "rate_conv",
                  "rate_recurrent": "rate_recurrent", "gap": "gap", "importance": "importance", "best": "history"}
 
 

@@ -219,3 +219,57 @@ def test_unknown_trial_is_a_one_line_error(study):
                           "--trial", "999"], capture_output=True, text=True)
     assert out.returncode == 2 and "no complete trial 999" in out.stderr
 
+
+
+def _uses_dropout(trial) -> bool:
+    d = trial.user_attrs["config"]["dropout"]
+    return any(v > 0 for v in [d["input"], d["conv"], d["recurrent"], *d["hidden"]])
+
+
+def test_compare_puts_each_studys_best_trial_and_dropout_gain_in_one_table(study, tmp_path):
+    from typer.testing import CliRunner
+
+    from hpo.cli import app
+
+    handle, folder = study
+    other = folder / "other.yaml"
+    other.write_text(SPEC.replace("name: report", "name: other").replace("units: 32", "units: 16")
+                     .replace("baselines: [no_dropout]", "baselines: []").replace("trials: 10", "trials: 3"))
+    api.submit(other, storage=handle.storage, execution=Execution(accelerator="cpu"), tracking=Tracking(enabled=False))
+    result = CliRunner().invoke(app, ["compare", "report", "other", "--storage", handle.storage, "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "compare.md").read_text()
+    assert (tmp_path / "compare.png").stat().st_size > 1000 and "![compare](compare.png)" in text
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in text.splitlines() if line.startswith("| report") or line.startswith("| other")}
+    for name in ("report", "other"):
+        s = load_study(name, handle.storage).study
+        complete = s.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        best = s.best_trial
+        row = rows[name]
+        assert row[:3] == ["digits", "mlp", str(len(complete))]
+        assert float(row[3]) == pytest.approx(best.value, abs=5e-4)
+        assert float(row[4]) == pytest.approx(best.user_attrs["test_acc"], abs=5e-4)
+        without = [t.user_attrs["test_acc"] for t in complete if not _uses_dropout(t)]
+        with_ = max(t.user_attrs["test_acc"] for t in complete if _uses_dropout(t))
+        assert float(row[-2]) == pytest.approx(with_, abs=5e-4)
+        if without:
+            assert float(row[-3]) == pytest.approx(max(without), abs=5e-4)
+            assert float(row[-1]) == pytest.approx(with_ - max(without), abs=1e-3)
+        else:
+            assert row[-3] == row[-1] == "-"
+    assert rows["other"][-3] == "-", "the study without a no-dropout baseline has nothing to compare with"
+
+
+@pytest.mark.parametrize("names,message", [(["report"], "two or more studies"), (["report", "report"], "named twice"),
+                                           (["report", "nope"], "no study 'nope'")])
+def test_compare_refuses_too_few_repeated_or_unknown_studies_in_one_line(study, tmp_path, names, message):
+    from typer.testing import CliRunner
+
+    from hpo.cli import app
+
+    handle, _ = study
+    result = CliRunner().invoke(app, ["compare", *names, "--storage", handle.storage, "--out", str(tmp_path / "c")])
+    assert result.exit_code == 2 and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "c").exists()
