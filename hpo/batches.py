@@ -43,9 +43,9 @@ class ResidentBatches(_OnDevice):
     """Batches of a split that lives on ``device``, for Lightning's ``fit`` like a ``DataLoader``.
 
     Each ``iter()`` is one epoch. With ``generator`` the order is shuffled and drawn from the
-    generator the way ``DataLoader(shuffle=True, generator=…)`` draws it (one 64-bit base seed,
-    the permutation, and the trailing permutation its ``RandomSampler`` discards), so the batches
-    equal the ``DataLoader``'s, batch for batch. Without one, the base seed comes from torch's
+    generator the way ``DataLoader(shuffle=True, generator=…)`` draws it under Lightning
+    (:func:`epoch_order`), so the batches equal the ``DataLoader``'s, batch for batch, epoch after
+    epoch. Without one, the base seed comes from torch's
     global generator, as a ``DataLoader``'s does: dropout masks then match too. Only the
     permutation (8 bytes per example) is copied to the device, once per epoch.
     """
@@ -62,7 +62,7 @@ class ResidentBatches(_OnDevice):
             for start in range(0, n, self.batch_size):
                 yield self.x[start:start + self.batch_size], self.y[start:start + self.batch_size]
             return
-        order = epoch_order(n, self.generator).to(self.x.device)
+        order = epoch_order(n, self.batch_size, self.generator).to(self.x.device)
         for start in range(0, n, self.batch_size):
             index = order[start:start + self.batch_size]
             yield self.x[index], self.y[index]
@@ -83,20 +83,23 @@ class GroupBatches(_OnDevice):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.y)
-        orders = torch.stack([epoch_order(n, g) for g in self.generators]).to(self.x.device)
+        orders = torch.stack([epoch_order(n, self.batch_size, g) for g in self.generators]).to(self.x.device)
         for start in range(0, n, self.batch_size):
             index = orders[:, start:start + self.batch_size]
             yield self.x[index], self.y[index]
 
 
-def epoch_order(n: int, generator: torch.Generator) -> torch.Tensor:
-    """One epoch's permutation of ``n`` examples, drawn from ``generator`` exactly as
-    ``DataLoader(shuffle=True, generator=generator)`` draws it: its iterator's base seed, the
-    ``RandomSampler`` permutation, and the trailing permutation the sampler computes and
-    discards once exhausted."""
+def epoch_order(n: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    """One epoch's permutation of ``n`` examples, drawn from ``generator`` exactly as a
+    ``DataLoader(shuffle=True, generator=generator)`` draws it when Lightning trains on it: its
+    iterator's base seed, the ``RandomSampler`` permutation and, only when the last batch is
+    partial, the trailing permutation the sampler computes and discards once exhausted (its
+    ``BatchSampler`` resumes the sampler to fill a partial batch; after a full last batch
+    Lightning stops at ``len(loader)`` and never resumes it)."""
     torch.empty((), dtype=torch.int64).random_(generator=generator)
     order = torch.randperm(n, generator=generator)
-    torch.randperm(n, generator=generator)
+    if n % batch_size:
+        torch.randperm(n, generator=generator)
     return order
 
 
