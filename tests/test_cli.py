@@ -35,7 +35,7 @@ def study_db(tmp_path_factory) -> str:
     return url
 
 
-VERBS = ["submit", "resume", "status", "best", "list", "delete", "export", "sync", "ui", "report",
+VERBS = ["submit", "resume", "status", "best", "list", "delete", "export", "sync", "ui", "report", "compare",
          "evaluate", "retrain", "doctor"]
 
 
@@ -49,7 +49,7 @@ def test_every_verb_is_tested_for_help():
     assert sorted(c.name or c.callback.__name__ for c in app.registered_commands) == sorted(VERBS)
 
 
-@pytest.mark.parametrize("verb", ["status", "list", "ui", "doctor", "sync", "report"])
+@pytest.mark.parametrize("verb", ["status", "list", "ui", "doctor", "sync", "report", "compare"])
 def test_verbs_that_need_no_training_do_not_import_torch(verb):
     code = ("import sys; from typer.testing import CliRunner; from hpo.cli import app; "
             f"CliRunner().invoke(app, ['{verb}', '--help']); print('torch' in sys.modules)")
