@@ -31,7 +31,7 @@ from torch.nn import functional as F
 
 from hpo.batches import GroupBatches, ResidentBatches
 from hpo.data import Splits
-from hpo.nets import ACTIVATIONS, build_net
+from hpo.nets import activation, build_net
 from hpo.space import TrialConfig
 from hpo.spec import ObjectiveSpec
 from hpo.trial import (
@@ -97,7 +97,7 @@ class GroupMLP(nn.Module):
         self.input_dims = data.input_shape
         variant = configs[0].dropout.variant
         self.variant = variant if variant in _OWN_FORM else "inverted"
-        self.activation = nn.SELU() if variant == "alpha" else ACTIVATIONS[configs[0].net.activation]()
+        self.activation = activation(configs[0].net, configs[0].dropout)
 
     @property
     def size(self) -> int:

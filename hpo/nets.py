@@ -16,7 +16,7 @@ from torch import nn
 from hpo.dropout import DropoutConfig, dropout_layer, linear_layer
 from hpo.spec import Activation, Arch
 
-ACTIVATIONS: dict[str, type[nn.Module]] = {
+_ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU, "gelu": nn.GELU, "selu": nn.SELU,
 }
 
@@ -79,8 +79,9 @@ def _as_sequence(input_shape: tuple[int, ...]) -> tuple[int, int]:
     return input_shape[0], 1
 
 
-def _activation(net: NetConfig, dropout: DropoutConfig) -> nn.Module:
-    return nn.SELU() if dropout.variant == "alpha" else ACTIVATIONS[net.activation]()
+def activation(net: NetConfig, dropout: DropoutConfig) -> nn.Module:
+    """The net's non-linearity: SELU whenever the dropout variant is alpha (defined for it)."""
+    return nn.SELU() if dropout.variant == "alpha" else _ACTIVATIONS[net.activation]()
 
 
 def _dense_stack(
@@ -94,7 +95,7 @@ def _dense_stack(
     for i, width in enumerate(net.units):
         layers += [
             linear_layer(widths[i], width, dropout.variant, rates_in[i]),
-            _activation(net, dropout),
+            activation(net, dropout),
             dropout_layer(dropout.variant, dropout.hidden[i]),
         ]
     layers.append(linear_layer(widths[-1], num_classes, dropout.variant, rates_in[-1]))
@@ -144,7 +145,7 @@ class CNN(nn.Module):
         channels, height, width = input_shape
         blocks: list[nn.Module] = [dropout_layer(dropout.variant, dropout.input, features="maps")]
         for out_channels in net.channels:
-            blocks += [nn.Conv2d(channels, out_channels, 3, padding=1), _activation(net, dropout)]
+            blocks += [nn.Conv2d(channels, out_channels, 3, padding=1), activation(net, dropout)]
             if min(height, width) >= 2:
                 blocks.append(nn.MaxPool2d(2))
                 height, width = height // 2, width // 2
@@ -174,7 +175,7 @@ class Conv1dNet(nn.Module):
         self.shape = (channels, length)
         blocks: list[nn.Module] = [dropout_layer(dropout.variant, dropout.input, features="channels")]
         for out_channels in net.channels:
-            blocks += [nn.Conv1d(channels, out_channels, 5, padding=2), _activation(net, dropout)]
+            blocks += [nn.Conv1d(channels, out_channels, 5, padding=2), activation(net, dropout)]
             if length >= 2:
                 blocks.append(nn.MaxPool1d(2))
                 length //= 2
