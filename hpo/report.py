@@ -45,6 +45,7 @@ class Report:
     objective: str
     tables: list[Table] = field(default_factory=list)
     figures: dict[str, Path] = field(default_factory=dict)
+    heading: str = "Dropout report"
 
     def table(self, key: str) -> Table | None:
         return next((t for t in self.tables if t.key == key), None)
@@ -261,25 +262,15 @@ def compare(handles: list[StudyHandle], out: Path, fmt: str = "md", command: str
     """Write ``compare.md`` (or ``.html``) and ``compare.png`` (best test accuracy with and
     without dropout per study) into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    report = Report(" vs ".join(h.name for h in handles), "", [comparison_table(handles)])
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    report = Report(" vs ".join(h.name for h in handles), "", [comparison_table(handles)],
+                    heading="Dropout comparison")
     rows = report.tables[0].rows
-    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(rows), 4))
-    width = 0.38
-    for i, (column, label) in enumerate(((-3, "without dropout"), (-2, "with dropout"))):
-        ax.bar([j + i * width for j in range(len(rows))], [r[column] for r in rows], width, label=label)
-    ax.set_xticks([j + width / 2 for j in range(len(rows))], [f"{r[0]}\n({r[2]})" for r in rows])
-    ax.set(ylabel="best test accuracy", title="best test accuracy with and without dropout")
-    ax.legend()
-    fig.tight_layout()
+    fig, ax = _paired_bars([f"{r[0]}\n({r[2]})" for r in rows], {"without dropout": [r[-3] for r in rows],
+                                                                    "with dropout": [r[-2] for r in rows]},
+                           ylabel="best test accuracy", title="best test accuracy with and without dropout")
     report.figures["compare"] = _save(fig, out / "compare.png")
     path = out / f"compare.{fmt}"
-    text = to_markdown(report, command) if fmt == "md" else to_html(report, command)
-    path.write_text(text.replace("Dropout report:", "Dropout comparison:", 1))
+    path.write_text(to_markdown(report, command) if fmt == "md" else to_html(report, command))
     return report, path
 
 
@@ -312,15 +303,9 @@ def plot(report: Report, handle: StudyHandle, out: Path) -> None:
         report.figures[f"rate_{placement}"] = _save(fig, out / f"rate_{placement}.png")
     if report.table("gap") is not None:
         rows = report.table("gap").rows
-        fig, ax = plt.subplots(figsize=(5, 4))
-        width = 0.35
-        for i, (column, label) in enumerate(((2, "train"), (3, "test"))):
-            ax.bar([j + i * width for j in range(len(rows))], [r[column] for r in rows], width, label=label)
-        ax.set_xticks([j + width / 2 for j in range(len(rows))], [r[0] for r in rows])
-        ax.set(ylabel="mean accuracy", title="train vs test accuracy")
+        fig, ax = _paired_bars([r[0] for r in rows], {"train": [r[2] for r in rows], "test": [r[3] for r in rows]},
+                               ylabel="mean accuracy", title="train vs test accuracy", width=0.35, figsize=(5, 4))
         ax.set_ylim(min(r[3] for r in rows) - 0.1, 1.0)
-        ax.legend()
-        fig.tight_layout()
         report.figures["gap"] = _save(fig, out / "gap.png")
     if trials:
         ax = optuna.visualization.matplotlib.plot_optimization_history(
@@ -330,6 +315,24 @@ def plot(report: Report, handle: StudyHandle, out: Path) -> None:
         ax = optuna.visualization.matplotlib.plot_param_importances(
             handle.study, target=target, target_name=report.objective)
         report.figures["importance"] = _save(ax.figure, out / "importance.png")
+
+
+def _paired_bars(labels: list[str], series: dict[str, list[float]], *, ylabel: str, title: str,
+                 width: float = 0.38, figsize: tuple[float, float] | None = None) -> tuple[Any, Any]:
+    """A bar chart with one group of bars per label, one bar per series (its legend entry)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=figsize or (1.8 + 1.6 * len(labels), 4))
+    for i, (name, values) in enumerate(series.items()):
+        ax.bar([j + i * width for j in range(len(labels))], values, width, label=name)
+    ax.set_xticks([j + width * (len(series) - 1) / 2 for j in range(len(labels))], labels)
+    ax.set(ylabel=ylabel, title=title)
+    ax.legend()
+    fig.tight_layout()
+    return fig, ax
 
 
 def _save(fig: Any, path: Path) -> Path:
@@ -354,7 +357,7 @@ _FIGURE_AFTER = {"compare": "compare", "rate_input": "rate_input", "rate_hidden"
 
 
 def to_markdown(report: Report, command: str = "") -> str:
-    lines = [f"# Dropout report: {report.study}", ""]
+    lines = [f"# {report.heading}: {report.study}", ""]
     if command:
         lines += [f"Made with `{command}`.", ""]
     for table in report.tables:
@@ -374,7 +377,7 @@ def to_html(report: Report, command: str = "") -> str:
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(report.study)}</title>"
              "<style>body{font-family:sans-serif;max-width:60em;margin:auto}table{border-collapse:collapse}"
              "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}</style></head><body>",
-             f"<h1>Dropout report: {html.escape(report.study)}</h1>"]
+             f"<h1>{html.escape(report.heading)}: {html.escape(report.study)}</h1>"]
     if command:
         parts.append(f"<p>Made with <code>{html.escape(command)}</code>.</p>")
     for table in report.tables:

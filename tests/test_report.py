@@ -239,6 +239,7 @@ def test_compare_puts_each_studys_best_trial_and_dropout_gain_in_one_table(study
     result = CliRunner().invoke(app, ["compare", "report", "other", "--storage", handle.storage, "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     text = (tmp_path / "compare.md").read_text()
+    assert text.startswith("# Dropout comparison: report vs other\n")
     assert (tmp_path / "compare.png").stat().st_size > 1000 and "![compare](compare.png)" in text
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
             for line in text.splitlines() if line.startswith("| report") or line.startswith("| other")}
