@@ -34,7 +34,7 @@ from hpo.module import TrainConfig
 from hpo.nets import NetConfig
 from hpo.space import TrialConfig
 from hpo.spec import ObjectiveSpec
-from hpo.trial import matmul_precision
+from hpo.trial import PRECISIONS, matmul_precision
 
 RATES = (0.2, 0.5)
 MAX_NORM = 3.0
@@ -114,7 +114,7 @@ def main() -> None:
     parser.add_argument("--units", type=int, default=1024)
     parser.add_argument("--examples", type=int, default=50_000, help="training images per epoch")
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--precision", default="32", choices=["32", "tf32", "bf16"], help="training arithmetic")
+    parser.add_argument("--precision", default="32", choices=PRECISIONS, help="training arithmetic")
     parser.add_argument("--small", action="store_true", help="CPU size: K = 1, 4, 16; 3x256 units; 5,000 images; 2 epochs")
     args = parser.parse_args()
     if args.small:

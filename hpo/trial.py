@@ -14,7 +14,7 @@ import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import lightning.pytorch as pl
 import torch
@@ -36,7 +36,7 @@ EVAL_BATCH = 4096
 #: weights, products and activations in bfloat16 under autocast). Measurement after training
 #: (:func:`evaluate`) is always float32.
 Precision = Literal["32", "tf32", "bf16"]
-PRECISIONS: tuple[Precision, ...] = ("32", "tf32", "bf16")
+PRECISIONS: tuple[Precision, ...] = get_args(Precision)
 
 
 def trainer(accelerator: str, epochs: int, precision: Precision = "32",
