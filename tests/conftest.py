@@ -13,6 +13,10 @@ import pytest
 import sqlalchemy
 
 from hpo.data import DataSpec, load_data
+from hpo.dropout import DropoutConfig
+from hpo.module import TrainConfig
+from hpo.nets import NetConfig
+from hpo.space import TrialConfig
 
 POSTGRES_URL = os.environ.get("HPO_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
@@ -31,6 +35,19 @@ sampler: {name: tpe, seed: 0, n_startup_trials: 3}
 pruner: {name: median, n_startup_trials: 2, n_warmup_steps: 1}
 budget: {trials: 4}
 """
+
+
+def mlp_config(seed: int = 1, *, units: int = 32, variant: str = "inverted",
+               rates: tuple[float, float] = (0.0, 0.0), max_norm: float | None = None, epochs: int = 4,
+               **train) -> TrialConfig:
+    """A one-hidden-layer MLP trial configuration for digits: ``rates`` are the input and hidden
+    drop rates; ``train`` overrides TrainConfig fields (lr 0.05, batch 128 unless given)."""
+    return TrialConfig(
+        net=NetConfig(units=(units,)),
+        dropout=DropoutConfig(variant=variant, input=rates[0], hidden=(rates[1],), max_norm=max_norm),
+        train=TrainConfig(**{"lr": 0.05, "epochs": epochs, "batch_size": 128, **train}),
+        seed=seed,
+    )
 
 
 @pytest.fixture(scope="session")

@@ -22,28 +22,20 @@ from optuna.trial import FixedTrial
 from hpo import api
 from hpo.api import Execution
 from hpo.batches import ResidentBatches, make_loaders
-from hpo.dropout import DropoutConfig
 from hpo.group import GroupMLP, run_group
-from hpo.module import TrainConfig
-from hpo.nets import NetConfig, build_net
+from hpo.nets import build_net
 from hpo.packing import Probe
-from hpo.space import TrialConfig, baseline_params, suggest
+from hpo.space import baseline_params, suggest
 from hpo.spec import ObjectiveSpec, parse_spec
 from hpo.tracking import Tracking
 from hpo.trial import TrialResult, run_trial
 
-from .conftest import TINY_SPEC
+from .conftest import TINY_SPEC, mlp_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 VAL_ACC = [ObjectiveSpec(metric="val/acc", direction="maximize")]
 GPU = torch.device("cuda", 0)
-
-
-def _config(seed: int, lr: float = 0.05, rates: tuple[float, float] = (0.0, 0.0), max_norm: float | None = None,
-            epochs: int = 3) -> TrialConfig:
-    return TrialConfig(net=NetConfig(units=(64,)), dropout=DropoutConfig(input=rates[0], hidden=(rates[1],), max_norm=max_norm),
-                       train=TrainConfig(lr=lr, epochs=epochs, batch_size=128), seed=seed)
 
 
 def test_small_data_is_resident_on_the_gpu_and_batches_are_sliced_there(digits):
@@ -63,7 +55,7 @@ def test_a_trial_on_the_gpu_learns_as_on_the_cpu(digits):
 
 
 def test_a_group_on_the_gpu_computes_each_members_solo_network(digits):
-    configs = [_config(s, rates=(0.2, 0.5)) for s in (1, 2, 3)]
+    configs = [mlp_config(s, units=64, rates=(0.2, 0.5), epochs=3) for s in (1, 2, 3)]
     group = GroupMLP(configs, digits).to(GPU).eval()
     x = digits.val.x[:50].to(GPU)
     out = group(x)
@@ -74,7 +66,8 @@ def test_a_group_on_the_gpu_computes_each_members_solo_network(digits):
 
 
 def test_members_trained_on_the_gpu_follow_their_solo_gpu_runs(digits):
-    members = [_config(1, lr=0.05, max_norm=0.8), _config(2, lr=0.15), _config(3, lr=0.02, max_norm=2.0)]
+    members = [mlp_config(1, units=64, epochs=3, max_norm=0.8), mlp_config(2, units=64, epochs=3, lr=0.15),
+               mlp_config(3, units=64, epochs=3, lr=0.02, max_norm=2.0)]
     group = run_group(members, digits, VAL_ACC, accelerator="gpu")
     for config, member in zip(members, group):
         solo = run_trial(config, digits, VAL_ACC, accelerator="gpu")
@@ -88,8 +81,10 @@ def test_the_probe_measures_a_footprint_and_a_busy_fraction_on_this_gpu(tmp_path
 import dataclasses, json
 from hpo.data import DataSpec, load_data
 from hpo.packing import probe
-from tests.test_gpu import VAL_ACC, _config
-print(json.dumps(dataclasses.asdict(probe([_config(s) for s in range(4)], load_data(DataSpec()), VAL_ACC))))
+from tests.conftest import mlp_config
+from tests.test_gpu import VAL_ACC
+configs = [mlp_config(s, units=64, epochs=3) for s in range(4)]
+print(json.dumps(dataclasses.asdict(probe(configs, load_data(DataSpec()), VAL_ACC))))
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                           cwd=Path(__file__).resolve().parents[1])

@@ -15,27 +15,15 @@ from optuna.trial import FixedTrial, TrialState
 
 from hpo import api
 from hpo.api import Execution
-from hpo.dropout import DropoutConfig
 from hpo.group import SHARED_PARAMETERS, GroupMLP, MemberEnd, group_key, run_group
-from hpo.module import TrainConfig
 from hpo.nets import NetConfig, build_net
-from hpo.space import TrialConfig, suggest
+from hpo.space import suggest
 from hpo.spec import ObjectiveSpec, parse_spec
 from hpo.trial import TrialResult, run_trial
 
-from .conftest import TINY_SPEC
+from .conftest import TINY_SPEC, mlp_config
 
 VAL_ACC = [ObjectiveSpec(metric="val/acc", direction="maximize")]
-
-
-def _config(seed: int = 1, *, variant: str = "inverted", rates: tuple[float, float] = (0.0, 0.0),
-            max_norm: float | None = None, epochs: int = 4, **train) -> TrialConfig:
-    return TrialConfig(
-        net=NetConfig(units=(32,)),
-        dropout=DropoutConfig(variant=variant, input=rates[0], hidden=(rates[1],), max_norm=max_norm),
-        train=TrainConfig(**{"lr": 0.05, "epochs": epochs, "batch_size": 128, **train}),
-        seed=seed,
-    )
 
 
 @pytest.mark.parametrize("optimizer,tolerance", [("sgd", 1e-5), ("adam", 2e-3)])
@@ -44,9 +32,9 @@ def test_members_without_dropout_noise_train_exactly_as_they_do_alone(digits, op
     weights and batch order: with no masks drawn, a member's epochs equal its solo run's."""
     lr = 0.005 if optimizer == "adam" else 0.05
     members = [
-        _config(1, optimizer=optimizer, lr=lr, weight_decay=1e-3, l1=1e-4, max_norm=0.8),
-        _config(2, optimizer=optimizer, lr=lr * 3, max_norm=None),
-        _config(3, optimizer=optimizer, lr=lr / 2, weight_decay=1e-2, max_norm=2.0),
+        mlp_config(1, optimizer=optimizer, lr=lr, weight_decay=1e-3, l1=1e-4, max_norm=0.8),
+        mlp_config(2, optimizer=optimizer, lr=lr * 3, max_norm=None),
+        mlp_config(3, optimizer=optimizer, lr=lr / 2, weight_decay=1e-2, max_norm=2.0),
     ]
     group = run_group(members, digits, VAL_ACC, accelerator="cpu")
     for config, member in zip(members, group):
@@ -60,7 +48,7 @@ def test_members_without_dropout_noise_train_exactly_as_they_do_alone(digits, op
 
 @pytest.mark.parametrize("variant", ["inverted", "standard", "gaussian", "alpha", "dropconnect"])
 def test_a_group_in_eval_mode_computes_each_members_solo_network(digits, variant):
-    configs = [_config(s, variant=variant, rates=r) for s, r in ((1, (0.2, 0.5)), (2, (0.0, 0.3)), (3, (0.4, 0.0)))]
+    configs = [mlp_config(s, variant=variant, rates=r) for s, r in ((1, (0.2, 0.5)), (2, (0.0, 0.3)), (3, (0.4, 0.0)))]
     group = GroupMLP(configs, digits).eval()
     x = digits.val.x[:50]
     out = group(x)
@@ -73,7 +61,7 @@ def test_a_group_in_eval_mode_computes_each_members_solo_network(digits, variant
 @pytest.mark.parametrize("variant", ["inverted", "dropconnect", "gaussian"])
 def test_with_dropout_a_member_matches_its_solo_runs_within_run_to_run_noise(digits, variant):
     seeds = [11, 12, 13, 14]
-    configs = [_config(s, variant=variant, rates=(0.2, 0.5), epochs=6) for s in seeds]
+    configs = [mlp_config(s, variant=variant, rates=(0.2, 0.5), epochs=6) for s in seeds]
     solo = [run_trial(c, digits, VAL_ACC, accelerator="cpu").summary["test_acc"] for c in configs]
     grouped = [r.summary["test_acc"] for r in run_group(configs, digits, VAL_ACC, accelerator="cpu")]
     spread = max(statistics.stdev(solo), statistics.stdev(grouped), 0.005)
@@ -84,7 +72,7 @@ def test_with_dropout_a_member_matches_its_solo_runs_within_run_to_run_noise(dig
 def test_members_are_pruned_individually_through_their_own_optuna_trials(digits):
     study = optuna.create_study(direction="maximize", pruner=optuna.pruners.ThresholdPruner(lower=0.5, n_warmup_steps=1))
     trials = [study.ask() for _ in range(3)]
-    configs = [_config(1), _config(2, lr=1e-7), _config(3)]
+    configs = [mlp_config(1), mlp_config(2, lr=1e-7), mlp_config(3)]
     seen: list[tuple[int, int]] = []
     results = run_group(configs, digits, VAL_ACC, pruning_trials=trials, accelerator="cpu",
                         on_epoch=lambda k, entry: seen.append((k, entry["epoch"])))
@@ -97,19 +85,19 @@ def test_members_are_pruned_individually_through_their_own_optuna_trials(digits)
 
 
 def test_a_diverging_member_fails_alone(digits):
-    configs = [_config(1), _config(2, lr=1e12), _config(3)]
+    configs = [mlp_config(1), mlp_config(2, lr=1e12), mlp_config(3)]
     results = run_group(configs, digits, VAL_ACC, accelerator="cpu")
     assert results[1].kind == "nan" and "NonFiniteLossError" in results[1].reason
     assert all(isinstance(results[k], TrialResult) and results[k].summary["val_acc"] > 0.8 for k in (0, 2))
 
 
 def test_only_mlp_configurations_of_one_shape_can_share_a_group(digits):
-    assert group_key(_config(1, rates=(0.1, 0.2), lr=0.1)) == group_key(_config(2, rates=(0.3, 0.0), lr=0.01))
-    assert group_key(_config(1)) != group_key(_config(1, batch_size=64))
-    cnn = dataclasses.replace(_config(1), net=NetConfig(arch="cnn", units=(32,)))
+    assert group_key(mlp_config(1, rates=(0.1, 0.2), lr=0.1)) == group_key(mlp_config(2, rates=(0.3, 0.0), lr=0.01))
+    assert group_key(mlp_config(1)) != group_key(mlp_config(1, batch_size=64))
+    cnn = dataclasses.replace(mlp_config(1), net=NetConfig(arch="cnn", units=(32,)))
     assert group_key(cnn) is None
     with pytest.raises(ValueError, match="share a group key"):
-        run_group([_config(1), _config(2, batch_size=64)], digits, VAL_ACC, accelerator="cpu")
+        run_group([mlp_config(1), mlp_config(2, batch_size=64)], digits, VAL_ACC, accelerator="cpu")
 
 
 def test_a_study_with_groups_fills_its_budget_with_groups_of_one_shape(write_spec, sqlite_url):

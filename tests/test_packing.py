@@ -11,14 +11,12 @@ import pytest
 
 from hpo.api import Execution
 from hpo.errors import HpoError
-from hpo.dropout import DropoutConfig
-from hpo.module import TrainConfig
-from hpo.nets import NetConfig
 from hpo.packing import (
     HEADROOM, MAX_TRIALS_PER_GPU, PROBE_EXAMPLES, Probe, gpu_fraction, probe_splits, train_measured, trials_per_gpu,
 )
-from hpo.space import TrialConfig
 from hpo.spec import ObjectiveSpec
+
+from .conftest import mlp_config
 
 GIB = 2**30
 VAL_ACC = [ObjectiveSpec(metric="val/acc", direction="maximize")]
@@ -77,11 +75,6 @@ def test_auto_without_a_gpu_is_a_one_line_error_and_writes_no_study(write_spec, 
     assert not store.exists()
 
 
-def _tiny(seed: int) -> TrialConfig:
-    return TrialConfig(net=NetConfig(units=(16,)), dropout=DropoutConfig(input=0.1, hidden=(0.3,)),
-                       train=TrainConfig(lr=0.05, epochs=3, early_stopping=2, batch_size=128), seed=seed)
-
-
 @pytest.mark.parametrize("members", [1, 3])
 def test_the_probe_trains_past_its_first_epoch_samples_only_its_measured_window_then_stops(digits, members):
     """The probe's length is set by its window, not by the trial's epochs or early stopping:
@@ -94,7 +87,7 @@ def test_the_probe_trains_past_its_first_epoch_samples_only_its_measured_window_
     def on_epoch(member: int, entry: dict[str, float]) -> None:
         ends.setdefault(member, []).append(time.perf_counter())
 
-    train_measured([_tiny(s) for s in range(members)], probe_splits(digits), VAL_ACC, "cpu",
+    train_measured([mlp_config(s, units=16, rates=(0.1, 0.3), epochs=3, early_stopping=2) for s in range(members)], probe_splits(digits), VAL_ACC, "cpu",
                    lambda: reads.append(time.perf_counter()), settle=settle, measure=measure, on_epoch=on_epoch)
     first, last = ends[0][0], ends[0][-1]
     assert len(ends[0]) > 3, "went on past the configs' 3 epochs and their early stopping"
