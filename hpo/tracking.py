@@ -534,11 +534,11 @@ class SyncReport:
 
 
 def child_runs(mlflow_client: MlflowClient, experiment_id: str, parent_id: str) -> list[Any]:
-    """Every active trial run under the parent run."""
+    """Every active trial run under the parent run (not the re-training runs that also hang there)."""
     runs, token = [], None
     while True:
         page = mlflow_client.search_runs(
-            [experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}'",
+            [experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}' and tags.`{ROLE_TAG}` = 'trial'",
             max_results=1000, page_token=token,
         )
         runs += list(page)

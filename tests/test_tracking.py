@@ -22,10 +22,12 @@ from optuna.trial import TrialState
 
 from hpo import api
 from hpo.api import Execution
+from hpo.best_model import chosen_trial, retrain
 from hpo.dashboard import healthy, server_command
+from hpo.data import load_data
 from hpo.study import FAIL_REASON, load_study
 from hpo.tracking import (
-    NUMBER_TAG, PARENT_TAG, ROLE_TAG, STATE_TAG, Tracker, Tracking, child_runs, sync, trial_record,
+    NUMBER_TAG, PARENT_TAG, ROLE_TAG, STATE_TAG, Tracker, Tracking, child_runs, log_retrained, sync, trial_record,
 )
 from hpo.trial import evaluate
 
@@ -252,6 +254,22 @@ def test_sync_removes_duplicate_runs_of_a_trial(write_spec, tmp_path, sqlite_url
     report = sync(load_study(name, sqlite_url), Tracking(uri=uri))
     assert (report.created, report.removed, report.unchanged) == (0, 1, 3)
     assert len(child_runs(client, parent.info.experiment_id, parent.info.run_id)) == 3
+
+
+def test_sync_leaves_a_retrain_run_alone(write_spec, tmp_path, sqlite_url):
+    """A re-training run hangs under the study's run with the trial's number; it is not a
+    duplicate of the trial's run, so sync must neither delete it nor count it."""
+    name, uri = _name(), f"sqlite:///{tmp_path / 'mlflow.db'}"
+    settings = Tracking(uri=uri)
+    handle, _ = api.submit(write_spec(), trials=3, study_name=name, storage=sqlite_url, execution=CPU,
+                           tracking=settings)
+    data = load_data(handle.spec.data)
+    retrain_id = log_retrained(handle, settings, retrain(handle, chosen_trial(handle), data), data)
+
+    report = sync(load_study(name, sqlite_url), settings)
+    assert (report.created, report.completed, report.removed, report.unchanged) == (0, 0, 0, 3)
+    assert MlflowClient(uri).get_run(retrain_id).info.lifecycle_stage == "active"
+    assert len(_by_number(_runs(uri, name)[1])) == 3
 
 
 def test_resume_keeps_the_parent_run(write_spec, tmp_path, sqlite_url):
