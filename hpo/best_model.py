@@ -41,6 +41,29 @@ def trial_config(handle: StudyHandle, trial: FrozenTrial) -> TrialConfig:
     return suggest(optuna.trial.FixedTrial(trial.params, trial.number), handle.spec, seed=trial.user_attrs["seed"])
 
 
+@dataclass(frozen=True)
+class Rerun:
+    """A trial trained again from its stored configuration and seed.
+
+    Args:
+        net: The network with the weights the re-run kept, in eval mode.
+        values: The objective values the re-run measured; they equal the trial's own on the
+            same kind of device with the same package versions, and show when they do not.
+    """
+
+    net: nn.Module
+    values: list[float]
+
+
+def rerun(handle: StudyHandle, trial: FrozenTrial, data: Splits, accelerator: str = "cpu") -> Rerun:
+    """Train ``trial``'s configuration again with its own seed (as long as the trial took)."""
+    config = trial_config(handle, trial)
+    result = run_trial(config, data, handle.spec.objective, accelerator=accelerator)
+    net = build_net(config.net, config.dropout, data.input_shape, data.num_classes)
+    net.load_state_dict(result.state)
+    return Rerun(net.eval(), result.values)
+
+
 def network(handle: StudyHandle, trial: FrozenTrial, data: Splits, model_uri: str | None = None,
             accelerator: str = "cpu") -> tuple[nn.Module, str]:
     """The trained network of ``trial`` and where it came from: the MLflow model at
@@ -53,11 +76,7 @@ def network(handle: StudyHandle, trial: FrozenTrial, data: Splits, model_uri: st
             return mlflow.pytorch.load_model(model_uri, map_location="cpu"), model_uri
         except Exception:  # noqa: BLE001 - the server may be gone; training again is the fallback
             pass
-    config = trial_config(handle, trial)
-    result = run_trial(config, data, handle.spec.objective, accelerator=accelerator)
-    net = build_net(config.net, config.dropout, data.input_shape, data.num_classes)
-    net.load_state_dict(result.state)
-    return net, f"trained again from trial {trial.number}'s configuration and seed"
+    return rerun(handle, trial, data, accelerator).net, f"trained again from trial {trial.number}'s configuration and seed"
 
 
 @dataclass(frozen=True)

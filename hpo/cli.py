@@ -274,20 +274,48 @@ def sync(
     storage: Storage = None,
     tracking_uri: TrackingUri = None,
     experiment: Experiment = None,
+    model: Annotated[bool, typer.Option(help="Also log the best trial's network when MLflow has none, training the trial again from its configuration and seed (as long as the trial took).")] = True,
+    accelerator: AcceleratorOption = Accelerator.cpu,
 ) -> None:
     """Fill MLflow in from the study store: create missing trial runs, complete runs left open
-    while the tracking server was down, remove duplicate runs. Safe to run any time."""
+    while the tracking server was down, remove duplicate runs, log a missing best model. Safe to
+    run any time."""
     from hpo.tracking import Tracking, sync as sync_study
 
     handle = load_study(study, storage)
     settings = Tracking(uri=tracking_uri, experiment=experiment)
-    report = sync_study(handle, settings)
+    report = sync_study(handle, settings, _rerun_for(handle, accelerator.value) if model else None)
     console.print(
         f"synced study {study!r} to {redact(settings.resolved_uri)} (experiment {report.experiment_id}, "
         f"run {report.parent_id}): {report.created} runs created, {report.completed} completed, "
         f"{report.removed} duplicates removed, {report.unchanged} already up to date",
         markup=False, highlight=False, soft_wrap=True,
     )
+    if report.model_trial is not None:
+        trial = handle.study.trials[report.model_trial]
+        measured = ", ".join(f"{o.metric} {v:.4f}" for o, v in zip(handle.spec.objective, report.model_values))
+        stored = ", ".join(f"{v:.4f}" for v in trial.values)
+        same = report.model_values == trial.values
+        console.print(
+            f"best trial {trial.number}'s network was not in MLflow: trained it again and logged it "
+            f"({measured}; the trial measured {stored}"
+            f"{'' if same else ': not the same, so this machine or its package versions compute differently'})",
+            markup=False, highlight=False, soft_wrap=True,
+        )
+
+
+def _rerun_for(handle: StudyHandle, accelerator: str) -> Callable[[Any], tuple[Any, Any, list[float]]]:
+    """The ``rerun`` callback of :func:`hpo.tracking.sync`: the trial trained again on the
+    study's data (loaded on first use), with a few validation inputs as the model's example."""
+    def rerun(trial: Any) -> tuple[Any, Any, list[float]]:
+        from hpo.best_model import rerun as rerun_trial
+        from hpo.data import load_data
+
+        data = load_data(handle.spec.data)
+        again = rerun_trial(handle, trial, data, accelerator)
+        return again.net, data.val.x[:4], again.values
+
+    return rerun
 
 
 class ReportFormat(str, Enum):

@@ -32,7 +32,7 @@ from hpo.errors import HpoError, describe
 from hpo.export import METRICS
 from hpo.spec import EPOCH_METRICS
 from hpo.study import (
-    ABANDONED, BASELINE, FAIL_REASON, Counts, StudyHandle, best_trials, count_trials, redact, sqlite_path,
+    ABANDONED, BASELINE, FAIL_REASON, Counts, StudyHandle, best_trial, best_trials, count_trials, redact, sqlite_path,
 )
 
 if TYPE_CHECKING:
@@ -48,6 +48,7 @@ ARTIFACTS_DIR = "mlartifacts"
 #: Study user attribute holding the parent run: ``{"uri": …, "experiment_id": …, "run_id": …}``.
 PARENT_ATTR = "hpo:mlflow"
 STUDY_TAG, ROLE_TAG, NUMBER_TAG, STATE_TAG = "hpo.study", "hpo.role", "hpo.trial_number", "hpo.state"
+BEST_MODEL_TAG = "hpo.best_model"
 PARENT_TAG = "mlflow.parentRunId"
 #: Makes the MLflow 3 dashboard open the experiment on its training-runs table, not the GenAI view.
 _TRAINING_KIND = {"mlflow.experimentKind": "custom_model_development"}
@@ -459,9 +460,7 @@ class Tracker:
             record.status = "RUNNING"
         run_id = write_trial_run(self._client, self.experiment_id, record, state.run_id, state.steps, state.params)
         if model is not None:
-            log_model(self.settings.resolved_uri, run_id, *model)
-            self._client.set_terminated(run_id, status="FINISHED", end_time=record.end_ms)
-            _log(self._client, self.parent_id, tags={"hpo.best_model": f"runs:/{run_id}/model"})
+            attach_best_model(self._client, self.settings.resolved_uri, self.parent_id, run_id, *model, record.end_ms)
         _log(self._client, self.parent_id, step=counts.finished,
              metrics=study_metrics(counts, best, self.objectives, self.handle.budget))
 
@@ -517,6 +516,16 @@ def log_model(uri: str, run_id: str, net: Any, example: Any) -> None:
         )
 
 
+def attach_best_model(mlflow_client: MlflowClient, uri: str, parent_id: str, run_id: str, net: Any, example: Any,
+                      end_ms: int | None) -> None:
+    """Log a best trial's network into its (complete) run, close the run again at the trial's
+    own end time (``end_ms``; logging reopens it), and point the study run's ``hpo.best_model``
+    tag at the model."""
+    log_model(uri, run_id, net, example)
+    mlflow_client.set_terminated(run_id, status="FINISHED", end_time=end_ms)
+    _log(mlflow_client, parent_id, tags={BEST_MODEL_TAG: f"runs:/{run_id}/model"})
+
+
 # --- Back-filling MLflow from the study store ---------------------------------------------------
 
 
@@ -531,6 +540,10 @@ class SyncReport:
     completed: int
     removed: int
     unchanged: int
+    #: The best trial whose network MLflow lacked and sync trained again and logged, with the
+    #: objective values that re-run measured.
+    model_trial: int | None = None
+    model_values: list[float] | None = None
 
 
 def child_runs(mlflow_client: MlflowClient, experiment_id: str, parent_id: str) -> list[Any]:
@@ -547,10 +560,17 @@ def child_runs(mlflow_client: MlflowClient, experiment_id: str, parent_id: str) 
             return runs
 
 
-def sync(handle: StudyHandle, settings: Tracking = Tracking()) -> SyncReport:
+def sync(handle: StudyHandle, settings: Tracking = Tracking(),
+         rerun: Callable[[FrozenTrial], tuple[Any, Any, list[float]]] | None = None) -> SyncReport:
     """Make MLflow hold every finished trial of the study exactly once: create missing runs,
     complete runs a failed tracking connection left open, delete duplicate runs of a trial, and
-    refresh the parent run's totals. Running and waiting trials are left alone."""
+    refresh the parent run's totals. Running and waiting trials are left alone.
+
+    With ``rerun`` (trial → network, a few example inputs, the objective values it measured),
+    the best trial's network is logged too when MLflow has none (the live tracker logs it,
+    unless the server was down then): the store keeps no weights, so ``rerun`` trains the
+    trial again from its configuration and seed."""
+    model_trial = model_values = None
     try:
         mlflow_client = client(settings)
         experiment_id, parent_id = ensure_parent_run(mlflow_client, handle, settings)
@@ -559,6 +579,8 @@ def sync(handle: StudyHandle, settings: Tracking = Tracking()) -> SyncReport:
             with contextlib.suppress(KeyError, ValueError):
                 existing.setdefault(int(run.data.tags[NUMBER_TAG]), []).append(run)
         created = completed = removed = unchanged = 0
+        records: dict[int, TrialRecord] = {}
+        run_ids: dict[int, str] = {}
         objectives = _objectives(handle)
         trials = handle.study.get_trials(deepcopy=False)
         for trial in trials:
@@ -568,17 +590,24 @@ def sync(handle: StudyHandle, settings: Tracking = Tracking()) -> SyncReport:
                 removed += 1
             if trial.state in (TrialState.RUNNING, TrialState.WAITING):
                 continue
-            record = trial_record(trial, handle.name, parent_id, objectives)
+            record = records[trial.number] = trial_record(trial, handle.name, parent_id, objectives)
             if not runs:
-                write_trial_run(mlflow_client, experiment_id, record)
+                run_ids[trial.number] = write_trial_run(mlflow_client, experiment_id, record)
                 created += 1
             elif runs[0].data.tags.get(STATE_TAG) != record.tags[STATE_TAG] or runs[0].info.status != record.status:
-                run_id = runs[0].info.run_id
+                run_id = run_ids[trial.number] = runs[0].info.run_id
                 write_trial_run(mlflow_client, experiment_id, record, run_id, _logged_steps(mlflow_client, run_id),
                                 runs[0].data.params)
                 completed += 1
             else:
+                run_ids[trial.number] = runs[0].info.run_id
                 unchanged += 1
+        best = best_trial(handle.study)
+        if rerun is not None and best is not None and not _best_model_of(mlflow_client, parent_id, best.number):
+            net, example, model_values = rerun(best)
+            attach_best_model(mlflow_client, settings.resolved_uri, parent_id, run_ids[best.number], net, example,
+                              records[best.number].end_ms)
+            model_trial = best.number
         counts = count_trials(trials)
         _log(mlflow_client, parent_id, step=counts.finished,
              metrics=study_metrics(counts, best_trials(handle.study), objectives, handle.budget))
@@ -590,7 +619,7 @@ def sync(handle: StudyHandle, settings: Tracking = Tracking()) -> SyncReport:
         raise TrackingError(
             f"cannot sync study {handle.name!r} to MLflow at {redact(settings.resolved_uri)}: {describe(exc)}"
         ) from exc
-    return SyncReport(experiment_id, parent_id, created, completed, removed, unchanged)
+    return SyncReport(experiment_id, parent_id, created, completed, removed, unchanged, model_trial, model_values)
 
 
 def _completeness(run: Any) -> tuple[bool, int, int]:
@@ -632,13 +661,17 @@ def model_uri(handle: StudyHandle, settings: Tracking, number: int) -> str | Non
     if not settings.enabled or known.get("uri") != redact(settings.resolved_uri):
         return None
     try:
-        mlflow_client = client(settings)
-        uri = mlflow_client.get_run(known["run_id"]).data.tags.get("hpo.best_model", "")
-        run_id = uri.removeprefix("runs:/").split("/")[0]
-        if run_id and mlflow_client.get_run(run_id).data.tags.get(NUMBER_TAG) == str(number):
-            return uri
+        return _best_model_of(client(settings), known["run_id"], number)
     except Exception:  # noqa: BLE001 - no model to load: the caller trains the trial again
         return None
+
+
+def _best_model_of(mlflow_client: MlflowClient, parent_id: str, number: int) -> str | None:
+    """The study run's ``hpo.best_model`` when it is trial ``number``'s model, else ``None``."""
+    uri = mlflow_client.get_run(parent_id).data.tags.get(BEST_MODEL_TAG, "")
+    run_id = uri.removeprefix("runs:/").split("/")[0]
+    if run_id and mlflow_client.get_run(run_id).data.tags.get(NUMBER_TAG) == str(number):
+        return uri
     return None
 
 

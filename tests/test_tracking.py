@@ -22,7 +22,7 @@ from optuna.trial import TrialState
 
 from hpo import api
 from hpo.api import Execution
-from hpo.best_model import chosen_trial, retrain
+from hpo.best_model import chosen_trial, rerun, retrain
 from hpo.dashboard import healthy, server_command
 from hpo.data import load_data
 from hpo.study import FAIL_REASON, load_study
@@ -219,19 +219,43 @@ def test_a_dead_tracking_server_costs_no_trial_and_sync_repairs_mlflow(write_spe
     assert out.returncode == 0, out.stderr
     assert "0 duplicates removed" in " ".join(out.stdout.split())
     _check_mirrors_the_store(server.url, sqlite_url, name)
+    best = optuna.load_study(study_name=name, storage=sqlite_url).best_trial
+    best_model = _runs(server.url, name)[0].data.tags["hpo.best_model"]
+    assert MlflowClient(server.url).get_run(best_model.split("/")[1]).data.tags[NUMBER_TAG] == str(best.number)
 
     again = subprocess.run([sys.executable, "-m", "hpo", "sync", name, "--storage", sqlite_url],
                            capture_output=True, text=True, env=env, cwd=tmp_path)
     assert "0 runs created, 0 completed, 0 duplicates removed, 9 already up to date" in " ".join(again.stdout.split())
 
 
-def test_sync_writes_the_same_runs_as_live_tracking(write_spec, tmp_path, sqlite_url):
+def test_sync_writes_the_same_runs_and_best_model_as_live_tracking(write_spec, tmp_path, sqlite_url, digits):
     name = _name()
     live, later = f"sqlite:///{tmp_path / 'live.db'}", f"sqlite:///{tmp_path / 'later.db'}"
     api.submit(write_spec(MIXED_SPEC), trials=6, study_name=name, storage=sqlite_url, seed=4, baselines=False,
                execution=CPU, tracking=Tracking(uri=live))
-    report = sync(load_study(name, sqlite_url), Tracking(uri=later))
+    handle = load_study(name, sqlite_url)
+    reruns = []
+
+    def rerun_best(trial):
+        reruns.append(trial.number)
+        again = rerun(handle, trial, digits)
+        return again.net, digits.val.x[:4], again.values
+
+    report = sync(handle, Tracking(uri=later), rerun_best)
     assert report.created == 6 and report.removed == 0
+    best = handle.study.best_trial
+    assert reruns == [best.number] and report.model_trial == best.number and report.model_values == best.values
+
+    import mlflow.pytorch
+
+    nets = []
+    for uri in (live, later):
+        mlflow.set_tracking_uri(uri)
+        nets.append(mlflow.pytorch.load_model(_runs(uri, name)[0].data.tags["hpo.best_model"]))
+    live_net, later_net = nets
+    with torch.inference_mode():
+        assert torch.equal(live_net(digits.test.x), later_net(digits.test.x)), "the re-run kept the same weights"
+    assert sync(handle, Tracking(uri=later), rerun_best).model_trial is None and reruns == [best.number]
     live_runs = _by_number(_runs(live, name)[1])
     later_runs = _by_number(_runs(later, name)[1])
     for number, run in live_runs.items():
