@@ -567,9 +567,10 @@ def sync(handle: StudyHandle, settings: Tracking = Tracking(),
     refresh the parent run's totals. Running and waiting trials are left alone.
 
     With ``rerun`` (trial → network, a few example inputs, the objective values it measured),
-    the best trial's network is logged too when MLflow has none (the live tracker logs it,
-    unless the server was down then): the store keeps no weights, so ``rerun`` trains the
-    trial again from its configuration and seed."""
+    a single-objective study's best network is logged too when MLflow has none (the live
+    tracker logs it, unless the server was down then): the store keeps no weights, so
+    ``rerun`` trains the trial again from its configuration and seed. A Pareto front has no
+    one best network, so multi-objective studies are left as they are."""
     model_trial = model_values = None
     try:
         mlflow_client = client(settings)
@@ -602,7 +603,7 @@ def sync(handle: StudyHandle, settings: Tracking = Tracking(),
             else:
                 run_ids[trial.number] = runs[0].info.run_id
                 unchanged += 1
-        best = best_trial(handle.study)
+        best = best_trial(handle.study) if len(handle.study.directions) == 1 else None
         if rerun is not None and best is not None and not _best_model_of(mlflow_client, parent_id, best.number):
             net, example, model_values = rerun(best)
             attach_best_model(mlflow_client, settings.resolved_uri, parent_id, run_ids[best.number], net, example,
