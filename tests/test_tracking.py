@@ -267,6 +267,21 @@ def test_sync_writes_the_same_runs_and_best_model_as_live_tracking(write_spec, t
         assert run.info.status == other.info.status
 
 
+def test_sync_trains_no_network_again_for_a_pareto_front(write_spec, tmp_path, sqlite_url):
+    name = _name()
+    spec = TINY_SPEC.replace("pruner: {name: median, n_startup_trials: 2, n_warmup_steps: 1}",
+                             "pruner: {name: none}\nobjective: [val/acc, gap]")
+    handle, _ = api.submit(write_spec(spec), trials=3, study_name=name, storage=sqlite_url, execution=CPU,
+                           tracking=Tracking(enabled=False))
+    assert len(handle.study.directions) == 2
+
+    def rerun_best(trial):
+        raise AssertionError("a Pareto front has no one best network to train again")
+
+    report = sync(load_study(name, sqlite_url), Tracking(uri=f"sqlite:///{tmp_path / 'mlflow.db'}"), rerun_best)
+    assert report.created == 3 and report.model_trial is None
+
+
 def test_sync_removes_duplicate_runs_of_a_trial(write_spec, tmp_path, sqlite_url):
     name, uri = _name(), f"sqlite:///{tmp_path / 'mlflow.db'}"
     handle, _ = api.submit(write_spec(), trials=3, study_name=name, storage=sqlite_url, execution=CPU,
