@@ -580,7 +580,6 @@ def sync(handle: StudyHandle, settings: Tracking = Tracking(),
             with contextlib.suppress(KeyError, ValueError):
                 existing.setdefault(int(run.data.tags[NUMBER_TAG]), []).append(run)
         created = completed = removed = unchanged = 0
-        records: dict[int, TrialRecord] = {}
         run_ids: dict[int, str] = {}
         objectives = _objectives(handle)
         trials = handle.study.get_trials(deepcopy=False)
@@ -591,23 +590,24 @@ def sync(handle: StudyHandle, settings: Tracking = Tracking(),
                 removed += 1
             if trial.state in (TrialState.RUNNING, TrialState.WAITING):
                 continue
-            record = records[trial.number] = trial_record(trial, handle.name, parent_id, objectives)
+            record = trial_record(trial, handle.name, parent_id, objectives)
             if not runs:
-                run_ids[trial.number] = write_trial_run(mlflow_client, experiment_id, record)
+                run_id = write_trial_run(mlflow_client, experiment_id, record)
                 created += 1
             elif runs[0].data.tags.get(STATE_TAG) != record.tags[STATE_TAG] or runs[0].info.status != record.status:
-                run_id = run_ids[trial.number] = runs[0].info.run_id
+                run_id = runs[0].info.run_id
                 write_trial_run(mlflow_client, experiment_id, record, run_id, _logged_steps(mlflow_client, run_id),
                                 runs[0].data.params)
                 completed += 1
             else:
-                run_ids[trial.number] = runs[0].info.run_id
+                run_id = runs[0].info.run_id
                 unchanged += 1
+            run_ids[trial.number] = run_id
         best = best_trial(handle.study) if len(handle.study.directions) == 1 else None
         if rerun is not None and best is not None and not _best_model_of(mlflow_client, parent_id, best.number):
             net, example, model_values = rerun(best)
             attach_best_model(mlflow_client, settings.resolved_uri, parent_id, run_ids[best.number], net, example,
-                              records[best.number].end_ms)
+                              trial_record(best, handle.name, parent_id, objectives).end_ms)
             model_trial = best.number
         counts = count_trials(trials)
         _log(mlflow_client, parent_id, step=counts.finished,
