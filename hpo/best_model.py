@@ -17,9 +17,9 @@ from torch import nn
 
 from hpo.data import Split, Splits
 from hpo.errors import HpoError
-from hpo.nets import build_net
 from hpo.space import TrialConfig, suggest
 from hpo.study import StudyHandle, best_trial
+from hpo.tracking import trained_network
 from hpo.trial import TrialResult, evaluate, run_trial
 
 
@@ -59,9 +59,7 @@ def rerun(handle: StudyHandle, trial: FrozenTrial, data: Splits, accelerator: st
     """Train ``trial``'s configuration again with its own seed (as long as the trial took)."""
     config = trial_config(handle, trial)
     result = run_trial(config, data, handle.spec.objective, accelerator=accelerator)
-    net = build_net(config.net, config.dropout, data.input_shape, data.num_classes)
-    net.load_state_dict(result.state)
-    return Rerun(net.eval(), result.values)
+    return Rerun(trained_network(config, result.state, data), result.values)
 
 
 def network(handle: StudyHandle, trial: FrozenTrial, data: Splits, model_uri: str | None = None,
@@ -102,7 +100,5 @@ def retrain(handle: StudyHandle, trial: FrozenTrial, data: Splits, accelerator: 
     merged = Split(torch.cat([data.train.x, data.val.x]), torch.cat([data.train.y, data.val.y]))
     both = replace(data, train=merged, val=data.test)
     result = run_trial(config, both, handle.spec.objective, accelerator=accelerator, keep_last=True)
-    net = build_net(config.net, config.dropout, data.input_shape, data.num_classes)
-    net.load_state_dict(result.state)
-    test_loss, test_acc = evaluate(net, data.test)
+    test_loss, test_acc = evaluate(trained_network(config, result.state, data), data.test)
     return Retrained(trial, config, epochs, result, test_acc, test_loss)
