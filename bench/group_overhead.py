@@ -7,7 +7,7 @@ random MNIST-sized data twice:
     bare       stacked (K, out, in) weights, per-member dropout masks, one shared SGD step, no
                validation, no metrics: the `torch.func.vmap` loop of DESIGN.md §4 in stacked form,
                the floor for this arithmetic
-    run_group  hpo.group.run_group as a study runs it: Lightning, per-member batch orders,
+    run_group  hpo.running.group.run_group as a study runs it: Lightning, per-member batch orders,
                learning rates and max-norm, per-member metrics, a validation pass per epoch,
                best-weight copies, the finished members measured on the test split
 
@@ -28,13 +28,13 @@ import torch
 from torch.nn import functional as F
 
 from hpo.data import Split, Splits
-from hpo.dropout import DropoutConfig
-from hpo.group import run_group
-from hpo.module import TrainConfig
-from hpo.nets import NetConfig
+from hpo.models.dropout import DropoutConfig
+from hpo.models.module import TrainConfig
+from hpo.models.nets import NetConfig
+from hpo.running.group import run_group
+from hpo.running.trial import PRECISIONS, matmul_precision
 from hpo.space import TrialConfig
 from hpo.spec import ObjectiveSpec
-from hpo.trial import PRECISIONS, matmul_precision
 
 RATES = (0.2, 0.5)
 MAX_NORM = 3.0

@@ -8,10 +8,10 @@ diverges, which lr up to 1 with momentum 0.99 allows, stop early and are counted
 per model-epoch = study wall time / epochs trained by all trials. Modes:
 
     (a) dataloader  one Lightning trial at a time, batches copied from host memory by a DataLoader
-    (b) resident    one Lightning trial at a time, data held on the device (hpo.batches)
+    (b) resident    one Lightning trial at a time, data held on the device (hpo.data.batches)
     (c) packed      several trials at once on one device: Ray tasks sharing it (fractional GPUs;
                     on a CPU machine one core per trial)
-    (d) groups      vectorised trial groups of --group-size members (hpo.group), one at a time
+    (d) groups      vectorised trial groups of --group-size members (hpo.running.group), one at a time
 
 It prints one Markdown table, with the best validation and test accuracy each mode reached, so
 speed is never bought with quality. Ray's start-up is timed apart from the packed study.
@@ -90,7 +90,7 @@ def run(mode: str, space: Path, folder: Path, trials: int, args: argparse.Namesp
     import ray
 
     from hpo import api
-    from hpo.study import best_trial
+    from hpo.running.study import best_trial
     from hpo.tracking import Tracking
 
     ray_start = 0.0

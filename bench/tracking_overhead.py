@@ -73,7 +73,7 @@ def main() -> None:
 
     from mlflow import MlflowClient
 
-    from hpo.dashboard import healthy, server_command, stop
+    from hpo.tracking.dashboard import healthy, server_command, stop
 
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)

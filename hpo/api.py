@@ -13,17 +13,21 @@ import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from hpo.batches import Loading
-from hpo.data import Splits, load_data
-from hpo.errors import HpoError
-from hpo.executor import Backend, LocalBackend, ProgressCallback, RunSummary, run_study
+from hpo.data import DataSource, TrialData, load_data, load_user_data
+from hpo.data.batches import Loading
+from hpo.errors import HpoError, SpecError
+from hpo.running.executor import Backend, LocalBackend, ProgressCallback, RunSummary, run_study
+from hpo.running.study import BASELINE, StudyHandle, create_study, load_study, reconcile, set_budget
+from hpo.running.trial import PRECISIONS, Precision
 from hpo.space import baseline_params
-from hpo.spec import Spec, parse_spec, read_spec_file
-from hpo.study import BASELINE, StudyHandle, create_study, load_study, reconcile, set_budget
+from hpo.spec import Spec, UserDataSpec, parse_spec, read_spec_file
 from hpo.tracking import Tracking, tracked
-from hpo.trial import PRECISIONS, Precision
+from hpo.user_code import UserCodeError, add_code_dir
+
+if TYPE_CHECKING:
+    from hpo.models.groups import SiteSetting
 
 log = logging.getLogger("hpo")
 
@@ -41,18 +45,18 @@ class Execution:
         gpus_per_trial: GPUs each Ray trial task reserves; fractions share a GPU (0.25: four
             trials per GPU), whole numbers above 1 are allowed. ``"auto"`` measures one trial
             (or group) alone on a GPU and packs as many per GPU as its memory footprint, GPU
-            utilisation and the CPUs allow (:mod:`hpo.packing`).
+            utilisation and the CPUs allow (:mod:`hpo.running.packing`).
         max_retries: Times a configuration whose worker died is queued again.
         ray_address: Ray cluster to use (else ``$RAY_ADDRESS``, else a local Ray instance).
         accelerator: Lightning accelerator for in-process trials (``auto``, ``cpu``, ``gpu``).
-        group_size: Trials trained together as one vectorised model (:mod:`hpo.group`; MLP
+        group_size: Trials trained together as one vectorised model (:mod:`hpo.running.group`; MLP
             search spaces). Each group takes one worker slot and one ``gpus_per_trial`` share.
         loading: How batches reach the device: ``auto`` holds the data on it when it fits
-            (:mod:`hpo.batches`), ``dataloader`` copies each batch from host memory (the
+            (:mod:`hpo.data.batches`), ``dataloader`` copies each batch from host memory (the
             benchmark's baseline), ``resident`` insists. Seeded trials compute the same either way.
         precision: How training arithmetic runs: ``32`` (float32), ``tf32`` (TensorFloat-32
             matrix products on GPUs that have them) or ``bf16`` (Lightning's bf16 mixed
-            precision); see :data:`hpo.trial.Precision`. The faster two trade a little numerical
+            precision); see :data:`hpo.running.trial.Precision`. The faster two trade a little numerical
             precision for speed on a GPU; on a CPU ``tf32`` changes nothing and ``bf16`` is
             usually slower.
     """
@@ -97,20 +101,31 @@ class Execution:
 
 
 @contextlib.contextmanager
-def _backend(spec: Spec, seed: int, data: Splits, execution: Execution,
-             on_note: Callable[[str], None] = log.info) -> Iterator[Backend]:
+def _backend(spec: Spec, seed: int, data: TrialData, execution: Execution,
+             on_note: Callable[[str], None] = log.info, code_dir: str | None = None) -> Iterator[Backend]:
     """The backend that runs trials, opened before the study is written so that a cluster
-    that cannot run them (``--gpus-per-trial auto`` without a GPU) leaves the store as it was."""
+    that cannot run them (``--gpus-per-trial auto`` without a GPU) leaves the store as it was.
+    A user model's ``code_dir`` is shipped to Ray workers."""
     prune = not spec.multi_objective and spec.active_pruner.name != "none"
     if not execution.uses_ray:
         yield LocalBackend(data, spec.objective, prune, execution.accelerator, execution.loading, execution.precision)
         return
     import ray
 
-    from hpo.ray_executor import RayBackend, auto_gpus_per_trial, connect
+    from hpo.running.ray_executor import (
+        RayBackend,
+        auto_gpus_per_trial,
+        check_workers_import,
+        connect,
+    )
 
-    started = connect(execution.ray_address)
+    if spec.user_model and execution.gpus_per_trial == "auto":
+        raise HpoError("--gpus-per-trial auto measures the built-in networks; give your model's share of a GPU "
+                       "as a number (0.25: four trials per GPU)")
+    started = connect(execution.ray_address, code_dir=code_dir if spec.user_model else None)
     try:
+        if spec.user_model:
+            check_workers_import(spec.model.class_path)
         gpus = execution.gpus_per_trial
         if gpus == "auto":
             gpus, note = auto_gpus_per_trial(spec, seed, data, execution.group_size, execution.cpus_per_trial,
@@ -124,6 +139,115 @@ def _backend(spec: Spec, seed: int, data: Splits, execution: Execution,
     finally:
         if started:
             ray.shutdown()
+
+
+def resolve_code_dir(spec: Spec, spec_path: Path, override: str | Path | None = None) -> str | None:
+    """The user's code folder as an absolute path: ``override`` (``--code-dir``), else the spec's
+    ``code_dir`` relative to the spec file, else the spec file's folder. ``None`` for a spec of
+    built-in parts only."""
+    if not spec.user_model and not isinstance(spec.data, UserDataSpec):
+        return None
+    if override is not None:
+        folder = Path(override)
+    elif spec.code_dir is not None:
+        folder = spec_path.parent / spec.code_dir
+    else:
+        folder = spec_path.parent
+    if not folder.is_dir():
+        raise SpecError(spec_path, "code_dir", f"{folder} is not a folder")
+    return str(folder.resolve())
+
+
+def load_trial_data(spec: Spec, code_dir: str | None = None) -> TrialData:
+    """The study's data: a built-in set, or the user's own (imported from ``code_dir``)."""
+    if isinstance(spec.data, UserDataSpec):
+        return load_user_data(DataSource(spec.data.model_dump(), code_dir))
+    return load_data(spec.data)
+
+
+def study_data(handle: StudyHandle) -> TrialData:
+    """A stored study's data, the user's code imported from the folder it was submitted with
+    (``hpo evaluate``, ``retrain``, ``sync``)."""
+    try:
+        add_code_dir(handle.code_dir)
+        return load_trial_data(handle.spec, handle.code_dir)
+    except UserCodeError as exc:
+        raise SpecError(f"study {handle.name!r}", exc.key, exc.problem) from exc
+
+
+def prepare(spec: Spec, source: str | Path, code_dir: str | None, on_note: Callable[[str], None] = log.info,
+            on_warning: Callable[[str], None] = log.warning) -> TrialData:
+    """Load the data and, for a user model, check it before anything is stored: import it, build
+    it at the centre of the space, match the groups to its sites and train it on one batch
+    (:func:`~hpo.running.user_trial.check_user_model`). Problems raise :class:`SpecError`
+    naming ``source`` and the key."""
+    try:
+        add_code_dir(code_dir)
+        data = load_trial_data(spec, code_dir)
+        if not spec.user_model:
+            return data
+        from hpo.models.groups import constrained_layers
+        from hpo.running.user_trial import check_user_model
+
+        checked = check_user_model(spec, data)
+    except UserCodeError as exc:
+        raise SpecError(source, exc.key, exc.problem) from exc
+    built = checked.built
+    grouped = sum(1 for s in built.settings if s.group is not None)
+    layers = {path for entry in spec.dropout.max_norm.values()
+              for path, _ in constrained_layers(built.network, entry.match)}
+    on_note(f"model {spec.model.class_path}: {len(built.settings)} dropout sites, {grouped} of them in "
+            f"{len(spec.dropout.groups)} groups" + (f"; max-norm on {len(layers)} layer{'s' if len(layers) > 1 else ''}" if layers else "")
+            + " (`hpo sites` lists them)")
+    for line in built.table.warnings():
+        on_warning(line)
+    return data
+
+
+@dataclass(frozen=True)
+class SiteReport:
+    """What ``hpo sites`` shows: the model built at the centre of the space, its sites and what
+    the spec's groups make of them, the layers max-norm would hold, and the warnings."""
+
+    model: str
+    settings: list[SiteSetting]
+    max_norm: dict[str, list[str]]
+    warnings: list[str]
+
+
+def sites(space: str | Path, code_dir: str | Path | None = None) -> SiteReport:
+    """Find the dropout sites of the model a search space names, built at the centre of the
+    space (a user model, or a built-in network), and say which group matches each. Unlike
+    :func:`submit`, a pattern that matches nothing or a site left out is a warning here."""
+    import torch
+    from optuna.trial import FixedTrial
+
+    from hpo.models.groups import SiteSetting, constrained_layers
+    from hpo.models.nets import build_net
+    from hpo.models.sites import probe
+    from hpo.running.user_trial import build_checked, example_batch, site_problems
+    from hpo.space import centre, searched_parameters, suggest
+
+    path = Path(space)
+    spec = parse_spec(read_spec_file(path), source=path)
+    folder = resolve_code_dir(spec, path, code_dir)
+    try:
+        add_code_dir(folder)
+        data = load_trial_data(spec, folder)
+        config = suggest(FixedTrial({n: centre(s) for n, s in searched_parameters(spec).items()}), spec, seed=0)
+        torch.manual_seed(0)
+        if not spec.user_model:
+            net = build_net(config.net, config.dropout, data.input_shape, data.num_classes)
+            table = probe(net, lambda m: m(data.train.x[:8]))
+            settings = [SiteSetting(s, None, s.rate, None) for s in table.sites]
+            return SiteReport(spec.model.arch, settings, {}, table.warnings())
+        built = build_checked(config, example_batch(data))
+    except UserCodeError as exc:
+        raise SpecError(path, exc.key, exc.problem) from exc
+    problems = [f"{key}: {problem}" for key, problem in site_problems(spec, built)]
+    layers = {name: [p for p, _ in constrained_layers(built.network, entry.match)]
+              for name, entry in spec.dropout.max_norm.items()}
+    return SiteReport(spec.model.class_path, built.settings, layers, built.table.warnings() + problems)
 
 
 def submit(
@@ -141,6 +265,7 @@ def submit(
     on_start: Callable[[StudyHandle], None] | None = None,
     on_warning: Callable[[str], None] = log.warning,
     on_note: Callable[[str], None] = log.info,
+    code_dir: str | Path | None = None,
 ) -> tuple[StudyHandle, RunSummary]:
     """Create a study from the search-space file ``space`` and run it.
 
@@ -157,17 +282,20 @@ def submit(
         tracking: Where the study is mirrored in MLflow (see :class:`hpo.tracking.Tracking`).
         on_start: Called once the study exists, before the first trial.
         on_warning: Gets problems that do not stop the study (MLflow unreachable).
-        on_note: Gets decisions made for the user (the measured ``--gpus-per-trial auto``).
+        on_note: Gets decisions made for the user (the measured ``--gpus-per-trial auto``) and
+            what the check of a user model found.
+        code_dir: The user's code (default: the spec's ``code_dir``, else the spec file's folder).
     """
     path = Path(space)
     text = read_spec_file(path)
     spec = parse_spec(text, source=path)
     if not baselines:
         spec = spec.model_copy(update={"baselines": []})
-    data = load_data(spec.data)
+    folder = resolve_code_dir(spec, path, code_dir)
+    data = prepare(spec, path, folder, on_note, on_warning)
     if seed is None:
         seed = spec.sampler.seed if spec.sampler.seed is not None else secrets.randbelow(2**31)
-    with _backend(spec, seed, data, execution, on_note) as backend:
+    with _backend(spec, seed, data, execution, on_note, folder) as backend:
         handle = create_study(
             spec, text,
             name=study_name or spec.name,
@@ -175,6 +303,7 @@ def submit(
             budget=trials or spec.budget.trials,
             seed=seed,
             spec_source=str(path),
+            code_dir=folder if spec.user_model else None,
             first_trials=[(baseline_params(spec, kind), {BASELINE: kind}) for kind in spec.baselines],
         )
         if on_start is not None:
@@ -183,7 +312,7 @@ def submit(
                             on_progress, on_warning)
 
 
-def _run(handle: StudyHandle, data: Splits, backend: Backend, execution: Execution, tracking: Tracking,
+def _run(handle: StudyHandle, data: TrialData, backend: Backend, execution: Execution, tracking: Tracking,
          timeout: float | None, on_progress: ProgressCallback | None, on_warning: Callable[[str], None]) -> RunSummary:
     with tracked(handle, tracking, data, on_warning) as tracker:
         summary = run_study(handle, backend, timeout=timeout, max_retries=execution.max_retries,
@@ -205,6 +334,7 @@ def resume(
     on_start: Callable[[StudyHandle, list[int]], None] | None = None,
     on_warning: Callable[[str], None] = log.warning,
     on_note: Callable[[str], None] = log.info,
+    code_dir: str | Path | None = None,
 ) -> tuple[StudyHandle, RunSummary]:
     """Continue a study until its budget of finished trials is reached.
 
@@ -213,12 +343,13 @@ def resume(
     study and the numbers of the trials it abandoned.
     """
     handle = load_study(study_name, storage)
-    data = load_data(handle.spec.data)
+    folder = str(Path(code_dir).resolve()) if code_dir else handle.code_dir
+    data = prepare(handle.spec, f"study {study_name!r}", folder, on_note, on_warning)
     orphans = reconcile(handle.study)
     if trials is not None:
         set_budget(handle, trials)
     if on_start is not None:
         on_start(handle, orphans)
-    with _backend(handle.spec, handle.seed, data, execution, on_note) as backend:
+    with _backend(handle.spec, handle.seed, data, execution, on_note, folder) as backend:
         return handle, _run(handle, data, backend, execution, tracking, timeout or handle.spec.budget.timeout,
                             on_progress, on_warning)

@@ -1,4 +1,4 @@
-"""The ``hpo`` command line: a thin layer over :mod:`hpo.api` and :mod:`hpo.study`.
+"""The ``hpo`` command line: a thin layer over :mod:`hpo.api` and :mod:`hpo.running.study`.
 
 Bad input (an invalid search space, unreadable data, an unreachable store, an unknown study)
 ends with one line on stderr and exit code 2. Verbs that only read the store never import torch,
@@ -22,16 +22,25 @@ from rich.console import Console
 from rich.table import Table
 
 from hpo import __version__
+from hpo.analysis.export import to_csv, to_json, trial_rows
 from hpo.errors import HpoError, StoreError
-from hpo.export import to_csv, to_json, trial_rows
+from hpo.output import VERBOSE_ENV
+from hpo.output import configure as configure_output
 from hpo.progress import StudyProgress, format_values
-from hpo.study import (
-    BASELINE, STORAGE_ENV, StudyHandle, best_trial, count_trials, load_study, open_storage, redact,
+from hpo.running.study import (
+    BASELINE,
+    STORAGE_ENV,
+    StudyHandle,
+    best_trial,
+    count_trials,
+    load_study,
+    open_storage,
+    redact,
     storage_url,
 )
 
 if TYPE_CHECKING:
-    from hpo.executor import RunSummary
+    from hpo.running.executor import RunSummary
 
 app = typer.Typer(
     help="Bayesian optimisation of dropout configurations: submit a YAML search space, watch "
@@ -88,6 +97,7 @@ PrecisionOption = Annotated[PrecisionChoice, typer.Option("--precision", help="T
 TrackingUri = Annotated[str | None, typer.Option(envvar="MLFLOW_TRACKING_URI", show_default=False, help="MLflow tracking URI: an http(s):// server or an SQL store \\[default: sqlite:///mlflow.db in this directory].")]
 Experiment = Annotated[str | None, typer.Option(show_default=False, help="MLflow experiment \\[default: the study name].")]
 TrackingSwitch = Annotated[bool, typer.Option(help="Mirror the study into MLflow (a parent run, a nested run per trial).")]
+CodeDir = Annotated[Path | None, typer.Option(help="Folder of your model's and data's code, put on sys.path and shipped to Ray workers \\[default: the spec's code_dir, else the spec file's folder].", show_default=False)]
 
 #: The options ``submit`` and ``resume`` share (see :func:`_run_options`).
 _RUN_OPTIONS = [
@@ -140,8 +150,10 @@ def main(
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
     ] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", envvar=VERBOSE_ENV, help="Also show what MLflow, Ray and other libraries log.")] = False,
 ) -> None:
     """dropout-hpo."""
+    configure_output(verbose)
 
 
 def _run_options(command: F) -> F:
@@ -185,6 +197,7 @@ def submit(
     storage: Storage = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the sampler and the trials \\[default: the spec's sampler.seed, else random].", show_default=False)] = None,
     baselines: Annotated[bool, typer.Option(help="Run the spec's baselines (no dropout; Srivastava et al.'s recommendation) first.")] = True,
+    code_dir: CodeDir = None,
     *,
     execution: Any = None,
     tracking: Any = None,
@@ -205,7 +218,7 @@ def submit(
         handle, summary = api.submit(
             space, trials=trials, timeout=timeout, study_name=study_name, storage=storage,
             seed=seed, baselines=baselines, execution=execution, tracking=tracking,
-            on_start=start, on_progress=progress, on_warning=_warn, on_note=_note,
+            on_start=start, on_progress=progress, on_warning=_warn, on_note=_note, code_dir=code_dir,
         )
     _report_run(handle, summary)
 
@@ -218,6 +231,7 @@ def resume(
     storage: Storage = None,
     trials: Annotated[int | None, typer.Option(min=1, help="New total budget of finished trials \\[default: unchanged].", show_default=False)] = None,
     timeout: Timeout = None,
+    code_dir: Annotated[Path | None, typer.Option(help="Folder of your model's code \\[default: the folder the study was submitted with].", show_default=False)] = None,
     *,
     execution: Any = None,
     tracking: Any = None,
@@ -236,9 +250,85 @@ def resume(
 
         handle, summary = api.resume(
             study, storage=storage, trials=trials, timeout=timeout, execution=execution,
-            tracking=tracking, on_start=start, on_progress=progress, on_warning=_warn, on_note=_note,
+            tracking=tracking, on_start=start, on_progress=progress, on_warning=_warn, on_note=_note, code_dir=code_dir,
         )
     _report_run(handle, summary)
+
+
+@app.command()
+@_user_errors
+def sites(
+    space: Annotated[Path, typer.Argument(help="Search-space YAML file.", show_default=False)],
+    code_dir: CodeDir = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """The dropout sites of the space's model, built at the centre of the space: module path,
+    kind, rate as built, the group that matches it, and warnings (functional dropout no site
+    holds, LSTM dropout with one layer, rate-0 sites built as nn.Identity, patterns matching
+    nothing)."""
+    from hpo import api
+
+    report = api.sites(space, code_dir)
+    if as_json:
+        console.print_json(data={"model": report.model, "sites": [s.to_dict() for s in report.settings],
+                                 "max_norm": report.max_norm, "warnings": report.warnings})
+        return
+    grouped = sum(1 for s in report.settings if s.group)
+    console.print(f"dropout sites of {report.model}: {len(report.settings)}, {grouped} of them in groups",
+                  highlight=False, soft_wrap=True)
+    rows = [("site", "kind", "rate", "group", "")] + [
+        (s.site.path or "(model)", s.site.kind, f"{s.site.rate:g}", s.group or "-",
+         f"(rate passed to {s.site.used_by})" if s.site.used_by else "") for s in report.settings]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    for row in rows:
+        console.print(("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[4]).rstrip(),
+                      markup=False, highlight=False, soft_wrap=True)
+    for name, layers in report.max_norm.items():
+        console.print(f"max-norm {name}: {', '.join(layers) or 'no Linear or Conv layer'}", highlight=False,
+                      soft_wrap=True)
+    for line in report.warnings:
+        _warn(line)
+
+
+def _mapping(option: str, text: str | None) -> dict[str, Any] | None:
+    """A YAML (or JSON) mapping given on the command line."""
+    import yaml
+
+    if text is None:
+        return None
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise HpoError(f"{option}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(value, dict):
+        raise HpoError(f"{option}: expected a mapping such as '{{width: 128, dropout: 0.1}}', got {text!r}")
+    return value
+
+
+@app.command()
+@_user_errors
+def init(
+    model: Annotated[str, typer.Argument(help="Your model's import path (my_models.Net, torchvision.models.VisionTransformer).", show_default=False)],
+    init_args: Annotated[str | None, typer.Option(help="Its constructor arguments as a YAML mapping, e.g. '{num_classes: 10, dropout: 0.1}'.", show_default=False)] = None,
+    data: Annotated[str | None, typer.Option(help="Your data's import path: a LightningDataModule, or a function returning (train, val[, test]) datasets \\[default: --dataset].", show_default=False)] = None,
+    data_args: Annotated[str | None, typer.Option(help="The data's arguments as a YAML mapping.", show_default=False)] = None,
+    dataset: Annotated[str, typer.Option(help="A built-in data set, when --data is not given.")] = "digits",
+    out: Annotated[Path, typer.Option("--out", "-o", help="Search-space file to write.")] = Path("space.yaml"),
+    code_dir: Annotated[Path | None, typer.Option(help="Folder of your code \\[default: the folder of --out].", show_default=False)] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite --out if it exists.")] = False,
+) -> None:
+    """Write a starter search space for your own model: its dropout sites found and grouped by
+    repeated block, one searched rate per group, checked by building the model and training it
+    on one batch."""
+    from hpo.starter import init as write_starter
+
+    _, groups = write_starter(model, out, init_args=_mapping("--init-args", init_args), data=data,
+                              data_args=_mapping("--data-args", data_args), dataset=dataset, code_dir=code_dir,
+                              overwrite=force)
+    sites = sum(len(g.sites) for g in groups)
+    console.print(f"wrote {out}: {sites} dropout sites in {len(groups)} groups "
+                  f"({', '.join(g.name for g in groups)}); next: `hpo sites {out}`, then `hpo submit {out}`",
+                  highlight=False, soft_wrap=True)
 
 
 def _print_tracking(handle: StudyHandle, tracking: Any) -> None:
@@ -280,7 +370,8 @@ def sync(
     """Fill MLflow in from the study store: create missing trial runs, complete runs left open
     while the tracking server was down, remove duplicate runs, log a missing best model. Safe to
     run any time."""
-    from hpo.tracking import Tracking, sync as sync_study
+    from hpo.tracking import Tracking
+    from hpo.tracking import sync as sync_study
 
     handle = load_study(study, storage)
     settings = Tracking(uri=tracking_uri, experiment=experiment)
@@ -308,12 +399,13 @@ def _rerun_for(handle: StudyHandle, accelerator: str) -> Callable[[Any], tuple[A
     """The ``rerun`` callback of :func:`hpo.tracking.sync`: the trial trained again on the
     study's data (loaded on first use), with a few validation inputs as the model's example."""
     def rerun(trial: Any) -> tuple[Any, Any, list[float]]:
-        from hpo.best_model import rerun as rerun_trial
-        from hpo.data import load_data
+        from hpo.analysis.best_model import rerun as rerun_trial
+        from hpo.api import study_data
+        from hpo.tracking.models import model_example
 
-        data = load_data(handle.spec.data)
+        data = study_data(handle)
         again = rerun_trial(handle, trial, data, accelerator)
-        return again.net, data.val.x[:4], again.values
+        return again.net, model_example(data), again.values
 
     return rerun
 
@@ -336,7 +428,7 @@ def report(
     """Dropout tables and plots from the study's trials (rate vs accuracy, time and convergence
     per placement, train/test gap with and without dropout, variants, regularizers, max-norm,
     parameter importance, optimisation history); also attached to the study's MLflow run."""
-    from hpo import report as reports
+    from hpo.analysis import report as reports
     from hpo.tracking import Tracking, log_report
 
     handle = load_study(study, storage)
@@ -363,7 +455,7 @@ def compare(
     """One table across studies, e.g. MLP vs Conv1d vs LSTM on one data set: each study's best
     trial (test accuracy, train-test gap, time per epoch, its dropout) and the best test accuracy
     its trials reached with and without dropout."""
-    from hpo import report as reports
+    from hpo.analysis import report as reports
 
     if len(studies) < 2:
         raise HpoError("compare needs two or more studies")
@@ -387,17 +479,18 @@ def evaluate_uncertainty(
 ) -> None:
     """Monte-Carlo dropout on the test split: accuracy, negative log-likelihood and expected
     calibration error of the averaged predictions, against the deterministic network."""
-    from hpo.best_model import chosen_trial, network
-    from hpo.data import load_data
+    from hpo.analysis.best_model import chosen_trial, network, test_split
+    from hpo.analysis.uncertainty import compare
+    from hpo.api import study_data
     from hpo.tracking import Tracking, model_uri
-    from hpo.uncertainty import compare
 
     handle = load_study(study, storage)
     chosen = chosen_trial(handle, trial)
-    data = load_data(handle.spec.data)
+    data = study_data(handle)
+    test = test_split(data)
     net, source = network(handle, chosen, data, model_uri(handle, Tracking(uri=tracking_uri), chosen.number))
-    result = compare(net, data.test, mc_samples, seed)
-    console.print(f"trial {chosen.number}, network from {source}; test split ({len(data.test)} examples)",
+    result = compare(net, test, mc_samples, seed)
+    console.print(f"trial {chosen.number}, network from {source}; test split ({len(test)} examples)",
                   highlight=False, soft_wrap=True)
     if result.dropout_modules == 0:
         console.print("this configuration has no active dropout: MC dropout equals the deterministic network")
@@ -422,19 +515,21 @@ def retrain(
 ) -> None:
     """Train the best configuration on train + validation for the epochs it kept, test it once
     on the held-out test split, and log it to MLflow."""
-    from hpo.best_model import chosen_trial, retrain as retrain_trial
-    from hpo.data import load_data
+    from hpo.analysis.best_model import chosen_trial
+    from hpo.analysis.best_model import retrain as retrain_trial
+    from hpo.api import study_data
     from hpo.tracking import Tracking, log_retrained
 
     handle = load_study(study, storage)
     chosen = chosen_trial(handle, trial)
-    data = load_data(handle.spec.data)
+    data = study_data(handle)
     retrained = retrain_trial(handle, chosen, data, accelerator.value)
-    console.print(
-        f"trial {chosen.number} re-trained on {len(data.train) + len(data.val)} examples for {retrained.epochs} "
-        f"epochs: test acc {retrained.test_acc:.4f} (the trial, trained on {len(data.train)}: "
-        f"{chosen.user_attrs['test_acc']:.4f})", highlight=False, soft_wrap=True,
-    )
+    measured = ", ".join(
+        f"{name} {value:.4f}" + (f" (the trial: {chosen.user_attrs[name]:.4f})"
+                                 if isinstance(chosen.user_attrs.get(name), float) else "")
+        for name, value in retrained.test.items())
+    console.print(f"trial {chosen.number} re-trained on {retrained.examples} examples for {retrained.epochs} epochs: "
+                  f"{measured or 'no test metric logged'}", highlight=False, soft_wrap=True)
     if tracking:
         settings = Tracking(uri=tracking_uri)
         run_id = log_retrained(handle, settings, retrained, data)
@@ -473,7 +568,7 @@ def ui(
 ) -> None:
     """Start the MLflow dashboard on the tracking store (the embedded mlflow.db by default) and
     print its address; Ctrl-C stops it."""
-    from hpo.dashboard import serve
+    from hpo.tracking.dashboard import serve
 
     serve(tracking_uri, host=host, port=port,
           announce=lambda text: console.print(text, highlight=False, soft_wrap=True),

@@ -6,10 +6,15 @@ from __future__ import annotations
 from optuna.trial import FrozenTrial
 from rich.console import Console
 from rich.progress import (
-    BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn,
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
 )
 
-from hpo.study import Counts
+from hpo.running.study import Counts
 
 
 def format_values(values: list[float] | None) -> str:
@@ -17,7 +22,7 @@ def format_values(values: list[float] | None) -> str:
 
 
 class StudyProgress:
-    """A context manager whose instances are :data:`hpo.executor.ProgressCallback` s. The bar
+    """A context manager whose instances are :data:`hpo.running.executor.ProgressCallback` s. The bar
     appears when :meth:`begin` names the study, once it exists."""
 
     def __init__(self, console: Console | None = None) -> None:

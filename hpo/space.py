@@ -11,9 +11,11 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
-from hpo.dropout import DropoutConfig
-from hpo.module import TrainConfig
-from hpo.nets import NetConfig
+from hpo.models.dropout import DropoutConfig
+from hpo.models.groups import Group
+from hpo.models.module import TrainConfig
+from hpo.models.nets import NetConfig
+from hpo.models.user_model import MaxNormSetting, UserTrialConfig
 from hpo.spec import Choice, FloatRange, IntRange, PlacementSpec, Spec, is_searched
 
 #: Srivastava et al.'s recommended drop probabilities per placement (retention 0.8 on inputs,
@@ -65,13 +67,15 @@ def _placement(trial: Suggester, name: str, placement: PlacementSpec | None, lay
     return (value(trial, f"{name}.rate", placement.rate),) * layers
 
 
-def suggest(trial: Suggester, spec: Spec, seed: int) -> TrialConfig:
+def suggest(trial: Suggester, spec: Spec, seed: int) -> TrialConfig | UserTrialConfig:
     """Draw one configuration of ``spec`` from ``trial``.
 
     With ``model.couple_width`` on, each hidden layer gets ``round(units / (1 - rate))`` units, so
     the expected number of active units stays ``units`` (Srivastava et al.'s n/q rule).
     """
-    d, m, t = spec.dropout, spec.model, spec.training
+    if spec.user_model:
+        return suggest_user(trial, spec, seed)
+    d, m = spec.dropout, spec.model
     variant = value(trial, "dropout.variant", d.variant)
     layers = value(trial, "model.layers", m.layers)
     hidden = _placement(trial, "dropout.hidden", d.hidden, layers)
@@ -92,8 +96,13 @@ def suggest(trial: Suggester, spec: Spec, seed: int) -> TrialConfig:
         channels=tuple(m.channels),
         activation="selu" if variant == "alpha" else value(trial, "model.activation", m.activation),
     )
+    return TrialConfig(net=net, dropout=dropout, train=_training(trial, spec), seed=seed)
+
+
+def _training(trial: Suggester, spec: Spec) -> TrainConfig:
+    t = spec.training
     optimizer = value(trial, "training.optimizer", t.optimizer)
-    train = TrainConfig(
+    return TrainConfig(
         optimizer=optimizer,
         lr=value(trial, "training.lr", t.lr),
         momentum=value(trial, "training.momentum", t.momentum) if optimizer == "sgd" else 0.0,
@@ -103,13 +112,42 @@ def suggest(trial: Suggester, spec: Spec, seed: int) -> TrialConfig:
         early_stopping=t.early_stopping,
         batch_size=value(trial, "training.batch_size", t.batch_size),
     )
-    return TrialConfig(net=net, dropout=dropout, train=train, seed=seed)
+
+
+def _resolved(arguments: Any, trial: Suggester, prefix: str) -> Any:
+    """``init_args`` with each searchable replaced by its suggested value (named by its path)."""
+    if is_searched(arguments):
+        return value(trial, prefix, arguments)
+    if isinstance(arguments, dict):
+        return {k: _resolved(v, trial, f"{prefix}.{k}") for k, v in arguments.items()}
+    if isinstance(arguments, list):
+        return [_resolved(v, trial, f"{prefix}.{i}") for i, v in enumerate(arguments)]
+    return arguments
+
+
+def suggest_user(trial: Suggester, spec: Spec, seed: int) -> UserTrialConfig:
+    """One configuration of a user model's spec: constructor arguments
+    (``model.init_args.…``), each group's rate and variant (``dropout.groups.<name>.rate``,
+    ``….variant``), each max-norm radius (``dropout.max_norm.<name>.radius``) and training."""
+    d = spec.dropout
+    groups = tuple(
+        Group(name, tuple(g.match), value(trial, f"dropout.groups.{name}.rate", g.rate),
+              None if g.variant is None else value(trial, f"dropout.groups.{name}.variant", g.variant))
+        for name, g in d.groups.items()
+    )
+    max_norm = tuple(MaxNormSetting(name, tuple(m.match), value(trial, f"dropout.max_norm.{name}.radius", m.radius))
+                     for name, m in d.max_norm.items())
+    model = {"class_path": spec.model.class_path, "init_args": _resolved(spec.model.init_args, trial, "model.init_args")}
+    return UserTrialConfig(model=model, groups=groups, unmatched=d.unmatched, max_norm=max_norm,
+                           train=_training(trial, spec), seed=seed)
 
 
 def searched_parameters(spec: Spec) -> dict[str, Any]:
     """Every searched value of ``spec`` by parameter name (per-layer rates expanded), whether or
     not a given trial suggests it."""
     params: dict[str, Any] = {}
+    if spec.user_model:
+        return {**spec.model.searched, **_user_dropout_parameters(spec), **_training_parameters(spec)}
     for section in ("model", "dropout", "training"):
         for key, field in getattr(spec, section):
             if isinstance(field, PlacementSpec):
@@ -122,6 +160,20 @@ def searched_parameters(spec: Spec) -> dict[str, Any]:
             elif is_searched(field):
                 params[f"{section}.{key}"] = field
     return params
+
+
+def _user_dropout_parameters(spec: Spec) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    for name, group in spec.dropout.groups.items():
+        params.update({f"dropout.groups.{name}.{key}": v for key, v in (("rate", group.rate), ("variant", group.variant))
+                       if is_searched(v)})
+    params.update({f"dropout.max_norm.{name}.radius": m.radius for name, m in spec.dropout.max_norm.items()
+                   if is_searched(m.radius)})
+    return params
+
+
+def _training_parameters(spec: Spec) -> dict[str, Any]:
+    return {f"training.{key}": field for key, field in spec.training if is_searched(field)}
 
 
 def centre(searchable: Any) -> Any:
@@ -153,7 +205,7 @@ def baseline_params(spec: Spec, kind: str) -> dict[str, Any]:
     :func:`centre`, so the two baselines differ only in dropout."""
     params = {}
     for name, searchable in searched_parameters(spec).items():
-        target = _baseline_value(name, kind == "recommended")
+        target = _user_baseline_value(name) if spec.user_model else _baseline_value(name, kind == "recommended")
         params[name] = target if target is not _UNSET and _contains(searchable, target) else centre(searchable)
     return params
 
@@ -169,3 +221,16 @@ def _baseline_value(name: str, recommended: bool) -> Any:
     if rest[0] == "enabled":
         return recommended
     return RECOMMENDED_RATES[placement] if recommended else 0.0
+
+
+def _user_baseline_value(name: str) -> Any:
+    """``no_dropout`` for a user model: every group's rate and every constructor argument named
+    for dropout at 0, inverted variants, max-norm off."""
+    leaf = name.rsplit(".", 1)[-1]
+    if name.startswith("dropout.groups."):
+        return 0.0 if leaf == "rate" else "inverted"
+    if name.startswith("dropout.max_norm."):
+        return None
+    if name.startswith("model.init_args.") and "drop" in leaf.lower():
+        return 0.0
+    return _UNSET

@@ -12,19 +12,27 @@ wrong, before anything touches a study store.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Generic, Literal, TypeVar, Union
 
 import yaml
 from pydantic import (
-    AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError,
-    field_validator, model_validator,
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
 )
 
 from hpo.errors import SpecError
 
 T = TypeVar("T")
-_TAGS = ("value", "range", "choice")
+_TAGS = ("value", "range", "choice", "user", "builtin")
 
 
 __all__ = ["Spec", "SpecError", "load_spec", "parse_spec"]
@@ -245,6 +253,178 @@ class ModelSpec(_Strict):
     couple_width: SearchBool = False
 
 
+def _import_path(value: str) -> str:
+    if not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+", value):
+        raise ValueError(f"expected an import path such as my_models.Net or torchvision.models.VisionTransformer, "
+                         f"got {value!r}")
+    return value
+
+
+ClassPath = Annotated[str, AfterValidator(_import_path)]
+
+
+class NestedValueError(ValueError):
+    """A problem deep inside a free-form mapping (``init_args``): ``key`` is its path there."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        self.key, self.problem = key.strip("."), problem
+        super().__init__(f"{self.key}: {problem}")
+
+
+def _search_value(value: dict[str, Any], key: str) -> Any:
+    """A ``{low, high}`` or ``{choice}`` mapping inside ``init_args`` as a searchable."""
+    try:
+        if set(value) == {"choice"}:
+            return Choice[Any].model_validate(value)
+        ints = all(isinstance(value.get(k), int) and not isinstance(value.get(k), bool)
+                   for k in ("low", "high")) and isinstance(value.get("step", 1), int)
+        return (IntRange if ints else FloatRange).model_validate(value)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(p) for p in error["loc"])
+        raise NestedValueError(f"{key}.{where}" if where else key, error["msg"].removeprefix("Value error, ")) from None
+
+
+def is_search_mapping(value: Any) -> bool:
+    return isinstance(value, dict) and (set(value) == {"choice"} or (
+        {"low", "high"} <= set(value) and set(value) <= {"low", "high", "log", "step"}))
+
+
+def parse_arguments(value: Any, key: str) -> Any:
+    """``init_args`` with every ``{low, high}`` range and ``{choice}`` turned into a searchable
+    (an :class:`IntRange` when both ends are integers); nested ``{class_path, init_args}`` objects,
+    mappings and lists are searched through. ``key`` is the path, for errors."""
+    if is_search_mapping(value):
+        return _search_value(value, key)
+    if isinstance(value, dict):
+        return {k: parse_arguments(v, f"{key}.{k}") for k, v in value.items()}
+    if isinstance(value, list):
+        return [parse_arguments(v, f"{key}.{i}") for i, v in enumerate(value)]
+    return value
+
+
+def searchables(value: Any, prefix: str) -> dict[str, Any]:
+    """Every searchable in parsed ``init_args``, by Optuna parameter name (its spec path)."""
+    if is_searched(value):
+        return {prefix: value}
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return {}
+    found: dict[str, Any] = {}
+    for k, v in items:
+        found.update(searchables(v, f"{prefix}.{k}"))
+    return found
+
+
+class UserModelSpec(_Strict):
+    """The user's own model by import path, as LightningCLI writes it.
+
+    Args:
+        class_path: A ``torch.nn.Module`` (trained by hpo with the spec's ``training`` section,
+            as a classifier with cross-entropy) or a ``lightning.pytorch.LightningModule``
+            (trained as it is: its own ``training_step``, ``configure_optimizers`` and logged
+            metrics), e.g. ``my_models.Net`` or ``torchvision.models.VisionTransformer``.
+        init_args: Arguments of its constructor. Any of them may be fixed, a range or a choice,
+            searched at construction (``dropout``, ``hidden_dropout_prob``), named
+            ``model.init_args.<name>``; an argument that is itself an object is written as
+            ``{class_path, init_args}`` too (``config: {class_path: transformers.BertConfig, …}``).
+    """
+
+    class_path: ClassPath
+    init_args: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("init_args", mode="before")
+    @classmethod
+    def _parse(cls, value: Any) -> Any:
+        return parse_arguments(value, "") if isinstance(value, dict) else value
+
+    @property
+    def searched(self) -> dict[str, Any]:
+        return searchables(self.init_args, "model.init_args")
+
+
+class UserDataSpec(_Strict):
+    """The user's own data by import path: a ``LightningDataModule`` class (its loaders are used
+    as they are), or a callable returning ``(train, val)`` or ``(train, val, test)`` datasets
+    (or a mapping with those keys), batched with ``training.batch_size``. Arguments are fixed."""
+
+    class_path: ClassPath
+    init_args: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("init_args")
+    @classmethod
+    def _fixed(cls, value: dict[str, Any]) -> dict[str, Any]:
+        searched = searchables(parse_arguments(value, ""), "")
+        if searched:
+            raise NestedValueError(next(iter(searched)), "data arguments are fixed; this one is searched")
+        return value
+
+
+GroupName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_\-]*$")]
+Patterns = Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
+
+
+class GroupSpec(_Strict):
+    """A group of dropout sites searched together.
+
+    Args:
+        match: Glob patterns over site paths (``encoder.layers.*.self_attn``; ``*`` is one path
+            component, ``**`` any number); a site belongs to the first group that matches it.
+        rate: The drop probability every site of the group gets (searchable).
+        variant: For the group's element-wise dropout modules, the variant that replaces them
+            (``inverted``, ``standard``, ``gaussian``, ``alpha``; searchable); other sites (attention,
+            channel, recurrent, functional) take only the rate. Unset: each keeps its own layer.
+    """
+
+    match: Patterns
+    rate: Rate
+    variant: _searchable(Literal["inverted", "standard", "gaussian", "alpha"], None) | None = None
+
+    @field_validator("match", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+
+class MaxNormGroupSpec(_Strict):
+    """Max-norm on the ``Linear`` and ``Conv`` layers a pattern matches: each unit's incoming
+    weights are projected back into the L2 ball of ``radius`` after every optimiser step
+    (``null`` switches it off, so ``{choice: [null, 3.0]}`` searches whether to use it)."""
+
+    match: Patterns
+    radius: MaxNorm
+
+    @field_validator("match", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+
+class SiteGroupsSpec(_Strict):
+    """The dropout of a user's model: groups of its dropout sites, what happens to sites no group
+    matches, and max-norm by layer pattern.
+
+    Args:
+        groups: Group name to group, in the order they are tried (first match wins). Parameters
+            are named ``dropout.groups.<name>.rate`` and ``dropout.groups.<name>.variant``.
+        unmatched: ``keep`` (the rate as built), ``zero`` (no dropout there) or ``refuse`` (every
+            site must belong to a group: a study does not start otherwise).
+        max_norm: Name to layers and radius, named ``dropout.max_norm.<name>.radius``.
+    """
+
+    groups: dict[GroupName, GroupSpec] = Field(default_factory=dict)
+    unmatched: Literal["keep", "zero", "refuse"] = "keep"
+    max_norm: dict[GroupName, MaxNormGroupSpec] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unmark(cls, value: Any) -> Any:
+        return {k: v for k, v in value.items() if k != "_sites"} if isinstance(value, dict) else value
+
+
 class TrainingSpec(_Strict):
     """Optimiser, regularisers other than dropout, and the epoch budget of each trial."""
 
@@ -261,23 +441,48 @@ class TrainingSpec(_Strict):
 #: Metrics measured once per epoch, in the order they appear in histories and exports.
 EPOCH_METRICS = ("train/loss", "train/acc", "val/loss", "val/acc", "epoch_time")
 Metric = Literal["val/acc", "val/loss", "train/acc", "train/loss", "gap", "epoch_time"]
+#: The metrics hpo measures itself, for the built-in networks and for a user's ``nn.Module``
+#: (which hpo trains); a user's ``LightningModule`` is judged on the names it logs.
+METRICS: tuple[str, ...] = Metric.__args__  # type: ignore[attr-defined]
 Direction = Literal["maximize", "minimize"]
+_MINIMISED_WORDS = ("gap", "loss", "err", "mse", "mae", "rmse", "nll", "perplexity", "ppl", "time", "ece", "brier")
+_MAXIMISED_WORDS = ("acc", "f1", "auc", "auroc", "precision", "recall", "iou", "dice", "map", "score", "r2",
+                    "correlation", "bleu", "rouge")
+
+
+def default_direction(metric: str) -> Direction | None:
+    """Whether a metric is better high or low, read from its name (``val_loss``: minimize,
+    ``val/f1``: maximize); ``None`` when the name does not say."""
+    leaf = metric.lower().replace("-", "_").rsplit("/", 1)[-1]
+    words = set(leaf.replace(".", "_").split("_"))
+    if any(w.startswith(_MINIMISED_WORDS) for w in words):
+        return "minimize"
+    if any(w.startswith(_MAXIMISED_WORDS) for w in words):
+        return "maximize"
+    return None
 
 
 class ObjectiveSpec(_Strict):
     """One objective: a metric of the trial's best epoch and whether to maximise it.
 
-    ``gap`` is the generalisation gap, train accuracy minus validation accuracy, both measured
-    in eval mode at the end of the trial; ``epoch_time`` is seconds per training epoch.
+    For the built-in networks and a user's ``nn.Module`` the metric is one hpo measures
+    (:data:`METRICS`): ``gap`` is the generalisation gap, train accuracy minus validation
+    accuracy, both measured in eval mode at the end of the trial; ``epoch_time`` is seconds per
+    training epoch. A user's ``LightningModule`` is judged on any name it logs with
+    ``self.log`` (``val_loss``, ``val/f1``); ``direction`` is then read from the name when it
+    says (loss, error: minimize; accuracy, F1, AUC: maximize) and required when it does not.
     """
 
-    metric: Metric = "val/acc"
+    metric: str = Field("val/acc", min_length=1)
     direction: Direction | None = None
 
     @model_validator(mode="after")
     def _default_direction(self) -> ObjectiveSpec:
         if self.direction is None:
-            direction = "maximize" if self.metric.endswith("acc") else "minimize"
+            direction = default_direction(self.metric)
+            if direction is None:
+                raise ValueError(f"cannot tell from its name whether {self.metric!r} is better high or low: "
+                                 "add direction: maximize or minimize")
             object.__setattr__(self, "direction", direction)
         return self
 
@@ -313,27 +518,65 @@ class BudgetSpec(_Strict):
 Baseline = Literal["no_dropout", "recommended"]
 
 
+def _by_class_path(value: Any) -> str:
+    """``user`` for a ``{class_path: …}`` mapping (or a user spec object), else ``builtin``."""
+    if isinstance(value, (UserModelSpec, UserDataSpec, SiteGroupsSpec)):
+        return "user"
+    return "user" if isinstance(value, dict) and "class_path" in value else "builtin"
+
+
+def _is_groups(value: Any) -> str:
+    if isinstance(value, SiteGroupsSpec):
+        return "user"
+    return "user" if isinstance(value, dict) and value.get("_sites") else "builtin"
+
+
 class Spec(_Strict):
     """A whole search space: what to train, what to search, how to search it.
 
     Args:
         name: Default study name (the file's stem when missing).
-        baselines: Configurations run first: ``no_dropout`` (every placement off, no max-norm)
-            and ``recommended`` (Srivastava et al.: input 0.2, hidden 0.5, max-norm 3), each with
-            every other searched value at the centre of its range.
+        code_dir: The user's code (``model.class_path``/``data.class_path`` modules), relative to
+            the spec file; default: the spec file's folder. Put first on ``sys.path`` and shipped
+            to Ray workers.
+        model: A built-in network (``arch``) or the user's own (``class_path``).
+        data: A built-in data set (``dataset``) or the user's own (``class_path``).
+        dropout: Placements of a built-in network, or groups of a user model's dropout sites.
+        baselines: Configurations run first: ``no_dropout`` (every placement or group off, no
+            max-norm) and, for built-in networks, ``recommended`` (Srivastava et al.: input 0.2,
+            hidden 0.5, max-norm 3), each with every other searched value at the centre of its
+            range. A user model runs ``no_dropout`` by default.
     """
 
     name: str | None = Field(None, min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
     description: str = ""
-    data: DataSpec = Field(default_factory=DataSpec)
-    model: ModelSpec = Field(default_factory=ModelSpec)
-    dropout: DropoutSpec = Field(default_factory=DropoutSpec)
+    code_dir: Path | None = None
+    data: Annotated[Union[Annotated[DataSpec, Tag("builtin")], Annotated[UserDataSpec, Tag("user")]],
+                    Discriminator(_by_class_path)] = Field(default_factory=DataSpec)
+    model: Annotated[Union[Annotated[ModelSpec, Tag("builtin")], Annotated[UserModelSpec, Tag("user")]],
+                     Discriminator(_by_class_path)] = Field(default_factory=ModelSpec)
+    dropout: Annotated[Union[Annotated[DropoutSpec, Tag("builtin")], Annotated[SiteGroupsSpec, Tag("user")]],
+                       Discriminator(_is_groups)] = Field(default_factory=DropoutSpec)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     objective: list[ObjectiveSpec] = Field(default_factory=lambda: [ObjectiveSpec()], min_length=1)
     sampler: SamplerSpec = Field(default_factory=SamplerSpec)
     pruner: PrunerSpec | None = None
     budget: BudgetSpec = Field(default_factory=BudgetSpec)
     baselines: list[Baseline] = Field(default_factory=lambda: ["no_dropout", "recommended"])
+
+    @model_validator(mode="before")
+    @classmethod
+    def _user_model_sections(cls, raw: Any) -> Any:
+        """A user model's ``dropout`` section is groups of sites, and its default baseline is
+        ``no_dropout`` alone (``recommended`` names placements it does not have)."""
+        if not isinstance(raw, dict) or _by_class_path(raw.get("model")) != "user":
+            return raw
+        raw = dict(raw)
+        dropout = raw.get("dropout")
+        if dropout is None or isinstance(dropout, dict):
+            raw["dropout"] = {**(dropout or {}), "_sites": True}
+        raw.setdefault("baselines", ["no_dropout"])
+        return raw
 
     @field_validator("objective", mode="before")
     @classmethod
@@ -343,6 +586,11 @@ class Spec(_Strict):
         if not isinstance(values, list):
             return values
         return [{"metric": v} if isinstance(v, str) else v for v in values]
+
+    @property
+    def user_model(self) -> bool:
+        """Whether the model is the user's own (``model.class_path``)."""
+        return isinstance(self.model, UserModelSpec)
 
     @property
     def multi_objective(self) -> bool:
@@ -387,6 +635,8 @@ def parse_spec(text: str, source: str | Path = "<spec>") -> Spec:
         raw = {}
     if not isinstance(raw, dict):
         raise SpecError(source, "", f"expected a mapping of keys, got {type(raw).__name__}")
+    for key, problem in _mismatched_sections(raw):
+        raise SpecError(source, key, problem)
     try:
         spec = Spec.model_validate(raw)
     except ValidationError as exc:
@@ -405,6 +655,9 @@ def _first_error(exc: ValidationError) -> tuple[str, str]:
     parts = [str(p) for p in error["loc"] if p not in _TAGS and not str(p).startswith("function-")]
     key = ".".join(parts) or "(top level)"
     kind = error["type"]
+    nested = (error.get("ctx") or {}).get("error")
+    if isinstance(nested, NestedValueError):
+        return f"{key}.{nested.key}" if nested.key else key, nested.problem
     if kind == "extra_forbidden":
         return key, "unknown key"
     if kind == "missing":
@@ -416,11 +669,49 @@ def _first_error(exc: ValidationError) -> tuple[str, str]:
     return key, message
 
 
+_PLACEMENT_KEYS = ("variant", "input", "hidden", "conv", "recurrent", "block_size")
+
+
+def _mismatched_sections(raw: dict[str, Any]) -> list[tuple[str, str]]:
+    """Sections written for the other kind of model: groups of sites under a built-in network,
+    placements under a user model."""
+    dropout = raw.get("dropout")
+    if not isinstance(dropout, dict):
+        return []
+    if _by_class_path(raw.get("model")) == "user":
+        return [(f"dropout.{key}", "a model given by class_path has no placements: name its dropout sites in "
+                 "dropout.groups (`hpo sites` lists them)") for key in _PLACEMENT_KEYS if key in dropout]
+    if "groups" in dropout or "unmatched" in dropout:
+        key = "groups" if "groups" in dropout else "unmatched"
+        return [(f"dropout.{key}", "groups of dropout sites are for a model given by class_path; a built-in "
+                 "network's dropout is set by placement (input, hidden, conv, recurrent)")]
+    return []
+
+
 def _inconsistencies(spec: Spec) -> list[tuple[str, str]]:
     """Cross-field problems pydantic cannot see: placements and variants the architecture lacks,
-    and pruning a multi-objective study."""
+    pruning a multi-objective study, metrics and baselines the model cannot have."""
+    problems = []
+    if spec.user_model:
+        problems += _user_model_inconsistencies(spec)
+    else:
+        problems += _builtin_inconsistencies(spec)
+    if spec.multi_objective and spec.pruner is not None and spec.pruner.name != "none":
+        problems.append(("pruner", "Optuna cannot prune multi-objective studies; use name: none"))
+    if spec.multi_objective and spec.sampler.name == "cmaes":
+        problems.append(("sampler.name", "cmaes supports a single objective only"))
+    metrics = [o.metric for o in spec.objective]
+    if len(set(metrics)) != len(metrics):
+        problems.append(("objective", "the same metric appears twice"))
+    return problems
+
+
+def _builtin_inconsistencies(spec: Spec) -> list[tuple[str, str]]:
     arch = spec.model.arch
     problems = []
+    if isinstance(spec.data, UserDataSpec):
+        problems.append(("data.class_path", "the built-in networks train on the built-in data sets: give "
+                         "model.class_path for your own model, or dataset: npz or csv for your own arrays"))
     for placement in ("input", "hidden", "conv", "recurrent"):
         if getattr(spec.dropout, placement) is not None and placement not in PLACEMENTS_BY_ARCH[arch]:
             problems.append((
@@ -437,11 +728,16 @@ def _inconsistencies(spec: Spec) -> list[tuple[str, str]]:
             ))
     if spec.dropout.hidden is not None and spec.dropout.hidden.per_layer and is_searched(spec.model.layers):
         problems.append(("dropout.hidden.per_layer", "needs a fixed model.layers"))
-    if spec.multi_objective and spec.pruner is not None and spec.pruner.name != "none":
-        problems.append(("pruner", "Optuna cannot prune multi-objective studies; use name: none"))
-    if spec.multi_objective and spec.sampler.name == "cmaes":
-        problems.append(("sampler.name", "cmaes supports a single objective only"))
-    metrics = [o.metric for o in spec.objective]
-    if len(set(metrics)) != len(metrics):
-        problems.append(("objective", "the same metric appears twice"))
+    for i, objective in enumerate(spec.objective):
+        if objective.metric not in METRICS:
+            problems.append((f"objective.{i}.metric" if spec.multi_objective else "objective.metric",
+                             f"the built-in networks measure {', '.join(METRICS)}; got {objective.metric!r}"))
+    return problems
+
+
+def _user_model_inconsistencies(spec: Spec) -> list[tuple[str, str]]:
+    problems = []
+    if "recommended" in spec.baselines:
+        problems.append(("baselines", "'recommended' sets Srivastava et al.'s rates by placement, which a model "
+                         "given by class_path does not have; use no_dropout"))
     return problems

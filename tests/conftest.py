@@ -13,9 +13,9 @@ import pytest
 import sqlalchemy
 
 from hpo.data import DataSpec, load_data
-from hpo.dropout import DropoutConfig
-from hpo.module import TrainConfig
-from hpo.nets import NetConfig
+from hpo.models.dropout import DropoutConfig
+from hpo.models.module import TrainConfig
+from hpo.models.nets import NetConfig
 from hpo.space import TrialConfig
 
 POSTGRES_URL = os.environ.get("HPO_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")

@@ -11,11 +11,17 @@ import torch
 from optuna.trial import FixedTrial
 from torch.utils.data import DataLoader, TensorDataset
 
-from hpo.batches import GroupBatches, ResidentBatches, fits_on_device, make_loaders, split_bytes
 from hpo.data import Split
+from hpo.data.batches import (
+    GroupBatches,
+    ResidentBatches,
+    fits_on_device,
+    make_loaders,
+    split_bytes,
+)
+from hpo.running.trial import run_trial
 from hpo.space import baseline_params, suggest
 from hpo.spec import ObjectiveSpec, parse_spec
-from hpo.trial import run_trial
 
 from .conftest import TINY_SPEC
 

@@ -46,3 +46,15 @@ def test_the_group_overhead_bench_times_a_bare_loop_and_run_group_per_group_size
             if line.startswith("| ") and not line.startswith("| K")]
     assert [r[0] for r in rows] == ["1", "3"]
     assert all(float(r[1]) > 0 and float(r[2]) > 0 and float(r[4]) >= float(r[2]) for r in rows), rows
+
+
+def test_the_user_model_bench_trains_the_same_network_both_ways():
+    """The built-in MLP and the same MLP given by import path, its sites grouped and max-norm set
+    by pattern, compute the same trial: equal validation accuracy."""
+    done = subprocess.run([sys.executable, str(BENCH.with_name("user_model_overhead.py")), "--epochs", "3",
+                           "--repeats", "1"], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in done.stdout.splitlines()
+            if line.startswith("| ") and not line.startswith("| network")]
+    assert [r[0] for r in rows] == ["built-in mlp", "user model (class_path)"]
+    assert rows[0][5] == rows[1][5] and float(rows[0][5]) > 0.5, rows

@@ -8,7 +8,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import optuna
@@ -17,7 +16,7 @@ from optuna.trial import TrialState
 from typer.testing import CliRunner
 
 from hpo.cli import app
-from hpo.study import ABANDONED, FAIL_REASON
+from hpo.running.study import ABANDONED, FAIL_REASON
 
 from .conftest import TINY_SPEC, poll_trials
 
@@ -36,7 +35,7 @@ def study_db(tmp_path_factory) -> str:
 
 
 VERBS = ["submit", "resume", "status", "best", "list", "delete", "export", "sync", "ui", "report", "compare",
-         "evaluate", "retrain", "doctor"]
+         "evaluate", "retrain", "doctor", "sites", "init"]
 
 
 @pytest.mark.parametrize("verb", VERBS)
@@ -49,7 +48,7 @@ def test_every_verb_is_tested_for_help():
     assert sorted(c.name or c.callback.__name__ for c in app.registered_commands) == sorted(VERBS)
 
 
-@pytest.mark.parametrize("verb", ["status", "list", "ui", "doctor", "sync", "report", "compare"])
+@pytest.mark.parametrize("verb", ["status", "list", "ui", "doctor", "sync", "report", "compare", "sites", "init"])
 def test_verbs_that_need_no_training_do_not_import_torch(verb):
     code = ("import sys; from typer.testing import CliRunner; from hpo.cli import app; "
             f"CliRunner().invoke(app, ['{verb}', '--help']); print('torch' in sys.modules)")
@@ -143,15 +142,27 @@ def _two_finished_one_running(trials):
             and any(t.state == TrialState.RUNNING for t in trials))
 
 
+def _freeze_mid_trial(driver: subprocess.Popen, url: str) -> None:
+    """Freeze the driver (SIGSTOP) while two trials are finished and one runs. The state is
+    checked again with the driver frozen, so however fast trials are on this machine, the signal
+    the test sends next finds a trial running."""
+    while True:
+        poll_trials(url, _two_finished_one_running)
+        driver.send_signal(signal.SIGSTOP)
+        if _two_finished_one_running(optuna.load_study(study_name="tiny", storage=url).trials):
+            return
+        driver.send_signal(signal.SIGCONT)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=["ctrl-c", "sigterm", "kill-9"])
 def test_a_stopped_driver_loses_no_trial_and_resume_completes_the_budget(tmp_path, how):
     (tmp_path / "space.yaml").write_text(SLOW_SPEC)
     url = f"sqlite:///{tmp_path / 'hpo.db'}"
     driver = _hpo("submit", "space.yaml", "--trials", "6", "--storage", url, "--accelerator", "cpu", cwd=tmp_path)
-    poll_trials(url, _two_finished_one_running)
-    time.sleep(0.3)
+    _freeze_mid_trial(driver, url)
     driver.send_signal(how)
+    driver.send_signal(signal.SIGCONT)
     output = driver.communicate(timeout=60)[0]
     before = optuna.load_study(study_name="tiny", storage=url).trials
     finished_before = {t.number: t.values for t in before if t.state.is_finished() and not t.user_attrs.get(ABANDONED)}

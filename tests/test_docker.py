@@ -21,7 +21,7 @@ import pytest
 import sqlalchemy
 import yaml
 
-from hpo.dashboard import healthy
+from hpo.tracking.dashboard import healthy
 
 DOCKER = Path(__file__).resolve().parents[1] / "docker"
 COMPOSE = DOCKER / "compose.yaml"

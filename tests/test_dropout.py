@@ -8,11 +8,16 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from hpo.dropout import (
-    DropConnectLinear, GaussianDropout, LockedDropout, StandardDropout, apply_max_norm, dropout_layer,
+from hpo.models.dropout import (
+    DropConnectLinear,
+    GaussianDropout,
+    LockedDropout,
+    StandardDropout,
+    apply_max_norm,
+    dropout_layer,
 )
-from hpo.module import ClassifierModule, TrainConfig
-from hpo.nets import DropoutLSTMLayer
+from hpo.models.module import ClassifierModule, TrainConfig
+from hpo.models.nets import DropoutLSTMLayer
 
 
 @pytest.fixture(autouse=True)

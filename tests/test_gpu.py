@@ -21,14 +21,14 @@ from optuna.trial import FixedTrial
 
 from hpo import api
 from hpo.api import Execution
-from hpo.batches import ResidentBatches, make_loaders
-from hpo.group import GroupMLP, run_group
-from hpo.nets import build_net
-from hpo.packing import Probe
+from hpo.data.batches import ResidentBatches, make_loaders
+from hpo.models.nets import build_net
+from hpo.running.group import GroupMLP, run_group
+from hpo.running.packing import Probe
+from hpo.running.trial import TrialResult, run_trial
 from hpo.space import baseline_params, suggest
 from hpo.spec import ObjectiveSpec, parse_spec
 from hpo.tracking import Tracking
-from hpo.trial import TrialResult, run_trial
 
 from .conftest import TINY_SPEC, mlp_config
 
@@ -80,7 +80,7 @@ def test_the_probe_measures_a_footprint_and_a_busy_fraction_on_this_gpu(tmp_path
     script = """
 import dataclasses, json
 from hpo.data import DataSpec, load_data
-from hpo.packing import probe
+from hpo.running.packing import probe
 from tests.conftest import mlp_config
 from tests.test_gpu import VAL_ACC
 configs = [mlp_config(s, units=64, epochs=3) for s in range(4)]

@@ -15,11 +15,11 @@ from optuna.trial import FixedTrial, TrialState
 
 from hpo import api
 from hpo.api import Execution
-from hpo.group import SHARED_PARAMETERS, GroupMLP, MemberEnd, group_key, run_group
-from hpo.nets import NetConfig, build_net
+from hpo.models.nets import NetConfig, build_net
+from hpo.running.group import SHARED_PARAMETERS, GroupMLP, MemberEnd, group_key, run_group
+from hpo.running.trial import TrialResult, run_trial
 from hpo.space import suggest
 from hpo.spec import ObjectiveSpec, parse_spec
-from hpo.trial import TrialResult, run_trial
 
 from .conftest import TINY_SPEC, mlp_config
 

@@ -6,12 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from hpo.dropout import DropConnectLinear, DropoutConfig
-from hpo.spec import VARIANTS_BY_ARCH
-from hpo.module import TrainConfig
-from hpo.nets import NetConfig, build_net
+from hpo.models.dropout import DropConnectLinear, DropoutConfig
+from hpo.models.module import TrainConfig
+from hpo.models.nets import NetConfig, build_net
+from hpo.running.trial import run_trial
 from hpo.space import TrialConfig
-from hpo.trial import run_trial
+from hpo.spec import VARIANTS_BY_ARCH
 
 CASES = [(arch, variant) for arch, variants in VARIANTS_BY_ARCH.items() for variant in variants]
 

@@ -11,8 +11,15 @@ import pytest
 
 from hpo.api import Execution
 from hpo.errors import HpoError
-from hpo.packing import (
-    HEADROOM, MAX_TRIALS_PER_GPU, PROBE_EXAMPLES, Probe, gpu_fraction, probe_splits, train_measured, trials_per_gpu,
+from hpo.running.packing import (
+    HEADROOM,
+    MAX_TRIALS_PER_GPU,
+    PROBE_EXAMPLES,
+    Probe,
+    gpu_fraction,
+    probe_splits,
+    train_measured,
+    trials_per_gpu,
 )
 from hpo.spec import ObjectiveSpec
 

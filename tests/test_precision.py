@@ -14,10 +14,10 @@ from typer.testing import CliRunner
 from hpo.api import Execution
 from hpo.cli import app
 from hpo.errors import HpoError
-from hpo.group import run_group
+from hpo.running.group import run_group
+from hpo.running.trial import TrialResult, run_trial
 from hpo.space import baseline_params, suggest
 from hpo.spec import ObjectiveSpec, parse_spec
-from hpo.trial import TrialResult, run_trial
 
 from .conftest import TINY_SPEC
 

@@ -15,14 +15,14 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from hpo import api
+from hpo.analysis.best_model import chosen_trial, retrain
+from hpo.analysis.report import build, write
+from hpo.analysis.uncertainty import compare, expected_calibration_error, probabilities
 from hpo.api import Execution
-from hpo.best_model import chosen_trial, retrain
-from hpo.dropout import DropoutConfig
-from hpo.nets import NetConfig, build_net
-from hpo.report import build, write
-from hpo.study import load_study
+from hpo.models.dropout import DropoutConfig
+from hpo.models.nets import NetConfig, build_net
+from hpo.running.study import load_study
 from hpo.tracking import PARENT_ATTR, ROLE_TAG, Tracking
-from hpo.uncertainty import compare, expected_calibration_error, probabilities
 
 SPEC = """
 name: report

@@ -16,12 +16,18 @@ from optuna.trial import TrialState
 from hpo import api
 from hpo.api import Execution
 from hpo.errors import StoreError
-from hpo.executor import LocalBackend, run_study
-from hpo.space import searched_parameters
-from hpo.study import (
-    ABANDONED, BASELINE, FAIL_REASON, HEARTBEAT_GRACE, claim, count_trials, load_study,
+from hpo.running.executor import LocalBackend, run_study
+from hpo.running.study import (
+    ABANDONED,
+    BASELINE,
+    FAIL_REASON,
+    HEARTBEAT_GRACE,
+    claim,
+    count_trials,
+    load_study,
     reconcile,
 )
+from hpo.space import searched_parameters
 
 from .conftest import TINY_SPEC
 
@@ -216,7 +222,25 @@ def test_run_study_counts_failed_trials_against_the_budget(write_spec, sqlite_ur
 def test_a_cuda_out_of_memory_error_becomes_a_clear_one_line_reason():
     import torch
 
-    from hpo.executor import _describe
+    from hpo.running.executor import _describe
 
     error = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
     assert _describe(error) == "CUDA out of memory: CUDA out of memory. Tried to allocate 2.00 GiB"
+
+
+def test_an_interrupt_during_ask_or_tell_waits_for_the_block_to_end():
+    """Ctrl-C in the driver's ask/tell bookkeeping is held until it ends, so no trial is left
+    RUNNING and unknown to the driver; it then arrives as KeyboardInterrupt."""
+    import os
+    import signal
+
+    from hpo.running.executor import deferred_interrupts
+
+    finished = False
+    with pytest.raises(KeyboardInterrupt):
+        with deferred_interrupts():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            finished = True
+    assert finished
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -21,15 +21,24 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from hpo import api
+from hpo.analysis.best_model import chosen_trial, rerun, retrain
 from hpo.api import Execution
-from hpo.best_model import chosen_trial, rerun, retrain
-from hpo.dashboard import healthy, server_command
 from hpo.data import load_data
-from hpo.study import FAIL_REASON, load_study
+from hpo.running.study import FAIL_REASON, load_study
+from hpo.running.trial import evaluate
 from hpo.tracking import (
-    NUMBER_TAG, PARENT_TAG, ROLE_TAG, STATE_TAG, Tracker, Tracking, child_runs, log_retrained, sync, trial_record,
+    NUMBER_TAG,
+    PARENT_TAG,
+    ROLE_TAG,
+    STATE_TAG,
+    Tracker,
+    Tracking,
+    log_retrained,
+    sync,
+    trial_record,
 )
-from hpo.trial import evaluate
+from hpo.tracking.dashboard import healthy, server_command
+from hpo.tracking.sync import child_runs
 
 from .conftest import TINY_SPEC, free_port
 
@@ -448,7 +457,7 @@ def test_a_chosen_experiment_holds_the_study(write_spec, tmp_path, sqlite_url):
 
 
 def test_hpo_ui_warns_only_off_loopback():
-    from hpo.dashboard import is_loopback
+    from hpo.tracking.dashboard import is_loopback
 
     assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1")
     assert not is_loopback("0.0.0.0") and not is_loopback("10.0.0.5") and not is_loopback("myhost")

@@ -13,7 +13,7 @@ and epochs.
 Members leave the group one by one: pruned (each reports its own epochs to Optuna), stopped
 early, or diverged (non-finite loss); the group then shrinks (:meth:`GroupModule.compact`) so
 the remaining members run as fast as a smaller group. Each member ends as a plain
-:class:`~hpo.nets.MLP` with its best epoch's weights, measured by the same code as a solo trial.
+:class:`~hpo.models.nets.MLP` with its best epoch's weights, measured by the same code as a solo trial.
 """
 
 from __future__ import annotations
@@ -29,18 +29,25 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from hpo.batches import GroupBatches, ResidentBatches
 from hpo.data import Splits
-from hpo.nets import activation, build_net
+from hpo.data.batches import GroupBatches, ResidentBatches
+from hpo.models.nets import activation, build_net
+from hpo.running.trial import (
+    EVAL_BATCH,
+    Precision,
+    TrialResult,
+    fit_interruptible,
+    matmul_precision,
+    measure,
+    quiet_lightning,
+    selection_objective,
+    trainer,
+)
 from hpo.space import TrialConfig
 from hpo.spec import ObjectiveSpec
-from hpo.trial import (
-    EVAL_BATCH, Precision, TrialResult, fit_interruptible, matmul_precision, measure, quiet_lightning,
-    selection_objective, trainer,
-)
 
 #: Dropout variants with a vectorised form. On an MLP every other variant (spatial, locked,
-#: dropblock) falls back to inverted dropout, in a group as in :func:`hpo.dropout.dropout_layer`.
+#: dropblock) falls back to inverted dropout, in a group as in :func:`hpo.models.dropout.dropout_layer`.
 _OWN_FORM = ("standard", "gaussian", "alpha", "dropconnect")
 #: ``-scale * alpha`` of SELU: the value alpha dropout sets dropped units to.
 _ALPHA_PRIME = -1.7580993408473766
@@ -59,7 +66,7 @@ EpochHandler = Callable[[int, dict[str, float]], bool]
 def group_key(config: TrialConfig) -> Hashable | None:
     """What the members of a group must share, or ``None`` when ``config`` cannot be vectorised
     (only MLPs can)."""
-    if config.net.arch != "mlp":
+    if not isinstance(config, TrialConfig) or config.net.arch != "mlp":
         return None
     t = config.train
     return (config.net, config.dropout.variant, t.optimizer, t.momentum, t.batch_size, t.epochs, t.early_stopping)
@@ -121,7 +128,7 @@ class GroupMLP(nn.Module):
 
     def _drop(self, h: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         """Per-member dropout of activations ``h`` at rates ``p`` (``(K, 1, 1)``), as the
-        variant's solo layer computes it (:mod:`hpo.dropout`)."""
+        variant's solo layer computes it (:mod:`hpo.models.dropout`)."""
         keep = 1 - p
         if not self.training:
             return h * keep if self.variant == "standard" else h
@@ -139,7 +146,7 @@ class GroupMLP(nn.Module):
 
     def member_state(self, k: int, weights: list[torch.Tensor] | None = None,
                      biases: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """Member ``k``'s parameters as a solo :class:`~hpo.nets.MLP` ``state_dict`` (CPU)."""
+        """Member ``k``'s parameters as a solo :class:`~hpo.models.nets.MLP` ``state_dict`` (CPU)."""
         weights = self.weights if weights is None else weights
         biases = self.biases if biases is None else biases
         tensors = [t for pair in zip(weights, biases) for t in pair]
@@ -365,8 +372,8 @@ def run_group(
     ``pruning_trials[k]`` (an ``optuna.Trial`` or anything with ``report``/``should_prune``)
     gets member ``k``'s selection metric after every epoch and may prune that member alone.
     ``on_epoch(k, metrics)`` gets every epoch of every member; ``precision`` is as for
-    :func:`~hpo.trial.run_trial`. Returns, per member, a
-    :class:`~hpo.trial.TrialResult` (measured like a solo trial's) or the :class:`MemberEnd` of a
+    :func:`~hpo.running.trial.run_trial`. Returns, per member, a
+    :class:`~hpo.running.trial.TrialResult` (measured like a solo trial's) or the :class:`MemberEnd` of a
     pruned or diverged member.
     """
     keys = {group_key(c) for c in configs}
@@ -397,7 +404,7 @@ def run_group(
 
 
 def _result(end: MemberEnd, config: TrialConfig, data: Splits, objectives: list[ObjectiveSpec]) -> TrialResult | MemberEnd:
-    """A completed member measured as :func:`hpo.trial.run_trial` measures a solo trial."""
+    """A completed member measured as :func:`hpo.running.trial.run_trial` measures a solo trial."""
     if end.kind != "complete":
         return end
     net = build_net(config.net, config.dropout, data.input_shape, data.num_classes)

@@ -15,10 +15,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial
 
-from hpo.study import ABANDONED, BASELINE, FAIL_REASON
-
-METRICS = ("train_acc", "val_acc", "test_acc", "train_loss", "val_loss", "test_loss", "gap",
-           "best_epoch", "epochs", "epoch_time")
+from hpo.running.study import ABANDONED, BASELINE, FAIL_REASON, TRIAL_METRICS
 
 
 def trial_row(trial: FrozenTrial, objective_names: list[str]) -> dict[str, Any]:
@@ -32,7 +29,7 @@ def trial_row(trial: FrozenTrial, objective_names: list[str]) -> dict[str, Any]:
     values = trial.values or [None] * len(objective_names)
     row.update(zip(objective_names, values))
     row.update(trial.params)
-    row.update({m: attrs.get(m) for m in METRICS})
+    row.update({m: attrs.get(m) for m in TRIAL_METRICS})
     row["seed"] = attrs.get("seed")
     row["duration_s"] = trial.duration.total_seconds() if trial.duration else None
     row["fail_reason"] = attrs.get(FAIL_REASON) or attrs.get("pruned_reason", "")

@@ -18,11 +18,11 @@ from dataclasses import dataclass
 
 import torch
 
-from hpo.batches import split_bytes
 from hpo.data import Split, Splits
+from hpo.data.batches import split_bytes
+from hpo.running.trial import Precision
 from hpo.space import TrialConfig
 from hpo.spec import ObjectiveSpec
-from hpo.trial import Precision
 
 #: Never plan more than this share of a GPU's memory, or of its time.
 HEADROOM = 0.85
@@ -161,9 +161,9 @@ def train_measured(configs: list[TrialConfig], data: Splits, objectives: list[Ob
     """Train ``configs`` as one group (or one trial) until ``measure`` seconds of steady state
     have passed after the first epoch and ``settle``, calling ``sample()`` every
     :data:`SAMPLE_SECONDS` in that window (``on_epoch`` as in
-    :func:`hpo.executor.execute_group`). Returns the training's wall time in seconds; raises
+    :func:`hpo.running.executor.execute_group`). Returns the training's wall time in seconds; raises
     ``RuntimeError`` if the trial fails or diverges."""
-    from hpo.executor import execute_group
+    from hpo.running.executor import execute_group
 
     configs = [dataclasses.replace(c, train=dataclasses.replace(c.train, epochs=PROBE_MAX_EPOCHS, early_stopping=None))
                for c in configs]

@@ -21,7 +21,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from hpo.study import StudyHandle, best_trial, count_trials
+from hpo.running.study import StudyHandle, best_trial, count_trials
 
 PLACEMENTS = ("input", "hidden", "conv", "recurrent")
 #: Rate bins of the rate tables: [0, 0.1), [0.1, 0.2), … [0.9, 1.0].

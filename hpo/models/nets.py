@@ -1,7 +1,7 @@
 """Plain ``nn.Module`` classifiers whose dropout sites are named placements.
 
-The networks know nothing of training; :mod:`hpo.module` wraps them for Lightning. Each one is
-built from a :class:`NetConfig` and a :class:`~hpo.dropout.DropoutConfig`, so a search space can
+The networks know nothing of training; :mod:`hpo.models.module` wraps them for Lightning. Each one is
+built from a :class:`NetConfig` and a :class:`~hpo.models.dropout.DropoutConfig`, so a search space can
 point at every place where dropout can sit.
 """
 
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from hpo.dropout import DropoutConfig, dropout_layer, linear_layer
+from hpo.models.dropout import DropoutConfig, dropout_layer, linear_layer
 from hpo.spec import Activation, Arch
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {

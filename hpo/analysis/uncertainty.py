@@ -12,29 +12,42 @@ from torch import nn
 from torch.nn import functional as F
 
 from hpo.data import Split
-from hpo.dropout import DropConnectLinear, GaussianDropout, LockedDropout, StandardDropout
-from hpo.nets import DropoutLSTMLayer
+from hpo.models.module import logits_of
+from hpo.models.sites import probe, walk
 
 #: Bins of the expected calibration error.
 ECE_BINS = 15
 _BATCH = 4096
 
 
-def dropout_modules(net: nn.Module) -> list[nn.Module]:
-    """The modules of ``net`` that drop something in training mode."""
-    kinds = (nn.modules.dropout._DropoutNd, StandardDropout, GaussianDropout, LockedDropout, DropConnectLinear,
-             DropoutLSTMLayer)
-    return [m for m in net.modules()
-            if (isinstance(m, kinds) or type(m).__name__ == "DropBlock2d") and getattr(m, "p", 1) > 0]
+#: Modules whose eval-mode fast path skips their dropout children (PyTorch runs a fused kernel
+#: when the layer is in eval mode): MC dropout must switch them to training mode too.
+_FAST_PATHS = (nn.TransformerEncoderLayer, nn.TransformerEncoder, nn.TransformerDecoderLayer, nn.TransformerDecoder)
 
 
-def enable_mc_dropout(net: nn.Module) -> int:
-    """Eval mode everywhere except the dropout modules, which keep sampling masks. Returns how
-    many dropout modules there are (0: MC dropout equals the deterministic network)."""
+def dropout_modules(net: nn.Module, x: torch.Tensor | None = None) -> list[nn.Module]:
+    """The modules of ``net`` that hold a dropout site with a rate above 0
+    (:mod:`hpo.models.sites`): dropout layers, attention and recurrent modules, and, when ``x``
+    (a few inputs) lets the probe run a forward, the modules that pass a rate to functional
+    dropout (Hugging Face attention)."""
+    table = walk(net) if x is None else probe(net, lambda m: m(x))
+    owners = {s.module for s in table.sites if s.rate > 0 and (x is not None or s.kind != "functional")}
+    return [m for path, m in net.named_modules() if path in owners]
+
+
+def enable_mc_dropout(net: nn.Module, x: torch.Tensor | None = None) -> int:
+    """Eval mode everywhere except the modules holding dropout sites, which keep sampling masks
+    (each switched alone, not its children), and the transformer layers around them, whose
+    eval-mode fast path would skip their dropout. Returns how many dropout modules there are
+    (0: MC dropout equals the deterministic network)."""
     net.eval()
-    modules = dropout_modules(net)
+    modules = dropout_modules(net, x)
     for module in modules:
-        module.train()
+        module.training = True
+    inside = {id(m) for m in modules}
+    for layer in net.modules():
+        if isinstance(layer, _FAST_PATHS) and any(id(m) in inside for m in layer.modules()):
+            layer.training = True
     return len(modules)
 
 
@@ -45,13 +58,13 @@ def probabilities(net: nn.Module, x: torch.Tensor, samples: int = 0, seed: int =
     by the caller."""
     device = next(net.parameters()).device
     if samples:
-        enable_mc_dropout(net)
+        enable_mc_dropout(net, x[:8].to(device))
         torch.manual_seed(seed)
     else:
         net.eval()
     passes = []
     for _ in range(max(samples, 1)):
-        chunks = [F.softmax(net(x[i:i + _BATCH].to(device)), dim=1).cpu() for i in range(0, len(x), _BATCH)]
+        chunks = [F.softmax(logits_of(net(x[i:i + _BATCH].to(device))), dim=-1).cpu() for i in range(0, len(x), _BATCH)]
         passes.append(torch.cat(chunks))
     net.eval()
     return torch.stack(passes)
@@ -94,7 +107,7 @@ class Comparison:
 
 def compare(net: nn.Module, split: Split, samples: int = 50, seed: int = 0) -> Comparison:
     """Deterministic vs ``samples``-pass MC-dropout scores of ``net`` on ``split``."""
-    count = len(dropout_modules(net))
+    count = len(dropout_modules(net, split.x[:8].to(next(net.parameters()).device)))
     deterministic = probabilities(net, split.x)[0]
     mc = probabilities(net, split.x, samples, seed).mean(dim=0)
     return Comparison(score(deterministic, split.y), score(mc, split.y), samples, count)

@@ -1,6 +1,6 @@
 """The LightningModule that trains one classifier: steps, metrics, optimiser, L1 and max-norm.
 
-The network itself is a plain ``nn.Module`` from :mod:`hpo.nets`; this wrapper owns only the
+The network itself is a plain ``nn.Module`` from :mod:`hpo.models.nets`; this wrapper owns only the
 training logic, in the layout of lightning-hydra-template.
 """
 
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,9 +19,33 @@ from torch.nn import functional as F
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from hpo.dropout import apply_max_norm
+from hpo.models.dropout import apply_max_norm
 from hpo.spec import Optimizer
 
+
+def logits_of(output: Any) -> torch.Tensor:
+    """Class scores from a network's output: the tensor itself, a Hugging Face output's
+    ``logits``, or the first element of a tuple."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if hasattr(output, "logits"):
+        return output.logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TypeError(f"the network returned a {type(output).__name__}; hpo trains a classifier whose forward returns "
+                    "class scores (a tensor, or an output with .logits)")
+
+
+def split_batch(batch: Any) -> tuple[tuple[Any, ...], dict[str, Any], torch.Tensor]:
+    """``(args, kwargs, labels)`` of a classification batch: ``(inputs, labels)`` as datasets of
+    pairs give, or a mapping with ``labels`` (Hugging Face style) whose other keys are keyword
+    inputs."""
+    if isinstance(batch, Mapping):
+        if "labels" not in batch:
+            raise TypeError(f"a batch mapping needs a 'labels' entry; it has {', '.join(batch)}")
+        return (), {k: v for k, v in batch.items() if k != "labels"}, batch["labels"]
+    x, y = batch
+    return (x,), {}, y
 
 
 class NonFiniteLossError(ArithmeticError):
@@ -61,7 +86,7 @@ class ClassifierModule(pl.LightningModule):
     ``val/loss``, ``val/acc`` and ``epoch_time`` (seconds spent in the epoch's training batches)
     and appends them to :attr:`history`, a list of plain dicts one per epoch. With ``max_norm``
     set, every unit's incoming weights are projected back into the L2 ball of that radius after
-    each optimiser step (:func:`~hpo.dropout.apply_max_norm`).
+    each optimiser step (:func:`~hpo.models.dropout.apply_max_norm`).
     """
 
     def __init__(
@@ -81,9 +106,12 @@ class ClassifierModule(pl.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
+    def _scores(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        args, kwargs, y = split_batch(batch)
+        return logits_of(self.net(*args, **kwargs)), y
+
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        logits = self.net(x)
+        logits, y = self._scores(batch)
         loss = F.cross_entropy(logits, y)
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
@@ -98,8 +126,7 @@ class ClassifierModule(pl.LightningModule):
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        x, y = batch
-        logits = self.net(x)
+        logits, y = self._scores(batch)
         self.val_loss.update(F.cross_entropy(logits, y))
         self.val_acc.update(logits, y)
 

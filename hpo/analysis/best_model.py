@@ -12,15 +12,19 @@ from dataclasses import dataclass, replace
 
 import optuna
 import torch
+from lightning.pytorch import LightningModule
 from optuna.trial import FrozenTrial
 from torch import nn
 
-from hpo.data import Split, Splits
+from hpo.data import Split, Splits, TrialData
 from hpo.errors import HpoError
+from hpo.models.module import split_batch
+from hpo.models.user_model import UserTrialConfig
+from hpo.running.study import StudyHandle, best_trial
+from hpo.running.trial import TrialResult, evaluate, run_trial
+from hpo.running.user_trial import evaluate_batches
 from hpo.space import TrialConfig, suggest
-from hpo.study import StudyHandle, best_trial
 from hpo.tracking import trained_network
-from hpo.trial import TrialResult, evaluate, run_trial
 
 
 def chosen_trial(handle: StudyHandle, number: int | None = None) -> FrozenTrial:
@@ -36,7 +40,7 @@ def chosen_trial(handle: StudyHandle, number: int | None = None) -> FrozenTrial:
     return trials[number]
 
 
-def trial_config(handle: StudyHandle, trial: FrozenTrial) -> TrialConfig:
+def trial_config(handle: StudyHandle, trial: FrozenTrial) -> TrialConfig | UserTrialConfig:
     """The configuration ``trial`` trained, rebuilt from its stored parameters and seed."""
     return suggest(optuna.trial.FixedTrial(trial.params, trial.number), handle.spec, seed=trial.user_attrs["seed"])
 
@@ -55,14 +59,14 @@ class Rerun:
     values: list[float]
 
 
-def rerun(handle: StudyHandle, trial: FrozenTrial, data: Splits, accelerator: str = "cpu") -> Rerun:
+def rerun(handle: StudyHandle, trial: FrozenTrial, data: TrialData, accelerator: str = "cpu") -> Rerun:
     """Train ``trial``'s configuration again with its own seed (as long as the trial took)."""
     config = trial_config(handle, trial)
     result = run_trial(config, data, handle.spec.objective, accelerator=accelerator)
     return Rerun(trained_network(config, result.state, data), result.values)
 
 
-def network(handle: StudyHandle, trial: FrozenTrial, data: Splits, model_uri: str | None = None,
+def network(handle: StudyHandle, trial: FrozenTrial, data: TrialData, model_uri: str | None = None,
             accelerator: str = "cpu") -> tuple[nn.Module, str]:
     """The trained network of ``trial`` and where it came from: the MLflow model at
     ``model_uri`` when it loads, else a re-run of the trial (same configuration and seed)."""
@@ -79,17 +83,28 @@ def network(handle: StudyHandle, trial: FrozenTrial, data: Splits, model_uri: st
 
 @dataclass(frozen=True)
 class Retrained:
-    """The best configuration trained on train + validation for the epochs the trial kept."""
+    """The best configuration trained on train + validation for the epochs the trial kept.
+
+    Args:
+        examples: Training examples of the re-training (train + validation).
+        test: What the held-out test split measured: ``test_acc`` and ``test_loss`` for a network
+            hpo trains; for a ``LightningModule`` what its ``test_step`` logs, else its validation
+            metrics (watched on the test split) named ``test…``.
+    """
 
     trial: FrozenTrial
-    config: TrialConfig
+    config: TrialConfig | UserTrialConfig
     epochs: int
     result: TrialResult
-    test_acc: float
-    test_loss: float
+    examples: int
+    test: dict[str, float]
+
+    @property
+    def test_acc(self) -> float | None:
+        return self.test.get("test_acc")
 
 
-def retrain(handle: StudyHandle, trial: FrozenTrial, data: Splits, accelerator: str = "cpu") -> Retrained:
+def retrain(handle: StudyHandle, trial: FrozenTrial, data: TrialData, accelerator: str = "cpu") -> Retrained:
     """Train ``trial``'s configuration on the training and validation splits together for the
     number of epochs its kept weights had (``best_epoch + 1``), then test once on the held-out
     test split. The test split is watched each epoch but chooses nothing (no early stopping,
@@ -97,8 +112,43 @@ def retrain(handle: StudyHandle, trial: FrozenTrial, data: Splits, accelerator: 
     config = trial_config(handle, trial)
     epochs = int(trial.user_attrs["best_epoch"]) + 1
     config = replace(config, train=replace(config.train, epochs=epochs, early_stopping=None))
-    merged = Split(torch.cat([data.train.x, data.val.x]), torch.cat([data.train.y, data.val.y]))
-    both = replace(data, train=merged, val=data.test)
+    if isinstance(data, Splits):
+        merged = Split(torch.cat([data.train.x, data.val.x]), torch.cat([data.train.y, data.val.y]))
+        both: TrialData = replace(data, train=merged, val=data.test)
+        examples = len(merged)
+    else:
+        both = data.for_retraining()
+        examples = len(both.datasets[0])
     result = run_trial(config, both, handle.spec.objective, accelerator=accelerator, keep_last=True)
-    test_loss, test_acc = evaluate(trained_network(config, result.state, data), data.test)
-    return Retrained(trial, config, epochs, result, test_acc, test_loss)
+    net = trained_network(config, result.state, data)
+    if isinstance(data, Splits):
+        loss, acc = evaluate(net, data.test)
+        test = {"test_acc": acc, "test_loss": loss}
+    elif not isinstance(net, LightningModule):
+        loss, acc = evaluate_batches(net, both.split_loader("test"))
+        test = {"test_acc": acc, "test_loss": loss}
+    else:
+        test = {k: v for k, v in result.summary.items() if k.startswith("test")} or {
+            "test" + k[3:]: v for k, v in result.history[-1].items() if k.startswith("val")}
+    return Retrained(trial, config, epochs, result, examples, test)
+
+
+def test_split(data: TrialData) -> Split:
+    """The held-out test split as tensors (MC-dropout evaluation): a built-in set's own, or the
+    user's test data when each example's input is one tensor."""
+    if isinstance(data, Splits):
+        return data.test
+    loader = data.split_loader("test")
+    if loader is None:
+        raise HpoError(f"{data.name} gives no test data (a third dataset, or a test_dataloader)")
+    xs, ys = [], []
+    for batch in loader:
+        try:
+            args, kwargs, y = split_batch(batch)
+        except (TypeError, ValueError):
+            args, kwargs, y = (), {}, None
+        if len(args) != 1 or kwargs or not isinstance(args[0], torch.Tensor):
+            raise HpoError("MC-dropout evaluation needs test batches of (inputs, labels) with one input tensor")
+        xs.append(args[0])
+        ys.append(y)
+    return Split(torch.cat(xs), torch.cat(ys))

@@ -21,8 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from hpo.errors import HpoError
-from hpo.study import redact, sqlite_path
-from hpo.tracking import TrackingError, artifacts_dir, tracking_uri
+from hpo.running.study import redact, sqlite_path
+from hpo.tracking.runs import TrackingError, artifacts_dir, tracking_uri
 
 #: Seconds to wait for ``mlflow server`` to answer its health check (it migrates the database
 #: the first time).

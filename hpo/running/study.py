@@ -37,10 +37,18 @@ HEARTBEAT_INTERVAL = 30.0
 HEARTBEAT_GRACE = 120.0
 
 _SPEC, _SPEC_SOURCE, _BUDGET, _SEED = "hpo:spec", "hpo:spec_source", "hpo:trials", "hpo:seed"
+_CODE_DIR = "hpo:code_dir"
 _OWNER, _HEARTBEAT = "hpo:driver", "hpo:heartbeat"
 ABANDONED = "abandoned"
 FAIL_REASON = "fail_reason"
 BASELINE = "baseline"
+#: A user model's trial keeps its resolved site table (path, kind, group, rate, variant, rate as
+#: built) and the layers max-norm held, as these user attributes.
+SITES, MAX_NORM_LAYERS = "sites", "max_norm_layers"
+#: Eval-mode metrics and counts a finished trial keeps as user attributes (reports, exports,
+#: MLflow read them).
+TRIAL_METRICS = ("train_acc", "val_acc", "test_acc", "train_loss", "val_loss", "test_loss", "gap",
+                 "best_epoch", "epochs", "epoch_time")
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -132,6 +140,11 @@ class StudyHandle:
     def name(self) -> str:
         return self.study.study_name
 
+    @property
+    def code_dir(self) -> str | None:
+        """The folder of the user's code, for a study of a user model (absolute, as submitted)."""
+        return self.study.user_attrs.get(_CODE_DIR)
+
 
 def create_study(
     spec: Spec,
@@ -142,6 +155,7 @@ def create_study(
     budget: int,
     seed: int,
     spec_source: str = "",
+    code_dir: str | None = None,
     first_trials: list[tuple[dict[str, Any], dict[str, Any]]] = (),
 ) -> StudyHandle:
     """Create study ``name`` from a validated spec, refusing to touch an existing one, and queue
@@ -162,6 +176,8 @@ def create_study(
     )
     for key, value in {_SPEC: spec_text, _SPEC_SOURCE: spec_source, _BUDGET: budget, _SEED: seed}.items():
         study.set_user_attr(key, value)
+    if code_dir is not None:
+        study.set_user_attr(_CODE_DIR, code_dir)
     for params, user_attrs in first_trials:
         study.enqueue_trial(params, user_attrs=user_attrs)
     return StudyHandle(study, spec, budget, seed, url)

@@ -2,7 +2,7 @@
 
 :func:`run_trial` knows nothing of studies or storage; it gets an optional trial-like object to
 report per-epoch values to (Optuna's pruning callback) and returns a :class:`TrialResult` or
-raises ``optuna.TrialPruned``, :class:`~hpo.module.NonFiniteLossError` or ``KeyboardInterrupt``.
+raises ``optuna.TrialPruned``, :class:`~hpo.models.module.NonFiniteLossError` or ``KeyboardInterrupt``.
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping
 from torch.nn import functional as F
 
-from hpo.batches import Loading, make_loaders
 from hpo.data import Split, Splits
-from hpo.module import ClassifierModule
-from hpo.nets import build_net
+from hpo.data.batches import Loading, make_loaders
+from hpo.models.module import ClassifierModule, logits_of
+from hpo.models.nets import build_net
+from hpo.models.user_model import UserTrialConfig
 from hpo.space import TrialConfig
 from hpo.spec import EPOCH_METRICS, ObjectiveSpec
 
@@ -40,14 +41,16 @@ PRECISIONS: tuple[Precision, ...] = get_args(Precision)
 
 
 def trainer(accelerator: str, epochs: int, precision: Precision = "32",
-            callbacks: list[Callback] | None = None) -> pl.Trainer:
+            callbacks: list[Callback] | None = None, batches: int | None = None) -> pl.Trainer:
     """The Lightning trainer of one trial or group: one device, no logger, checkpoints, progress
-    bar or sanity check (a study runs hundreds of fits; dropout-hpo records what it needs)."""
+    bar or sanity check (a study runs hundreds of fits; dropout-hpo records what it needs).
+    ``batches`` limits each epoch's training and validation batches (the check before a study)."""
+    limits = {} if batches is None else {f"limit_{stage}_batches": batches for stage in ("train", "val", "test")}
     return pl.Trainer(
         accelerator=accelerator, devices=1, max_epochs=epochs, callbacks=callbacks,
         precision="bf16-mixed" if precision == "bf16" else "32-true",
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0,
+        num_sanity_val_steps=0, **limits,
     )
 
 
@@ -76,6 +79,8 @@ class TrialResult:
             (``train_acc``, ``val_acc``, ``test_acc``, …), ``gap`` (train minus validation
             accuracy), ``epochs`` run and mean ``epoch_time`` in seconds.
         state: The kept weights (CPU tensors), for logging the model of a best trial.
+        sites: A user model's resolved site table (path, kind, group, rate, variant, rate as
+            built), and ``max_norm`` the layers max-norm held with their radii.
     """
 
     values: list[float]
@@ -83,36 +88,44 @@ class TrialResult:
     history: list[dict[str, float]] = field(default_factory=list)
     summary: dict[str, float] = field(default_factory=dict)
     state: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    sites: list[dict[str, Any]] | None = None
+    max_norm: list[dict[str, Any]] | None = None
 
 
-class _BestEpoch(Callback):
-    """Keeps a CPU copy of the weights of the best epoch on ``monitor``."""
+class BestEpoch(Callback):
+    """Keeps a CPU copy of ``network``'s weights at the best epoch of ``history`` on ``monitor``
+    (``history`` is appended to by the module or an earlier callback, once per validation)."""
 
-    def __init__(self, monitor: str, maximize: bool) -> None:
-        self.monitor, self.maximize = monitor, maximize
+    def __init__(self, monitor: str, maximize: bool, history: list[dict[str, float]], network: torch.nn.Module) -> None:
+        self.monitor, self.maximize, self.history, self.network = monitor, maximize, history, network
         self.best: float | None = None
         self.epoch = -1
         self.state: dict[str, torch.Tensor] | None = None
 
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: ClassifierModule) -> None:
-        if trainer.sanity_checking or not pl_module.history:
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or not self.history:
             return
-        current = pl_module.history[-1][self.monitor]
+        current = self.history[-1][self.monitor]
         better = self.best is None or (current > self.best if self.maximize else current < self.best)
         if better:
             self.best, self.epoch = current, pl_module.current_epoch
-            self.state = {k: v.detach().to("cpu", copy=True) for k, v in pl_module.net.state_dict().items()}
+            self.state = cpu_state(self.network)
 
 
-class _EpochListener(Callback):
-    """Hands each epoch's metrics to ``on_epoch`` (before pruning may stop the trial)."""
+def cpu_state(network: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in network.state_dict().items()}
 
-    def __init__(self, on_epoch: Callable[[dict[str, float]], None]) -> None:
-        self.on_epoch = on_epoch
 
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: ClassifierModule) -> None:
-        if not trainer.sanity_checking and pl_module.history:
-            self.on_epoch(dict(pl_module.history[-1]))
+class EpochListener(Callback):
+    """Hands each epoch's metrics (the last entry of ``history``) to ``on_epoch``, before
+    pruning may stop the trial."""
+
+    def __init__(self, on_epoch: Callable[[dict[str, float]], None], history: list[dict[str, float]]) -> None:
+        self.on_epoch, self.history = on_epoch, history
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking and self.history:
+            self.on_epoch(dict(self.history[-1]))
 
 
 def selection_objective(objectives: list[ObjectiveSpec]) -> ObjectiveSpec:
@@ -125,7 +138,7 @@ def selection_objective(objectives: list[ObjectiveSpec]) -> ObjectiveSpec:
 
 
 def run_trial(
-    config: TrialConfig,
+    config: TrialConfig | UserTrialConfig,
     data: Splits,
     objectives: list[ObjectiveSpec],
     *,
@@ -143,19 +156,25 @@ def run_trial(
     ``on_epoch`` gets every epoch's metrics (``EPOCH_METRICS`` and ``epoch``), pruned epochs
     included. ``keep_last`` keeps the final weights instead of the best epoch's (re-training
     for a fixed number of epochs, where the validation data is only watched). ``loading`` says
-    how batches reach the device (:func:`hpo.batches.make_loaders`: resident when the data fits);
-    ``precision`` how its arithmetic runs (:data:`Precision`).
+    how batches reach the device (:func:`hpo.data.batches.make_loaders`: resident when the data fits);
+    ``precision`` how its arithmetic runs (:data:`Precision`). A user model's configuration
+    (:class:`~hpo.models.user_model.UserTrialConfig`) trains by :func:`hpo.running.user_trial.run_user_trial`.
     """
+    if not isinstance(config, TrialConfig):
+        from hpo.running.user_trial import run_user_trial
+
+        return run_user_trial(config, data, objectives, pruning_trial=pruning_trial, accelerator=accelerator,
+                              on_epoch=on_epoch, keep_last=keep_last, loading=loading, precision=precision)
     quiet_lightning()
     pl.seed_everything(config.seed, workers=True, verbose=False)
     net = build_net(config.net, config.dropout, data.input_shape, data.num_classes)
     module = ClassifierModule(net, config.train, data.num_classes, max_norm=config.dropout.max_norm)
     selection = selection_objective(objectives)
     maximize = selection.direction == "maximize"
-    best = _BestEpoch(selection.metric, maximize)
+    best = BestEpoch(selection.metric, maximize, module.history, net)
     callbacks: list[Callback] = [best]
     if on_epoch is not None:
-        callbacks.append(_EpochListener(on_epoch))
+        callbacks.append(EpochListener(on_epoch, module.history))
     if config.train.early_stopping:
         callbacks.append(EarlyStopping(
             selection.metric, patience=config.train.early_stopping, mode="max" if maximize else "min"
@@ -174,7 +193,7 @@ def run_trial(
 
     if keep_last:
         best.epoch = len(module.history) - 1
-        best.state = {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
+        best.state = cpu_state(net)
     elif best.state is not None:
         net.load_state_dict(best.state)
     return measure(net, data, objectives, module.history, best.epoch, best.state)
@@ -197,13 +216,15 @@ def measure(net: torch.nn.Module, data: Splits, objectives: list[ObjectiveSpec],
     )
 
 
-def fit_interruptible(trainer: pl.Trainer, module: pl.LightningModule, train: Iterable, val: Iterable) -> None:
+def fit_interruptible(trainer: pl.Trainer, module: pl.LightningModule, train: Iterable | None = None,
+                      val: Iterable | None = None, **data: Any) -> None:
     """``trainer.fit`` that lets Ctrl-C through: Lightning turns it into ``sys.exit(1)`` and
-    leaves SIGINT ignored; here it becomes ``KeyboardInterrupt`` again, handler restored."""
+    leaves SIGINT ignored; here it becomes ``KeyboardInterrupt`` again, handler restored.
+    ``data`` may name a ``datamodule`` instead of the loaders."""
     main_thread = threading.current_thread() is threading.main_thread()
     handler = signal.getsignal(signal.SIGINT) if main_thread else None
     try:
-        trainer.fit(module, train, val)
+        trainer.fit(module, train, val, **data)
     except SystemExit as exc:
         raise KeyboardInterrupt("training interrupted") from exc
     finally:
@@ -220,7 +241,7 @@ def evaluate(net: torch.nn.Module, split: Split) -> tuple[float, float]:
     for start in range(0, len(split), EVAL_BATCH):
         x = split.x[start:start + EVAL_BATCH].to(device)
         y = split.y[start:start + EVAL_BATCH].to(device)
-        logits = net(x)
+        logits = logits_of(net(x))
         loss += float(F.cross_entropy(logits, y, reduction="sum"))
         correct += int((logits.argmax(1) == y).sum())
     return loss / max(len(split), 1), correct / max(len(split), 1)

@@ -4,7 +4,7 @@ the results.
 The driver is the only process that writes trial outcomes (ask/tell), which keeps the sampler
 central and SQLite free of "database is locked" errors whatever the number of workers. A
 :class:`Backend` runs trials: :class:`LocalBackend` one at a time in this process (the laptop
-default), :class:`hpo.ray_executor.RayBackend` as Ray tasks on the local machine or a cluster.
+default), :class:`hpo.running.ray_executor.RayBackend` as Ray tasks on the local machine or a cluster.
 
 Outcomes a trial can have: complete (values told), pruned, failed (NaN loss, an error, its worker
 died: the reason is stored as ``fail_reason``), or abandoned (the driver stopped: failed, not
@@ -13,26 +13,39 @@ counted against the budget, configuration re-queued).
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from hpo.batches import Loading
 from hpo.data import Splits
-from hpo.group import SHARED_PARAMETERS, group_key, run_group
-from hpo.module import NonFiniteLossError
+from hpo.data.batches import Loading
+from hpo.models.module import NonFiniteLossError
+from hpo.running.group import SHARED_PARAMETERS, group_key, run_group
+from hpo.running.study import (
+    FAIL_REASON,
+    HEARTBEAT_INTERVAL,
+    MAX_NORM_LAYERS,
+    SITES,
+    Counts,
+    StudyHandle,
+    abandon,
+    best_trials,
+    claim,
+    count_trials,
+    heartbeat,
+    requeue,
+)
+from hpo.running.trial import Precision, TrialResult, run_trial
 from hpo.space import TrialConfig, suggest
 from hpo.spec import ObjectiveSpec
-from hpo.study import (
-    FAIL_REASON, HEARTBEAT_INTERVAL, Counts, StudyHandle, abandon, best_trials, claim,
-    count_trials, heartbeat, requeue,
-)
-from hpo.trial import Precision, TrialResult, run_trial
 
 #: Unexpected errors (not NaN losses, pruning or dead workers) in this many trials in a row stop
 #: the study: the cause is then almost surely the setup, not the configurations.
@@ -93,7 +106,7 @@ class TrialListener(Protocol):
 
 class Backend(Protocol):
     """Runs trials for the driver. ``start`` may block (in-process) or return at once (Ray);
-    it gets one trial, or several sharing a :func:`~hpo.group.group_key` to train as one
+    it gets one trial, or several sharing a :func:`~hpo.running.group.group_key` to train as one
     vectorised group (one slot). ``on_epoch``, set by the driver, gets every epoch a running
     trial finishes. ``precision`` is how its trials compute (recorded on trials that are not
     float32)."""
@@ -140,7 +153,7 @@ def execute_group(
     accelerator: str, on_epoch: Callable[[int, dict[str, float]], None] | None = None, loading: Loading = "auto",
     precision: Precision = "32",
 ) -> list[Outcome]:
-    """Train ``configs`` as one vectorised group (:func:`hpo.group.run_group`, always on
+    """Train ``configs`` as one vectorised group (:func:`hpo.running.group.run_group`, always on
     resident data); one outcome per member. An error in the group's own code fails every
     member with it. A single config is a solo trial, with ``loading``."""
     if len(configs) == 1:
@@ -214,6 +227,32 @@ class _Heartbeat(threading.Thread):
         self._stop.set()
 
 
+@contextlib.contextmanager
+def deferred_interrupts() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM until the block ends, then hand the first one to the handler that
+    was in place (``KeyboardInterrupt`` for Ctrl-C, and for SIGTERM under the CLI): a trial is
+    never left half asked (RUNNING in the store, unknown to the driver) or half told. Training
+    itself runs outside such blocks, so an interrupt still stops it at once. Outside the main
+    thread (where signals cannot be handled) the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if received:
+            handler = previous[received[0]]
+            if callable(handler):
+                handler(received[0], None)
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), received[0])
+
+
 def run_study(
     handle: StudyHandle,
     backend: Backend,
@@ -236,7 +275,7 @@ def run_study(
 
     With ``group_size`` above 1 each slot trains up to that many trials as one vectorised group
     (MLPs only): the first is asked as usual, the others with its shape fixed
-    (:data:`~hpo.group.SHARED_PARAMETERS`), so the sampler still chooses every dropout rate,
+    (:data:`~hpo.running.group.SHARED_PARAMETERS`), so the sampler still chooses every dropout rate,
     max-norm radius, learning rate and weight decay.
     """
     study, spec = handle.study, handle.spec
@@ -272,12 +311,14 @@ def run_study(
                    and counts.finished + len(running) < handle.budget
                    and not timed_out and errors_in_a_row < MAX_CONSECUTIVE_ERRORS):
                 size = min(group_size, handle.budget - counts.finished - len(running))
-                for jobs in _ask_group(study, spec, handle.seed, size):
-                    for job in jobs:
+                with deferred_interrupts():
+                    groups = _ask_group(study, spec, handle.seed, size)
+                    for job in (job for jobs in groups for job in jobs):
                         running[job.trial.number] = job
                         beat.trial_ids.add(job.trial._trial_id)
                         if backend.precision != "32":
                             job.trial.set_user_attr("precision", backend.precision)
+                for jobs in groups:
                     counts, _ = progress()
                     if listener is not None:
                         for job in jobs:
@@ -289,17 +330,19 @@ def run_study(
                 elif timed_out and counts.finished < handle.budget:
                     stopped = "timeout"
                 break
-            for job, outcome in backend.wait(timeout=0.2):
-                running.pop(job.trial.number)
-                beat.trial_ids.discard(job.trial._trial_id)
-                _tell(study, job, outcome, max_retries)
-                if outcome.kind == "error":
-                    errors_in_a_row, last_error = errors_in_a_row + 1, outcome.reason
-                else:
-                    errors_in_a_row = 0
-                counts, best = progress()
-                if listener is not None:
-                    listener.trial_finished(job, study._storage.get_trial(job.trial._trial_id), outcome, counts, best)
+            with deferred_interrupts():
+                for job, outcome in backend.wait(timeout=0.2):
+                    running.pop(job.trial.number)
+                    beat.trial_ids.discard(job.trial._trial_id)
+                    _tell(study, job, outcome, max_retries)
+                    if outcome.kind == "error":
+                        errors_in_a_row, last_error = errors_in_a_row + 1, outcome.reason
+                    else:
+                        errors_in_a_row = 0
+                    counts, best = progress()
+                    if listener is not None:
+                        listener.trial_finished(job, study._storage.get_trial(job.trial._trial_id), outcome, counts,
+                                                best)
         message = f"{errors_in_a_row} trials in a row failed; last: {last_error}" if stopped == "errors" else ""
         return RunSummary(counts, stopped, message)
     except KeyboardInterrupt:
@@ -324,8 +367,8 @@ def _ask(study: optuna.Study, spec: Any, study_seed: int) -> TrialJob:
 
 def _ask_group(study: optuna.Study, spec: Any, study_seed: int, size: int) -> list[list[TrialJob]]:
     """Ask for ``size`` trials to train together: the first as usual, the rest with the first's
-    :data:`~hpo.group.SHARED_PARAMETERS` fixed (Optuna's ``PartialFixedSampler`` around the
-    study's sampler). Returned as groups of equal :func:`~hpo.group.group_key` (widths coupled
+    :data:`~hpo.running.group.SHARED_PARAMETERS` fixed (Optuna's ``PartialFixedSampler`` around the
+    study's sampler). Returned as groups of equal :func:`~hpo.running.group.group_key` (widths coupled
     to dropout rates can still split them); a trial that cannot be vectorised is its own group."""
     first = _ask(study, spec, study_seed)
     if size == 1 or group_key(first.config) is None:
@@ -374,3 +417,6 @@ def _record(trial: optuna.Trial, result: TrialResult) -> None:
         trial.set_user_attr(key, value)
     trial.set_user_attr("best_epoch", result.best_epoch)
     trial.set_user_attr("history", result.history)
+    if result.sites is not None:
+        trial.set_user_attr(SITES, result.sites)
+        trial.set_user_attr(MAX_NORM_LAYERS, result.max_norm or [])

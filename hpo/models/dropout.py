@@ -21,6 +21,7 @@ from torch.nn import functional as F
 
 from hpo.spec import Variant
 
+
 @dataclass(frozen=True)
 class DropoutConfig:
     """The dropout of one trial, with every searched value resolved.
@@ -162,6 +163,18 @@ def dropout_layer(variant: str, p: float, *, features: str = "dense", block_size
             ) from exc
         return DropBlock2d(p, block_size)
     return nn.Dropout(p)
+
+
+def variant_layer(variant: str, p: float) -> nn.Module:
+    """An element-wise dropout module of ``variant`` at rate ``p`` that can stand where an
+    ``nn.Dropout`` stood in a user's model: the same shapes, and a ``p`` attribute even at rate 0
+    (some models read it), so never ``nn.Identity``. ``inverted`` is ``nn.Dropout`` itself."""
+    layers = {"inverted": nn.Dropout, "standard": StandardDropout, "gaussian": GaussianDropout,
+              "alpha": nn.AlphaDropout}
+    if variant not in layers:
+        raise ValueError(f"variant {variant!r} cannot replace an element-wise dropout module "
+                         f"(choose from {', '.join(layers)})")
+    return layers[variant](p)
 
 
 def linear_layer(in_features: int, out_features: int, variant: str, p: float) -> nn.Linear:

@@ -25,12 +25,13 @@ from typing import Any
 import ray
 import ray.exceptions
 
-from hpo.batches import Loading
 from hpo.data import Splits
-from hpo.errors import describe
-from hpo.executor import EpochCallback, Outcome, TrialJob, execute_group
+from hpo.data.batches import Loading
+from hpo.errors import HpoError, describe
+from hpo.output import ray_logging_level
+from hpo.running.executor import EpochCallback, Outcome, TrialJob, execute_group
+from hpo.running.trial import Precision
 from hpo.spec import ObjectiveSpec
-from hpo.trial import Precision
 
 #: Seconds a worker waits for the driver's pruning decision before training on regardless.
 DECISION_TIMEOUT = 120.0
@@ -41,21 +42,58 @@ _LOST = (
 )
 
 
-def connect(address: str | None = None, *, num_cpus: int | None = None) -> bool:
+#: Left out when a user's code folder is shipped to Ray workers: stores, artifacts and
+#: environments that often sit beside a search space.
+CODE_EXCLUDES = ["*.db", "*.db-journal", "*.db-wal", "mlartifacts/", "mlruns/", "reports/", ".git/", ".venv/",
+                 "venv/", "__pycache__/", "*.ckpt", "*.pt", "*.pth", "lightning_logs/"]
+
+
+def connect(address: str | None = None, *, num_cpus: int | None = None, code_dir: str | None = None) -> bool:
     """Connect to the Ray cluster at ``address`` (else ``$RAY_ADDRESS``), or start a local Ray
-    instance. Returns whether this call started Ray (and so should shut it down)."""
+    instance. ``code_dir``, the user's code folder, is shipped with the job as Ray's working
+    directory, so workers import the user's model and data as the driver does. Returns whether
+    this call started Ray (and so should shut it down)."""
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS") or None
-    ray.init(
-        address=address,
-        num_cpus=None if address else num_cpus,
-        include_dashboard=False,
-        log_to_driver=False,
-        configure_logging=True,
-        logging_level="warning",
-    )
+    runtime_env = {"working_dir": code_dir, "excludes": CODE_EXCLUDES} if code_dir else None
+    try:
+        ray.init(
+            address=address,
+            num_cpus=None if address else num_cpus,
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=True,
+            logging_level=ray_logging_level(),
+            runtime_env=runtime_env,
+        )
+    except Exception as exc:
+        if code_dir and ("working_dir" in str(exc).lower() or "package" in str(exc).lower()):
+            raise HpoError(f"cannot ship the code folder {code_dir} to Ray workers ({describe(exc)}); point "
+                           "--code-dir at a folder holding only your code") from exc
+        raise
     return True
+
+
+@ray.remote(num_cpus=0)
+def _importable(class_path: str) -> str:
+    """Empty when a worker can import ``class_path``'s module, else why not."""
+    import importlib
+
+    try:
+        importlib.import_module(class_path.rpartition(".")[0])
+    except Exception as exc:  # noqa: BLE001 - reported to the driver
+        return describe(exc)
+    return ""
+
+
+def check_workers_import(class_path: str) -> None:
+    """Refuse, with the reason, a Ray instance (started by someone else) whose workers cannot
+    import the user's model."""
+    why = ray.get(_importable.remote(class_path))
+    if why:
+        raise HpoError(f"Ray workers cannot import {class_path} ({why}): Ray was started without your code; "
+                       "start it with ray.init(runtime_env={'working_dir': CODE_DIR}) or let hpo start it")
 
 
 @ray.remote(num_cpus=0)
@@ -156,8 +194,8 @@ class RayBackend:
         cpus_per_trial: Ray ``num_cpus`` of each trial task (and its torch thread count).
         gpus_per_trial: Ray ``num_gpus`` of each trial; fractions pack trials onto a GPU
             (0.25: four trials per GPU). Above 0 each trial trains on its GPU.
-        loading: How batches reach the device (:func:`hpo.batches.make_loaders`).
-        precision: How training arithmetic runs (:data:`hpo.trial.Precision`).
+        loading: How batches reach the device (:func:`hpo.data.batches.make_loaders`).
+        precision: How training arithmetic runs (:data:`hpo.running.trial.Precision`).
     """
 
     def __init__(
@@ -255,7 +293,7 @@ class RayBackend:
 
 @ray.remote(num_gpus=1, max_retries=0)
 def _probe_remote(configs, data: Splits, objectives, precision: str):
-    from hpo.packing import probe
+    from hpo.running.packing import probe
 
     return probe(configs, data, objectives, precision)
 
@@ -268,9 +306,8 @@ def auto_gpus_per_trial(spec: Any, seed: int, data: Splits, group_size: int, cpu
     measured and chosen."""
     from optuna.trial import FixedTrial
 
-    from hpo.errors import HpoError
-    from hpo.group import group_key
-    from hpo.packing import gpu_fraction, trials_per_gpu
+    from hpo.running.group import group_key
+    from hpo.running.packing import gpu_fraction, trials_per_gpu
     from hpo.space import baseline_params, suggest
 
     resources = ray.cluster_resources()

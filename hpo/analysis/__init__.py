@@ -1,0 +1,3 @@
+"""After (or during) a study: trial tables for export (:mod:`~hpo.analysis.export`), reports
+and comparisons (:mod:`~hpo.analysis.report`), the best network and its re-training
+(:mod:`~hpo.analysis.best_model`) and Monte-Carlo dropout (:mod:`~hpo.analysis.uncertainty`)."""

@@ -1,0 +1,358 @@
+"""One trial of the user's own model, and the check that runs before a study of one.
+
+The model is built for the trial (:func:`hpo.models.user_model.build`), trained by Lightning with
+the same callbacks as a built-in network's trial (best epoch, per-epoch listener, early stopping,
+Optuna's pruning callback) plus max-norm on the chosen layers, and measured: a plain network on
+every split as hpo measures its own, a ``LightningModule`` by the metrics it logs (and its own
+``test_step`` when there is test data).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback, EarlyStopping
+from torch.nn import functional as F
+
+from hpo.data import Split, Splits, TrialData, UserData
+from hpo.data.batches import Loading, make_loaders
+from hpo.data.user import EXAMPLE_SIZE
+from hpo.errors import first_line
+from hpo.models.module import logits_of, split_batch
+from hpo.models.user_model import BuiltModel, MaxNormCallback, UserTrialConfig, build
+from hpo.running.trial import (
+    EVAL_BATCH,
+    BestEpoch,
+    EpochListener,
+    Precision,
+    TrialResult,
+    cpu_state,
+    evaluate_splits,
+    fit_interruptible,
+    matmul_precision,
+    quiet_lightning,
+    selection_objective,
+    trainer,
+)
+from hpo.spec import METRICS, ObjectiveSpec, Spec
+from hpo.user_code import UserCodeError
+
+
+class MissingMetricError(KeyError):
+    """An objective names a metric the model does not log; the message lists what it logs."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def example_batch(data: TrialData) -> Any:
+    """A few training examples as one batch: the probe's input and the check's."""
+    if isinstance(data, Splits):
+        return data.train.x[:EXAMPLE_SIZE], data.train.y[:EXAMPLE_SIZE]
+    return data.example_batch()
+
+
+def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
+    found = {}
+    for name, value in metrics.items():
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            found[name] = float(value)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            found[name] = float(value)
+    return found
+
+
+class MetricHistory(Callback):
+    """What a ``LightningModule`` logged, once per validation epoch: every scalar in
+    ``trainer.callback_metrics``, the epoch and ``epoch_time`` (seconds of the epoch's training
+    batches). After the first epoch, a metric in ``required`` the model did not log stops the
+    trial with the names it did log."""
+
+    def __init__(self, required: list[str]) -> None:
+        self.required = required
+        self.entries: list[dict[str, float]] = []
+        self._start = 0.0
+        self._time = math.nan
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start = time.perf_counter()
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._time = time.perf_counter() - self._start
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        entry = {"epoch": trainer.current_epoch, **_scalars(trainer.callback_metrics), "epoch_time": self._time}
+        missing = [name for name in self.required if name not in entry]
+        if missing:
+            logged = sorted(k for k in entry if k not in ("epoch", "epoch_time"))
+            raise MissingMetricError(
+                f"the model logged no {' or '.join(map(repr, missing))} in its first validation epoch (it logged: "
+                f"{', '.join(logged) or 'nothing'}; log it with self.log in validation_step)")
+        self.entries.append(entry)
+
+
+def _selection(objectives: list[ObjectiveSpec], lightning: bool) -> ObjectiveSpec:
+    """The objective that picks the best epoch and drives pruning: for a ``LightningModule`` the
+    first objective (everything it logs is per epoch), else as for a built-in network."""
+    return objectives[0] if lightning else selection_objective(objectives)
+
+
+def _fit_data(data: TrialData, batch_size: int, seed: int, device: torch.device, loading: Loading) -> dict[str, Any]:
+    if isinstance(data, Splits):
+        train, val = make_loaders(data, batch_size, EVAL_BATCH, seed, device, loading)
+        return {"train": train, "val": val}
+    return data.fit_arguments(batch_size, seed)
+
+
+@torch.inference_mode()
+def evaluate_batches(net: torch.nn.Module, batches: Any, limit: int | None = None) -> tuple[float, float]:
+    """Eval-mode mean cross-entropy and accuracy of a classifier over a loader's batches (the
+    first ``limit`` of them)."""
+    net.eval()
+    device = next(net.parameters()).device
+    loss, correct, count = 0.0, 0, 0
+    for batch in itertools.islice(batches, limit):
+        args, kwargs, y = split_batch(batch)
+        args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
+        kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+        y = y.to(device)
+        logits = logits_of(net(*args, **kwargs))
+        loss += float(F.cross_entropy(logits, y, reduction="sum"))
+        correct += int((logits.argmax(-1) == y).sum())
+        count += len(y)
+    return loss / max(count, 1), correct / max(count, 1)
+
+
+def _classifier_summary(net: torch.nn.Module, data: TrialData, limit: int | None = None) -> dict[str, float]:
+    """Eval-mode loss and accuracy of a plain network on every split (the first ``limit``
+    batches of each), and the gap."""
+    if isinstance(data, Splits):
+        return evaluate_splits(net, data)
+    summary: dict[str, float] = {}
+    for split in ("train", "val", "test"):
+        loader = data.split_loader(split)
+        if loader is not None:
+            summary[f"{split}_loss"], summary[f"{split}_acc"] = evaluate_batches(net, loader, limit)
+    summary["gap"] = summary["train_acc"] - summary["val_acc"]
+    return summary
+
+
+def _overrides(module: pl.LightningModule, hook: str) -> bool:
+    return getattr(type(module), hook, None) is not getattr(pl.LightningModule, hook, None)
+
+
+def _lightning_summary(fitter: pl.Trainer, built: BuiltModel, data: TrialData) -> dict[str, float]:
+    """A ``LightningModule``'s own test metrics, when it has a ``test_step`` and there is test
+    data (its logged names, e.g. ``test_acc``)."""
+    if not _overrides(built.module, "test_step"):
+        return {}
+    if isinstance(data, Splits):
+        loader: Any = [(data.test.x[i:i + EVAL_BATCH], data.test.y[i:i + EVAL_BATCH])
+                       for i in range(0, len(data.test), EVAL_BATCH)]
+        results = fitter.test(built.module, dataloaders=loader, verbose=False)
+    elif data.datamodule is not None:
+        if not _overrides(data.datamodule, "test_dataloader"):
+            return {}
+        results = fitter.test(built.module, datamodule=data.datamodule, verbose=False)
+    else:
+        loader = data.split_loader("test")
+        if loader is None:
+            return {}
+        results = fitter.test(built.module, dataloaders=loader, verbose=False)
+    return {k: v for result in results for k, v in _scalars(result).items()}
+
+
+def run_user_trial(
+    config: UserTrialConfig,
+    data: TrialData,
+    objectives: list[ObjectiveSpec],
+    *,
+    pruning_trial: Any | None = None,
+    accelerator: str = "auto",
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+    keep_last: bool = False,
+    loading: Loading = "auto",
+    precision: Precision = "32",
+    batches: int | None = None,
+) -> TrialResult:
+    """Train the user's model for one trial and measure it (the arguments are those of
+    :func:`hpo.running.trial.run_trial`; ``batches`` limits each epoch, for the check).
+
+    Raises ``optuna.TrialPruned`` when pruned, :class:`MissingMetricError` when an objective is
+    not logged, and whatever the user's code raises.
+    """
+    quiet_lightning()
+    pl.seed_everything(config.seed, workers=True, verbose=False)
+    built = build(config, example_batch(data))
+    selection = _selection(objectives, built.lightning)
+    maximize = selection.direction == "maximize"
+    recorder = MetricHistory([o.metric for o in objectives if o.metric != "epoch_time"]) if built.lightning else None
+    history = recorder.entries if recorder is not None else built.module.history
+    best = BestEpoch(selection.metric, maximize, history, built.network)
+    callbacks: list[Callback] = ([recorder] if recorder is not None else []) + [best]
+    if on_epoch is not None:
+        callbacks.append(EpochListener(on_epoch, history))
+    if built.constrained:
+        callbacks.append(MaxNormCallback(built.constrained))
+    if config.train.early_stopping:
+        callbacks.append(EarlyStopping(selection.metric, patience=config.train.early_stopping,
+                                       mode="max" if maximize else "min"))
+    if pruning_trial is not None:
+        from optuna_integration import PyTorchLightningPruningCallback
+
+        callbacks.append(PyTorchLightningPruningCallback(pruning_trial, monitor=selection.metric))
+
+    fitter = trainer(accelerator, config.train.epochs, precision, callbacks, batches=batches)
+    fit_data = _fit_data(data, config.train.batch_size, config.seed, fitter.strategy.root_device, loading)
+    with matmul_precision(precision):
+        fit_interruptible(fitter, built.module, **fit_data)
+    if not history:
+        raise RuntimeError("training ended before its first validation epoch")
+    if keep_last:
+        best.epoch, best.state = len(history) - 1, cpu_state(built.network)
+    elif best.state is not None:
+        built.network.load_state_dict(best.state)
+
+    if built.lightning:
+        summary = _lightning_summary(fitter, built, data)
+    else:
+        summary = _classifier_summary(built.network, data, batches)
+    summary["epochs"] = len(history)
+    summary["epoch_time"] = sum(h["epoch_time"] for h in history) / len(history)
+    at_best = {**history[best.epoch], **{k: summary[k] for k in ("gap", "epoch_time") if k in summary}}
+    missing = [o.metric for o in objectives if o.metric not in at_best]
+    if missing:
+        raise MissingMetricError(f"the model did not log {', '.join(map(repr, missing))} in epoch {best.epoch}")
+    return TrialResult(
+        values=[at_best[o.metric] for o in objectives], best_epoch=best.epoch, history=history, summary=summary,
+        state=best.state, sites=built.site_records(), max_norm=built.max_norm_records(),
+    )
+
+
+_OPTIMISATION = ("optimizer", "lr", "momentum", "weight_decay", "l1")
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """What the check before a study found: the model built at the centre of the space (its
+    sites and what the groups make of them) and what one batch of training measured."""
+
+    built: BuiltModel
+    result: TrialResult
+
+    @property
+    def logged(self) -> list[str]:
+        return sorted(k for k in self.result.history[-1] if k != "epoch")
+
+
+def _head(data: TrialData) -> TrialData:
+    """A built-in data set's first examples: all a one-batch check needs."""
+    if not isinstance(data, Splits):
+        return data
+    head = lambda s: Split(s.x[:256], s.y[:256])  # noqa: E731
+    return Splits(head(data.train), head(data.val), head(data.test), data.input_shape, data.num_classes, data.name)
+
+
+def _listing(names: list[str], limit: int = 8) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" (and {len(names) - limit} more)" if len(names) > limit else "")
+
+
+def site_problems(spec: Spec, built: BuiltModel) -> list[tuple[str, str]]:
+    """``(key, problem)`` for each way the spec's groups do not fit the model's sites."""
+    from hpo.models.groups import constrained_layers, matches, unmatched_sites
+
+    d, table = spec.dropout, built.table
+    paths = [s.path for s in table.sites]
+    if not paths:
+        return [("model", f"{spec.model.class_path} has no dropout site: no dropout module, no attention or recurrent "
+                          "dropout, and no dropout call in a training step")]
+    problems = []
+    for name, group in d.groups.items():
+        for pattern in group.match:
+            if not any(matches(pattern, path) for path in paths):
+                problems.append((f"dropout.groups.{name}.match", f"{pattern!r} matches no dropout site (sites: "
+                                 f"{_listing(paths)})"))
+        members = [s for s in built.settings if s.group == name]
+        if group.variant is not None and members and not any(s.site.takes_variant for s in members):
+            problems.append((f"dropout.groups.{name}.variant", "no site of this group is an element-wise dropout "
+                             "module a variant can replace (its sites: " + _listing([s.site.path for s in members])
+                             + "); search its rate only"))
+    if d.unmatched == "refuse":
+        left = unmatched_sites(table, {n: g.match for n, g in d.groups.items()})
+        if left:
+            problems.append(("dropout.unmatched", f"refuse, and these sites match no group: "
+                             f"{_listing([s.path for s in left])}"))
+    layers = [path for path, _ in constrained_layers(built.network, ["**"])]
+    for name, entry in d.max_norm.items():
+        if not constrained_layers(built.network, entry.match):
+            problems.append((f"dropout.max_norm.{name}.match", "matches no Linear or Conv layer (layers: "
+                             f"{_listing(layers)})"))
+    return problems
+
+
+def training_problems(spec: Spec, built: BuiltModel, data: TrialData) -> list[tuple[str, str]]:
+    """Training and objective settings the model's kind cannot use."""
+    problems = []
+    given = spec.training.model_fields_set
+    if built.lightning:
+        problems += [(f"training.{name}", "a LightningModule trains with its own configure_optimizers: set this "
+                      "through its init_args instead") for name in _OPTIMISATION if name in given]
+    else:
+        for i, objective in enumerate(spec.objective):
+            if objective.metric not in METRICS:
+                problems.append((f"objective.{i}.metric" if spec.multi_objective else "objective.metric",
+                                 f"an nn.Module is trained by hpo, which measures {', '.join(METRICS)}; got "
+                                 f"{objective.metric!r} (a LightningModule is judged on what it logs)"))
+    if isinstance(data, UserData) and data.datamodule is not None and "batch_size" in given:
+        problems.append(("training.batch_size", "the LightningDataModule makes its own batches: set its batch size "
+                         "in data.init_args"))
+    return problems
+
+
+def build_checked(config: UserTrialConfig, batch: Any) -> BuiltModel:
+    """:func:`~hpo.models.user_model.build`, with an error of the user's forward on ``batch``
+    as one :class:`~hpo.user_code.UserCodeError` line."""
+    try:
+        return build(config, batch)
+    except UserCodeError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the user's forward
+        raise UserCodeError("model", f"a forward pass on the first batch raised {type(exc).__name__}: "
+                                     f"{first_line(exc)}") from exc
+
+
+def check_user_model(spec: Spec, data: TrialData, accelerator: str = "cpu") -> CheckResult:
+    """Build the user's model at the centre of the space, check the spec against its sites and
+    kind, and train it on one batch (one validation batch too): the errors a study would meet on
+    its first trial, found before anything is stored. Raises
+    :class:`~hpo.user_code.UserCodeError` with the spec key and the cause."""
+    from optuna.trial import FixedTrial
+
+    from hpo.space import centre, searched_parameters, suggest
+
+    params = {name: centre(s) for name, s in searched_parameters(spec).items()}
+    config = suggest(FixedTrial(params), spec, seed=0)
+    pl.seed_everything(0, verbose=False)
+    built = build_checked(config, example_batch(data))
+    for key, problem in site_problems(spec, built) + training_problems(spec, built, data):
+        raise UserCodeError(key, problem)
+    once = replace(config, train=replace(config.train, epochs=1, early_stopping=None))
+    try:
+        result = run_user_trial(once, _head(data), spec.objective, accelerator=accelerator, batches=1)
+    except MissingMetricError as exc:
+        raise UserCodeError("objective", str(exc)) from exc
+    except Exception as exc:  # noqa: BLE001 - the user's training code
+        raise UserCodeError("model", f"training on the first batch raised {type(exc).__name__}: "
+                                     f"{first_line(exc)}") from exc
+    return CheckResult(built, result)

@@ -1,0 +1,222 @@
+"""Live tracking: the driver's :class:`Tracker` mirrors a running study into MLflow from a
+background thread, so a slow or unreachable tracking server never slows or stops a trial. The
+first failed call disables tracking for the rest of the run with one warning;
+:func:`hpo.tracking.sync.sync` back-fills MLflow from the study store later.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from optuna.trial import FrozenTrial
+
+from hpo.errors import describe
+from hpo.running.study import Counts, StudyHandle, best_trials, count_trials, redact
+from hpo.tracking.models import attach_best_model, model_example, trained_network
+from hpo.tracking.runs import (
+    STATE_TAG,
+    Tracking,
+    _log,
+    _objectives,
+    client,
+    ensure_parent_run,
+    epoch_metrics,
+    run_params,
+    run_tags,
+    study_metrics,
+    trial_record,
+    write_trial_run,
+)
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+    from hpo.data import TrialData
+    from hpo.running.executor import Outcome, TrialJob
+
+
+@dataclass
+class _RunState:
+    """What the tracker has sent for one running trial."""
+
+    run_id: str | None = None
+    params: tuple[str, ...] = ()
+    steps: set[int] = field(default_factory=set)
+    pending: list[Any] = field(default_factory=list)
+
+
+class Tracker:
+    """Mirrors a running study into MLflow, from a background thread (a :class:`hpo.running.executor.
+    TrialListener`).
+
+    Calls from the driver only queue work. Epoch metrics are coalesced into one ``log_batch``
+    per trial and flush (about one per ``flush_interval`` seconds), so tracking costs a few calls
+    per trial rather than one per number. The first failed call disables tracking for the rest of
+    the run and calls ``warn`` once; :func:`sync` repairs MLflow afterwards.
+    """
+
+    def __init__(self, handle: StudyHandle, settings: Tracking, data: TrialData | None = None, *,
+                 warn: Callable[[str], None] = print, flush_interval: float = 1.0) -> None:
+        self.handle, self.settings, self.data, self._warn = handle, settings, data, warn
+        self.flush_interval = flush_interval
+        self.objectives = _objectives(handle)
+        self.failed: str | None = None
+        self.experiment_id = self.parent_id = ""
+        self._client: MlflowClient | None = None
+        self._runs: dict[int, _RunState] = {}
+        self._queue: queue.Queue[tuple[str, tuple[Any, ...]] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._work, daemon=True, name="hpo-mlflow")
+        self._closed = False
+
+    # The driver's side: each call returns at once.
+
+    def start(self) -> None:
+        """Start the background thread, which first opens the experiment and the study's parent
+        run; nothing here waits on MLflow."""
+        # Imported here, before any trial: it loads pytorch_lightning, which re-points
+        # Lightning's loggers; each trial then quiets them again (hpo.running.trial.quiet_lightning).
+        import mlflow.pytorch  # noqa: F401
+
+        self._client = client(self.settings)
+        self._put("open")
+        self._thread.start()
+
+    def trial_started(self, job: TrialJob) -> None:
+        self._put("started", job.trial.number, dict(job.trial.params), job.config.seed, time.time())
+
+    def epoch(self, number: int, entry: dict[str, float]) -> None:
+        self._put("epoch", number, dict(entry), time.time())
+
+    def trial_finished(self, job: TrialJob, trial: FrozenTrial, outcome: Outcome, counts: Counts,
+                       best: list[FrozenTrial]) -> None:
+        model = None
+        if (outcome.result is not None and outcome.result.state and self.data is not None
+                and any(t.number == trial.number for t in best)):
+            model = (trained_network(job.config, outcome.result.state, self.data), model_example(self.data))
+        self._put("finished", trial, model, counts, list(best))
+
+    def close(self, stopped: str = "budget") -> None:
+        """Flush what is queued (at most ``flush_timeout`` seconds), end trial runs left open
+        (abandoned) and set the parent run's status: FINISHED when the study ran to its end
+        (``stopped`` is ``budget`` or ``timeout``), KILLED when interrupted, FAILED otherwise.
+        Later calls do nothing."""
+        if self._closed or not self._thread.is_alive():
+            self._closed = True
+            return
+        self._closed = True
+        counts = count_trials(self.handle.study.get_trials(deepcopy=False))
+        self._queue.put(("close", (stopped, counts, best_trials(self.handle.study))))
+        self._queue.put(None)
+        self._thread.join(self.settings.flush_timeout)
+        if self._thread.is_alive() and self.failed is None:
+            self.failed = f"updates still queued after {self.settings.flush_timeout:.0f} s"
+            self._warn(f"MLflow at {redact(self.settings.resolved_uri)} did not take every update within "
+                       f"{self.settings.flush_timeout:.0f} s; run `hpo sync {self.handle.name}` to complete it")
+
+    # The background thread.
+
+    def _put(self, kind: str, *args: Any) -> None:
+        if self.failed is None and not self._closed:
+            self._queue.put((kind, args))
+
+    def _on_open(self) -> None:
+        self.experiment_id, self.parent_id = ensure_parent_run(self._client, self.handle, self.settings)
+
+    def _fail(self, exc: BaseException) -> None:
+        if self.failed is not None:
+            return
+        self.failed = describe(exc)
+        self._warn(
+            f"MLflow tracking at {redact(self.settings.resolved_uri)} failed ({self.failed}); trials go on "
+            f"in the study store. Fill MLflow in later with `hpo sync {self.handle.name}`"
+        )
+
+    def _work(self) -> None:
+        done = False
+        while not done:
+            items = [self._queue.get()]
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    items.append(self._queue.get_nowait())
+            done = items[-1] is None
+            try:
+                for item in items:
+                    if item is not None and self.failed is None:
+                        getattr(self, f"_on_{item[0]}")(*item[1])
+                if self.failed is None:
+                    self._flush()
+            except Exception as exc:
+                self._fail(exc)
+            if not done:
+                time.sleep(self.flush_interval)
+
+    def _run(self, number: int) -> _RunState:
+        return self._runs.setdefault(number, _RunState())
+
+    def _on_started(self, number: int, params: dict[str, Any], seed: int, at: float) -> None:
+        tags = run_tags(number, self.handle.name, self.parent_id, "running")
+        run = self._client.create_run(self.experiment_id, start_time=int(at * 1000), tags=tags)
+        state = self._run(number)
+        state.run_id = run.info.run_id
+        logged = run_params(params, seed)
+        _log(self._client, state.run_id, params=logged)
+        state.params = tuple(logged)
+
+    def _on_epoch(self, number: int, entry: dict[str, float], at: float) -> None:
+        state = self._run(number)
+        step = int(entry.get("epoch", 0))
+        if step not in state.steps:
+            state.steps.add(step)
+            state.pending += epoch_metrics(entry, int(at * 1000))
+
+    def _flush(self) -> None:
+        for state in self._runs.values():
+            if state.pending and state.run_id:
+                pending, state.pending = state.pending, []
+                _log(self._client, state.run_id, metric_list=pending)
+
+    def _on_finished(self, trial: FrozenTrial, model: Any, counts: Counts, best: list[FrozenTrial]) -> None:
+        self._flush()
+        state = self._runs.pop(trial.number, _RunState())
+        record = trial_record(trial, self.handle.name, self.parent_id, self.objectives)
+        if model is not None:
+            record.status = "RUNNING"
+        run_id = write_trial_run(self._client, self.experiment_id, record, state.run_id, state.steps, state.params)
+        if model is not None:
+            attach_best_model(self._client, self.settings.resolved_uri, self.parent_id, run_id, *model, record.end_ms,
+                              self.handle.code_dir)
+        _log(self._client, self.parent_id, step=counts.finished,
+             metrics=study_metrics(counts, best, self.objectives, self.handle.budget))
+
+    def _on_close(self, stopped: str, counts: Counts, best: list[FrozenTrial]) -> None:
+        for state in self._runs.values():
+            if state.run_id:
+                _log(self._client, state.run_id, metric_list=state.pending, tags={STATE_TAG: "abandoned"})
+                self._client.set_terminated(state.run_id, status="KILLED")
+        self._runs.clear()
+        _log(self._client, self.parent_id, step=counts.finished,
+             metrics=study_metrics(counts, best, self.objectives, self.handle.budget))
+        status = {"budget": "FINISHED", "timeout": "FINISHED", "interrupted": "KILLED"}.get(stopped, "FAILED")
+        self._client.set_terminated(self.parent_id, status=status)
+
+
+@contextlib.contextmanager
+def tracked(handle: StudyHandle, settings: Tracking, data: TrialData | None,
+            warn: Callable[[str], None]) -> Iterator[Tracker | None]:
+    """A started :class:`Tracker` for the study (``None`` when tracking is off). The caller
+    closes it with how the run stopped; an exception closes it as failed."""
+    if not settings.enabled:
+        yield None
+        return
+    tracker = Tracker(handle, settings, data, warn=warn)
+    tracker.start()
+    try:
+        yield tracker
+    finally:
+        tracker.close("failed")

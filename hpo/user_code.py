@@ -1,0 +1,103 @@
+"""The user's own classes and callables, named by import path as LightningCLI names them:
+``class_path`` plus ``init_args``, nested wherever an argument is itself an object
+(``config: {class_path: transformers.BertConfig, init_args: {…}}``).
+
+The user's code directory is put on ``sys.path`` first, so ``class_path: my_models.Net`` finds
+``my_models.py`` beside the search space; Ray workers get the same directory shipped with the
+job (:mod:`hpo.running.ray_executor`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import re
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from hpo.errors import HpoError
+
+
+class UserCodeError(HpoError):
+    """The user's class, callable or its arguments cannot be used; ``key`` is the spec key."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        self.key, self.problem = key, problem
+        super().__init__(f"{key}: {problem}")
+
+
+def add_code_dir(code_dir: str | Path | None) -> None:
+    """Make modules in ``code_dir`` importable in this process (first on ``sys.path``)."""
+    if code_dir is None:
+        return
+    folder = str(Path(code_dir).resolve())
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    importlib.invalidate_caches()
+
+
+def locate(class_path: str, key: str = "class_path") -> Any:
+    """The object ``class_path`` names (``package.module.Name``); :class:`UserCodeError` saying
+    which part could not be found, and why."""
+    module_name, _, name = class_path.rpartition(".")
+    if not module_name or not name:
+        raise UserCodeError(key, f"{class_path!r} is not an import path (package.module.Name)")
+    if module_name == "__main__":
+        raise UserCodeError(key, f"{class_path!r} is defined in __main__, which Ray workers and a model loaded "
+                                 "from MLflow cannot import: move it into a module file beside the search space")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        missing = exc.name or module_name
+        raise UserCodeError(key, f"cannot import {module_name!r}: no module named {missing!r} (is the code directory "
+                                 "right? see --code-dir)") from exc
+    except Exception as exc:  # noqa: BLE001 - the user's module raised while importing
+        raise UserCodeError(key, f"importing {module_name!r} raised {type(exc).__name__}: {_first(exc)}") from exc
+    try:
+        return getattr(module, name)
+    except AttributeError:
+        raise UserCodeError(key, f"module {module_name!r} has no {name!r}") from None
+
+
+def is_object(value: Any) -> bool:
+    """Whether a spec value is a nested ``{class_path, init_args}`` object."""
+    return isinstance(value, Mapping) and "class_path" in value and set(value) <= {"class_path", "init_args"}
+
+
+def _parameters(target: Any) -> str:
+    """The argument names ``target`` declares, for an error message."""
+    try:
+        parameters = inspect.signature(target).parameters.values()
+    except (TypeError, ValueError):
+        return "?"
+    return ", ".join(p.name for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)) or "nothing"
+
+
+def instantiate(value: Any, key: str) -> Any:
+    """Build ``value``: nested objects first, then the call itself. ``key`` names ``value`` in
+    errors (``model``, ``model.init_args.config``)."""
+    if isinstance(value, list):
+        return [instantiate(v, f"{key}.{i}") for i, v in enumerate(value)]
+    if not isinstance(value, Mapping):
+        return value
+    if not is_object(value):
+        return {k: instantiate(v, f"{key}.{k}") for k, v in value.items()}
+    target = locate(value["class_path"], f"{key}.class_path")
+    if not callable(target):
+        raise UserCodeError(f"{key}.class_path", f"{value['class_path']!r} is not a class or a function")
+    arguments = {k: instantiate(v, f"{key}.init_args.{k}") for k, v in (value.get("init_args") or {}).items()}
+    try:
+        return target(**arguments)
+    except TypeError as exc:
+        if re.search(r"unexpected keyword argument|missing \d+ required|required (keyword|positional) argument",
+                     str(exc)):
+            raise UserCodeError(f"{key}.init_args", f"{_first(exc)}; it takes: {_parameters(target)}") from exc
+        raise UserCodeError(key, f"{value['class_path']}(…) raised TypeError: {_first(exc)}") from exc
+    except Exception as exc:  # noqa: BLE001 - the user's constructor raised
+        raise UserCodeError(key, f"{value['class_path']}(…) raised {type(exc).__name__}: {_first(exc)}") from exc
+
+
+def _first(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0]
