@@ -565,13 +565,16 @@ def ui(
     tracking_uri: TrackingUri = None,
     host: Annotated[str, typer.Option(help="Interface to bind; anything but loopback exposes the dashboard, which has no login, to the network.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 5000,
+    study: Annotated[str | None, typer.Option(help="Study whose trials the printed address shows \\[default: the latest].", show_default=False)] = None,
+    open_browser: Annotated[bool, typer.Option("--open", help="Open the address in your browser.")] = False,
 ) -> None:
     """Start the MLflow dashboard on the tracking store (the embedded mlflow.db by default) and
-    print its address; Ctrl-C stops it."""
+    print the address of a study's trials, best first; Ctrl-C stops it and every process it
+    started."""
     from hpo.tracking.dashboard import serve
 
-    serve(tracking_uri, host=host, port=port,
-          announce=lambda text: console.print(text, highlight=False, soft_wrap=True),
+    serve(tracking_uri, host=host, port=port, study=study, open_browser=open_browser,
+          announce=lambda text: console.print(text, markup=False, highlight=False, soft_wrap=True),
           warn=_warn)
 
 
@@ -719,6 +722,10 @@ def _report_run(handle: StudyHandle, summary: RunSummary) -> None:
         _print_trial(best, [o.metric for o in handle.spec.objective])
         if not handle.spec.multi_objective:
             _compare_with_baseline(handle, best)
+    if summary.stopped in ("budget", "timeout") and best is not None:
+        storage = "" if handle.storage == storage_url(None) else f" --storage {redact(handle.storage)}"
+        console.print(f"next: `hpo ui` shows the trials in MLflow; `hpo report {handle.name}{storage}` writes the "
+                      "dropout tables and plots", markup=False, highlight=False, soft_wrap=True)
     if _EXIT_CODES[summary.stopped]:
         raise typer.Exit(_EXIT_CODES[summary.stopped])
 

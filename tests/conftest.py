@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import time
 import uuid
@@ -120,6 +122,33 @@ def storage_url(request, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'studies.db'}"
     return request.getfixturevalue("postgres_server_url")
+
+
+def processes_with(fragment: str) -> list[int]:
+    """Pids of live processes whose command line contains ``fragment`` (from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                continue
+            if fragment in cmdline and state != "Z":
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_servers_left_behind(tmp_path_factory):
+    """Kill, at the end of the session, any process still serving a store under this session's
+    temporary folder (an `mlflow server` a failed test did not stop), so a test run never leaks
+    servers, even when it fails."""
+    yield
+    base = str(tmp_path_factory.getbasetemp())
+    for pid in processes_with(base):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(os.getpgid(pid), signal.SIGKILL)
 
 
 def free_port() -> int:

@@ -1,14 +1,20 @@
 """The dashboard as a user sees it: `hpo ui` on a real study's MLflow store, loaded in headless
 Chromium. Needs Debian's chromium package (`.ci/run` installs it; elsewhere
-`apt-get install chromium`); skips without it."""
+`apt-get install chromium`); skips without it.
+
+With ``HPO_SCREENSHOTS=DIR`` set, the test also saves what Chromium rendered as
+``DIR/dashboard.png`` (the README's picture: ``HPO_SCREENSHOTS=docs/images pytest
+tests/test_dashboard_browser.py``)."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -16,7 +22,7 @@ from hpo import api
 from hpo.api import Execution
 from hpo.tracking import Tracking
 
-from .conftest import free_port
+from .conftest import free_port, processes_with
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
@@ -24,19 +30,23 @@ pytestmark = [
     pytest.mark.browser,
     pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (apt-get install chromium)"),
 ]
+_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
+          "--disable-component-update", "--no-first-run", "--virtual-time-budget=20000"]
 
 
 def _render(url: str) -> str:
-    """The page's DOM after its scripts ran (up to 20 s of virtual time)."""
-    out = subprocess.run(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-         "--virtual-time-budget=20000", "--dump-dom", url],
-        capture_output=True, text=True, timeout=120,
-    )
-    return out.stdout
+    """The page's text after its scripts ran (up to 20 s of virtual time)."""
+    out = subprocess.run([CHROMIUM, *_FLAGS, "--dump-dom", url], capture_output=True, text=True, timeout=120)
+    text = re.sub(r"<style.*?</style>", " ", out.stdout, flags=re.S)
+    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", text))
 
 
-def test_the_dashboard_lists_the_study_and_its_runs(write_spec, tmp_path, sqlite_url):
+def _screenshot(url: str, path: Path) -> None:
+    subprocess.run([CHROMIUM, *_FLAGS, "--window-size=1400,800", f"--screenshot={path}", url],
+                   capture_output=True, timeout=120, check=True)
+
+
+def test_the_printed_address_opens_on_the_trials_best_first(write_spec, tmp_path, sqlite_url):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     api.submit(write_spec(), trials=3, study_name="in-the-browser", storage=sqlite_url,
                execution=Execution(accelerator="cpu"), tracking=Tracking(uri=uri))
@@ -44,13 +54,21 @@ def test_the_dashboard_lists_the_study_and_its_runs(write_spec, tmp_path, sqlite
     ui = subprocess.Popen([sys.executable, "-m", "hpo", "ui", "--port", str(port), "--tracking-uri", uri],
                           stdout=subprocess.PIPE, text=True, cwd=tmp_path)
     try:
-        address = re.search(r"http://127\.0\.0\.1:\d+", ui.stdout.readline()).group(0)
-        home = _render(address)
+        address = re.search(r"http://127\.0\.0\.1:\d+\S*", ui.stdout.readline()).group(0)
+        assert "/#/experiments/" in address, "the address is the study's, not the home page"
+        page = _render(address)
+        assert "Sort: objective.val/acc" in page, "sorted by the objective"
+        assert sorted(re.findall(r"trial-\d{3}", page)) == ["trial-000", "trial-001", "trial-002"], \
+            "the three trials, not folded under the study's run"
+        assert "No data available" not in page
+        home = _render(f"http://127.0.0.1:{port}")
         assert "in-the-browser" in home, "the experiment list shows the study"
-        runs = _render(f"{address}/#/experiments/1/runs")
-        assert "in-the-browser" in runs
-        matching = re.search(r"<strong>(\d+)</strong> matching runs", runs)
-        assert matching and int(matching.group(1)) == 4, "the parent run and three trial runs"
+        shots = os.environ.get("HPO_SCREENSHOTS")
+        target = Path(shots) / "dashboard.png" if shots else tmp_path / "dashboard.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _screenshot(address, target)
+        assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     finally:
         ui.send_signal(signal.SIGINT)
         ui.wait(30)
+    assert processes_with(f"--port {port}") == [], "hpo ui stopped every process it started"

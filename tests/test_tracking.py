@@ -40,7 +40,7 @@ from hpo.tracking import (
 from hpo.tracking.dashboard import healthy, server_command
 from hpo.tracking.sync import child_runs
 
-from .conftest import TINY_SPEC, free_port
+from .conftest import TINY_SPEC, free_port, processes_with
 
 CPU = Execution(accelerator="cpu")
 
@@ -395,7 +395,8 @@ def test_the_tracker_thread_never_blocks_the_driver(write_spec, sqlite_url):
     assert tracker.failed is not None and len(warnings) == 1
 
 
-def test_hpo_ui_serves_the_embedded_store(write_spec, tmp_path, sqlite_url):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_hpo_ui_serves_the_embedded_store_and_stops_every_process_it_started(write_spec, tmp_path, sqlite_url, stop):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     api.submit(write_spec(), trials=1, study_name="shown", storage=sqlite_url, execution=CPU, tracking=Tracking(uri=uri))
     port = free_port()
@@ -408,10 +409,13 @@ def test_hpo_ui_serves_the_embedded_store(write_spec, tmp_path, sqlite_url):
         busy = subprocess.run([sys.executable, "-m", "hpo", "ui", "--port", str(port), "--tracking-uri", uri],
                               capture_output=True, text=True)
         assert busy.returncode == 2 and f"port {port}" in busy.stderr and len(busy.stderr.strip().splitlines()) == 1
+        started = [pid for pid in processes_with(f"--port {port}") if pid != ui.pid]
+        assert len(started) == 2, "mlflow server and uvicorn only: no GenAI job runner"
     finally:
-        ui.send_signal(signal.SIGINT)
-        assert ui.wait(30) == 0
+        ui.send_signal(stop)
+        assert ui.wait(15) == 0
     assert not healthy(f"http://127.0.0.1:{port}")
+    assert processes_with(f"--port {port}") == []
 
 
 def test_hpo_ui_without_a_store_is_a_one_line_error(tmp_path):
