@@ -104,6 +104,25 @@ def test_mc_dropout_and_retraining_work_on_the_example_model(example_study):
     assert "re-trained on 1437 examples" in retrained.stdout and "test_acc" in retrained.stdout
 
 
+@pytest.mark.slow
+def test_a_user_model_study_reports_syncs_and_resumes(example_study):
+    env = {"cwd": example_study}
+    report = _hpo("report", "digits-lightning", "--no-tracking", **env)
+    assert report.returncode == 0, report.stderr[-2000:]
+    text = (example_study / "reports" / "digits-lightning" / "report.md").read_text()
+    assert "## Group hidden: dropout rate vs val_acc" in text and "| rate | trials | mean val_acc |" in text
+    assert (example_study / "reports" / "digits-lightning" / "rate_hidden.png").exists()
+    other = f"sqlite:///{example_study / 'other-mlflow.db'}"
+    synced = _hpo("sync", "digits-lightning", "--tracking-uri", other, **env)
+    assert synced.returncode == 0, synced.stderr[-2000:]
+    assert "runs created" in synced.stdout and "trained it again and logged it" in synced.stdout
+    assert "not the same" not in synced.stdout, "a user model's trial trains the same again from its seed"
+    resumed = _hpo("resume", "digits-lightning", "--trials", "4", "--no-tracking", **env)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    study = optuna.load_study(study_name="digits-lightning", storage=f"sqlite:///{example_study / 'hpo.db'}")
+    assert len(study.trials) == 4 and SITES in study.trials[3].user_attrs
+
+
 def test_mc_dropout_samples_a_transformer_encoder_in_eval_mode_despite_its_fast_path():
     sys.path.insert(0, str(USER_CODE))
     from third_party import SequenceTransformer

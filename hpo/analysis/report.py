@@ -21,7 +21,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from hpo.running.study import StudyHandle, best_trial, count_trials
+from hpo.running.study import SITES, StudyHandle, best_trial, count_trials
 
 PLACEMENTS = ("input", "hidden", "conv", "recurrent")
 #: Rate bins of the rate tables: [0, 0.1), [0.1, 0.2), … [0.9, 1.0].
@@ -63,6 +63,10 @@ def rate(trial: FrozenTrial, placement: str) -> float:
 
 
 def uses_dropout(trial: FrozenTrial) -> bool:
+    """Whether any dropout site of the trial dropped: a placement rate above 0, or, for a user
+    model, a site of its resolved site table."""
+    if SITES in trial.user_attrs:
+        return any(site["rate"] > 0 for site in trial.user_attrs[SITES])
     return any(rate(trial, p) > 0 for p in PLACEMENTS)
 
 
@@ -207,11 +211,129 @@ def build(handle: StudyHandle) -> Report:
     return report
 
 
+# --- A user model's study ---------------------------------------------------------------------
+
+
+def group_rate(trial: FrozenTrial, group: str) -> float:
+    """The rate a user model's trial gave a group of sites."""
+    return next(g["rate"] for g in trial.user_attrs["config"]["groups"] if g["name"] == group)
+
+
+def varied_groups(trials: list[FrozenTrial]) -> list[str]:
+    names = [g["name"] for g in trials[0].user_attrs["config"]["groups"]] if trials else []
+    return [n for n in names if len({round(group_rate(t, n), 6) for t in trials}) > 1]
+
+
+def _measured(trials: list[FrozenTrial]) -> list[str]:
+    """The eval-mode metrics every trial stored (a plain network has them all; a LightningModule
+    what its test_step logged)."""
+    keys = [k for k in ("test_acc", "gap") if all(k in t.user_attrs for t in trials)]
+    return keys + sorted({k for t in trials for k in t.user_attrs if k.startswith("test") and k != "test_acc"
+                          and all(k in u.user_attrs for u in trials)})
+
+
+def _user_group_rows(trials: list[FrozenTrial], key: Callable[[FrozenTrial], Any], extra: list[str],
+                     best: Callable[[Iterable[float]], float] = max) -> list[list[Any]]:
+    """Per group: trials, mean and best first objective (``best`` is ``max`` or ``min``), and
+    the mean of each ``extra`` metric."""
+    groups: dict[Any, list[FrozenTrial]] = defaultdict(list)
+    for trial in trials:
+        groups[key(trial)].append(trial)
+    return [[name, len(ts), _mean(t.values[0] for t in ts), best(t.values[0] for t in ts),
+             *[_mean(t.user_attrs[k] for t in ts) for k in extra]]
+            for name, ts in sorted(groups.items(), key=lambda kv: str(kv[0]))]
+
+
+def build_user(handle: StudyHandle) -> Report:
+    """The tables a study of the user's own model supports: the best trial, each group's rate
+    (binned by 0.1) against the first objective, with and without dropout, each group's variant,
+    each max-norm entry, and parameter importance. Accuracy columns appear where every trial
+    measured them."""
+    objective = handle.spec.objective[0]
+    trials = [t for t in complete_trials(handle.study) if "groups" in t.user_attrs["config"]]
+    report = Report(handle.name, objective.metric)
+    counts = count_trials(handle.study.get_trials(deepcopy=False))
+    report.tables.append(Table("trials", "Trials", ["complete", "pruned", "failed", "abandoned"],
+                               [[counts.complete, counts.pruned, counts.failed, counts.abandoned]]))
+    if not trials:
+        return report
+    best = best_trial(handle.study)
+    rows: list[list[Any]] = [["trial", best.number]]
+    rows += [[o.metric, v] for o, v in zip(handle.spec.objective, best.values, strict=True)]
+    rows += [[k, best.user_attrs[k]] for k in (*_measured([best]), "epochs", "epoch_time") if k in best.user_attrs]
+    rows += [[name, value] for name, value in best.params.items()]
+    report.tables.append(Table("best", "Best configuration", ["", "value"], rows,
+                               "Test metrics are on the held-out test data, never used to choose."))
+    extra = _measured(trials)
+    best_of = max if objective.direction == "maximize" else min
+    columns = ["trials", f"mean {objective.metric}", f"best {objective.metric}", *[f"mean {k}" for k in extra]]
+    for group in varied_groups(trials):
+        bins: dict[float, list[FrozenTrial]] = defaultdict(list)
+        for trial in trials:
+            bins[rate_bin(group_rate(trial, group))].append(trial)
+        rows = [[f"{low:.1f}-{low + BIN_WIDTH:.1f}", *_user_group_rows(ts, lambda t: 0, extra, best_of)[0][1:],
+                 1000 * _mean(t.user_attrs["epoch_time"] for t in ts), _mean(t.user_attrs["best_epoch"] + 1 for t in ts)]
+                for low, ts in sorted(bins.items())]
+        report.tables.append(Table(f"rate_{group}", f"Group {group}: dropout rate vs {objective.metric}",
+                                   ["rate", *columns, "ms / epoch", "epochs to best"], rows,
+                                   "Rates binned by 0.1; epochs to best is the epoch whose weights were kept (1-based)."))
+    tables = [
+        ("dropout", "With and without dropout", lambda t: "with dropout" if uses_dropout(t) else "without dropout", ""),
+        *[(f"variant_{g['name']}", f"Group {g['name']}: variant", lambda t, n=g["name"]: next(
+            x["variant"] for x in t.user_attrs["config"]["groups"] if x["name"] == n), "variant")
+          for g in trials[0].user_attrs["config"]["groups"]],
+        *[(f"max_norm_{m['name']}", f"Max-norm {m['name']}: radius", lambda t, n=m["name"]: next(
+            x["radius"] for x in t.user_attrs["config"]["max_norm"] if x["name"] == n) or "off", "radius")
+          for m in trials[0].user_attrs["config"]["max_norm"]],
+    ]
+    for key, title, by, label in tables:
+        rows = _user_group_rows(trials, by, extra, best_of)
+        if len(rows) > 1:
+            report.tables.append(Table(key, title, [label, *columns], rows))
+    importance = importance_table(handle.study)
+    if importance is not None:
+        report.tables.append(importance)
+    return report
+
+
+def plot_user(report: Report, handle: StudyHandle, out: Path) -> None:
+    """A user model's figures: the first objective against each varied group rate, the
+    optimisation history and the parameter importances."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    trials = [t for t in complete_trials(handle.study) if "groups" in t.user_attrs["config"]]
+    for group in varied_groups(trials):
+        fig, ax = plt.subplots(figsize=(5, 4))
+        ax.scatter([group_rate(t, group) for t in trials], [t.values[0] for t in trials], alpha=0.7)
+        ax.set(xlabel=f"group {group}: dropout rate", ylabel=report.objective, title=f"{report.objective} vs rate")
+        fig.tight_layout()
+        report.figures[f"rate_{group}"] = _save(fig, out / f"rate_{group}.png")
+    target = (lambda t: t.values[0]) if handle.spec.multi_objective else None
+    if trials:
+        ax = optuna.visualization.matplotlib.plot_optimization_history(
+            handle.study, target=target, target_name=report.objective)
+        report.figures["history"] = _save(ax.figure, out / "history.png")
+    if report.table("importance") is not None:
+        ax = optuna.visualization.matplotlib.plot_param_importances(
+            handle.study, target=target, target_name=report.objective)
+        report.figures["importance"] = _save(ax.figure, out / "importance.png")
+
+
 # --- Across studies ------------------------------------------------------------------------------
 
 
 def dropout_summary(trial: FrozenTrial) -> str:
-    """The trial's dropout in words: variant, the rate at each placement that uses one, max-norm."""
+    """The trial's dropout in words: variant, the rate at each placement that uses one, max-norm
+    (for a user model: each group's rate and variant, each max-norm radius)."""
+    if "groups" in trial.user_attrs["config"]:
+        config = trial.user_attrs["config"]
+        groups = [f"{g['name']} {g['rate']:.2f}" + (f" {g['variant']}" if g.get("variant") else "")
+                  for g in config["groups"]]
+        norms = [f"max-norm {m['name']} {m['radius']:g}" for m in config["max_norm"] if m["radius"] is not None]
+        return "; ".join([", ".join(groups) or "no groups", *norms])
     config = trial.user_attrs["config"]["dropout"]
     rates = [f"{p} {rate(trial, p):.2f}" for p in PLACEMENTS if rate(trial, p) > 0]
     text = f"{config['variant']}: {', '.join(rates)}" if rates else "none"
@@ -219,7 +341,15 @@ def dropout_summary(trial: FrozenTrial) -> str:
 
 
 def _best_test(trials: list[FrozenTrial]) -> float:
-    return max((t.user_attrs["test_acc"] for t in trials), default=math.nan)
+    return max((t.user_attrs["test_acc"] for t in trials if "test_acc" in t.user_attrs), default=math.nan)
+
+
+def _data_name(spec: Any) -> str:
+    return getattr(spec.data, "dataset", None) or spec.data.class_path
+
+
+def _model_name(spec: Any) -> str:
+    return getattr(spec.model, "arch", None) or spec.model.class_path.rsplit(".", 1)[-1]
 
 
 def comparison_table(handles: list[StudyHandle]) -> Table:
@@ -233,8 +363,8 @@ def comparison_table(handles: list[StudyHandle]) -> Table:
         with_dropout = _best_test([t for t in trials if uses_dropout(t)])
         without = _best_test([t for t in trials if not uses_dropout(t)])
         spec = handle.spec
-        row: list[Any] = [handle.name, spec.data.dataset, spec.model.arch, len(trials)]
-        if best is None or "config" not in best.user_attrs:
+        row: list[Any] = [handle.name, _data_name(spec), _model_name(spec), len(trials)]
+        if best is None or "config" not in best.user_attrs or "test_acc" not in best.user_attrs:
             row += [math.nan] * 5 + ["-"]
         else:
             a = best.user_attrs
@@ -245,7 +375,7 @@ def comparison_table(handles: list[StudyHandle]) -> Table:
     objective = objectives.pop() if len(objectives) == 1 else "objective"
     notes = ["The best trial is each study's own (its first objective); test accuracy is on the held-out "
              "test split, never used to choose. Dropout gain: best test accuracy with dropout minus without."]
-    datasets = {h.spec.data.dataset for h in handles}
+    datasets = {_data_name(h.spec) for h in handles}
     if len(datasets) > 1:
         notes.append(f"The studies use different data sets ({', '.join(sorted(datasets))}): their accuracies "
                      "are not comparable.")
@@ -356,6 +486,12 @@ _FIGURE_AFTER = {"compare": "compare", "rate_input": "rate_input", "rate_hidden"
                  "rate_recurrent": "rate_recurrent", "gap": "gap", "importance": "importance", "best": "history"}
 
 
+def _figure(report: Report, key: str) -> Path | None:
+    """The figure shown after table ``key``: its own (a rate table's scatter), or the history
+    after the best configuration."""
+    return report.figures.get(_FIGURE_AFTER.get(key, key if key.startswith("rate_") else ""))
+
+
 def to_markdown(report: Report, command: str = "") -> str:
     lines = [f"# {report.heading}: {report.study}", ""]
     if command:
@@ -366,7 +502,7 @@ def to_markdown(report: Report, command: str = "") -> str:
         lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in table.rows]
         if table.note:
             lines += ["", table.note]
-        figure = report.figures.get(_FIGURE_AFTER.get(table.key, ""))
+        figure = _figure(report, table.key)
         if figure is not None:
             lines += ["", f"![{figure.stem}]({figure.name})"]
         lines.append("")
@@ -387,7 +523,7 @@ def to_html(report: Report, command: str = "") -> str:
         parts.append("</table>")
         if table.note:
             parts.append(f"<p>{html.escape(table.note)}</p>")
-        figure = report.figures.get(_FIGURE_AFTER.get(table.key, ""))
+        figure = _figure(report, table.key)
         if figure is not None:
             parts.append(f"<img src='{html.escape(figure.name)}' alt='{html.escape(figure.stem)}'>")
     parts.append("</body></html>")
@@ -397,8 +533,12 @@ def to_html(report: Report, command: str = "") -> str:
 def write(handle: StudyHandle, out: Path, fmt: str = "md", command: str = "") -> tuple[Report, Path]:
     """Build the report, write its figures and ``report.md`` (or ``report.html``) into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    report = build(handle)
-    plot(report, handle, out)
+    if handle.spec.user_model:
+        report = build_user(handle)
+        plot_user(report, handle, out)
+    else:
+        report = build(handle)
+        plot(report, handle, out)
     path = out / f"report.{fmt}"
     path.write_text(to_markdown(report, command) if fmt == "md" else to_html(report, command))
     return report, path

@@ -71,9 +71,12 @@ class UserData:
 
     def example_batch(self) -> Any:
         """The first :data:`EXAMPLE_SIZE` training examples as one batch (the probe's and the
-        check's input, and the logged model's input example)."""
+        check's input, and the logged model's input example). Drawing it leaves torch's global
+        random generator as it was (a shuffling loader draws from it), so whether a trial is the
+        first to ask does not change what it computes."""
         if self._example is None:
-            self._example = _first_examples(self)
+            with torch.random.fork_rng(devices=[]):
+                self._example = _first_examples(self)
         return self._example
 
     def for_retraining(self) -> UserData:
