@@ -41,7 +41,9 @@ class Execution:
             Ray tasks; ``auto`` picks Ray when there is more than one worker, a GPU per trial or
             a Ray address, and ``local`` otherwise.
         workers: Trials running at once (Ray only).
-        cpus_per_trial: CPUs each Ray trial task reserves (and its torch threads).
+        cpus_per_trial: CPUs each Ray trial task reserves (and its torch threads; default 1), and
+            the torch threads of in-process trials (default: by the model's size,
+            :mod:`hpo.running.threads`).
         gpus_per_trial: GPUs each Ray trial task reserves; fractions share a GPU (0.25: four
             trials per GPU), whole numbers above 1 are allowed. ``"auto"`` measures one trial
             (or group) alone on a GPU and packs as many per GPU as its memory footprint, GPU
@@ -63,7 +65,7 @@ class Execution:
 
     executor: Literal["auto", "local", "ray"] = "auto"
     workers: int = 1
-    cpus_per_trial: float = 1.0
+    cpus_per_trial: float | None = None
     gpus_per_trial: float | Literal["auto"] = 0.0
     max_retries: int = 1
     ray_address: str | None = None
@@ -75,7 +77,7 @@ class Execution:
     def __post_init__(self) -> None:
         if self.workers < 1:
             raise HpoError(f"workers must be >= 1, got {self.workers}")
-        if self.cpus_per_trial <= 0:
+        if self.cpus_per_trial is not None and self.cpus_per_trial <= 0:
             raise HpoError(f"cpus-per-trial must be > 0, got {self.cpus_per_trial}")
         gpus = self.gpus_per_trial
         if gpus != "auto" and (not isinstance(gpus, (int, float)) or gpus < 0 or (gpus > 1 and gpus != int(gpus))):
@@ -108,7 +110,13 @@ def _backend(spec: Spec, seed: int, data: TrialData, execution: Execution,
     A user model's ``code_dir`` is shipped to Ray workers."""
     prune = not spec.multi_objective and spec.active_pruner.name != "none"
     if not execution.uses_ray:
-        yield LocalBackend(data, spec.objective, prune, execution.accelerator, execution.loading, execution.precision)
+        from hpo.running.threads import thread_choice, torch_threads
+
+        choice = thread_choice(spec, data, execution.cpus_per_trial, execution.group_size)
+        on_note(choice.describe())
+        with torch_threads(choice.threads):
+            yield LocalBackend(data, spec.objective, prune, execution.accelerator, execution.loading,
+                               execution.precision)
         return
     import ray
 
@@ -128,12 +136,12 @@ def _backend(spec: Spec, seed: int, data: TrialData, execution: Execution,
             check_workers_import(spec.model.class_path)
         gpus = execution.gpus_per_trial
         if gpus == "auto":
-            gpus, note = auto_gpus_per_trial(spec, seed, data, execution.group_size, execution.cpus_per_trial,
+            gpus, note = auto_gpus_per_trial(spec, seed, data, execution.group_size, execution.cpus_per_trial or 1.0,
                                              execution.precision)
             on_note(note)
         yield RayBackend(
             data, spec.objective, prune=prune, workers=execution.workers,
-            cpus_per_trial=execution.cpus_per_trial, gpus_per_trial=gpus, loading=execution.loading,
+            cpus_per_trial=execution.cpus_per_trial or 1.0, gpus_per_trial=gpus, loading=execution.loading,
             precision=execution.precision,
         )
     finally:

@@ -86,7 +86,7 @@ class ExportFormat(str, Enum):
 
 ExecutorOption = Annotated[Executor, typer.Option("--executor", help="local: one trial at a time in this process; ray: Ray tasks; auto: Ray when --workers > 1, --gpus-per-trial or a Ray address is given.")]
 Workers = Annotated[int, typer.Option(min=1, help="Trials running at once (Ray).")]
-CpusPerTrial = Annotated[float, typer.Option(min=0.01, help="CPUs each Ray trial reserves.")]
+CpusPerTrial = Annotated[float | None, typer.Option(min=0.01, show_default=False, help="CPUs each Ray trial reserves \\[default: 1]; torch threads of in-process trials \\[default: one per 200 MFLOP of a training step, at most the cores].")]
 GpusPerTrial = Annotated[str, typer.Option(help="GPUs each Ray trial reserves; 0.25 packs four trials per GPU; auto measures one trial on a GPU and packs as many as fit.")]
 GroupSize = Annotated[int, typer.Option(min=1, help="Trials trained together as one vectorised model (MLP spaces; 32-128 fill a GPU).")]
 MaxRetries = Annotated[int, typer.Option(min=0, help="Times a configuration whose worker died is queued again.")]
@@ -103,7 +103,7 @@ CodeDir = Annotated[Path | None, typer.Option(help="Folder of your model's and d
 _RUN_OPTIONS = [
     ("executor", ExecutorOption, Executor.auto),
     ("workers", Workers, 1),
-    ("cpus_per_trial", CpusPerTrial, 1.0),
+    ("cpus_per_trial", CpusPerTrial, None),
     ("gpus_per_trial", GpusPerTrial, "0"),
     ("group_size", GroupSize, 1),
     ("max_retries", MaxRetries, 1),

@@ -143,12 +143,19 @@ def processes_with(fragment: str) -> list[int]:
 def no_servers_left_behind(tmp_path_factory):
     """Kill, at the end of the session, any process still serving a store under this session's
     temporary folder (an `mlflow server` a failed test did not stop), so a test run never leaks
-    servers, even when it fails."""
+    servers, even when it fails. A server started in a session of its own goes with its whole
+    process group; anything in this process's own group goes alone (killing the group would kill
+    pytest and whatever started it)."""
     yield
     base = str(tmp_path_factory.getbasetemp())
+    own = os.getpgrp()
     for pid in processes_with(base):
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(os.getpgid(pid), signal.SIGKILL)
+            group = os.getpgid(pid)
+            if group != own and group == pid:
+                os.killpg(group, signal.SIGKILL)
+            else:
+                os.kill(pid, signal.SIGKILL)
 
 
 def free_port() -> int:

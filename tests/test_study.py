@@ -244,3 +244,29 @@ def test_an_interrupt_during_ask_or_tell_waits_for_the_block_to_end():
             finished = True
     assert finished
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_in_process_trials_get_one_thread_per_200_mflop_of_a_step_and_the_count_is_restored(write_spec, sqlite_url):
+    """Small models train on one thread (a second one only adds synchronisation, and collapses
+    when another process wants the CPU); --cpus-per-trial overrides; torch's own count is back
+    afterwards."""
+    import torch
+
+    from hpo import api
+    from hpo.data import DataSpec, load_data
+    from hpo.running.threads import choose_threads, thread_choice
+    from hpo.spec import parse_spec
+
+    assert [choose_threads(f, c) for f, c in ((1e6, 2), (5e8, 2), (5e8, 16), (1e10, 16))] == [1, 2, 2, 16]
+    spec = parse_spec(TINY_SPEC)
+    digits = load_data(DataSpec())
+    small = thread_choice(spec, digits, None)
+    assert small.threads == 1 and 0 < small.flops < 2e8
+    assert thread_choice(spec, digits, None).flops == small.flops, "the count is deterministic"
+    assert thread_choice(spec, digits, 3.0).threads == 3
+    notes: list[str] = []
+    before = torch.get_num_threads()
+    api.submit(write_spec(), trials=1, storage=sqlite_url, execution=api.Execution(accelerator="cpu"),
+               on_note=notes.append)
+    assert any(n.startswith("in-process trials train with 1 torch thread") for n in notes)
+    assert torch.get_num_threads() == before

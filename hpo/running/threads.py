@@ -1,0 +1,146 @@
+"""How many torch threads in-process trials train with.
+
+torch's default, one thread per core, suits large models on an idle machine. The networks a
+dropout study trains are mostly small: their steps are too short to split, each extra thread
+adds synchronisation, and when anything else wants the CPU (another study, the tracker thread, a
+browser) torch's spinning threads collapse (issue 17 measured a digits epoch going from 0.05 s to
+1.6 s). So the executor counts the FLOP of one training step of the study's model (torch's
+``FlopCounterMode``: deterministic, so a seeded study always gets the same count and computes the
+same numbers) and gives it one thread per :data:`MIN_FLOPS_PER_THREAD`, at least one and at most
+the usable cores. ``--cpus-per-trial`` overrides the rule. ``bench/threads.py`` measures where a
+second thread starts to pay on a given machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+#: FLOP per training step each thread must have before another one is added. Measured with
+#: ``bench/threads.py`` on the 2-core x86-64 VM (docs/performance.md): below about this size,
+#: one thread was as fast as two or faster.
+MIN_FLOPS_PER_THREAD = 2.0e8
+
+
+def usable_cores() -> int:
+    """CPUs this process may run on (its affinity, which containers and taskset narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def step_flops(model: nn.Module, loss_of: Callable[[nn.Module], torch.Tensor]) -> float:
+    """FLOP of one training step's forward and backward pass (``loss_of(model)`` gives the
+    loss). Gradients are cleared afterwards and the global random generator is left as it was."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.random.fork_rng(devices=[]), FlopCounterMode(display=False) as counter:
+        loss_of(model).backward()
+    model.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
+
+
+def choose_threads(flops: float, cores: int) -> int:
+    """One thread per :data:`MIN_FLOPS_PER_THREAD` of a step, between 1 and ``cores``."""
+    return max(1, min(cores, int(flops // MIN_FLOPS_PER_THREAD)))
+
+
+@dataclass(frozen=True)
+class ThreadChoice:
+    """The thread count of in-process trials and why."""
+
+    threads: int
+    flops: float | None = None
+    cores: int = 1
+
+    def describe(self) -> str:
+        if self.flops is None:
+            return f"in-process trials train with {self.threads} torch thread{'s' * (self.threads > 1)} (--cpus-per-trial)"
+        return (f"in-process trials train with {self.threads} torch thread{'s' * (self.threads > 1)} of {self.cores} "
+                f"cores ({self.flops / 1e6:,.0f} MFLOP per training step; one thread per "
+                f"{MIN_FLOPS_PER_THREAD / 1e6:,.0f} MFLOP; --cpus-per-trial to choose)")
+
+
+def centre_step_flops(spec: Any, data: Any, group_size: int = 1) -> float:
+    """FLOP of one training step of the study's model at the centre of its space, on a batch of
+    the spec's batch size (a vectorised group of ``group_size`` members does that many)."""
+    from optuna.trial import FixedTrial
+    from torch.nn import functional as F
+
+    from hpo.data import Splits
+    from hpo.models.module import logits_of, split_batch
+    from hpo.space import TrialConfig, centre, searched_parameters, suggest
+
+    config = suggest(FixedTrial({n: centre(s) for n, s in searched_parameters(spec).items()}), spec, seed=0)
+    batch_size = config.train.batch_size
+    with torch.random.fork_rng(devices=[]):
+        if isinstance(config, TrialConfig):
+            from hpo.models.nets import build_net
+
+            model = build_net(config.net, config.dropout, data.input_shape, data.num_classes)
+            x, y = data.train.x[:batch_size], data.train.y[:batch_size]
+            return group_size * step_flops(model, lambda m: F.cross_entropy(logits_of(m(x)), y))
+        from hpo.models.user_model import build
+        from hpo.running.user_trial import example_batch
+
+        batch = example_batch(data)
+        built = build(config, batch)
+        if built.lightning:
+            loss_of = lambda m: _as_loss(m.training_step(batch, 0))  # noqa: E731
+        else:
+            args, kwargs, y = split_batch(batch)
+            loss_of = lambda m: F.cross_entropy(logits_of(m(*args, **kwargs)), y)  # noqa: E731
+        if not isinstance(data, Splits) and data.datamodule is not None:
+            batch_size = getattr(data.split_loader("train"), "batch_size", None) or batch_size
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # self.log outside a trainer
+            flops = step_flops(built.network, loss_of)
+        return group_size * flops * batch_size / max(_examples_in(batch), 1)
+
+
+def _as_loss(output: Any) -> torch.Tensor:
+    if isinstance(output, dict):
+        return output["loss"]
+    return output
+
+
+def _examples_in(batch: Any) -> int:
+    if isinstance(batch, torch.Tensor):
+        return len(batch)
+    if isinstance(batch, dict):
+        return next((len(v) for v in batch.values() if isinstance(v, torch.Tensor)), 0)
+    if isinstance(batch, (tuple, list)):
+        return next((_examples_in(v) for v in batch if _examples_in(v)), 0)
+    return 0
+
+
+def thread_choice(spec: Any, data: Any, cpus_per_trial: float | None, group_size: int = 1) -> ThreadChoice:
+    """In-process trials' thread count: ``cpus_per_trial`` when given, else the FLOP rule."""
+    cores = usable_cores()
+    if cpus_per_trial is not None:
+        return ThreadChoice(max(1, int(cpus_per_trial)), cores=cores)
+    try:
+        flops = centre_step_flops(spec, data, group_size)
+    except Exception:  # noqa: BLE001 - a model the counter cannot follow keeps torch's default
+        return ThreadChoice(torch.get_num_threads(), cores=cores)
+    return ThreadChoice(choose_threads(flops, cores), flops, cores)
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """torch's intra-op thread count while the block runs, restored after (the driver's process
+    outlives a study when it is a notebook)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
