@@ -311,15 +311,7 @@ def plot_user(report: Report, handle: StudyHandle, out: Path) -> None:
         ax.set(xlabel=f"group {group}: dropout rate", ylabel=report.objective, title=f"{report.objective} vs rate")
         fig.tight_layout()
         report.figures[f"rate_{group}"] = _save(fig, out / f"rate_{group}.png")
-    target = (lambda t: t.values[0]) if handle.spec.multi_objective else None
-    if trials:
-        ax = optuna.visualization.matplotlib.plot_optimization_history(
-            handle.study, target=target, target_name=report.objective)
-        report.figures["history"] = _save(ax.figure, out / "history.png")
-    if report.table("importance") is not None:
-        ax = optuna.visualization.matplotlib.plot_param_importances(
-            handle.study, target=target, target_name=report.objective)
-        report.figures["importance"] = _save(ax.figure, out / "importance.png")
+    _plot_search(report, handle, out, bool(trials))
 
 
 # --- Across studies ------------------------------------------------------------------------------
@@ -415,7 +407,6 @@ def plot(report: Report, handle: StudyHandle, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     trials = complete_trials(handle.study)
-    target = (lambda t: t.values[0]) if handle.spec.multi_objective else None
     for placement in varied_placements(trials):
         rates = [rate(t, placement) for t in trials]
         fig, (acc, time_ax) = plt.subplots(1, 2, figsize=(10, 4))
@@ -437,7 +428,13 @@ def plot(report: Report, handle: StudyHandle, out: Path) -> None:
                                ylabel="mean accuracy", title="train vs test accuracy", width=0.35, figsize=(5, 4))
         ax.set_ylim(min(r[3] for r in rows) - 0.1, 1.0)
         report.figures["gap"] = _save(fig, out / "gap.png")
-    if trials:
+    _plot_search(report, handle, out, bool(trials))
+
+
+def _plot_search(report: Report, handle: StudyHandle, out: Path, any_complete: bool) -> None:
+    """Optuna's optimisation history and parameter importances (first objective)."""
+    target = (lambda t: t.values[0]) if handle.spec.multi_objective else None
+    if any_complete:
         ax = optuna.visualization.matplotlib.plot_optimization_history(
             handle.study, target=target, target_name=report.objective)
         report.figures["history"] = _save(ax.figure, out / "history.png")
