@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from hpo.cli import app
-from hpo.spec import Choice, FloatRange, SpecError, load_spec, parse_spec
+from hpo.spec import Choice, FloatRange, IntRange, SpecError, load_spec, parse_spec
 
 SPACES = sorted((Path(__file__).parents[1] / "search_spaces").glob("*.yaml"))
 
@@ -142,3 +142,58 @@ def test_a_spec_cannot_run_code(tmp_path):
     with pytest.raises(SpecError):
         parse_spec(text, source="evil.yaml")
     assert not marker.exists()
+
+
+USER_MODEL = """
+model:
+  class_path: transformers.BertForSequenceClassification
+  init_args:
+    config:
+      class_path: transformers.BertConfig
+      init_args: {num_labels: 10, hidden_dropout_prob: {low: 0.0, high: 0.3}, num_hidden_layers: {low: 1, high: 4}}
+data: {class_path: my_data.tokens, init_args: {limit: 100}}
+dropout:
+  groups:
+    attention: {match: "bert.encoder.layer.*.attention.self.dropout", rate: {low: 0.0, high: 0.3}}
+    hidden: {match: ["**.output.dropout"], rate: 0.1, variant: {choice: [inverted, gaussian]}}
+  unmatched: zero
+  max_norm: {head: {match: classifier, radius: {choice: [null, 3.0]}}}
+objective: val_loss
+"""
+
+
+def test_a_user_models_searched_arguments_groups_and_max_norm_are_optuna_parameters_named_by_spec_path():
+    from hpo.space import searched_parameters
+
+    spec = parse_spec(USER_MODEL)
+    assert spec.user_model and spec.baselines == ["no_dropout"]
+    assert spec.objective[0].direction == "minimize"
+    params = searched_parameters(spec)
+    assert list(params) == [
+        "model.init_args.config.init_args.hidden_dropout_prob", "model.init_args.config.init_args.num_hidden_layers",
+        "dropout.groups.attention.rate", "dropout.groups.hidden.variant", "dropout.max_norm.head.radius"]
+    assert params["model.init_args.config.init_args.num_hidden_layers"] == IntRange(low=1, high=4)
+    assert params["model.init_args.config.init_args.hidden_dropout_prob"] == FloatRange(low=0.0, high=0.3)
+    assert spec.dropout.groups["hidden"].match == ["**.output.dropout"]
+
+
+@pytest.mark.parametrize(("text", "key", "problem"), [
+    ("model: {class_path: nodots}", "model.class_path", "expected an import path"),
+    ("model: {class_path: a.Net}\ndropout: {hidden: 0.5}", "dropout.hidden", "has no placements"),
+    ("dropout: {groups: {a: {match: x, rate: 0.1}}}", "dropout.groups", "are for a model given by class_path"),
+    ("model: {class_path: a.Net}\nbaselines: [recommended]", "baselines", "'recommended' sets Srivastava"),
+    ("model: {class_path: a.Net, init_args: {w: {low: 5, high: 1}}}", "model.init_args.w", "low (5) is above high (1)"),
+    ("model: {class_path: a.Net}\ndata: {class_path: d.make, init_args: {n: {choice: [1, 2]}}}", "data.init_args.n",
+     "data arguments are fixed"),
+    ("model: {class_path: a.Net}\ndropout: {groups: {a: {match: x, rate: 1.5}}}", "dropout.groups.a.rate",
+     "a dropout rate must be in [0, 1)"),
+    ("model: {class_path: a.Net}\ndropout: {groups: {a: {match: x, rate: 0.1, variant: dropblock}}}",
+     "dropout.groups.a.variant", "Input should be"),
+    ("model: {class_path: a.Net}\nobjective: val_something", "objective.0", "cannot tell from its name"),
+    ("objective: val_f1", "objective.metric", "the built-in networks measure"),
+    ("data: {class_path: d.make}", "data.class_path", "the built-in networks train on the built-in data sets"),
+])
+def test_bad_user_model_sections_are_one_line_naming_the_key(text, key, problem):
+    with pytest.raises(SpecError) as error:
+        parse_spec(text, source="space.yaml")
+    assert error.value.key == key and problem in error.value.problem, str(error.value)
