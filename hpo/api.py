@@ -116,7 +116,7 @@ def _backend(spec: Spec, seed: int, data: TrialData, execution: Execution,
         on_note(choice.describe())
         with torch_threads(choice.threads):
             yield LocalBackend(data, spec.objective, prune, execution.accelerator, execution.loading,
-                               execution.precision)
+                               execution.precision, choice.threads)
         return
     import ray
 

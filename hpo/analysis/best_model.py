@@ -20,7 +20,8 @@ from hpo.data import Split, Splits, TrialData
 from hpo.errors import HpoError
 from hpo.models.module import split_batch
 from hpo.models.user_model import UserTrialConfig
-from hpo.running.study import StudyHandle, best_trial
+from hpo.running.study import THREADS, StudyHandle, best_trial
+from hpo.running.threads import torch_threads
 from hpo.running.trial import TrialResult, evaluate, run_trial
 from hpo.running.user_trial import evaluate_batches
 from hpo.space import TrialConfig, suggest
@@ -59,10 +60,18 @@ class Rerun:
     values: list[float]
 
 
+def trial_threads(trial: FrozenTrial) -> int:
+    """The torch thread count ``trial`` trained with (this process's count for trials stored
+    before it was recorded)."""
+    return int(trial.user_attrs.get(THREADS) or torch.get_num_threads())
+
+
 def rerun(handle: StudyHandle, trial: FrozenTrial, data: TrialData, accelerator: str = "cpu") -> Rerun:
-    """Train ``trial``'s configuration again with its own seed (as long as the trial took)."""
+    """Train ``trial``'s configuration again with its own seed and thread count (as long as
+    the trial took)."""
     config = trial_config(handle, trial)
-    result = run_trial(config, data, handle.spec.objective, accelerator=accelerator)
+    with torch_threads(trial_threads(trial)):
+        result = run_trial(config, data, handle.spec.objective, accelerator=accelerator)
     return Rerun(trained_network(config, result.state, data), result.values)
 
 
@@ -119,7 +128,8 @@ def retrain(handle: StudyHandle, trial: FrozenTrial, data: TrialData, accelerato
     else:
         both = data.for_retraining()
         examples = len(both.datasets[0])
-    result = run_trial(config, both, handle.spec.objective, accelerator=accelerator, keep_last=True)
+    with torch_threads(trial_threads(trial)):
+        result = run_trial(config, both, handle.spec.objective, accelerator=accelerator, keep_last=True)
     net = trained_network(config, result.state, data)
     if isinstance(data, Splits):
         loss, acc = evaluate(net, data.test)

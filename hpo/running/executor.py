@@ -34,6 +34,7 @@ from hpo.running.study import (
     HEARTBEAT_INTERVAL,
     MAX_NORM_LAYERS,
     SITES,
+    THREADS,
     Counts,
     StudyHandle,
     abandon,
@@ -108,12 +109,14 @@ class Backend(Protocol):
     """Runs trials for the driver. ``start`` may block (in-process) or return at once (Ray);
     it gets one trial, or several sharing a :func:`~hpo.running.group.group_key` to train as one
     vectorised group (one slot). ``on_epoch``, set by the driver, gets every epoch a running
-    trial finishes. ``precision`` is how its trials compute (recorded on trials that are not
+    trial finishes. ``threads`` is the torch thread count its trials train with (recorded on each
+    trial, so a re-run computes the same numbers). ``precision`` is how its trials compute (recorded on trials that are not
     float32)."""
 
     slots: int
     on_epoch: EpochCallback | None
     precision: Precision
+    threads: int
 
     def start(self, jobs: list[TrialJob]) -> None: ...
 
@@ -183,9 +186,12 @@ class LocalBackend:
     slots = 1
 
     def __init__(self, data: Splits, objectives: list[ObjectiveSpec], prune: bool, accelerator: str,
-                 loading: Loading = "auto", precision: Precision = "32") -> None:
+                 loading: Loading = "auto", precision: Precision = "32", threads: int | None = None) -> None:
+        import torch
+
         self.data, self.objectives, self.prune, self.accelerator = data, objectives, prune, accelerator
         self.loading, self.precision = loading, precision
+        self.threads = threads or torch.get_num_threads()
         self.on_epoch: EpochCallback | None = None
         self._done: list[tuple[TrialJob, Outcome]] = []
 
@@ -316,6 +322,7 @@ def run_study(
                     for job in (job for jobs in groups for job in jobs):
                         running[job.trial.number] = job
                         beat.trial_ids.add(job.trial._trial_id)
+                        job.trial.set_user_attr(THREADS, backend.threads)
                         if backend.precision != "32":
                             job.trial.set_user_attr("precision", backend.precision)
                 for jobs in groups:

@@ -213,6 +213,7 @@ class RayBackend:
         self.objectives, self.prune, self.slots = objectives, prune, workers
         self.on_epoch: EpochCallback | None = None
         self.cpus, self.gpus, self.loading, self.precision = cpus_per_trial, gpus_per_trial, loading, precision
+        self.threads = max(1, int(cpus_per_trial))
         self.accelerator = "gpu" if gpus_per_trial > 0 else "cpu"
         self._data_ref = ray.put(data)
         self._broker = PruningBroker.remote()

@@ -45,6 +45,9 @@ BASELINE = "baseline"
 #: A user model's trial keeps its resolved site table (path, kind, group, rate, variant, rate as
 #: built) and the layers max-norm held, as these user attributes.
 SITES, MAX_NORM_LAYERS = "sites", "max_norm_layers"
+#: The torch thread count a trial trained with: a re-run (``hpo sync``, ``evaluate``, ``retrain``)
+#: uses it too, since the count changes float rounding.
+THREADS = "threads"
 #: Eval-mode metrics and counts a finished trial keeps as user attributes (reports, exports,
 #: MLflow read them).
 TRIAL_METRICS = ("train_acc", "val_acc", "test_acc", "train_loss", "val_loss", "test_loss", "gap",
