@@ -158,6 +158,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
     args = parser.parse_args()
+    from hpo.output import configure
+
+    configure(verbose_output=False)
     rows = {}
     with tempfile.TemporaryDirectory() as folder:
         for mode in args.modes:
