@@ -270,3 +270,20 @@ def test_in_process_trials_get_one_thread_per_200_mflop_of_a_step_and_the_count_
                on_note=notes.append)
     assert any(n.startswith("in-process trials train with 1 torch thread") for n in notes)
     assert torch.get_num_threads() == before
+
+
+def test_an_sqlite_study_store_commits_to_a_write_ahead_log(sqlite_url):
+    """A commit appends to the WAL instead of waiting for an fsync of the database (each epoch's
+    report is one), and a reader in another process never waits for the driver."""
+    import sqlalchemy
+
+    from hpo.running.study import open_storage
+
+    storage = open_storage(sqlite_url)
+    with storage.engine.connect() as connection:
+        assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
+    optuna.create_study(storage=storage, study_name="wal").optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+    other = sqlalchemy.create_engine(sqlite_url)
+    with other.connect() as connection:
+        assert connection.exec_driver_sql("SELECT COUNT(*) FROM trials").scalar() == 2

@@ -72,9 +72,30 @@ def open_storage(url: str | None = None) -> RDBStorage:
     else:
         engine_kwargs["pool_pre_ping"] = True
     try:
-        return RDBStorage(url, engine_kwargs=engine_kwargs)
+        storage = RDBStorage(url, engine_kwargs=engine_kwargs)
     except Exception as exc:  # SQLAlchemy raises many types for a bad URL or server
         raise StoreError(f"cannot open study store {redact(url)}: {first_line(exc) or type(exc).__name__}") from exc
+    if url.startswith("sqlite"):
+        _write_ahead(storage.engine)
+    return storage
+
+
+def _write_ahead(engine: Any) -> None:
+    """SQLite in write-ahead-log mode with ``synchronous=NORMAL``: a commit appends to the log
+    instead of waiting for an fsync of the database, which made each of a trial's dozens of
+    writes (an epoch's report, a user attribute) cost about 4 ms. A killed process loses
+    nothing; a power cut can lose the last commits but never corrupts the file. Readers (``hpo
+    status`` from another terminal) no longer wait for the driver's writes."""
+    from sqlalchemy import event
+
+    def pragmas(connection: Any, _record: Any) -> None:
+        cursor = connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    event.listen(engine, "connect", pragmas)
+    engine.dispose()  # connections opened while Optuna created its tables reconnect with the pragmas
 
 
 def sqlite_path(url: str) -> Path | None:
