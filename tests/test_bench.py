@@ -69,3 +69,13 @@ def test_the_peer_bench_runs_ray_tune_and_hpo_on_the_same_task():
             for line in done.stdout.splitlines() if line.startswith("| ") and not line.startswith("| run")}
     assert list(rows) == ["ray tune peer", "in-process"]
     assert rows["ray tune peer"][2] == "1.0x" and all(0 < float(r[3]) <= 1 and 0 < float(r[4]) <= 1 for r in rows.values())
+
+
+def test_the_trial_overhead_bench_prints_each_part():
+    done = subprocess.run([sys.executable, str(BENCH.with_name("trial_overhead.py")), "--trials", "2", "--epochs", "2"],
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    parts = {line.split("|")[1].strip(): float(line.split("|")[2]) for line in done.stdout.splitlines()
+             if line.startswith("| ") and not line.startswith("| part")}
+    assert {"training (fit and measurement)", "pruning decisions", "epoch reports", "ask (sampler)"} <= parts.keys()
+    assert parts["training (fit and measurement)"] > parts["pruning decisions"] > 0
