@@ -253,6 +253,8 @@ def sites(space: str | Path, code_dir: str | Path | None = None) -> SiteReport:
     except UserCodeError as exc:
         raise SpecError(path, exc.key, exc.problem) from exc
     problems = [f"{key}: {problem}" for key, problem in site_problems(spec, built)]
+    problems += [f"{s.site.path}: functional dropout that no group matches keeps its rate {s.rate:g}"
+                 for s in built.settings if s.group is None and s.site.kind == "functional"]
     layers = {name: [p for p, _ in constrained_layers(built.network, entry.match)]
               for name, entry in spec.dropout.max_norm.items()}
     return SiteReport(spec.model.class_path, built.settings, layers, built.table.warnings() + problems)

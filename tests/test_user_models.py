@@ -144,6 +144,17 @@ def test_hpo_sites_lists_the_sites_and_the_groups_that_match_them():
     assert result.exit_code == 0, result.output
     line = next(l for l in result.output.splitlines() if l.startswith("bert.encoder.layer.0.attention.self.dropout"))
     assert "functional" in line and "attention" in line and "scaled_dot_product_attention" in line
+
+
+
+def test_hpo_sites_warns_of_functional_dropout_that_no_group_matches(tmp_path):
+    text = (USER_CODE / "bert.yaml").read_text()
+    spec = tmp_path / "bert.yaml"
+    spec.write_text(text.replace('    attention: {match: "bert.encoder.layer.*.attention.self.dropout", rate: {low: 0.0, high: 0.3}}\n', ""))
+    result = runner.invoke(app, ["sites", str(spec), "--code-dir", str(USER_CODE)])
+    assert result.exit_code == 0, result.output
+    assert ("warning: bert.encoder.layer.0.attention.self.dropout: functional dropout that no group matches keeps its "
+            "rate 0.1") in result.output
     as_json = json.loads(runner.invoke(app, ["sites", str(EXAMPLE / "space.yaml"), "--json"]).stdout)
     assert [s["group"] for s in as_json["sites"]] == ["input", "hidden", "hidden"]
     assert as_json["max_norm"] == {"hidden": ["blocks.0.linear", "blocks.1.linear"]}
