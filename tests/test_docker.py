@@ -93,7 +93,35 @@ def test_the_dockerfile_copies_what_exists_and_installs_the_project():
     assert re.search(r"^ARG BASE=pytorch/pytorch:[\d.]+-cuda[\d.]+-cudnn\d+-runtime$", text, re.M)
     for source in re.findall(r"^COPY (\S+)", text, re.M):
         assert (DOCKER.parent / source).exists(), source
-    assert 'pip install ".[vision]"' in text and "USER hpo" in text
+    assert 'pip install ".[vision,cluster]"' in text and "USER hpo" in text
+
+
+def test_the_image_has_rays_client_when_the_head_serves_it():
+    """The Ray head serves ray:// (--ray-client-server-port), which plain `ray` cannot: it then
+    crash-loops with "Ray Client requires pip package ray[client]". The image installs the
+    cluster extra, and the extra brings ray[client]."""
+    import tomllib
+
+    command = _services()["ray-head"]["command"]
+    assert "--ray-client-server-port" in (command if isinstance(command, str) else " ".join(command))
+    extras = tomllib.loads((DOCKER.parent / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(req.startswith("ray[client]") for req in extras["cluster"])
+    assert re.search(r'pip install "\.\[[^]]*\bcluster\b', (DOCKER / "Dockerfile").read_text())
+
+
+def test_a_ray_client_address_without_rays_client_is_one_line():
+    pytest.importorskip("ray")
+    try:
+        import grpc  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("Ray's client is installed here")
+    from hpo.errors import HpoError
+    from hpo.running.ray_executor import connect
+
+    with pytest.raises(HpoError, match=r"Ray client address.*pip install 'dropout-hpo\[cluster\]'"):
+        connect("ray://127.0.0.1:1")
 
 
 def _mlflow_command() -> str:

@@ -56,6 +56,12 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, code_dir
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS") or None
+    if address and address.startswith("ray://"):
+        try:
+            import grpc  # noqa: F401
+        except ImportError:
+            raise HpoError(f"{address} is a Ray client address, and Ray's client is not installed: "
+                           "pip install 'dropout-hpo[cluster]'") from None
     runtime_env = {"working_dir": code_dir, "excludes": CODE_EXCLUDES} if code_dir else None
     try:
         ray.init(
