@@ -19,6 +19,7 @@ from hpo.data import DataSource, TrialData, load_data, load_user_data
 from hpo.data.batches import Loading
 from hpo.errors import HpoError, SpecError
 from hpo.running.executor import Backend, LocalBackend, ProgressCallback, RunSummary, run_study
+from hpo.running.lease import driving
 from hpo.running.study import BASELINE, StudyHandle, create_study, load_study, reconcile, set_budget
 from hpo.running.trial import PRECISIONS, Precision
 from hpo.space import baseline_params
@@ -316,10 +317,11 @@ def submit(
             code_dir=folder if spec.user_model else None,
             first_trials=[(baseline_params(spec, kind), {BASELINE: kind}) for kind in spec.baselines],
         )
-        if on_start is not None:
-            on_start(handle)
-        return handle, _run(handle, data, backend, execution, tracking, timeout or spec.budget.timeout,
-                            on_progress, on_warning)
+        with driving(handle.storage, handle.name):
+            if on_start is not None:
+                on_start(handle)
+            return handle, _run(handle, data, backend, execution, tracking, timeout or spec.budget.timeout,
+                                on_progress, on_warning)
 
 
 def _run(handle: StudyHandle, data: TrialData, backend: Backend, execution: Execution, tracking: Tracking,
@@ -345,21 +347,25 @@ def resume(
     on_warning: Callable[[str], None] = log.warning,
     on_note: Callable[[str], None] = log.info,
     code_dir: str | Path | None = None,
+    take_over: bool = False,
 ) -> tuple[StudyHandle, RunSummary]:
     """Continue a study until its budget of finished trials is reached.
 
     Trials left RUNNING by a driver that is gone are failed as abandoned and their
     configurations queued again first. ``trials`` sets a new total budget. ``on_start`` gets the
-    study and the numbers of the trials it abandoned.
+    study and the numbers of the trials it abandoned. A study that another live driver runs is
+    refused (:class:`hpo.running.lease.StudyBusy`); ``take_over`` takes its lease anyway, for a
+    driver known to be dead on another host whose heartbeat is not yet stale.
     """
     handle = load_study(study_name, storage)
     folder = str(Path(code_dir).resolve()) if code_dir else handle.code_dir
     data = prepare(handle.spec, f"study {study_name!r}", folder, on_note, on_warning)
-    orphans = reconcile(handle.study)
-    if trials is not None:
-        set_budget(handle, trials)
-    if on_start is not None:
-        on_start(handle, orphans)
-    with _backend(handle.spec, handle.seed, data, execution, on_note, folder) as backend:
-        return handle, _run(handle, data, backend, execution, tracking, timeout or handle.spec.budget.timeout,
-                            on_progress, on_warning)
+    with driving(handle.storage, handle.name, take_over=take_over):
+        orphans = reconcile(handle.study)
+        if trials is not None:
+            set_budget(handle, trials)
+        if on_start is not None:
+            on_start(handle, orphans)
+        with _backend(handle.spec, handle.seed, data, execution, on_note, folder) as backend:
+            return handle, _run(handle, data, backend, execution, tracking, timeout or handle.spec.budget.timeout,
+                                on_progress, on_warning)

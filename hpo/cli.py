@@ -232,6 +232,7 @@ def resume(
     trials: Annotated[int | None, typer.Option(min=1, help="New total budget of finished trials \\[default: unchanged].", show_default=False)] = None,
     timeout: Timeout = None,
     code_dir: Annotated[Path | None, typer.Option(help="Folder of your model's code \\[default: the folder the study was submitted with].", show_default=False)] = None,
+    take_over: Annotated[bool, typer.Option("--take-over", help="Run even if another driver holds the study (one known to be dead whose heartbeat is not yet 30 s old).")] = False,
     *,
     execution: Any = None,
     tracking: Any = None,
@@ -251,6 +252,7 @@ def resume(
         handle, summary = api.resume(
             study, storage=storage, trials=trials, timeout=timeout, execution=execution,
             tracking=tracking, on_start=start, on_progress=progress, on_warning=_warn, on_note=_note, code_dir=code_dir,
+            take_over=take_over,
         )
     _report_run(handle, summary)
 
@@ -653,14 +655,17 @@ def delete(
     storage: Storage = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
 ) -> None:
-    """Delete a study and all its trials from the store."""
+    """Delete a study and all its trials from the store (refused while a driver runs it)."""
     handle = load_study(study, storage)
     n = len(handle.study.get_trials(deepcopy=False))
     if not yes:
         if not sys.stdin.isatty():
             raise StoreError("refusing to delete without confirmation: pass --yes")
         typer.confirm(f"delete study {study!r} and its {n} trials?", abort=True)
-    optuna.delete_study(study_name=study, storage=open_storage(storage))
+    from hpo.running.lease import driving
+
+    with driving(handle.storage, study):  # never under a running driver
+        optuna.delete_study(study_name=study, storage=open_storage(storage))
     console.print(f"deleted study {study!r} ({n} trials)")
 
 
