@@ -54,7 +54,9 @@ class Arm:
     """One way of searching: a spec's ``sampler:`` section (or ``liar=False``: the same TPE
     without the constant liar), its ``pruner:`` section, and ``k`` concurrent trials; or
     ``group`` trials asked as ``hpo submit --group-size`` asks them (the first as usual, the rest
-    with the benchmark's shape parameters fixed to the first's) and run together."""
+    with the benchmark's shape parameters fixed to the first's) and run together. ``independent``:
+    the default TPE with univariate instead of multivariate densities (not a spec option; it
+    answers whether the default's multivariate TPE pays)."""
 
     label: str
     sampler: SamplerSpec
@@ -63,10 +65,13 @@ class Arm:
     liar: bool = True
     group: int = 1
 
+    independent: bool = False
+
     def build(self, seed: int) -> tuple[optuna.samplers.BaseSampler, optuna.pruners.BasePruner]:
         sampler = make_sampler(self.sampler, seed)
-        if not self.liar:
-            sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, constant_liar=False,
+        if not self.liar or self.independent:
+            sampler = optuna.samplers.TPESampler(seed=seed, multivariate=not self.independent,
+                                                 group=not self.independent, constant_liar=self.liar,
                                                  n_startup_trials=sampler._n_startup_trials)
         return sampler, make_pruner(self.pruner)
 
@@ -84,6 +89,7 @@ def sampler_arms() -> list[Arm]:
         Arm("tpe (hpo default)", tpe, NONE),
         Arm("tpe, 5 startup", tpe.model_copy(update={"n_startup_trials": 5}), NONE),
         Arm("tpe, 20 startup", tpe.model_copy(update={"n_startup_trials": 20}), NONE),
+        Arm("tpe independent", tpe, NONE, independent=True),
         Arm("gp", SamplerSpec(name="gp"), NONE),
         Arm("cmaes", SamplerSpec(name="cmaes"), NONE),
     ]
@@ -292,11 +298,12 @@ def print_tables(summary: dict, parallel: dict, trials: int, lcbench_budget: int
     if parallel:
         print(f"\nParallel: trials the default needs with k concurrent trials (or in vectorised groups) to reach "
               f"its sequential median at {trials}, over {trials}")
-        labels = list(next(iter(parallel.values())))
+        labels = list(dict.fromkeys(label for cells in parallel.values() for label in cells))
         print("| benchmark | " + " | ".join(labels) + " |")
         print("|---|" + "---|" * len(labels))
         for name, cells in parallel.items():
-            print(f"| {name} | " + " | ".join(f"{cells[label]:.2f}x" for label in labels) + " |")
+            print(f"| {name} | " + " | ".join(f"{cells[label]:.2f}x" if label in cells else "-" for label in labels)
+                  + " |")
 
 
 def plot(results: dict, summary: dict, trials: int, folder: Path) -> list[Path]:
