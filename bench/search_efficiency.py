@@ -257,7 +257,8 @@ def summarise(results: dict, trials: int, lcbench_budget: int) -> dict:
 
 def parallel_cost(results: dict, trials: int) -> dict:
     """For each ``k`` and group arm on FCNet: the trials its median best needs to reach the
-    sequential default's median at ``trials``, over ``trials``."""
+    sequential default's median at ``trials``, over ``trials`` (negative: not reached within
+    the trials it ran, that many times ``trials``)."""
     out = {}
     for name, arms in results["runs"].items():
         if "tpe k=1" not in arms:
@@ -270,8 +271,16 @@ def parallel_cost(results: dict, trials: int) -> dict:
                 continue
             medians = [float(np.median(best_after_trials(runs, n))) for n in range(1, longest + 1)]
             needed = next((n for n, m in enumerate(medians, 1) if m <= target), None)
-            out[name][label] = needed / trials if needed else float("inf")
+            out[name][label] = needed / trials if needed else -max(len(r["best"]) for r in runs) / trials
     return out
+
+
+def _ratio(value: float | None) -> str:
+    """A parallel cost: ``> Nx`` where the arm's median never reached the target within the
+    N x trials it ran (stored negative), ``-`` where the arm did not run."""
+    if value is None:
+        return "-"
+    return f"> {-value:.0f}x" if value < 0 else f"{value:.2f}x"
 
 
 def print_tables(summary: dict, parallel: dict, trials: int, lcbench_budget: int) -> None:
@@ -302,20 +311,27 @@ def print_tables(summary: dict, parallel: dict, trials: int, lcbench_budget: int
         print("| benchmark | " + " | ".join(labels) + " |")
         print("|---|" + "---|" * len(labels))
         for name, cells in parallel.items():
-            print(f"| {name} | " + " | ".join(f"{cells[label]:.2f}x" if label in cells else "-" for label in labels)
-                  + " |")
+            print(f"| {name} | " + " | ".join(_ratio(cells.get(label)) for label in labels) + " |")
 
 
 def plot(results: dict, summary: dict, trials: int, folder: Path) -> list[Path]:
-    """Median regret curves with their interquartile bands, one panel per benchmark."""
+    """Median regret curves with their interquartile bands, one panel per benchmark: FCNet's
+    samplers (CMA-ES, identical to random on an all-choice space, and the startup variants left
+    to the table), FCNet's concurrency and groups, LCBench's pruners."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    figures = {
+        "fcnet": ("fcnet", lambda label: not label.startswith(("tpe k=", "tpe groups", "tpe, ", "cmaes"))),
+        "fcnet-parallel": ("fcnet", lambda label: label.startswith(("tpe k=", "tpe groups"))),
+        "lcbench": ("lcbench", lambda label: True),
+    }
     written = []
-    for family in ("fcnet", "lcbench"):
-        names = [n for n in results["runs"] if n.startswith(family)]
+    for figure, (family, shown) in figures.items():
+        names = [n for n in results["runs"] if n.startswith(family)
+                 and any(shown(label) for label in results["runs"][n])]
         if not names:
             continue
         fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.6), squeeze=False)
@@ -323,6 +339,8 @@ def plot(results: dict, summary: dict, trials: int, folder: Path) -> list[Path]:
             bench, cell = make_bench(name), summary[name]
             low, high = cell["optimum"], cell["worst"]
             for label, runs in results["runs"][name].items():
+                if not shown(label):
+                    continue
                 if family == "fcnet":
                     x = np.arange(1, min(len(r["best"]) for r in runs) + 1)
                     curves = np.array([[best_after_trials([r], n)[0] for n in x] for r in runs]) - low
@@ -346,7 +364,7 @@ def plot(results: dict, summary: dict, trials: int, folder: Path) -> list[Path]:
             ax.set_title(name)
         axes[0][-1].legend(fontsize=7)
         fig.tight_layout()
-        path = folder / f"{family}.png"
+        path = folder / f"{figure}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
