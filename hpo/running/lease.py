@@ -22,12 +22,24 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from sqlalchemy import Column, Float, Integer, MetaData, String, Table, create_engine, delete, insert, select, update
+from sqlalchemy import (
+    Column,
+    Float,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    create_engine,
+    delete,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
 from hpo.errors import HpoError
-from hpo.running.study import redact
+from hpo.running.study import pid_alive, redact
 
 #: Seconds between a driver's heartbeats.
 HEARTBEAT_S = 5.0
@@ -65,17 +77,7 @@ class Holder:
         """No heartbeat for ``stale_after`` seconds, or a process of this host that is gone."""
         if self.age(now) > stale_after:
             return True
-        return self.host == socket.gethostname() and not _alive(self.pid)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        return self.host == socket.gethostname() and not pid_alive(self.pid)
 
 
 def _engine(url: str) -> Engine:
@@ -95,18 +97,17 @@ class DriverLease:
 
     def _beat(self, every: float) -> None:
         while not self._stop.wait(every):
-            with contextlib.suppress(Exception):  # a store that is briefly down: the next beat retries
-                with self.engine.begin() as db:
-                    db.execute(update(LEASES).where(LEASES.c.study_name == self.study_name,
-                                                    LEASES.c.token == self.token).values(heartbeat=time.time()))
+            # A store that is briefly down: the next beat retries.
+            with contextlib.suppress(Exception), self.engine.begin() as db:
+                db.execute(update(LEASES).where(LEASES.c.study_name == self.study_name,
+                                                LEASES.c.token == self.token).values(heartbeat=time.time()))
 
     def release(self) -> None:
         """Stop the heartbeat and delete the row, if it is still this driver's."""
         self._stop.set()
         self._thread.join()
-        with contextlib.suppress(Exception):
-            with self.engine.begin() as db:
-                db.execute(delete(LEASES).where(LEASES.c.study_name == self.study_name, LEASES.c.token == self.token))
+        with contextlib.suppress(Exception), self.engine.begin() as db:
+            db.execute(delete(LEASES).where(LEASES.c.study_name == self.study_name, LEASES.c.token == self.token))
         self.engine.dispose()
 
 

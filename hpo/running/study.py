@@ -303,12 +303,13 @@ def heartbeat(study: optuna.Study, trial_id: int) -> None:
 def _orphaned(trial: FrozenTrial, now: float) -> bool:
     owner = trial.system_attrs.get(_OWNER)
     if owner and owner.get("host") == socket.gethostname():
-        return owner.get("pid") == os.getpid() or not _pid_alive(int(owner["pid"]))
+        return owner.get("pid") == os.getpid() or not pid_alive(int(owner["pid"]))
     last = trial.system_attrs.get(_HEARTBEAT)
     return last is None or now - float(last) > HEARTBEAT_GRACE
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host exists."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
