@@ -140,6 +140,16 @@ def processes_with(fragment: str) -> list[int]:
 
 
 @pytest.fixture(scope="session", autouse=True)
+def ctrl_c_reaches_the_tests():
+    """Ctrl-C as a terminal sends it, even when pytest was started in the background (`cmd &`
+    in a shell without job control sets SIGINT to ignored, every child inherits that, and the
+    tests that press Ctrl-C on a driver or on `hpo ui` would find it ignored)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+@pytest.fixture(scope="session", autouse=True)
 def no_servers_left_behind(tmp_path_factory):
     """Kill, at the end of the session, any process still serving a store under this session's
     temporary folder (an `mlflow server` a failed test did not stop), so a test run never leaks
