@@ -39,7 +39,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
 from hpo.errors import HpoError
-from hpo.running.study import pid_alive, redact
+from hpo.running.study import engine_options, pid_alive, redact
 
 #: Seconds between a driver's heartbeats.
 HEARTBEAT_S = 5.0
@@ -80,12 +80,6 @@ class Holder:
         return self.host == socket.gethostname() and not pid_alive(self.pid)
 
 
-def _engine(url: str) -> Engine:
-    if url.startswith("sqlite"):
-        return create_engine(url, connect_args={"timeout": 60})
-    return create_engine(url, pool_pre_ping=True, pool_size=1)
-
-
 class DriverLease:
     """A held lease: a background thread keeps its heartbeat until :meth:`release`."""
 
@@ -123,7 +117,7 @@ def acquire(url: str, study_name: str, *, take_over: bool = False, stale_after: 
     naming the driver that holds it. A stale lease (or any, with ``take_over``) is replaced
     only if it has not changed since it was read, so two drivers taking over at once cannot
     both win."""
-    engine = _engine(url)
+    engine = create_engine(url, **engine_options(url))
     _metadata.create_all(engine, checkfirst=True)
     token = uuid.uuid4().hex
     mine = {"token": token, "host": socket.gethostname(), "pid": os.getpid()}

@@ -62,17 +62,21 @@ def storage_url(url: str | None = None) -> str:
     return url or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
 
 
+def engine_options(url: str) -> dict[str, Any]:
+    """SQLAlchemy engine options for a study store: SQLite waits up to 60 s for another
+    process's write lock; a server's pooled connections are checked before use (it may have
+    restarted)."""
+    if url.startswith("sqlite"):
+        return {"connect_args": {"timeout": 60}}
+    return {"pool_pre_ping": True}
+
+
 def open_storage(url: str | None = None) -> RDBStorage:
     """Optuna RDB storage at ``url`` (see :func:`storage_url`), with a clear error when it
     cannot be reached."""
     url = storage_url(url)
-    engine_kwargs: dict[str, Any] = {}
-    if url.startswith("sqlite"):
-        engine_kwargs["connect_args"] = {"timeout": 60}
-    else:
-        engine_kwargs["pool_pre_ping"] = True
     try:
-        storage = RDBStorage(url, engine_kwargs=engine_kwargs)
+        storage = RDBStorage(url, engine_kwargs=engine_options(url))
     except Exception as exc:  # SQLAlchemy raises many types for a bad URL or server
         raise StoreError(f"cannot open study store {redact(url)}: {first_line(exc) or type(exc).__name__}") from exc
     if url.startswith("sqlite"):
