@@ -12,8 +12,10 @@ configuration is queued again.
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
+import sys
 import time
 import warnings
 from collections import Counter
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import sqlalchemy.exc
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
@@ -71,12 +74,70 @@ def engine_options(url: str) -> dict[str, Any]:
     return {"pool_pre_ping": True}
 
 
+#: Seconds a study-store call keeps retrying while a database server does not answer (a
+#: restart, a failover) before the driver stops with one line.
+STORE_PATIENCE_S = 120.0
+
+
+def connection_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` (as Optuna's RDB storage raises it) means the database connection failed,
+    as opposed to a statement the database refused."""
+    cause = exc.__cause__ if isinstance(exc, optuna.exceptions.StorageInternalError) else exc
+    return isinstance(cause, sqlalchemy.exc.OperationalError) or (
+        isinstance(cause, sqlalchemy.exc.DBAPIError) and cause.connection_invalidated)
+
+
+def _patient(method: Any) -> Any:
+    @functools.wraps(method)
+    def call(self: RDBStorage, *args: Any, **kwargs: Any) -> Any:
+        deadline, delay = None, 0.5
+        while True:
+            try:
+                return method(self, *args, **kwargs)
+            except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.DBAPIError) as exc:
+                if not connection_lost(exc):
+                    raise
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + STORE_PATIENCE_S
+                    print(f"the study store {redact(self.url)} stopped answering, retrying for up to "
+                          f"{STORE_PATIENCE_S:.0f} s: {first_line(exc.__cause__ or exc)}", file=sys.stderr, flush=True)
+                if now >= deadline:
+                    raise StoreError(
+                        f"the study store {redact(self.url)} has not answered for {STORE_PATIENCE_S:.0f} s "
+                        "(finished trials are stored: `hpo resume` continues the study once it is back): "
+                        f"{first_line(exc.__cause__ or exc)}") from exc
+                time.sleep(delay)
+                delay = min(2 * delay, 5.0)
+    return call
+
+
+class PatientRDBStorage(RDBStorage):
+    """Optuna's RDB storage that waits out a database server which stopped answering (a
+    PostgreSQL restart) for up to :data:`STORE_PATIENCE_S` seconds, instead of failing the
+    driver on the first dropped connection. Each storage call is one transaction, which the
+    server rolls back when its connection dies, so the call is retried whole (a commit whose
+    acknowledgement was lost is the one case retried twice). Errors the database raises for a
+    statement are not retried."""
+
+
+for _name in ("create_new_study", "delete_study", "set_study_user_attr", "set_study_system_attr",
+              "get_study_id_from_name", "get_study_name_from_id", "get_study_directions", "get_study_user_attrs",
+              "get_study_system_attrs", "get_all_studies", "create_new_trial", "set_trial_param",
+              "get_trial_id_from_study_id_trial_number", "get_trial_number_from_id", "get_trial_param",
+              "set_trial_state_values", "set_trial_intermediate_value", "set_trial_user_attr",
+              "set_trial_system_attr", "get_trial", "get_all_trials", "get_n_trials", "get_best_trial",
+              "_get_trials", "record_heartbeat", "_get_stale_trial_ids", "get_failed_trial_callback"):
+    if _name in vars(RDBStorage) or hasattr(RDBStorage, _name):
+        setattr(PatientRDBStorage, _name, _patient(getattr(RDBStorage, _name)))
+
+
 def open_storage(url: str | None = None) -> RDBStorage:
     """Optuna RDB storage at ``url`` (see :func:`storage_url`), with a clear error when it
     cannot be reached."""
     url = storage_url(url)
     try:
-        storage = RDBStorage(url, engine_kwargs=engine_options(url))
+        storage = (RDBStorage if url.startswith("sqlite") else PatientRDBStorage)(url, engine_kwargs=engine_options(url))
     except Exception as exc:  # SQLAlchemy raises many types for a bad URL or server
         raise StoreError(f"cannot open study store {redact(url)}: {first_line(exc) or type(exc).__name__}") from exc
     if url.startswith("sqlite"):
@@ -339,11 +400,15 @@ def requeue(study: optuna.Study, params: dict[str, Any], user_attrs: dict[str, A
     study.enqueue_trial(params, user_attrs={**kept, **extra})
 
 
-def reconcile(study: optuna.Study) -> list[int]:
+def reconcile(study: optuna.Study, *, leased: bool = False) -> list[int]:
     """Abandon every RUNNING trial whose driver is gone: a dead process on this host, or no
-    heartbeat for :data:`HEARTBEAT_GRACE` seconds from another host. Returns their numbers."""
+    heartbeat for :data:`HEARTBEAT_GRACE` seconds from another host. ``leased``: the caller holds
+    the study's driver lease (:mod:`hpo.running.lease`), so no other driver runs it and every
+    RUNNING trial is an orphan, however fresh its heartbeat (a driver container killed a moment
+    ago, then taken over). Returns their numbers."""
     now = time.time()
-    orphans = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if _orphaned(t, now)]
+    orphans = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+               if leased or _orphaned(t, now)]
     for t in orphans:
         owner = t.system_attrs.get(_OWNER, {})
         abandon(
