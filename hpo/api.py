@@ -361,7 +361,7 @@ def resume(
     folder = str(Path(code_dir).resolve()) if code_dir else handle.code_dir
     data = prepare(handle.spec, f"study {study_name!r}", folder, on_note, on_warning)
     with driving(handle.storage, handle.name, take_over=take_over):
-        orphans = reconcile(handle.study)
+        orphans = reconcile(handle.study, leased=True)
         if trials is not None:
             set_budget(handle, trials)
         if on_start is not None:

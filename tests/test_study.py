@@ -186,6 +186,21 @@ def test_resume_runs_the_abandoned_configuration_again(write_spec, storage_url):
     assert trials[-1].params["dropout.hidden.rate"] == rate
 
 
+def test_resume_holds_the_lease_so_a_trial_of_a_driver_just_killed_elsewhere_is_abandoned(write_spec, storage_url):
+    """A driver container killed a moment ago: its trial's heartbeat is fresh and its host is
+    another, yet no driver but the resuming one can run the study (the lease), so resume must not
+    leave the trial RUNNING beside a full budget."""
+    name, study, number = _orphan(storage_url, write_spec, {"host": "a-killed-container", "pid": 1})
+    study._storage.set_trial_system_attr(study.trials[number]._trial_id, "hpo:heartbeat", time.time())
+    assert reconcile(study) == [], "without the lease, a fresh heartbeat of another host is trusted"
+    abandoned = []
+    _, summary = api.resume(name, storage=storage_url, trials=2, execution=CPU,
+                            on_start=lambda handle, orphans: abandoned.extend(orphans))
+    trials = optuna.load_study(study_name=name, storage=storage_url).trials
+    assert abandoned == [number] and summary.counts.finished == 2
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+
+
 def test_optuna_cli_lists_the_trials_with_spec_parameter_names(write_spec, sqlite_url):
     api.submit(write_spec(), trials=2, study_name="cli", storage=sqlite_url, execution=CPU)
     optuna_cli = os.path.join(os.path.dirname(sys.executable), "optuna")
