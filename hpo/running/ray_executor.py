@@ -19,11 +19,13 @@ import asyncio
 import dataclasses
 import os
 import socket
+import sys
 from collections.abc import Iterable
 from typing import Any
 
 import ray
 import ray.exceptions
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from hpo.data import Splits
 from hpo.data.batches import Loading
@@ -35,6 +37,9 @@ from hpo.spec import ObjectiveSpec
 
 #: Seconds a worker waits for the driver's pruning decision before training on regardless.
 DECISION_TIMEOUT = 120.0
+#: Tries of a ray:// connection: Ray's client proxy sometimes fails to fork the session's server
+#: (ray-project/ray#63202; docker/compose.yaml also disables gRPC's fork support on the head).
+CLIENT_ATTEMPTS = 3
 
 _LOST = (
     ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError, ray.exceptions.OutOfMemoryError,
@@ -64,15 +69,28 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, code_dir
                            "pip install 'dropout-hpo[cluster]'") from None
     runtime_env = {"working_dir": code_dir, "excludes": CODE_EXCLUDES} if code_dir else None
     try:
-        ray.init(
-            address=address,
-            num_cpus=None if address else num_cpus,
-            include_dashboard=False,
-            log_to_driver=False,
-            configure_logging=True,
-            logging_level=ray_logging_level(),
-            runtime_env=runtime_env,
-        )
+        for attempt in range(1, CLIENT_ATTEMPTS + 1):
+            try:
+                ray.init(
+                    address=address,
+                    num_cpus=None if address else num_cpus,
+                    include_dashboard=False,
+                    log_to_driver=False,
+                    configure_logging=True,
+                    logging_level=ray_logging_level(),
+                    runtime_env=runtime_env,
+                )
+                break
+            except ConnectionAbortedError as exc:
+                if "Initialization failure from server" not in str(exc) or attempt == CLIENT_ATTEMPTS:
+                    raise
+                print(f"Ray's client server at {address} failed to start this session's server (a known Ray "
+                      f"race, ray-project/ray#63202); connecting again ({attempt + 1}/{CLIENT_ATTEMPTS})",
+                      file=sys.stderr, flush=True)
+    except ConnectionError as exc:
+        hint = "" if address and address.startswith("ray://") else (
+            "; a machine that is not a Ray node reaches the cluster through Ray's client: --ray-address ray://HEAD:10001")
+        raise HpoError(f"cannot reach the Ray cluster at {address} ({describe(exc)}){hint}") from None
     except Exception as exc:
         if code_dir and ("working_dir" in str(exc).lower() or "package" in str(exc).lower()):
             raise HpoError(f"cannot ship the code folder {code_dir} to Ray workers ({describe(exc)}); point "
@@ -222,7 +240,10 @@ class RayBackend:
         self.threads = max(1, int(cpus_per_trial))
         self.accelerator = "gpu" if gpus_per_trial > 0 else "cpu"
         self._data_ref = ray.put(data)
-        self._broker = PruningBroker.remote()
+        # On the driver's node (the head, for a Ray client): a worker node lost mid-study must not
+        # take the broker, and with it the driver, down.
+        self._broker = PruningBroker.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+            ray.get_runtime_context().get_node_id(), soft=True)).remote()
         self._tasks: dict[ray.ObjectRef, list[TrialJob]] = {}
         self._jobs: dict[int, TrialJob] = {}
         self._drain: ray.ObjectRef | None = None
