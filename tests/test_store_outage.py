@@ -124,3 +124,18 @@ def test_a_statement_the_database_refuses_is_not_retried(postgres_database):
         for _ in range(2):
             storage.create_new_study([optuna.study.StudyDirection.MINIMIZE], "same-name")
     assert time.monotonic() - start < 2
+
+
+def test_every_call_optunas_cache_makes_to_the_rdb_storage_is_patient():
+    """Optuna wraps RDB storages in _CachedStorage, which calls some private methods of the RDB
+    storage directly (a study's end, best_trial, went through an unwrapped one and crashed the
+    driver in the stack test's PostgreSQL fault)."""
+    import inspect
+    import re
+
+    from optuna.storages import RDBStorage, _cached_storage
+
+    called = set(re.findall(r"self\._backend\.(\w+)\(", inspect.getsource(_cached_storage)))
+    db_calls = {name for name in called if not name.startswith("get_heartbeat")}
+    assert db_calls, "optuna changed how it calls the storage"
+    assert [name for name in db_calls if getattr(PatientRDBStorage, name) is getattr(RDBStorage, name)] == []

@@ -127,7 +127,9 @@ for _name in ("create_new_study", "delete_study", "set_study_user_attr", "set_st
               "get_trial_id_from_study_id_trial_number", "get_trial_number_from_id", "get_trial_param",
               "set_trial_state_values", "set_trial_intermediate_value", "set_trial_user_attr",
               "set_trial_system_attr", "get_trial", "get_all_trials", "get_n_trials", "get_best_trial",
-              "_get_trials", "record_heartbeat", "_get_stale_trial_ids", "get_failed_trial_callback"):
+              "record_heartbeat", "get_failed_trial_callback",
+              # Optuna's _CachedStorage, which wraps every RDB storage, calls these directly.
+              "_get_trials", "_get_stale_trial_ids", "_create_new_trial", "_set_trial_param", "_get_best_trial_id"):
     if _name in vars(RDBStorage) or hasattr(RDBStorage, _name):
         setattr(PatientRDBStorage, _name, _patient(getattr(RDBStorage, _name)))
 
