@@ -40,5 +40,6 @@ def test_the_stack_builds_runs_studies_and_survives_faults(tmp_path):
     assert {"study via the hpo service", "study via ray:// from the host", "dashboard and auth",
             "down, up: state kept"} <= set(phases)
     assert set(result["faults"]) == {"worker killed", "MLflow stopped", "PostgreSQL restarted", "driver killed"}
-    leftovers = subprocess.run(["pgrep", "-f", "podman system service"], capture_output=True, text=True, check=False).stdout
+    leftovers = subprocess.run(["pgrep", "-f", "podman system service .*hpo-stack"], capture_output=True, text=True,
+                               check=False).stdout
     assert not leftovers.strip(), "the podman service the test started is still running"
