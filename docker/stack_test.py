@@ -398,7 +398,8 @@ def study_running(stack: Stack, name: str, trials: int, epochs: int, after: int)
     trials finished, then waits for the driver to exit."""
     write_spec(stack, name, trials=trials, epochs=epochs)
     driver = stack.compose_popen("run", "--rm", "-T", "-v", f"{stack.work / 'specs'}:/specs:ro", "hpo", "hpo",
-                                 "submit", f"/specs/{name}.yaml", "--workers", "2", log=stack.work / f"{name}.log")
+                                 "submit", f"/specs/{name}.yaml", "--workers", "2", "--cpus-per-trial",
+                                 worker_cpus(stack), log=stack.work / f"{name}.log")
     driver.log = stack.work / f"{name}.log"
     try:
         wait_for(f"{after} finished trials of {name}",
@@ -412,7 +413,7 @@ def study_running(stack: Stack, name: str, trials: int, epochs: int, after: int)
 
 def driver_exit(driver: subprocess.Popen) -> str:
     """The driver's exit status and the line of its output that says how it ended."""
-    lines = [line.strip() for line in driver.log.read_text().splitlines() if line.strip()]
+    lines = [line.strip() for line in driver.log.read_text().splitlines() if line.strip() and not line.strip().isdigit()]
     telling = [line for line in lines if line.startswith(("error", "budget reached", "stopped"))] or lines[-1:]
     return f"driver exited {driver.returncode}" + (f": {telling[-1][:200]}" if telling else "")
 
@@ -426,15 +427,23 @@ def resume_if_needed(stack: Stack, name: str, driver: subprocess.Popen) -> str:
 
 
 def fault_worker_killed(stack: Stack) -> str:
-    with study_running(stack, "fault-worker", trials=16, epochs=15, after=2) as driver:
-        stack.podman("kill", stack.container("ray-worker", 1))
+    """Worker 1 killed while it trains a trial, then started again."""
+    worker = stack.container("ray-worker", 1)
+    host = stack.podman("inspect", "--format", "{{.Config.Hostname}}", worker).stdout.strip()
+    with study_running(stack, "fault-worker", trials=16, epochs=60, after=2) as driver:
+        wait_for(f"a trial training on {worker}", lambda: [
+            t for t in study_trials(stack, "fault-worker")
+            if t.state.name == "RUNNING" and t.user_attrs.get("worker", {}).get("host") == host], 120, every=0.5)
+        stack.podman("kill", worker)
         time.sleep(3)
         stack.podman("start", stack.container("ray-worker", 1), check=False)
     seen = resume_if_needed(stack, "fault-worker", driver)
     trials = assert_budget(stack, "fault-worker", 16, seen)
     failed = sum(t.state.name == "FAIL" for t in trials)
+    if not failed:
+        raise StackError(f"killing {worker} mid-trial failed no trial ({seen})")
     wait_healthy(stack)
-    return f"{seen}; {failed} trial(s) failed as lost (counted, their configurations run again)"
+    return f"{seen}; {failed} trial(s) failed as 'worker lost' (counted, their configurations run again)"
 
 
 def fault_mlflow_stopped(stack: Stack) -> str:
