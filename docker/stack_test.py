@@ -446,13 +446,22 @@ def fault_worker_killed(stack: Stack) -> str:
     return f"{seen}; {failed} trial(s) failed as 'worker lost' (counted, their configurations run again)"
 
 
-def fault_mlflow_stopped(stack: Stack) -> str:
-    with study_running(stack, "fault-mlflow", trials=12, epochs=10, after=2) as driver:
-        stack.podman("stop", "-t", "2", stack.container("mlflow"))
-        time.sleep(8)
-        stack.podman("start", stack.container("mlflow"))
+def outage(stack: Stack, study: str, service: str, seconds: float) -> tuple[subprocess.Popen, str]:
+    """A 12-trial study during which ``service`` is stopped for ``seconds``; the driver and what
+    it printed at its end, once its budget is checked."""
+    with study_running(stack, study, trials=12, epochs=10, after=2) as driver:
+        stack.podman("stop", "-t", "5", stack.container(service))
+        time.sleep(seconds)
+        stack.podman("start", stack.container(service))
     seen = driver_exit(driver)
-    assert_budget(stack, "fault-mlflow", 12, seen)
+    if driver.returncode != 0:
+        raise StackError(f"a {seconds:g} s {service} outage stopped the driver ({seen})")
+    assert_budget(stack, study, 12, seen)
+    return driver, seen
+
+
+def fault_mlflow_stopped(stack: Stack) -> str:
+    _, seen = outage(stack, "fault-mlflow", "mlflow", 8)
     wait_for("MLflow back", lambda: urllib.request.urlopen(f"{stack.tracking}/health", timeout=5), 120)
     stack.in_cluster("sync", "fault-mlflow")
     assert_tracked(stack, "fault-mlflow", 12)
@@ -461,15 +470,8 @@ def fault_mlflow_stopped(stack: Stack) -> str:
 
 
 def fault_postgres_restarted(stack: Stack) -> str:
-    """PostgreSQL down for about 10 s mid-study (stopped, then started): the driver waits it out."""
-    with study_running(stack, "fault-postgres", trials=12, epochs=10, after=2) as driver:
-        stack.podman("stop", "-t", "5", stack.container("postgres"))
-        time.sleep(10)
-        stack.podman("start", stack.container("postgres"))
-    seen = driver_exit(driver)
-    if driver.returncode != 0:
-        raise StackError(f"a 10 s PostgreSQL outage stopped the driver ({seen}); it should wait up to 120 s")
-    assert_budget(stack, "fault-postgres", 12, seen)
+    """PostgreSQL down for 10 s mid-study: the driver waits it out (up to 120 s)."""
+    driver, seen = outage(stack, "fault-postgres", "postgres", 10)
     waited = [line for line in driver.log.read_text().splitlines() if "stopped answering" in line]
     wait_healthy(stack)
     stack.in_cluster("sync", "fault-postgres")  # MLflow's server stores on the same PostgreSQL
