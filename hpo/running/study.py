@@ -130,7 +130,7 @@ for _name in ("create_new_study", "delete_study", "set_study_user_attr", "set_st
               "record_heartbeat", "get_failed_trial_callback",
               # Optuna's _CachedStorage, which wraps every RDB storage, calls these directly.
               "_get_trials", "_get_stale_trial_ids", "_create_new_trial", "_set_trial_param", "_get_best_trial_id"):
-    if _name in vars(RDBStorage) or hasattr(RDBStorage, _name):
+    if hasattr(RDBStorage, _name):
         setattr(PatientRDBStorage, _name, _patient(getattr(RDBStorage, _name)))
 
 
