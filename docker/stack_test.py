@@ -119,16 +119,23 @@ class Stack:
     def podman(self, *args: str | Path, **kw) -> subprocess.CompletedProcess:
         return self.run("podman", *args, **kw)
 
+    def compose_argv(self, *args: str) -> list[str]:
+        return ["docker-compose", "--project-name", PROJECT, "--project-directory", str(DOCKER),
+                "--env-file", str(self.work / "stack.env"), "-f", str(DOCKER / "compose.yaml"), *args]
+
     def compose(self, *args: str, **kw) -> subprocess.CompletedProcess:
-        return self.run("docker-compose", "--project-name", PROJECT, "--project-directory", DOCKER,
-                        "--env-file", self.work / "stack.env", "-f", DOCKER / "compose.yaml", *args, **kw)
+        return self.run(*self.compose_argv(*args), **kw)
 
     def compose_popen(self, *args: str, log: Path) -> subprocess.Popen:
         """``docker-compose ARGS`` in the background, its output in ``log``."""
         with open(log, "w") as out:
-            return subprocess.Popen(["docker-compose", "--project-name", PROJECT, "--project-directory", str(DOCKER),
-                                     "--env-file", str(self.work / "stack.env"), "-f", str(DOCKER / "compose.yaml"),
-                                     *args], env=self.env, text=True, stdout=out, stderr=subprocess.STDOUT)
+            return subprocess.Popen(self.compose_argv(*args), env=self.env, text=True, stdout=out,
+                                    stderr=subprocess.STDOUT)
+
+    def containers(self, *filters: str, fields: str = "{{.Names}}") -> list[str]:
+        """``fields`` of the compose project's containers (and ``filters``), a line each."""
+        return self.podman("ps", "--filter", f"label=com.docker.compose.project={PROJECT}", *filters,
+                           "--format", fields, check=False).stdout.splitlines()
 
     def hpo(self, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
         """The hpo CLI of this host, pointed at the stack's published ports."""
@@ -195,9 +202,7 @@ def start_podman(stack: Stack) -> None:
 
 def _health_checks(stack: Stack) -> None:
     while not stack._stop.wait(3.0):
-        names = stack.podman("ps", "--filter", f"label=com.docker.compose.project={PROJECT}",
-                             "--format", "{{.Names}}", check=False).stdout.split()
-        for name in names:
+        for name in stack.containers():
             stack.podman("healthcheck", "run", name, check=False, timeout=60)
 
 
@@ -250,9 +255,7 @@ def up(stack: Stack) -> None:
 def wait_healthy(stack: Stack, timeout: float = 240) -> None:
     """Until the five services report healthy and both Ray workers joined the head."""
     def all_healthy() -> bool:
-        rows = stack.podman("ps", "--filter", f"label=com.docker.compose.project={PROJECT}",
-                            "--format", "{{.Names}} {{.Status}}").stdout.splitlines()
-        services = [row for row in rows if "_hpo_run_" not in row]
+        services = [row for row in stack.containers(fields="{{.Names}} {{.Status}}") if "_hpo_run_" not in row]
         return len(services) == 5 and all("(healthy)" in row for row in services)
 
     wait_for("every service healthy", all_healthy, timeout)
@@ -482,9 +485,10 @@ def fault_postgres_restarted(stack: Stack) -> str:
 
 def fault_driver_killed(stack: Stack) -> str:
     with study_running(stack, "fault-driver", trials=12, epochs=10, after=2) as driver:
-        names = stack.podman("ps", "--filter", f"label=com.docker.compose.project={PROJECT}",
-                             "--filter", "label=com.docker.compose.service=hpo", "--format", "{{.Names}}").stdout.split()
-        for name in names:
+        drivers = stack.containers("--filter", "label=com.docker.compose.service=hpo")
+        if not drivers:
+            raise StackError("no container of the hpo service to kill")
+        for name in drivers:
             stack.podman("kill", name)
     seen = resume_if_needed(stack, "fault-driver", driver)
     assert_budget(stack, "fault-driver", 12, seen)
