@@ -72,7 +72,7 @@ def main() -> None:
             "pruner: {name: none}", "pruner: {name: median, n_startup_trials: 1000}"))
         start = time.perf_counter()
         api.submit(spec, trials=args.trials, storage=f"sqlite:///{folder}/hpo.db", seed=0,
-                   execution=api.Execution(accelerator="cpu"),
+                   execution=api.Execution(accelerator="cpu", group_size=1),
                    tracking=Tracking(enabled=args.tracking, uri=f"sqlite:///{folder}/mlflow.db"))
         wall = time.perf_counter() - start
     n = args.trials

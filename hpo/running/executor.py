@@ -31,6 +31,7 @@ from hpo.models.module import NonFiniteLossError
 from hpo.running.group import SHARED_PARAMETERS, group_key, run_group
 from hpo.running.study import (
     FAIL_REASON,
+    GROUP,
     HEARTBEAT_INTERVAL,
     MAX_NORM_LAYERS,
     SITES,
@@ -394,7 +395,7 @@ def _ask_group(study: optuna.Study, spec: Any, study_seed: int, size: int) -> li
         for job in members:
             job.group = members[0].trial.number
             if len(members) > 1:
-                job.trial.set_user_attr("group", {"first": job.group, "size": len(members)})
+                job.trial.set_user_attr(GROUP, {"first": job.group, "size": len(members)})
     return list(groups.values())
 
 

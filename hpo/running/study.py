@@ -29,7 +29,8 @@ from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from hpo.errors import StoreError, first_line
-from hpo.spec import PrunerSpec, SamplerSpec, Spec, parse_spec
+from hpo.running.pruning import make_pruner
+from hpo.spec import SamplerSpec, Spec, parse_spec
 
 DEFAULT_STORAGE = "sqlite:///hpo.db"
 STORAGE_ENV = "HPO_STORAGE"
@@ -51,6 +52,8 @@ SITES, MAX_NORM_LAYERS = "sites", "max_norm_layers"
 #: The torch thread count a trial trained with: a re-run (``hpo sync``, ``evaluate``, ``retrain``)
 #: uses it too, since the count changes float rounding.
 THREADS = "threads"
+#: A member of a vectorised group keeps ``{"first": number of the group's first trial, "size": K}``.
+GROUP = "group"
 #: Eval-mode metrics and counts a finished trial keeps as user attributes (reports, exports,
 #: MLflow read them).
 TRIAL_METRICS = ("train_acc", "val_acc", "test_acc", "train_loss", "val_loss", "test_loss", "gap",
@@ -203,18 +206,6 @@ def make_sampler(spec: SamplerSpec, seed: int | None) -> optuna.samplers.BaseSam
     """The Optuna sampler a spec names. TPE is multivariate with grouped (conditional)
     parameters and the constant liar, so concurrent trials do not duplicate each other."""
     return SAMPLERS[spec.name](spec, seed)
-
-
-def make_pruner(spec: PrunerSpec) -> optuna.pruners.BasePruner:
-    if spec.name == "median":
-        return optuna.pruners.MedianPruner(
-            n_startup_trials=spec.n_startup_trials, n_warmup_steps=spec.n_warmup_steps
-        )
-    if spec.name == "hyperband":
-        return optuna.pruners.HyperbandPruner(
-            min_resource=spec.min_resource, reduction_factor=spec.reduction_factor
-        )
-    return optuna.pruners.NopPruner()
 
 
 @dataclass
