@@ -43,7 +43,8 @@ from public_benchmarks import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from hpo.running.study import make_pruner, make_sampler  # noqa: E402
+from hpo.running.pruning import make_pruner
+from hpo.running.study import make_sampler  # noqa: E402
 from hpo.spec import PrunerSpec, SamplerSpec, Spec  # noqa: E402
 
 LCBENCH_FULL_EVALUATIONS = 126
@@ -77,6 +78,8 @@ class Arm:
 
 
 DEFAULT = Spec()
+#: An empty spec with LCBench's epochs: the pruner's default warm-up depends on them.
+LCBENCH_SPEC = Spec.model_validate({"training": {"epochs": 52}})
 NONE = PrunerSpec(name="none")
 
 
@@ -107,11 +110,14 @@ def group_arms(sizes: tuple[int, ...] = (5, 16)) -> list[Arm]:
 
 
 def pruner_arms() -> list[Arm]:
-    """LCBench's arms, budget in epochs: the default (TPE with the median pruner) and its
-    alternatives."""
-    tpe, median = DEFAULT.sampler, DEFAULT.active_pruner
+    """LCBench's arms, budget in epochs: the default (TPE with the median pruner an empty spec
+    of LCBench's 52 epochs gets) and its alternatives, among them the median pruner's warm-up
+    before it became a fifth of the epochs (2) and half of them (26)."""
+    tpe, median = DEFAULT.sampler, LCBENCH_SPEC.active_pruner
     return [
         Arm("tpe + median (hpo default)", tpe, median),
+        *[Arm(f"tpe + median, {w} warm-up epochs", tpe, median.model_copy(update={"n_warmup_steps": w}))
+          for w in (2, 26)],
         Arm("tpe + hyperband", tpe, PrunerSpec(name="hyperband")),
         Arm("tpe, no pruner", tpe, NONE),
         Arm("random + median", SamplerSpec(name="random"), median),

@@ -499,11 +499,15 @@ class SamplerSpec(_Strict):
 
 
 class PrunerSpec(_Strict):
-    """Optuna pruner stopping poor trials early, judged per epoch on the first objective."""
+    """Optuna pruner stopping poor trials early, judged per epoch on the first objective.
+
+    ``n_warmup_steps``: epochs the median pruner lets every trial train before judging it;
+    default a fifth of ``training.epochs``, at least 2 (:func:`default_warmup`).
+    """
 
     name: Literal["median", "hyperband", "none"] = "median"
     n_startup_trials: int = Field(5, ge=0)
-    n_warmup_steps: int = Field(2, ge=0)
+    n_warmup_steps: int | None = Field(None, ge=0)
     min_resource: int = Field(1, ge=1)
     reduction_factor: int = Field(3, ge=2)
 
@@ -604,9 +608,18 @@ class Spec(_Strict):
     def active_pruner(self) -> PrunerSpec:
         """The pruner in force: median by default; none for multi-objective studies, which
         Optuna cannot prune."""
-        if self.pruner is not None:
-            return self.pruner
-        return PrunerSpec(name="none" if self.multi_objective else "median")
+        pruner = self.pruner or PrunerSpec(name="none" if self.multi_objective else "median")
+        if pruner.n_warmup_steps is None:
+            pruner = pruner.model_copy(update={"n_warmup_steps": default_warmup(self.training.epochs)})
+        return pruner
+
+
+def default_warmup(epochs: int) -> int:
+    """The median pruner's warm-up for trials of ``epochs`` epochs: a fifth of them, at least 2.
+    Chosen on LCBench (52 epochs, 3 tasks, 50 seeds, docs/reports/search-efficiency): 10 warm-up
+    epochs gave a lower mean regret than Optuna's fixed 2 on every task; curves judged after 2
+    epochs pruned trials that would have caught up."""
+    return max(2, round(epochs / 5))
 
 
 def read_spec_file(path: str | Path) -> str:

@@ -21,7 +21,8 @@ import optuna  # noqa: E402
 from public_benchmarks import FCNet, LCBench, random_search_quantile, random_trials_to_reach  # noqa: E402
 from search_efficiency import Arm, group_arms, parallel_arms, pruner_arms, run_study, sampler_arms  # noqa: E402
 
-from hpo.running.study import make_pruner, make_sampler  # noqa: E402
+from hpo.running.pruning import make_pruner
+from hpo.running.study import make_sampler  # noqa: E402
 from hpo.spec import PrunerSpec, SamplerSpec, Spec  # noqa: E402
 
 
@@ -59,8 +60,9 @@ def test_the_arms_are_the_samplers_and_pruners_a_spec_builds():
     assert type(sampler) is type(make_sampler(Spec().sampler, 3)) and sampler._constant_liar
     assert not next(a for a in parallel_arms() if a.label == "tpe k=8, no liar").build(0)[0]._constant_liar
     median = pruner_arms()[0]
-    assert median.pruner == Spec().active_pruner
-    assert type(median.build(0)[1]) is type(make_pruner(Spec().active_pruner))
+    lcbench = Spec.model_validate({"training": {"epochs": 52}})
+    assert median.pruner == lcbench.active_pruner and median.pruner.n_warmup_steps == 10
+    assert type(median.build(0)[1]) is type(make_pruner(lcbench.active_pruner))
 
 
 def test_a_group_shares_the_first_members_shape_and_searches_the_rest():

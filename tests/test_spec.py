@@ -197,3 +197,10 @@ def test_bad_user_model_sections_are_one_line_naming_the_key(text, key, problem)
     with pytest.raises(SpecError) as error:
         parse_spec(text, source="space.yaml")
     assert error.value.key == key and problem in error.value.problem, str(error.value)
+
+
+@pytest.mark.parametrize("epochs,warmup", [(3, 2), (10, 2), (25, 5), (52, 10), (200, 40)])
+def test_the_median_pruners_warm_up_is_a_fifth_of_the_epochs_unless_given(epochs, warmup):
+    assert parse_spec(f"training: {{epochs: {epochs}}}").active_pruner.n_warmup_steps == warmup
+    given = parse_spec(f"training: {{epochs: {epochs}}}\npruner: {{name: median, n_warmup_steps: 7}}")
+    assert given.active_pruner.n_warmup_steps == 7
