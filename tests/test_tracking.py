@@ -5,9 +5,11 @@ without duplicates."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -187,6 +189,8 @@ def test_a_study_is_one_parent_run_with_one_nested_run_per_trial(write_spec, tmp
     model = mlflow.pytorch.load_model(parent.data.tags["hpo.best_model"])
     assert evaluate(model, digits.val)[1] == pytest.approx(best.user_attrs["val_acc"])
     assert (tmp_path / "mlartifacts").is_dir(), "artifacts live beside the embedded store"
+    with contextlib.closing(sqlite3.connect(tmp_path / "mlflow.db")) as connection:
+        assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal", "writes append to a log"
 
 
 def test_a_tracking_server_and_ray_workers_give_the_same_layout(write_spec, server_factory, sqlite_url):

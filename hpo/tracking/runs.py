@@ -224,7 +224,26 @@ def client(settings: Tracking) -> MlflowClient:
     logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)  # failures are reported once, by us
     from mlflow import MlflowClient
 
+    write_ahead(settings.resolved_uri)
     return MlflowClient(tracking_uri=settings.resolved_uri)
+
+
+def write_ahead(uri: str) -> None:
+    """Put an embedded ``sqlite:///`` MLflow store in write-ahead-log mode (kept in the file) before
+    MLflow opens it, as the study store is (:func:`hpo.running.study.open_storage`): each of the
+    tracker's batched writes otherwise waits for a rollback journal's fsyncs, which slowed the
+    trials training beside it. A server's store, or a file that is not SQLite, is left alone."""
+    import sqlite3
+
+    path = sqlite_path(uri)
+    if path is None or str(path) in ("", ":memory:"):
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with contextlib.closing(sqlite3.connect(path, timeout=10)) as connection:
+            connection.execute("PRAGMA journal_mode=WAL")
+    except sqlite3.DatabaseError:
+        return  # MLflow says what is wrong with the file
 
 
 def ensure_experiment(mlflow_client: MlflowClient, name: str, uri: str) -> str:

@@ -77,13 +77,13 @@ class Tracker:
     # The driver's side: each call returns at once.
 
     def start(self) -> None:
-        """Start the background thread, which first opens the experiment and the study's parent
-        run; nothing here waits on MLflow."""
+        """Start the background thread, which first opens the store, the experiment and the
+        study's parent run (a new SQLite store takes seconds of schema migrations), so the first
+        trials train meanwhile; nothing here waits on MLflow."""
         # Imported here, before any trial: it loads pytorch_lightning, which re-points
         # Lightning's loggers; each trial then quiets them again (hpo.running.trial.quiet_lightning).
         import mlflow.pytorch  # noqa: F401
 
-        self._client = client(self.settings)
         self._put("open")
         self._thread.start()
 
@@ -126,6 +126,7 @@ class Tracker:
             self._queue.put((kind, args))
 
     def _on_open(self) -> None:
+        self._client = client(self.settings)
         self.experiment_id, self.parent_id = ensure_parent_run(self._client, self.handle, self.settings)
 
     def _fail(self, exc: BaseException) -> None:
