@@ -35,7 +35,7 @@ def run(mode: str, workers: int, trials: int, epochs: int, folder: Path) -> dict
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, logging_level="warning")
         ray_start = time.perf_counter() - start
     execution = api.Execution(executor="local" if mode == "in-process" else "ray", workers=workers,
-                              cpus_per_trial=1, accelerator="cpu")
+                              cpus_per_trial=1, accelerator="cpu", group_size=1)
     start = time.perf_counter()
     _, summary = api.submit(space, trials=trials, storage=url, execution=execution,
                             tracking=Tracking(enabled=False))

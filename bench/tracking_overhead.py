@@ -56,7 +56,7 @@ def run(mode: str, uri: str | None, trials: int, epochs: int, workdir: Path, cal
     start = time.perf_counter()
     _, summary = api.submit(
         spec, trials=trials, study_name=mode, storage=f"sqlite:///{workdir / f'study-{uuid.uuid4().hex}.db'}", seed=0,
-        execution=api.Execution(accelerator="cpu"),
+        execution=api.Execution(accelerator="cpu", group_size=1),
         tracking=Tracking(enabled=uri is not None, uri=uri),
     )
     wall = time.perf_counter() - start

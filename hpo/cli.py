@@ -88,7 +88,7 @@ ExecutorOption = Annotated[Executor, typer.Option("--executor", help="local: one
 Workers = Annotated[int, typer.Option(min=1, help="Trials running at once (Ray).")]
 CpusPerTrial = Annotated[float | None, typer.Option(min=0.01, show_default=False, help="CPUs each Ray trial reserves \\[default: 1]; torch threads of in-process trials \\[default: one per 200 MFLOP of a training step, at most the cores].")]
 GpusPerTrial = Annotated[str, typer.Option(help="GPUs each Ray trial reserves; 0.25 packs four trials per GPU; auto measures one trial on a GPU and packs as many as fit.")]
-GroupSize = Annotated[int, typer.Option(min=1, help="Trials trained together as one vectorised model (MLP spaces; 32-128 fill a GPU).")]
+GroupSize = Annotated[str, typer.Option(help="Trials trained together as one vectorised model (MLP spaces; 32-128 fill a GPU); auto: 5 for an MLP trained in-process on a CPU, else 1.")]
 MaxRetries = Annotated[int, typer.Option(min=0, help="Times a configuration whose worker died is queued again.")]
 RayAddress = Annotated[str | None, typer.Option(envvar="RAY_ADDRESS", show_default=False, help="Ray cluster address \\[default: a local Ray instance when Ray is used].")]
 Timeout = Annotated[float | None, typer.Option(min=0, help="Stop starting trials after this many seconds.", show_default=False)]
@@ -105,7 +105,7 @@ _RUN_OPTIONS = [
     ("workers", Workers, 1),
     ("cpus_per_trial", CpusPerTrial, None),
     ("gpus_per_trial", GpusPerTrial, "0"),
-    ("group_size", GroupSize, 1),
+    ("group_size", GroupSize, "auto"),
     ("max_retries", MaxRetries, 1),
     ("ray_address", RayAddress, None),
     ("accelerator", AcceleratorOption, Accelerator.auto),
@@ -176,7 +176,7 @@ def _run_options(command: F) -> F:
         execution = Execution(
             options["executor"].value, options["workers"], options["cpus_per_trial"],
             _gpus(options["gpus_per_trial"]), options["max_retries"], options["ray_address"],
-            options["accelerator"].value, options["group_size"], precision=options["precision"].value,
+            options["accelerator"].value, _group_size(options["group_size"]), precision=options["precision"].value,
         )
         tracking = Tracking(options["tracking"], options["tracking_uri"], options["experiment"])
         return command(*args, execution=execution, tracking=tracking, **kwargs)
@@ -349,6 +349,16 @@ def _gpus(value: str) -> float | str:
         return float(value)
     except ValueError:
         raise HpoError(f"--gpus-per-trial must be 'auto' or a number, got {value!r}") from None
+
+
+def _group_size(value: str) -> int | str:
+    """``--group-size``: ``auto`` or a whole number (checked by :class:`hpo.api.Execution`)."""
+    if value.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(value)
+    except ValueError:
+        raise HpoError(f"--group-size must be 'auto' or a whole number >= 1, got {value!r}") from None
 
 
 def _note(message: str) -> None:

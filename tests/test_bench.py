@@ -65,11 +65,11 @@ def test_the_user_model_bench_trains_the_same_network_both_ways():
 @pytest.mark.slow
 def test_the_peer_bench_runs_ray_tune_and_hpo_on_the_same_task():
     done = subprocess.run([sys.executable, str(BENCH.with_name("peer.py")), "--trials", "2", "--epochs", "1",
-                           "--modes", "ray tune peer", "in-process"], capture_output=True, text=True, timeout=280)
+                           "--modes", "ray tune peer", "hpo default"], capture_output=True, text=True, timeout=280)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
             for line in done.stdout.splitlines() if line.startswith("| ") and not line.startswith("| run")}
-    assert list(rows) == ["ray tune peer", "in-process"]
+    assert list(rows) == ["ray tune peer", "hpo default"]
     assert rows["ray tune peer"][2] == "1.0x" and all(0 < float(r[3]) <= 1 and 0 < float(r[4]) <= 1 for r in rows.values())
 
 

@@ -159,7 +159,10 @@ def _freeze_mid_trial(driver: subprocess.Popen, url: str) -> None:
 def test_a_stopped_driver_loses_no_trial_and_resume_completes_the_budget(tmp_path, how):
     (tmp_path / "space.yaml").write_text(SLOW_SPEC)
     url = f"sqlite:///{tmp_path / 'hpo.db'}"
-    driver = _hpo("submit", "space.yaml", "--trials", "6", "--storage", url, "--accelerator", "cpu", cwd=tmp_path)
+    # One trial at a time: a group's members are told one by one, so "two finished, one
+    # running" would also hold between two tells, with no trial training.
+    driver = _hpo("submit", "space.yaml", "--trials", "6", "--storage", url, "--accelerator", "cpu",
+                  "--group-size", "1", cwd=tmp_path)
     _freeze_mid_trial(driver, url)
     driver.send_signal(how)
     driver.send_signal(signal.SIGCONT)
@@ -176,7 +179,7 @@ def test_a_stopped_driver_loses_no_trial_and_resume_completes_the_budget(tmp_pat
         assert TrialState.RUNNING not in [t.state for t in before]
 
     resumed = subprocess.run([sys.executable, "-m", "hpo", "resume", "tiny", "--storage", url,
-                              "--accelerator", "cpu"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                              "--accelerator", "cpu", "--group-size", "1"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     after = optuna.load_study(study_name="tiny", storage=url).trials
     assert TrialState.RUNNING not in [t.state for t in after]

@@ -17,7 +17,7 @@ from hpo import api
 from hpo.api import Execution
 from hpo.models.nets import NetConfig, build_net
 from hpo.running.group import SHARED_PARAMETERS, GroupMLP, MemberEnd, group_key, run_group
-from hpo.running.trial import TrialResult, run_trial
+from hpo.running.trial import TrialResult, evaluate, run_trial
 from hpo.space import suggest
 from hpo.spec import ObjectiveSpec, parse_spec
 
@@ -127,3 +127,66 @@ def test_group_configurations_come_from_the_spec_as_solo_ones_do():
 def test_invalid_group_sizes_are_refused():
     with pytest.raises(api.HpoError, match="group-size"):
         Execution(group_size=0)
+    with pytest.raises(api.HpoError, match="group-size"):
+        Execution(group_size="many")
+
+
+@pytest.mark.parametrize("arch,execution,size", [
+    ("mlp", Execution(accelerator="cpu"), api.AUTO_GROUP_SIZE),
+    ("mlp", Execution(accelerator="cpu", group_size=1), 1),
+    ("mlp", Execution(accelerator="cpu", group_size=8), 8),
+    ("cnn", Execution(accelerator="cpu"), 1),
+    ("mlp", Execution(accelerator="gpu"), 1),
+    ("mlp", Execution(accelerator="cpu", workers=2), 1),
+    ("mlp, timed", Execution(accelerator="cpu"), 1),
+])
+def test_auto_group_size_groups_mlps_trained_in_process_on_a_cpu(arch, execution, size):
+    spec = parse_spec(TINY_SPEC.replace("variant: {choice: [inverted, gaussian]}", "variant: inverted")
+                      .replace("arch: mlp", f"arch: {arch.split(',')[0]}"))
+    if "timed" in arch:
+        spec = spec.model_copy(update={"objective": parse_spec("objective: [val/acc, epoch_time]").objective})
+    settled, note = api.settle_group_size(spec, execution)
+    assert settled.group_size == size
+    assert (note is not None) == (execution.group_size == "auto" and size > 1)
+
+
+def test_the_default_computes_what_an_explicit_group_size_does(write_spec, sqlite_url):
+    """``group_size="auto"`` is a choice of mode, not a mode of its own: a seeded study by
+    default equals the same study with that size given explicitly."""
+    notes = []
+    studies = {}
+    for label, execution in (("auto", Execution()), ("explicit", Execution(group_size=api.AUTO_GROUP_SIZE))):
+        name = f"{label}-{uuid.uuid4().hex[:8]}"
+        api.submit(write_spec(), trials=6, study_name=name, storage=sqlite_url, seed=5, baselines=False,
+                   execution=execution, on_note=notes.append)
+        studies[label] = [(t.params, t.values, t.state, t.user_attrs.get("group"))
+                          for t in optuna.load_study(study_name=name, storage=sqlite_url).trials]
+    assert studies["auto"] == studies["explicit"]
+    assert studies["auto"][0][3] is not None, "the default trained a group"
+    assert sum("vectorised groups of 5" in n for n in notes) == 1, "said once, for the default only"
+
+
+def test_a_grouped_trial_trains_again_to_the_same_values_in_its_group(write_spec, sqlite_url, digits):
+    """``hpo sync``/``evaluate`` re-run a trial whose network MLflow lacks: a group member is
+    re-run in its group, the members pruned in the study pruned at the same epochs, since its
+    dropout masks were drawn with theirs (alone it would train to other weights)."""
+    from hpo.analysis.best_model import rerun
+    from hpo.running.study import load_study
+
+    spec = TINY_SPEC.replace("lr: {low: 0.01, high: 0.2, log: true}", "lr: {choice: [1.0e-7, 0.1]}")
+    spec = spec.replace("sampler: {name: tpe", "sampler: {name: random").replace("epochs: 3", "epochs: 6")
+    spec = spec.replace("variant: {choice: [inverted, gaussian]}", "variant: inverted")
+    name = f"rerun-{uuid.uuid4().hex[:8]}"
+    api.submit(write_spec(spec), trials=10, study_name=name, storage=sqlite_url, seed=3, baselines=False,
+               execution=Execution(accelerator="cpu", group_size=5))
+    handle = load_study(name, sqlite_url)
+    trials = handle.study.trials
+    groups = {}
+    for t in trials:
+        groups.setdefault(t.user_attrs["group"]["first"], []).append(t)
+    mixed = [g for g in groups.values() if {t.state for t in g} == {TrialState.COMPLETE, TrialState.PRUNED}]
+    assert mixed, "seed 3 gives a group with pruned and complete members"
+    member = next(t for t in mixed[0] if t.state == TrialState.COMPLETE)
+    again = rerun(handle, member, digits)
+    assert again.values == member.values
+    assert evaluate(again.net, digits.val)[0] == member.user_attrs["val_loss"], "the very same weights"

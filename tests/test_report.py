@@ -50,7 +50,7 @@ def study(tmp_path_factory, mlflow_store):
     space = folder / "space.yaml"
     space.write_text(SPEC)
     storage = f"sqlite:///{folder / 'studies.db'}"
-    handle, _ = api.submit(space, storage=storage, execution=Execution(accelerator="cpu"),
+    handle, _ = api.submit(space, storage=storage, execution=Execution(accelerator="cpu", group_size=1),
                            tracking=Tracking(uri=mlflow_store))
     return load_study("report", storage), folder
 

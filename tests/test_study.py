@@ -32,6 +32,8 @@ from hpo.space import searched_parameters
 from .conftest import TINY_SPEC
 
 CPU = Execution(accelerator="cpu")
+#: One trial at a time: trial numbers are then the order in which trials trained.
+SOLO = Execution(accelerator="cpu", group_size=1)
 
 
 def _name() -> str:
@@ -98,7 +100,7 @@ def test_hopeless_trials_are_pruned_per_epoch(write_spec, sqlite_url):
     spec = TINY_SPEC.replace("lr: {low: 0.01, high: 0.2, log: true}", "lr: {choice: [1.0e-7, 0.1]}")
     spec = spec.replace("sampler: {name: tpe", "sampler: {name: random").replace("epochs: 3", "epochs: 6")
     api.submit(write_spec(spec), trials=10, study_name="pruned", storage=sqlite_url,
-               execution=CPU, baselines=False, seed=3)
+               execution=SOLO, baselines=False, seed=3)
     trials = optuna.load_study(study_name="pruned", storage=sqlite_url).trials
     complete_before = lambda t: sum(u.state == TrialState.COMPLETE for u in trials[:t.number])  # noqa: E731
     hopeless = [t for t in trials if t.params["training.lr"] == 1e-7 and complete_before(t) >= 2]

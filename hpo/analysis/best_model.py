@@ -20,7 +20,8 @@ from hpo.data import Split, Splits, TrialData
 from hpo.errors import HpoError
 from hpo.models.module import split_batch
 from hpo.models.user_model import UserTrialConfig
-from hpo.running.study import THREADS, StudyHandle, best_trial
+from hpo.running.group import run_group
+from hpo.running.study import GROUP, THREADS, StudyHandle, best_trial
 from hpo.running.threads import torch_threads
 from hpo.running.trial import TrialResult, evaluate, run_trial
 from hpo.running.user_trial import evaluate_batches
@@ -68,11 +69,38 @@ def trial_threads(trial: FrozenTrial) -> int:
 
 def rerun(handle: StudyHandle, trial: FrozenTrial, data: TrialData, accelerator: str = "cpu") -> Rerun:
     """Train ``trial``'s configuration again with its own seed and thread count (as long as
-    the trial took)."""
+    the trial took). A member of a vectorised group is trained in its group again, the other
+    members pruned at the epochs they were, since its dropout masks were drawn with theirs."""
     config = trial_config(handle, trial)
     with torch_threads(trial_threads(trial)):
-        result = run_trial(config, data, handle.spec.objective, accelerator=accelerator)
+        if trial.user_attrs.get(GROUP):
+            result = _rerun_in_group(handle, trial, data, accelerator)
+        else:
+            result = run_trial(config, data, handle.spec.objective, accelerator=accelerator)
     return Rerun(trained_network(config, result.state, data), result.values)
+
+
+def _rerun_in_group(handle: StudyHandle, trial: FrozenTrial, data: TrialData, accelerator: str) -> TrialResult:
+    first = trial.user_attrs[GROUP]["first"]
+    members = sorted((t for t in handle.study.get_trials(deepcopy=False)
+                      if (t.user_attrs.get(GROUP) or {}).get("first") == first), key=lambda t: t.number)
+    replays = [_PrunedAt(t.last_step if t.state == optuna.trial.TrialState.PRUNED else None) for t in members]
+    results = run_group([trial_config(handle, t) for t in members], data, handle.spec.objective,
+                        pruning_trials=replays, accelerator=accelerator)
+    return results[[t.number for t in members].index(trial.number)]
+
+
+class _PrunedAt:
+    """A group member's pruning decisions replayed: pruned at epoch ``step``, or never."""
+
+    def __init__(self, step: int | None) -> None:
+        self.step, self.last = step, -1
+
+    def report(self, value: float, step: int) -> None:
+        self.last = step
+
+    def should_prune(self) -> bool:
+        return self.step is not None and self.last >= self.step
 
 
 def network(handle: StudyHandle, trial: FrozenTrial, data: TrialData, model_uri: str | None = None,
