@@ -175,8 +175,11 @@ def _run_options(command: F) -> F:
         options = {name: kwargs.pop(name) for name, _, _ in _RUN_OPTIONS}
         execution = Execution(
             options["executor"].value, options["workers"], options["cpus_per_trial"],
-            _gpus(options["gpus_per_trial"]), options["max_retries"], options["ray_address"],
-            options["accelerator"].value, _group_size(options["group_size"]), precision=options["precision"].value,
+            gpus_per_trial=_auto_or(options["gpus_per_trial"], "--gpus-per-trial", float, "a number"),
+            max_retries=options["max_retries"], ray_address=options["ray_address"],
+            accelerator=options["accelerator"].value,
+            group_size=_auto_or(options["group_size"], "--group-size", int, "a whole number >= 1"),
+            precision=options["precision"].value,
         )
         tracking = Tracking(options["tracking"], options["tracking_uri"], options["experiment"])
         return command(*args, execution=execution, tracking=tracking, **kwargs)
@@ -341,24 +344,15 @@ def _print_tracking(handle: StudyHandle, tracking: Any) -> None:
         )
 
 
-def _gpus(value: str) -> float | str:
-    """``--gpus-per-trial``: ``auto`` or a number."""
+def _auto_or(value: str, option: str, kind: type, what: str) -> int | float | str:
+    """An option that takes ``auto`` or a number of ``kind`` (``what`` names it in the error);
+    ranges are checked by :class:`hpo.api.Execution`."""
     if value.strip().lower() == "auto":
         return "auto"
     try:
-        return float(value)
+        return kind(value)
     except ValueError:
-        raise HpoError(f"--gpus-per-trial must be 'auto' or a number, got {value!r}") from None
-
-
-def _group_size(value: str) -> int | str:
-    """``--group-size``: ``auto`` or a whole number (checked by :class:`hpo.api.Execution`)."""
-    if value.strip().lower() == "auto":
-        return "auto"
-    try:
-        return int(value)
-    except ValueError:
-        raise HpoError(f"--group-size must be 'auto' or a whole number >= 1, got {value!r}") from None
+        raise HpoError(f"{option} must be 'auto' or {what}, got {value!r}") from None
 
 
 def _note(message: str) -> None:

@@ -206,9 +206,15 @@ def test_group_size_and_gpus_per_trial_reach_the_study_from_the_command_line(tmp
     assert [t.user_attrs.get("group") for t in trials] == [{"first": 0, "size": 3}] * 3
 
 
-def test_a_gpus_per_trial_that_is_neither_auto_nor_a_number_is_one_line_with_exit_2(tmp_path, write_spec):
+@pytest.mark.parametrize("option,value,message", [
+    ("--gpus-per-trial", "lots", "--gpus-per-trial must be 'auto' or a number, got 'lots'"),
+    ("--group-size", "many", "--group-size must be 'auto' or a whole number >= 1, got 'many'"),
+    ("--group-size", "0", "group-size must be 'auto' or a whole number >= 1, got 0"),
+])
+def test_an_execution_option_that_is_neither_auto_nor_a_number_is_one_line_with_exit_2(tmp_path, write_spec,
+                                                                                      option, value, message):
     store = tmp_path / "g.db"
-    result = runner.invoke(app, ["submit", str(write_spec()), "--gpus-per-trial", "lots", "--storage", f"sqlite:///{store}"])
+    result = runner.invoke(app, ["submit", str(write_spec()), option, value, "--storage", f"sqlite:///{store}"])
     assert result.exit_code == 2
-    assert result.stderr.strip() == "error: --gpus-per-trial must be 'auto' or a number, got 'lots'"
+    assert result.stderr.strip() == f"error: {message}"
     assert not store.exists()
