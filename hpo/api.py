@@ -7,6 +7,7 @@ store is written, so bad input leaves the store as it was.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import secrets
@@ -118,8 +119,6 @@ def settle_group_size(spec: Spec, execution: Execution) -> tuple[Execution, str 
     says so when it chose groups. Groups only where they were measured to pay: a built-in MLP
     trained in this process on a CPU (on a GPU, or with Ray workers, a trial trains alone), and
     not when ``epoch_time`` is an objective (a member's is its group's)."""
-    import dataclasses
-
     if execution.group_size != "auto":
         return execution, None
     groups = (not spec.user_model and spec.model.arch == "mlp" and not execution.uses_ray
@@ -354,6 +353,7 @@ def submit(
             seed=seed,
             spec_source=str(path),
             code_dir=folder if spec.user_model else None,
+            group_size=execution.group_size,
             first_trials=[(baseline_params(spec, kind), {BASELINE: kind}) for kind in spec.baselines],
         )
         with driving(handle.storage, handle.name):
@@ -401,7 +401,8 @@ def resume(
     configurations queued again first. ``trials`` sets a new total budget. ``on_start`` gets the
     study and the numbers of the trials it abandoned. A study that another live driver runs is
     refused (:class:`hpo.running.lease.StudyBusy`); ``take_over`` takes its lease anyway, for a
-    driver known to be dead on another host whose heartbeat is not yet stale.
+    driver known to be dead on another host whose heartbeat is not yet stale. With
+    ``execution.group_size="auto"`` the study goes on with the group size it was submitted with.
     """
     handle = load_study(study_name, storage)
     folder = str(Path(code_dir).resolve()) if code_dir else handle.code_dir
@@ -412,6 +413,8 @@ def resume(
             set_budget(handle, trials)
         if on_start is not None:
             on_start(handle, orphans)
+        if execution.group_size == "auto" and handle.group_size is not None:
+            execution = dataclasses.replace(execution, group_size=handle.group_size)
         execution = _settled(handle.spec, execution, on_note)
         with _backend(handle.spec, handle.seed, data, execution, on_note, folder) as backend:
             return handle, _run(handle, data, backend, execution, tracking, timeout or handle.spec.budget.timeout,

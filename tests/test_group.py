@@ -190,3 +190,15 @@ def test_a_grouped_trial_trains_again_to_the_same_values_in_its_group(write_spec
     again = rerun(handle, member, digits)
     assert again.values == member.values
     assert evaluate(again.net, digits.val)[0] == member.user_attrs["val_loss"], "the very same weights"
+
+
+def test_resume_goes_on_with_the_group_size_the_study_was_submitted_with(write_spec, sqlite_url):
+    name = f"resume-{uuid.uuid4().hex[:8]}"
+    api.submit(write_spec(), trials=2, study_name=name, storage=sqlite_url, baselines=False,
+               execution=Execution(accelerator="cpu", group_size=1))
+    api.resume(name, storage=sqlite_url, trials=4, execution=Execution(accelerator="cpu"))
+    solo = optuna.load_study(study_name=name, storage=sqlite_url).trials
+    assert len(solo) == 4 and all("group" not in t.user_attrs for t in solo), "auto kept --group-size 1"
+    api.resume(name, storage=sqlite_url, trials=7, execution=Execution(accelerator="cpu", group_size=3))
+    assert [t.user_attrs.get("group") for t in optuna.load_study(study_name=name, storage=sqlite_url).trials[4:]] == \
+        [{"first": 4, "size": 3}] * 3, "an explicit size wins"

@@ -41,6 +41,7 @@ HEARTBEAT_INTERVAL = 30.0
 HEARTBEAT_GRACE = 120.0
 
 _SPEC, _SPEC_SOURCE, _BUDGET, _SEED = "hpo:spec", "hpo:spec_source", "hpo:trials", "hpo:seed"
+_GROUP_SIZE = "hpo:group_size"
 _CODE_DIR = "hpo:code_dir"
 _OWNER, _HEARTBEAT = "hpo:driver", "hpo:heartbeat"
 ABANDONED = "abandoned"
@@ -227,6 +228,13 @@ class StudyHandle:
         """The folder of the user's code, for a study of a user model (absolute, as submitted)."""
         return self.study.user_attrs.get(_CODE_DIR)
 
+    @property
+    def group_size(self) -> int | None:
+        """Trials per vectorised group the study was submitted with (``None`` before it was kept):
+        ``hpo resume`` goes on with it unless told otherwise."""
+        size = self.study.user_attrs.get(_GROUP_SIZE)
+        return None if size is None else int(size)
+
 
 def create_study(
     spec: Spec,
@@ -238,10 +246,12 @@ def create_study(
     seed: int,
     spec_source: str = "",
     code_dir: str | None = None,
+    group_size: int | None = None,
     first_trials: list[tuple[dict[str, Any], dict[str, Any]]] = (),
 ) -> StudyHandle:
     """Create study ``name`` from a validated spec, refusing to touch an existing one, and queue
-    ``first_trials`` (parameters, user attributes), e.g. the spec's baselines, before any other."""
+    ``first_trials`` (parameters, user attributes), e.g. the spec's baselines, before any other.
+    ``group_size`` is kept for ``hpo resume``."""
     url = storage_url(storage)
     rdb = open_storage(url)
     if name in {s.study_name for s in optuna.get_all_study_summaries(rdb, include_best_trial=False)}:
@@ -260,6 +270,8 @@ def create_study(
         study.set_user_attr(key, value)
     if code_dir is not None:
         study.set_user_attr(_CODE_DIR, code_dir)
+    if group_size is not None:
+        study.set_user_attr(_GROUP_SIZE, group_size)
     for params, user_attrs in first_trials:
         study.enqueue_trial(params, user_attrs=user_attrs)
     return StudyHandle(study, spec, budget, seed, url)
