@@ -238,12 +238,12 @@ def write_ahead(uri: str) -> None:
     path = sqlite_path(uri)
     if path is None or str(path) in ("", ":memory:"):
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.closing(sqlite3.connect(path, timeout=10)) as connection:
             connection.execute("PRAGMA journal_mode=WAL")
-    except sqlite3.DatabaseError:
-        return  # MLflow says what is wrong with the file
+    except (sqlite3.Error, OSError):
+        return  # MLflow says what is wrong with the path or the file
 
 
 def ensure_experiment(mlflow_client: MlflowClient, name: str, uri: str) -> str:
