@@ -1,4 +1,4 @@
-"""The pruner a spec names, built so that judging an epoch costs no store round trip.
+"""The pruner a spec names, built so that judging an epoch seldom costs a store round trip.
 
 Optuna's median pruner asks the study for its complete trials at every ``should_prune``, and
 the study store answers that with a query for every running trial (about 5 ms on SQLite): 15
