@@ -1,5 +1,6 @@
 """Public HPO benchmarks with dropout in their search spaces, as objectives an Optuna study can
-run offline: FCNet (a lookup table) and the LCBench surrogate (an ONNX network).
+run offline: FCNet (a lookup table), the LCBench surrogate (an ONNX network) and the project's own
+MNIST-1D dropout table (real hpo trials, bench/mnist1d_table.py).
 
 Each benchmark suggests its own parameters on an Optuna trial, says what a configuration scores
 (lower is better) and, where it has per-epoch values, its learning curve; and it gives the
@@ -19,6 +20,7 @@ import numpy as np
 import optuna
 
 LCBENCH_DIR = Path(__file__).resolve().parent / "data" / "lcbench"
+MNIST1D_TABLE = Path(__file__).resolve().parent / "data" / "mnist1d" / "table.json.gz"
 FCNET_DATASETS = ("naval_propulsion", "parkinsons_telemonitoring", "protein_structure", "slice_localization")
 LCBENCH_TASKS = ("167168", "189873", "189906")
 
@@ -34,7 +36,9 @@ class Benchmark(Protocol):
 
     def suggest(self, trial: optuna.Trial) -> tuple: ...
 
-    def score(self, config: tuple) -> float: ...
+    def score(self, config: tuple) -> float:
+        """What a finished trial of ``config`` scores (for a benchmark with curves, what its
+        trial reports at the end, which need not be the curve's last value)."""
 
     def curve(self, config: tuple) -> np.ndarray: ...
 
@@ -168,6 +172,67 @@ class LCBench:
             rng.uniform(0.0, 1.0, n),
         ])
         return 100 - np.concatenate([self._accuracy(part) for part in np.array_split(rows, 20)])
+
+
+@dataclass
+class MNIST1DTable:
+    """The MNIST-1D dropout table (``bench/mnist1d_table.py``): every combination of a dropout
+    variant, input rate, hidden rate and max-norm radius for a 2x256 MLP, trained by hpo for
+    30 epochs with several seeds each. A configuration scores its validation error (1 - accuracy)
+    at its best epoch, as hpo reports a trial, averaged over the seeds; its curve is the mean
+    validation error at each epoch, which pruners judge. Every parameter is a choice, so uniform
+    random search samples the configurations uniformly and its curve is exact.
+    """
+
+    path: Path = MNIST1D_TABLE
+    #: What fixes a vectorised group's shape here: the dropout variant (the network is fixed).
+    shared: tuple[str, ...] = ("dropout.variant",)
+    name: str = "mnist1d/table"
+
+    @cached_property
+    def table(self) -> dict:
+        import gzip
+
+        with gzip.open(self.path, "rt") as f:
+            return json.load(f)
+
+    @cached_property
+    def _index(self) -> dict[tuple, int]:
+        return {tuple(config): i for i, config in enumerate(self.table["configs"])}
+
+    @cached_property
+    def _scores(self) -> np.ndarray:
+        return 1 - np.array(self.table["value"], dtype=float).mean(axis=1)
+
+    @cached_property
+    def _curves(self) -> np.ndarray:
+        return 1 - np.array(self.table["val_acc"], dtype=float).mean(axis=1)
+
+    @property
+    def epochs(self) -> int:
+        return int(self.table["epochs"])
+
+    @cached_property
+    def space(self) -> dict[str, list]:
+        """Each parameter's choices, in the table's order."""
+        columns = zip(*self.table["configs"])
+        return {name: list(dict.fromkeys(column)) for name, column in zip(self.table["parameters"], columns)}
+
+    def load(self) -> None:
+        self._index, self._scores, self._curves
+
+    def suggest(self, trial: optuna.Trial) -> tuple:
+        return tuple(trial.suggest_categorical(name, choices) for name, choices in self.space.items())
+
+    def score(self, config: tuple) -> float:
+        return float(self._scores[self._index[config]])
+
+    def curve(self, config: tuple) -> np.ndarray:
+        return self._curves[self._index[config]]
+
+    @property
+    def reference_scores(self) -> np.ndarray:
+        return self._scores
 
 
 def random_search_quantile(scores: np.ndarray, trials: np.ndarray | int, q: float = 0.5) -> np.ndarray:

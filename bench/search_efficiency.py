@@ -3,19 +3,21 @@ dropout benchmarks, over many seeds.
 
 Every arm's sampler and pruner are the objects ``hpo.running.study.make_sampler`` and
 ``make_pruner`` build from a spec's ``sampler:`` and ``pruner:`` sections (the default arm from
-an empty spec), run against FCNet (a table: 62,208 configurations, exact optimum) and the LCBench
-surrogate (52 epochs, so pruners are judged too). ``k`` concurrent trials are simulated exactly:
+an empty spec), run against FCNet (a table: 62,208 configurations, exact optimum), the LCBench
+surrogate (52 epochs, so pruners are judged too) and the MNIST-1D dropout table made of real hpo
+trials (180 configurations x 4 seeds, 30 epochs; ``bench/mnist1d_table.py``). ``k`` concurrent trials are simulated exactly:
 ``k`` asks, then their epochs in lockstep, then their tells, so the constant liar sees ``k - 1``
 running trials at each ask.
 
 Regret is a configuration's score minus the benchmark's best: FCNet's validation MSE minus the
 table's minimum; for LCBench, normalised as in YAHPO Gym, (best accuracy - found accuracy) /
 (best - worst) with the best and worst over 100,000 uniform configurations and every evaluated
-one. Random search's curve is also known exactly from the table (order statistics), which gives
+one; for MNIST-1D the same with the table's best and worst configuration. Random search's curve is also known exactly from the table (order statistics), which gives
 "evaluations random search needs" for each arm.
 
     python bench/search_efficiency.py                          # everything, ~1 h on 2 cores
     python bench/search_efficiency.py --suite fcnet --seeds 10 --trials 50
+    python bench/search_efficiency.py --suite mnist1d             # the MNIST-1D table, ~3 min
     python bench/search_efficiency.py --report docs/reports/search-efficiency   # + plots, summary
 """
 
@@ -38,6 +40,7 @@ from public_benchmarks import (
     LCBENCH_TASKS,
     FCNet,
     LCBench,
+    MNIST1DTable,
     random_search_quantile,
     random_trials_to_reach,
 )
@@ -48,6 +51,9 @@ from hpo.running.study import make_sampler  # noqa: E402
 from hpo.spec import PrunerSpec, SamplerSpec, Spec  # noqa: E402
 
 LCBENCH_FULL_EVALUATIONS = 126
+#: The MNIST-1D table has 180 configurations: a budget of 20 full evaluations is a ninth of it.
+MNIST1D_FULL_EVALUATIONS = 20
+Bench = FCNet | LCBench | MNIST1DTable
 
 
 @dataclass(frozen=True)
@@ -78,8 +84,13 @@ class Arm:
 
 
 DEFAULT = Spec()
-#: An empty spec with LCBench's epochs: the pruner's default warm-up depends on them.
-LCBENCH_SPEC = Spec.model_validate({"training": {"epochs": 52}})
+
+
+def epochs_spec(epochs: int) -> Spec:
+    """An empty spec with a benchmark's epochs: the pruner's default warm-up depends on them."""
+    return Spec.model_validate({"training": {"epochs": epochs}})
+
+
 NONE = PrunerSpec(name="none")
 
 
@@ -109,15 +120,16 @@ def group_arms(sizes: tuple[int, ...] = (5, 16)) -> list[Arm]:
     return [Arm(f"tpe groups of {k}", DEFAULT.sampler, NONE, group=k) for k in sizes]
 
 
-def pruner_arms() -> list[Arm]:
-    """LCBench's arms, budget in epochs: the default (TPE with the median pruner an empty spec
-    of LCBench's 52 epochs gets) and its alternatives, among them the median pruner's warm-up
-    before it became a fifth of the epochs (2) and half of them (26)."""
-    tpe, median = DEFAULT.sampler, LCBENCH_SPEC.active_pruner
+def pruner_arms(epochs: int = 52) -> list[Arm]:
+    """The arms of a benchmark with curves of ``epochs`` epochs (LCBench's 52 by default), budget
+    in epochs: the default (TPE with the median pruner an empty spec of those epochs gets) and its
+    alternatives, among them the median pruner's warm-up before it became a fifth of the epochs
+    (2) and half of them."""
+    tpe, median = DEFAULT.sampler, epochs_spec(epochs).active_pruner
     return [
         Arm("tpe + median (hpo default)", tpe, median),
         *[Arm(f"tpe + median, {w} warm-up epochs", tpe, median.model_copy(update={"n_warmup_steps": w}))
-          for w in (2, 26)],
+          for w in (2, epochs // 2)],
         Arm("tpe + hyperband", tpe, PrunerSpec(name="hyperband")),
         Arm("tpe, no pruner", tpe, NONE),
         Arm("random + median", SamplerSpec(name="random"), median),
@@ -136,7 +148,7 @@ class Run:
     ask_seconds: float
 
 
-def run_study(bench: FCNet | LCBench, arm: Arm, seed: int, *, trials: int | None = None,
+def run_study(bench: Bench, arm: Arm, seed: int, *, trials: int | None = None,
               epochs: int | None = None) -> Run:
     """Run ``arm`` on ``bench`` until ``trials`` trials have finished or ``epochs`` epochs are
     spent (a trial that does not finish its epochs within that budget is abandoned)."""
@@ -170,16 +182,16 @@ def run_study(bench: FCNet | LCBench, arm: Arm, seed: int, *, trials: int | None
                 if epochs is not None and spent >= epochs:
                     break
                 still = []
-                for trial, _ in running:
+                for trial, config in running:
                     value = float(curves[trial.number][step])
                     spent += 1
                     trial.report(value, step + 1)
                     if step + 1 < bench.epochs and trial.should_prune():
                         outcomes[trial.number] = (optuna.trial.TrialState.PRUNED, value)
                     elif step + 1 == bench.epochs:
-                        outcomes[trial.number] = (optuna.trial.TrialState.COMPLETE, value)
+                        outcomes[trial.number] = (optuna.trial.TrialState.COMPLETE, bench.score(config))
                     else:
-                        still.append((trial, _))
+                        still.append((trial, config))
                 running = still
         for trial, _ in live:
             state, value = outcomes.get(trial.number, (optuna.trial.TrialState.FAIL, None))
@@ -195,16 +207,24 @@ def run_study(bench: FCNet | LCBench, arm: Arm, seed: int, *, trials: int | None
     return run
 
 
-def make_bench(name: str) -> FCNet | LCBench:
-    """A benchmark by its name (``fcnet/naval``, ``lcbench/189873``), loaded, so that no ask
-    is timed with the table's or the network's loading."""
+def make_bench(name: str) -> Bench:
+    """A benchmark by its name (``fcnet/naval``, ``lcbench/189873``, ``mnist1d/table``), loaded,
+    so that no ask is timed with the table's or the network's loading."""
     family, key = name.split("/")
-    bench = FCNet(next(d for d in FCNET_DATASETS if d.startswith(key))) if family == "fcnet" else LCBench(key)
+    if family == "fcnet":
+        bench = FCNet(next(d for d in FCNET_DATASETS if d.startswith(key)))
+    else:
+        bench = LCBench(key) if family == "lcbench" else MNIST1DTable()
     bench.load()
     return bench
 
 
-_BENCHES: dict[str, FCNet | LCBench] = {}
+def budget(results: dict, name: str) -> int:
+    """The epoch budget the runs of benchmark ``name`` (one with curves) were given."""
+    return results["budgets"][name.split("/")[0]]
+
+
+_BENCHES: dict[str, Bench] = {}
 
 
 def _job(args: tuple[str, Arm, int, int | None, int | None]) -> tuple[str, str, int, dict]:
@@ -232,7 +252,7 @@ def quartiles(values: np.ndarray) -> tuple[float, float, float]:
     return float(median), float(q1), float(q3)
 
 
-def summarise(results: dict, trials: int, lcbench_budget: int) -> dict:
+def summarise(results: dict, trials: int) -> dict:
     """Per benchmark and arm: median and quartiles of regret at the budget, random search's
     trials to match the median (FCNet, exact), and the sampler's ask time."""
     summary = {}
@@ -247,7 +267,7 @@ def summarise(results: dict, trials: int, lcbench_budget: int) -> dict:
                 scores = best_after_trials(runs, trials)
                 regret = scores - low
             else:
-                scores = best_after_epochs(runs, lcbench_budget)
+                scores = best_after_epochs(runs, budget(results, name))
                 regret = (scores - low) / (high - low)
             median, q1, q3 = quartiles(regret)
             rows[label] = {
@@ -257,7 +277,8 @@ def summarise(results: dict, trials: int, lcbench_budget: int) -> dict:
                 "seeds": len(runs),
                 "trials": float(np.mean([len(r["best"]) for r in runs])),
             }
-        summary[name] = {"optimum": float(low), "worst": float(high), "arms": rows}
+        summary[name] = {"optimum": float(low), "worst": float(high), "arms": rows,
+                         **({"budget_epochs": budget(results, name), "epochs": bench.epochs} if bench.epochs else {})}
     return summary
 
 
@@ -289,7 +310,7 @@ def _ratio(value: float | None) -> str:
     return f"> {-value:.0f}x" if value < 0 else f"{value:.2f}x"
 
 
-def print_tables(summary: dict, parallel: dict, trials: int, lcbench_budget: int) -> None:
+def _print_fcnet(summary: dict, trials: int) -> None:
     print(f"\nFCNet: regret of the best validation MSE after {trials} trials (median [q1, q3] over seeds); "
           "random search's exact trials to match the median, and that over the arm's trials")
     print("| benchmark | arm | seeds | median regret | q1 | q3 | random needs | speed-up | ask ms |")
@@ -300,16 +321,25 @@ def print_tables(summary: dict, parallel: dict, trials: int, lcbench_budget: int
         for label, row in cell["arms"].items():
             print(f"| {name} | {label} | {row['seeds']} | {row['median']:.3g} | {row['q1']:.3g} | {row['q3']:.3g} "
                   f"| {row['random_trials']:.0f} | {row['random_trials'] / trials:.1f}x | {row['ask_ms']:.1f} |")
-    if any(n.startswith("lcbench") for n in summary):
-        print(f"\nLCBench: normalised regret after {lcbench_budget} epochs "
-              f"({lcbench_budget // 52} full evaluations), mean and median [q1, q3] over seeds")
-        print("| benchmark | arm | seeds | trials | mean | median | q1 | q3 | ask ms |")
-        print("|---|---|---|---|---|---|---|---|---|")
-        for name, cell in summary.items():
-            if name.startswith("lcbench"):
-                for label, row in cell["arms"].items():
-                    print(f"| {name} | {label} | {row['seeds']} | {row['trials']:.0f} | {row['mean']:.3f} "
-                          f"| {row['median']:.3f} | {row['q1']:.3f} | {row['q3']:.3f} | {row['ask_ms']:.1f} |")
+
+
+def print_tables(summary: dict, parallel: dict, trials: int) -> None:
+    if any(name.startswith("fcnet") for name in summary):
+        _print_fcnet(summary, trials)
+    for family, title in (("lcbench", "LCBench"), ("mnist1d", "MNIST-1D table")):
+        cells = {name: cell for name, cell in summary.items() if name.startswith(family)}
+        if not cells:
+            continue
+        epochs, per_trial = next(iter(cells.values()))["budget_epochs"], next(iter(cells.values()))["epochs"]
+        print(f"\n{title}: normalised regret after {epochs} epochs ({epochs // per_trial} full evaluations), "
+              "mean and median [q1, q3] over seeds; random search's exact full evaluations to match the median")
+        print("| benchmark | arm | seeds | trials | mean | median | q1 | q3 | random needs | ask ms |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for name, cell in cells.items():
+            for label, row in cell["arms"].items():
+                print(f"| {name} | {label} | {row['seeds']} | {row['trials']:.0f} | {row['mean']:.3f} "
+                      f"| {row['median']:.3f} | {row['q1']:.3f} | {row['q3']:.3f} | {row['random_trials']:.0f} "
+                      f"| {row['ask_ms']:.1f} |")
     if parallel:
         print(f"\nParallel: trials the default needs with k concurrent trials (or in vectorised groups) to reach "
               f"its sequential median at {trials}, over {trials}")
@@ -333,6 +363,7 @@ def plot(results: dict, summary: dict, trials: int, folder: Path) -> list[Path]:
         "fcnet": ("fcnet", lambda label: not label.startswith(("tpe k=", "tpe groups", "tpe, ", "cmaes"))),
         "fcnet-parallel": ("fcnet", lambda label: label.startswith(("tpe k=", "tpe groups"))),
         "lcbench": ("lcbench", lambda label: True),
+        "mnist1d": ("mnist1d", lambda label: True),
     }
     written = []
     for figure, (family, shown) in figures.items():
@@ -351,9 +382,9 @@ def plot(results: dict, summary: dict, trials: int, folder: Path) -> list[Path]:
                     x = np.arange(1, min(len(r["best"]) for r in runs) + 1)
                     curves = np.array([[best_after_trials([r], n)[0] for n in x] for r in runs]) - low
                 else:
-                    x = np.linspace(52, results["lcbench_budget"], 60).astype(int)
+                    x = np.linspace(bench.epochs, budget(results, name), 60).astype(int)
                     curves = (np.array([[best_after_epochs([r], b)[0] for b in x] for r in runs]) - low) / (high - low)
-                    x = x / 52
+                    x = x / bench.epochs
                 q1, median, q3 = np.quantile(curves, [0.25, 0.5, 0.75], axis=0)
                 line, = ax.plot(x, median, label=label)
                 ax.fill_between(x, q1, q3, color=line.get_color(), alpha=0.15)
@@ -364,7 +395,7 @@ def plot(results: dict, summary: dict, trials: int, folder: Path) -> list[Path]:
                 ax.set_xlabel("trials")
                 ax.set_ylabel("regret (validation MSE)")
             else:
-                ax.set_xlabel("full evaluations (52 epochs each)")
+                ax.set_xlabel(f"full evaluations ({bench.epochs} epochs each)")
                 ax.set_ylabel("normalised regret")
             ax.set_yscale("log")
             ax.set_title(name)
@@ -379,8 +410,8 @@ def plot(results: dict, summary: dict, trials: int, folder: Path) -> list[Path]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", nargs="+", choices=["fcnet", "parallel", "lcbench"],
-                        default=["fcnet", "parallel", "lcbench"])
+    parser.add_argument("--suite", nargs="+", choices=["fcnet", "parallel", "lcbench", "mnist1d"],
+                        default=["fcnet", "parallel", "lcbench", "mnist1d"])
     parser.add_argument("--seeds", type=int, default=50)
     parser.add_argument("--gp-seeds", type=int, default=None, help="seeds for the GP arm (slow): default --seeds")
     parser.add_argument("--trials", type=int, default=50, help="FCNet budget in trials")
@@ -389,6 +420,8 @@ def main() -> None:
                              "GP, whose asks grow slow, runs --trials)")
     parser.add_argument("--full-evaluations", type=int, default=LCBENCH_FULL_EVALUATIONS,
                         help="LCBench budget, in 52-epoch evaluations")
+    parser.add_argument("--mnist1d-evaluations", type=int, default=MNIST1D_FULL_EVALUATIONS,
+                        help="MNIST-1D table budget, in evaluations of the table's epochs")
     parser.add_argument("--datasets", nargs="+", default=None, help="FCNet data sets (prefixes: naval ...)")
     parser.add_argument("--tasks", nargs="+", default=list(LCBENCH_TASKS), help="LCBench OpenML tasks")
     parser.add_argument("--arms", nargs="+", default=None, help="only the arms with these labels")
@@ -398,14 +431,16 @@ def main() -> None:
     parser.add_argument("--report", type=Path, default=None, help="write plots and summary.json here")
     args = parser.parse_args()
     curve_trials = args.curve_trials or 2 * args.trials
-    budget = args.full_evaluations * 52
+    budgets = {"lcbench": args.full_evaluations * 52}
+    if "mnist1d" in args.suite or args.load:
+        budgets["mnist1d"] = args.mnist1d_evaluations * MNIST1DTable().epochs
     datasets = [d.split("_")[0] for d in FCNET_DATASETS] if args.datasets is None else args.datasets
 
     if args.load:
-        results = {"runs": {}, "lcbench_budget": budget}
+        results = {"runs": {}, "budgets": budgets}
         for path in args.load:
             saved = json.loads(path.read_text())
-            results["lcbench_budget"] = saved["lcbench_budget"]
+            results["budgets"].update(saved.get("budgets", {"lcbench": saved.get("lcbench_budget")}))
             for name, arms in saved["runs"].items():
                 for label, runs in arms.items():
                     results["runs"].setdefault(name, {}).setdefault(label, []).extend(runs)
@@ -421,9 +456,12 @@ def main() -> None:
             jobs += [(f"fcnet/{d}", arm, s, args.trials if gp else curve_trials, None)
                      for d in datasets for s in range(seeds)]
         if "lcbench" in args.suite:
-            jobs += [(f"lcbench/{t}", arm, s, None, budget) for arm in pruner_arms()
+            jobs += [(f"lcbench/{t}", arm, s, None, budgets["lcbench"]) for arm in pruner_arms()
                      if not args.arms or arm.label in args.arms for t in args.tasks for s in range(args.seeds)]
-        results = {"runs": {}, "lcbench_budget": budget}
+        if "mnist1d" in args.suite:
+            jobs += [("mnist1d/table", arm, s, None, budgets["mnist1d"]) for arm in pruner_arms(MNIST1DTable().epochs)
+                     if not args.arms or arm.label in args.arms for s in range(args.seeds)]
+        results = {"runs": {}, "budgets": budgets}
         started = time.perf_counter()
         with ProcessPoolExecutor(max_workers=args.jobs) as pool:
             for done, (name, label, seed, run) in enumerate(pool.map(_job, jobs, chunksize=1), 1):
@@ -433,9 +471,9 @@ def main() -> None:
                           flush=True)
                     if args.save:  # what is done so far survives a stopped run
                         args.save.write_text(json.dumps(results))
-    summary = summarise(results, args.trials, results["lcbench_budget"])
+    summary = summarise(results, args.trials)
     parallel = parallel_cost(results, args.trials)
-    print_tables(summary, parallel, args.trials, results["lcbench_budget"])
+    print_tables(summary, parallel, args.trials)
     if args.report:
         args.report.mkdir(parents=True, exist_ok=True)
         (args.report / "summary.json").write_text(json.dumps({"summary": summary, "parallel": parallel,

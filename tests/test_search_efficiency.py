@@ -103,16 +103,17 @@ def test_lcbench_curves_are_judged_by_the_pruner_within_the_epoch_budget():
 def test_the_bench_prints_its_tables_and_writes_its_report(tmp_path):
     done = subprocess.run(
         [sys.executable, str(BENCH / "search_efficiency.py"), "--seeds", "2", "--gp-seeds", "1", "--trials", "8",
-         "--datasets", "naval", "--tasks", "189906", "--full-evaluations", "6", "--save", str(tmp_path / "runs.json"),
+         "--datasets", "naval", "--tasks", "189906", "--full-evaluations", "6", "--mnist1d-evaluations", "4", "--save", str(tmp_path / "runs.json"),
          "--report", str(tmp_path / "report")],
         capture_output=True, text=True, timeout=240,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [[c.strip() for c in line.split("|")[1:-1]] for line in done.stdout.splitlines()
-            if line.startswith("| fcnet") or line.startswith("| lcbench")]
+            if line.startswith(("| fcnet", "| lcbench", "| mnist1d"))]
     labels = {(r[0], r[1]) for r in rows}
     assert {("fcnet/naval", a.label) for a in sampler_arms()} <= labels
     assert {("lcbench/189906", a.label) for a in pruner_arms()} <= labels
+    assert {("mnist1d/table", a.label) for a in pruner_arms(40)} <= labels
     parallel = next(r for r in rows if r[0] == "fcnet/naval" and len(r) == 1 + len(parallel_arms()) + len(group_arms()))  # the parallel table
     assert float(parallel[1].rstrip("x")) <= 1, "k=1 reaches its own median by the budget"
     summary = json.loads((tmp_path / "report" / "summary.json").read_text())["summary"]
@@ -120,6 +121,8 @@ def test_the_bench_prints_its_tables_and_writes_its_report(tmp_path):
     assert all(0 <= row["median"] <= 1 for row in summary["lcbench/189906"]["arms"].values())
     assert (tmp_path / "report" / "fcnet.png").stat().st_size > 10_000
     assert (tmp_path / "report" / "lcbench.png").stat().st_size > 10_000
+    assert (tmp_path / "report" / "mnist1d.png").stat().st_size > 10_000
+    assert summary["mnist1d/table"]["budget_epochs"] == 4 * 40
     again = subprocess.run([sys.executable, str(BENCH / "search_efficiency.py"), "--trials", "8",
                             "--load", str(tmp_path / "runs.json")], capture_output=True, text=True, timeout=120)
     assert again.returncode == 0, again.stderr[-2000:]
