@@ -39,6 +39,9 @@ from hpo.tracking import (
     sync,
     trial_record,
 )
+from hpo.running.executor import TrialJob
+from hpo.space import suggest
+from hpo.tracking import tracker as tracker_module
 from hpo.tracking.dashboard import healthy, server_command
 from hpo.tracking.sync import child_runs
 
@@ -191,6 +194,31 @@ def test_a_study_is_one_parent_run_with_one_nested_run_per_trial(write_spec, tmp
     assert (tmp_path / "mlartifacts").is_dir(), "artifacts live beside the embedded store"
     with contextlib.closing(sqlite3.connect(tmp_path / "mlflow.db")) as connection:
         assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal", "writes append to a log"
+
+
+def test_a_short_study_logs_one_network_its_final_best_however_often_the_best_changed(
+        write_spec, tmp_path, sqlite_url, digits):
+    """Within the tracker's model interval only the latest best trial's network is logged, at the
+    end of the run; the bests it replaced end as finished runs without a model."""
+    name, uri = _name(), f"sqlite:///{tmp_path / 'mlflow.db'}"
+    api.submit(write_spec(TINY_SPEC), trials=8, study_name=name, storage=sqlite_url, seed=1, baselines=False,
+               execution=Execution(accelerator="cpu", group_size=1), tracking=Tracking(uri=uri))
+    study = optuna.load_study(study_name=name, storage=sqlite_url)
+    complete = sorted((t for t in study.trials if t.state == TrialState.COMPLETE), key=lambda t: t.datetime_complete)
+    running_best = [max(t.value for t in complete[: i + 1]) for i in range(len(complete))]
+    assert len(set(running_best)) >= 2, "the best changed during the study"
+    parent, _ = _runs(uri, name)
+    client = MlflowClient(uri)
+    models = client.search_logged_models(experiment_ids=[parent.info.experiment_id])
+    best_run = parent.data.tags["hpo.best_model"].split("/")[1]
+    assert [m.source_run_id for m in models] == [best_run]
+    assert client.get_run(best_run).data.tags[NUMBER_TAG] == str(study.best_trial.number)
+    _check_mirrors_the_store(uri, sqlite_url, name)
+    import mlflow.pytorch
+
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pytorch.load_model(parent.data.tags["hpo.best_model"])
+    assert evaluate(model, digits.val)[1] == pytest.approx(study.best_trial.user_attrs["val_acc"])
 
 
 def test_a_tracking_server_and_ray_workers_give_the_same_layout(write_spec, server_factory, sqlite_url):
@@ -390,6 +418,42 @@ def test_tracking_batches_epoch_metrics(write_spec, tmp_path, sqlite_url, monkey
     numbers = 3 * 8 * 5  # trials x epochs x epoch metrics
     assert sum(calls) >= numbers
     assert len(calls) <= 3 * 6 + 6, f"{len(calls)} log_batch calls for {numbers} epoch numbers"
+
+
+def test_a_running_trials_epochs_reach_mlflow_within_the_metrics_lag(write_spec, tmp_path, sqlite_url):
+    """Live curves: the epochs of a trial still running are sent once the oldest has waited the
+    tracker's metrics lag, not only when the trial ends."""
+    handle, _ = api.submit(write_spec(), trials=1, study_name="live", storage=sqlite_url, execution=CPU,
+                           tracking=Tracking(enabled=False))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(handle, Tracking(uri=uri), metrics_lag=0.5)
+    tracker.start()
+    trial = handle.study.ask()
+    tracker.trial_started(TrialJob(trial, suggest(trial, handle.spec, seed=0)))
+    for step in (1, 2):
+        tracker.epoch(trial.number, {"epoch": step, "val/acc": 0.5 + step / 10, "train/loss": 1.0 / step})
+    client, deadline = MlflowClient(uri), time.monotonic() + 60
+    while True:
+        experiment = client.get_experiment_by_name("live")
+        runs = client.search_runs([experiment.experiment_id]) if experiment else []
+        running = [r for r in runs if r.data.tags.get(NUMBER_TAG) == str(trial.number)]
+        if running and len(client.get_metric_history(running[0].info.run_id, "val/acc")) == 2:
+            break
+        assert time.monotonic() < deadline, "a running trial's epochs never reached MLflow"
+        time.sleep(0.2)
+    assert running[0].info.status == "RUNNING"
+    tracker.close("interrupted")
+
+
+def test_epochs_sent_while_running_and_at_the_end_are_each_logged_once(write_spec, tmp_path, sqlite_url, monkeypatch):
+    """With no metrics lag every pass of the tracker sends what is pending, and a finished trial
+    sends only the epochs not sent yet: MLflow's history equals the store's, without repeats."""
+    monkeypatch.setattr(tracker_module, "METRICS_LAG_S", 0.0)
+    name, uri = _name(), f"sqlite:///{tmp_path / 'mlflow.db'}"
+    spec = TINY_SPEC.replace("epochs: 3", "epochs: 30").replace("pruner: {name: median", "pruner: {name: none")
+    api.submit(write_spec(spec), trials=3, study_name=name, storage=sqlite_url, baselines=False,
+               execution=Execution(accelerator="cpu", group_size=1), tracking=Tracking(uri=uri))
+    _check_mirrors_the_store(uri, sqlite_url, name)
 
 
 def test_the_tracker_thread_never_blocks_the_driver(write_spec, sqlite_url):

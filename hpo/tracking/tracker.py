@@ -41,6 +41,30 @@ if TYPE_CHECKING:
     from hpo.running.executor import Outcome, TrialJob
 
 
+#: Seconds between two best models logged while a study runs. Logging one is MLflow's heaviest
+#: call (it pickles the network, loads it again and serves its input example: 0.1 s for a small
+#: MLP on a 2-core CPU, 0.9 s the first time, far more for a large user model, all taken from the
+#: trials training meanwhile), and a short study's best changes every few trials. The study's
+#: final best is logged when the run ends, whatever the interval.
+MODEL_INTERVAL_S = 30.0
+
+
+#: Seconds a running trial's epoch metrics may wait before they are sent on their own (what the
+#: dashboard's live curves lag by). A trial that finishes sooner sends them with its final values,
+#: in the one call that completes its run: most of the tracker's calls were these small batches.
+METRICS_LAG_S = 5.0
+
+
+@dataclass
+class _PendingModel:
+    """A best trial's network waiting to be logged into its run (left RUNNING until then)."""
+
+    run_id: str
+    net: Any
+    example: Any
+    end_ms: int | None
+
+
 @dataclass
 class _RunState:
     """What the tracker has sent for one running trial."""
@@ -48,23 +72,35 @@ class _RunState:
     run_id: str | None = None
     params: tuple[str, ...] = ()
     steps: set[int] = field(default_factory=set)
+    sent: set[int] = field(default_factory=set)
     pending: list[Any] = field(default_factory=list)
+    pending_since: float = 0.0
 
 
 class Tracker:
     """Mirrors a running study into MLflow, from a background thread (a :class:`hpo.running.executor.
     TrialListener`).
 
-    Calls from the driver only queue work. Epoch metrics are coalesced into one ``log_batch``
-    per trial and flush (about one per ``flush_interval`` seconds), so tracking costs a few calls
-    per trial rather than one per number. The first failed call disables tracking for the rest of
-    the run and calls ``warn`` once; :func:`sync` repairs MLflow afterwards.
+    Calls from the driver only queue work, which the thread takes about once per
+    ``flush_interval`` seconds. A running trial's epoch metrics are sent in one ``log_batch``
+    once the oldest has waited ``metrics_lag`` seconds, or with the trial's final values when it
+    finishes first; the study run's totals once per pass. So a trial costs a few calls rather
+    than one per number. A new best trial's network is logged at most once per
+    ``model_interval`` seconds (the latest best then) and at the end of the run. The first failed
+    call disables tracking for the rest of the run and calls ``warn`` once; :func:`sync` repairs
+    MLflow afterwards.
     """
 
     def __init__(self, handle: StudyHandle, settings: Tracking, data: TrialData | None = None, *,
-                 warn: Callable[[str], None] = print, flush_interval: float = 1.0) -> None:
+                 warn: Callable[[str], None] = print, flush_interval: float = 1.0,
+                 model_interval: float | None = None, metrics_lag: float | None = None) -> None:
         self.handle, self.settings, self.data, self._warn = handle, settings, data, warn
         self.flush_interval = flush_interval
+        self.metrics_lag = METRICS_LAG_S if metrics_lag is None else metrics_lag
+        self._totals: tuple[Counts, list[FrozenTrial]] | None = None
+        self.model_interval = MODEL_INTERVAL_S if model_interval is None else model_interval
+        self._model: _PendingModel | None = None
+        self._model_logged_at = time.monotonic()
         self.objectives = _objectives(handle)
         self.failed: str | None = None
         self.experiment_id = self.parent_id = ""
@@ -73,6 +109,7 @@ class Tracker:
         self._queue: queue.Queue[tuple[str, tuple[Any, ...]] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._work, daemon=True, name="hpo-mlflow")
         self._closed = False
+        self._closing = threading.Event()  # ends the pause between passes at once
 
     # The driver's side: each call returns at once.
 
@@ -113,6 +150,7 @@ class Tracker:
         counts = count_trials(self.handle.study.get_trials(deepcopy=False))
         self._queue.put(("close", (stopped, counts, best_trials(self.handle.study))))
         self._queue.put(None)
+        self._closing.set()
         self._thread.join(self.settings.flush_timeout)
         if self._thread.is_alive() and self.failed is None:
             self.failed = f"updates still queued after {self.settings.flush_timeout:.0f} s"
@@ -141,21 +179,34 @@ class Tracker:
     def _work(self) -> None:
         done = False
         while not done:
-            items = [self._queue.get()]
+            items = []
             with contextlib.suppress(queue.Empty):
+                items.append(self._queue.get(timeout=self._due_in()))
                 while True:
                     items.append(self._queue.get_nowait())
-            done = items[-1] is None
+            done = bool(items) and items[-1] is None
             try:
                 for item in items:
                     if item is not None and self.failed is None:
                         getattr(self, f"_on_{item[0]}")(*item[1])
                 if self.failed is None:
                     self._flush()
+                    self._log_totals()
+                    if self._model is not None and time.monotonic() - self._model_logged_at >= self.model_interval:
+                        self._log_model()
             except Exception as exc:
                 self._fail(exc)
             if not done:
-                time.sleep(self.flush_interval)
+                self._closing.wait(self.flush_interval)
+
+    def _due_in(self) -> float | None:
+        """Seconds until held metrics or a held best model are due to be sent (``None``: nothing
+        is held, wait for the driver)."""
+        now, due = time.monotonic(), []
+        due += [state.pending_since + self.metrics_lag for state in self._runs.values() if state.pending]
+        if self._model is not None:
+            due.append(self._model_logged_at + self.model_interval)
+        return max(min(due) - now, 0.0) if due and self.failed is None else None
 
     def _run(self, number: int) -> _RunState:
         return self._runs.setdefault(number, _RunState())
@@ -174,28 +225,51 @@ class Tracker:
         step = int(entry.get("epoch", 0))
         if step not in state.steps:
             state.steps.add(step)
+            if not state.pending:
+                state.pending_since = time.monotonic()
             state.pending += epoch_metrics(entry, int(at * 1000))
 
     def _flush(self) -> None:
+        """Send the epoch metrics of each running trial whose oldest unsent epoch has waited
+        ``metrics_lag`` seconds."""
+        now = time.monotonic()
         for state in self._runs.values():
-            if state.pending and state.run_id:
+            if state.pending and state.run_id and now - state.pending_since >= self.metrics_lag:
                 pending, state.pending = state.pending, []
                 _log(self._client, state.run_id, metric_list=pending)
+                state.sent.update(m.step for m in pending)
+
+    def _log_totals(self) -> None:
+        """The study run's totals and best values, as of the last trial that finished."""
+        if self._totals is not None:
+            (counts, best), self._totals = self._totals, None
+            _log(self._client, self.parent_id, step=counts.finished,
+                 metrics=study_metrics(counts, best, self.objectives, self.handle.budget))
 
     def _on_finished(self, trial: FrozenTrial, model: Any, counts: Counts, best: list[FrozenTrial]) -> None:
-        self._flush()
         state = self._runs.pop(trial.number, _RunState())
         record = trial_record(trial, self.handle.name, self.parent_id, self.objectives)
         if model is not None:
             record.status = "RUNNING"
-        run_id = write_trial_run(self._client, self.experiment_id, record, state.run_id, state.steps, state.params)
+        # The epochs not sent yet are in the stored trial's history, sent with its final values.
+        run_id = write_trial_run(self._client, self.experiment_id, record, state.run_id, state.sent, state.params)
         if model is not None:
-            attach_best_model(self._client, self.settings.resolved_uri, self.parent_id, run_id, *model, record.end_ms,
-                              self.handle.code_dir)
-        _log(self._client, self.parent_id, step=counts.finished,
-             metrics=study_metrics(counts, best, self.objectives, self.handle.budget))
+            if self._model is not None:  # superseded before it was logged: its run ends without it
+                self._client.set_terminated(self._model.run_id, status="FINISHED", end_time=self._model.end_ms)
+            self._model = _PendingModel(run_id, *model, record.end_ms)
+        self._totals = (counts, best)
+
+    def _log_model(self) -> None:
+        """Log the pending best trial's network, if any, and point the study run at it."""
+        pending, self._model = self._model, None
+        if pending is not None:
+            self._model_logged_at = time.monotonic()
+            attach_best_model(self._client, self.settings.resolved_uri, self.parent_id, pending.run_id, pending.net,
+                              pending.example, pending.end_ms, self.handle.code_dir)
 
     def _on_close(self, stopped: str, counts: Counts, best: list[FrozenTrial]) -> None:
+        self._log_model()
+        self._totals = None
         for state in self._runs.values():
             if state.run_id:
                 _log(self._client, state.run_id, metric_list=state.pending, tags={STATE_TAG: "abandoned"})
