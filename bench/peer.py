@@ -7,7 +7,7 @@ space, budget and machine as hpo's modes; prints one table.
 The task: scikit-learn's digits, an MLP whose input and hidden dropout rates, max-norm radius,
 learning rate and width are searched (the same ranges on both sides), every trial all epochs (no
 pruning, no early stopping), TPE, 2 trials at a time where the mode runs several. Each row is one
-run from a fresh store. "best val acc" is the best trial's validation accuracy as each tool
+run in a fresh process, from a fresh study store. "best val acc" is the best trial's validation accuracy as each tool
 selects it (hpo: the kept epoch; Tune: the last reported epoch, Tune's default scope) and "its
 test acc" that trial's accuracy on the held-out test split, which chooses nothing.
 """
@@ -15,10 +15,14 @@ test acc" that trial's accuracy on the held-out test split, which chooses nothin
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
+import subprocess
+import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 SPACE = """
@@ -125,7 +129,9 @@ def peer(trials: int, epochs: int, workers: int) -> dict:
 # --- hpo's modes -------------------------------------------------------------------------------
 
 
-def hpo_mode(name: str, trials: int, epochs: int, workdir: Path) -> dict:
+def hpo_mode(name: str, trials: int, epochs: int, workdir: Path, mlflow_store: Path) -> dict:
+    """One hpo run; "MLflow on" modes track into ``mlflow_store`` (the warm-up study created it,
+    as an earlier ``hpo submit`` in the same folder does), "new store" into a file MLflow creates."""
     import optuna
 
     from hpo import api
@@ -139,11 +145,13 @@ def hpo_mode(name: str, trials: int, epochs: int, workdir: Path) -> dict:
     execution = {
         "hpo default": api.Execution(),
         "hpo default, MLflow on": api.Execution(),
+        "hpo default, MLflow on, new store": api.Execution(),
         "in-process, one trial at a time": api.Execution(accelerator="cpu", group_size=1),
         "2 Ray workers": api.Execution(workers=2, cpus_per_trial=1, accelerator="cpu"),
         "2 Ray workers, MLflow on": api.Execution(workers=2, cpus_per_trial=1, accelerator="cpu"),
     }[name]
-    tracking = Tracking(enabled=name.endswith("MLflow on"), uri=f"sqlite:///{workdir / (spec.stem + '-mlflow.db')}")
+    store = workdir / (spec.stem + "-mlflow.db") if name.endswith("new store") else mlflow_store
+    tracking = Tracking(enabled="MLflow on" in name, uri=f"sqlite:///{store}")
     start = time.perf_counter()
     handle, _ = api.submit(spec, trials=trials, storage=storage, seed=0, execution=execution, tracking=tracking)
     wall = time.perf_counter() - start
@@ -153,9 +161,21 @@ def hpo_mode(name: str, trials: int, epochs: int, workdir: Path) -> dict:
 
 #: "hpo default": ``api.Execution()``, what ``hpo submit`` runs without options (on a CPU: in this
 #: process, groups of 5); "MLflow on": mirrored into an embedded MLflow store, as the CLI does
-#: unless ``--no-tracking``.
-MODES = ["ray tune peer", "hpo default", "hpo default, MLflow on", "in-process, one trial at a time",
-         "2 Ray workers", "2 Ray workers, MLflow on"]
+#: unless ``--no-tracking``: one that exists, or ("new store") one MLflow first creates (its schema
+#: migrations, once per store).
+MODES = ["ray tune peer", "hpo default", "hpo default, MLflow on", "hpo default, MLflow on, new store",
+         "in-process, one trial at a time", "2 Ray workers", "2 Ray workers, MLflow on"]
+
+
+def run_mode(mode: str, trials: int, epochs: int, folder: Path) -> dict:
+    """One mode in this process: the peer, or an hpo mode after a one-trial warm-up study (the
+    peer's clock starts after its imports and data; the warm-up does hpo's imports, and with
+    MLflow on creates the shared store if no earlier mode did)."""
+    if mode == "ray tune peer":
+        return peer(trials, epochs, workers=2)
+    store = folder / "mlflow.db"
+    hpo_mode("hpo default, MLflow on", 1, 1, folder / f"warm-up-{uuid.uuid4().hex[:6]}", store)
+    return hpo_mode(mode, trials, epochs, folder / mode.replace(" ", "_").replace(",", ""), store)
 
 
 def main() -> None:
@@ -163,24 +183,29 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
+    parser.add_argument("--one", choices=MODES, help=argparse.SUPPRESS)
+    parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     from hpo.output import configure
 
     configure(verbose_output=False)
+    if args.one:  # a child process: one mode, its result as the last line
+        print(json.dumps(run_mode(args.one, args.trials, args.epochs, args.folder)))
+        return
     rows = {}
     with tempfile.TemporaryDirectory() as folder:
-        if any(mode != "ray tune peer" for mode in args.modes):
-            # The peer's clock starts after its imports and data; a one-trial study with MLflow
-            # on does hpo's imports before the first hpo mode's clock starts.
-            hpo_mode("hpo default, MLflow on", 1, 1, Path(folder) / "warm-up")
-        for mode in args.modes:
-            if mode == "ray tune peer":
-                rows[mode] = peer(args.trials, args.epochs, workers=2)
-            else:
-                rows[mode] = hpo_mode(mode, args.trials, args.epochs, Path(folder))
+        for mode in dict.fromkeys(args.modes):
+            # Each mode in a fresh process, so none runs in a heap another filled (after the
+            # peer's Ray Tune imports and run, the same hpo study took about 1 s longer).
+            done = subprocess.run([sys.executable, __file__, "--one", mode, "--trials", str(args.trials),
+                                   "--epochs", str(args.epochs), "--folder", folder],
+                                  capture_output=True, text=True)
+            if done.returncode != 0:
+                sys.exit(f"{mode} failed:\n{done.stderr[-3000:]}")
+            rows[mode] = json.loads(done.stdout.strip().splitlines()[-1])
     peer_wall = rows.get("ray tune peer", {}).get("wall")
     print(f"{platform.machine()}, {len(os.sched_getaffinity(0))} usable CPUs; digits MLP, {args.trials} trials x "
-          f"{args.epochs} epochs, TPE, no pruning; one run each")
+          f"{args.epochs} epochs, TPE, no pruning; one run each, each in a fresh process")
     print("| run | wall (s) | trials / min | vs peer | best val acc | its test acc |")
     print("|---|---|---|---|---|---|")
     for mode, r in rows.items():
