@@ -19,7 +19,15 @@ pytest.importorskip("onnxruntime", reason="onnxruntime is in the test extra")
 
 import optuna  # noqa: E402
 from public_benchmarks import FCNet, LCBench, random_search_quantile, random_trials_to_reach  # noqa: E402
-from search_efficiency import Arm, group_arms, parallel_arms, pruner_arms, run_study, sampler_arms  # noqa: E402
+from search_efficiency import (  # noqa: E402
+    Arm,
+    group_arms,
+    parallel_arms,
+    pruner_arms,
+    run_study,
+    sampler_arms,
+    tpe_setting_arms,
+)
 
 from hpo.running.pruning import make_pruner
 from hpo.running.study import make_sampler  # noqa: E402
@@ -63,6 +71,10 @@ def test_the_arms_are_the_samplers_and_pruners_a_spec_builds():
     lcbench = Spec.model_validate({"training": {"epochs": 52}})
     assert median.pruner == lcbench.active_pruner and median.pruner.n_warmup_steps == 10
     assert type(median.build(0)[1]) is type(make_pruner(lcbench.active_pruner))
+    default, candidates, *_ = tpe_setting_arms()
+    assert default == median
+    tuned = candidates.build(0)[0]
+    assert tuned._n_ei_candidates == 48 and tuned._constant_liar and tuned._n_startup_trials == 10
 
 
 def test_a_group_shares_the_first_members_shape_and_searches_the_rest():
