@@ -7,9 +7,10 @@ space, budget and machine as hpo's modes; prints one table.
 The task: scikit-learn's digits, an MLP whose input and hidden dropout rates, max-norm radius,
 learning rate and width are searched (the same ranges on both sides), every trial all epochs (no
 pruning, no early stopping), TPE, 2 trials at a time where the mode runs several. Each row is one
-run in a fresh process, from a fresh study store. "best val acc" is the best trial's validation accuracy as each tool
-selects it (hpo: the kept epoch; Tune: the last reported epoch, Tune's default scope) and "its
-test acc" that trial's accuracy on the held-out test split, which chooses nothing.
+run in a fresh process, from a fresh study store. "best val acc" is the best trial's validation
+accuracy as each tool selects it (hpo: the kept epoch; Tune: the last reported epoch, Tune's
+default scope) and "its test acc" that trial's accuracy on the held-out test split, which
+chooses nothing.
 """
 
 from __future__ import annotations
