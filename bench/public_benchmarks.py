@@ -178,7 +178,7 @@ class LCBench:
 class MNIST1DTable:
     """The MNIST-1D dropout table (``bench/mnist1d_table.py``): every combination of a dropout
     variant, input rate, hidden rate and max-norm radius for a 2x256 MLP, trained by hpo for
-    30 epochs with several seeds each. A configuration scores its validation error (1 - accuracy)
+    the table's epochs (40) with several seeds each. A configuration scores its validation error (1 - accuracy)
     at its best epoch, as hpo reports a trial, averaged over the seeds; its curve is the mean
     validation error at each epoch, which pruners judge. Every parameter is a choice, so uniform
     random search samples the configurations uniformly and its curve is exact.
