@@ -40,7 +40,7 @@ import yaml  # noqa: E402
 
 from hpo.api import Execution, submit  # noqa: E402
 from hpo.running.group import SHARED_PARAMETERS  # noqa: E402
-from hpo.space import searched_parameters  # noqa: E402
+from hpo.params import optuna_params, searched_parameters, trial_values  # noqa: E402
 from hpo.spec import Choice, Spec, load_spec  # noqa: E402
 from hpo.tracking import Tracking  # noqa: E402
 
@@ -90,7 +90,7 @@ def run_seed(job: Job) -> dict[str, Any]:
 
     def queue(handle: Any) -> None:
         for config in configs:
-            handle.study.enqueue_trial(dict(zip(names, config)))
+            handle.study.enqueue_trial(optuna_params(handle.spec, dict(zip(names, config))))
 
     started = time.perf_counter()
     handle, _ = submit(
@@ -101,7 +101,8 @@ def run_seed(job: Job) -> dict[str, Any]:
     )
     rows: dict[tuple, dict[str, Any]] = {}
     for trial in handle.study.get_trials(deepcopy=False):
-        config = tuple(trial.params[name] for name in names)
+        values = trial_values(handle.spec, trial.params)
+        config = tuple(values[name] for name in names)
         history = trial.user_attrs.get("history", [])
         complete = trial.state == optuna.trial.TrialState.COMPLETE
         rows[config] = {

@@ -266,13 +266,12 @@ def sites(space: str | Path, code_dir: str | Path | None = None) -> SiteReport:
     space (a user model, or a built-in network), and say which group matches each. Unlike
     :func:`submit`, a pattern that matches nothing or a site left out is a warning here."""
     import torch
-    from optuna.trial import FixedTrial
 
     from hpo.models.groups import SiteSetting, constrained_layers
     from hpo.models.nets import build_net
     from hpo.models.sites import probe
     from hpo.running.user_trial import build_checked, example_batch, site_problems
-    from hpo.space import centre, searched_parameters, suggest
+    from hpo.space import centre_config
 
     path = Path(space)
     spec = parse_spec(read_spec_file(path), source=path)
@@ -280,7 +279,7 @@ def sites(space: str | Path, code_dir: str | Path | None = None) -> SiteReport:
     try:
         add_code_dir(folder)
         data = load_trial_data(spec, folder)
-        config = suggest(FixedTrial({n: centre(s) for n, s in searched_parameters(spec).items()}), spec, seed=0)
+        config = centre_config(spec)
         torch.manual_seed(0)
         if not spec.user_model:
             net = build_net(config.net, config.dropout, data.input_shape, data.num_classes)

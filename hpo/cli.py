@@ -26,6 +26,7 @@ from hpo.analysis.export import to_csv, to_json, trial_rows
 from hpo.errors import HpoError, StoreError
 from hpo.output import VERBOSE_ENV
 from hpo.output import configure as configure_output
+from hpo.params import trial_values
 from hpo.progress import StudyProgress, format_values
 from hpo.running.study import (
     BASELINE,
@@ -38,6 +39,7 @@ from hpo.running.study import (
     redact,
     storage_url,
 )
+from hpo.spec import Spec
 
 if TYPE_CHECKING:
     from hpo.running.executor import RunSummary
@@ -622,12 +624,12 @@ def best(
         errors.print(f"error: study {study!r} has no complete trial yet")
         raise typer.Exit(1)
     if as_json:
-        rows = [{"number": t.number, "values": dict(zip(objectives, t.values)), "params": t.params,
-                 "config": t.user_attrs.get("config")} for t in front]
+        rows = [{"number": t.number, "values": dict(zip(objectives, t.values)),
+                 "params": trial_values(handle.spec, t.params), "config": t.user_attrs.get("config")} for t in front]
         console.print_json(data=rows if handle.spec.multi_objective else rows[0])
         return
     for t in front:
-        _print_trial(t, objectives)
+        _print_trial(t, objectives, handle.spec)
 
 
 @app.command("list")
@@ -683,7 +685,7 @@ def export(
 ) -> None:
     """Every trial as CSV or JSON: state, objective values, parameters and metrics."""
     handle = load_study(study, storage)
-    rows = trial_rows(handle.study, [o.metric for o in handle.spec.objective])
+    rows = trial_rows(handle.study, [o.metric for o in handle.spec.objective], handle.spec)
     text = to_csv(rows) if format == ExportFormat.csv else to_json(rows)
     if out is None:
         sys.stdout.write(text)
@@ -696,7 +698,7 @@ def _shown(url: str | None) -> str:
     return redact(storage_url(url))
 
 
-def _print_trial(trial: optuna.trial.FrozenTrial, objectives: list[str]) -> None:
+def _print_trial(trial: optuna.trial.FrozenTrial, objectives: list[str], spec: Spec) -> None:
     table = Table(title=f"trial {trial.number}", show_header=False)
     for name, value in zip(objectives, trial.values):
         table.add_row(f"[bold]{name}", f"{value:.4f}")
@@ -704,7 +706,7 @@ def _print_trial(trial: optuna.trial.FrozenTrial, objectives: list[str]) -> None
         if key in trial.user_attrs:
             value = trial.user_attrs[key]
             table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
-    for name, value in trial.params.items():
+    for name, value in trial_values(spec, trial.params).items():
         table.add_row(name, f"{value:.4g}" if isinstance(value, float) else str(value))
     console.print(table)
 
@@ -728,7 +730,7 @@ def _report_run(handle: StudyHandle, summary: RunSummary) -> None:
     best = best_trial(handle.study)
     if best is not None:
         console.print("best configuration:")
-        _print_trial(best, [o.metric for o in handle.spec.objective])
+        _print_trial(best, [o.metric for o in handle.spec.objective], handle.spec)
         if not handle.spec.multi_objective:
             _compare_with_baseline(handle, best)
     if summary.stopped in ("budget", "timeout") and best is not None:

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from hpo.models.dropout import DropoutConfig
 from hpo.models.groups import Group
 from hpo.models.module import TrainConfig
 from hpo.models.nets import NetConfig
 from hpo.models.user_model import MaxNormSetting, UserTrialConfig
+from hpo.params import Suggester, optuna_params, searched_parameters, searcher
 from hpo.spec import Choice, FloatRange, IntRange, PlacementSpec, Spec, is_searched
 
 #: Srivastava et al.'s recommended drop probabilities per placement (retention 0.8 on inputs,
@@ -23,15 +24,6 @@ from hpo.spec import Choice, FloatRange, IntRange, PlacementSpec, Spec, is_searc
 RECOMMENDED_RATES = {"input": 0.2, "conv": 0.25, "hidden": 0.5, "recurrent": 0.25}
 RECOMMENDED_MAX_NORM = 3.0
 _UNSET = object()
-
-
-class Suggester(Protocol):
-    """What :func:`suggest` needs from a trial: ``optuna.Trial`` and ``optuna.trial.FixedTrial``
-    both qualify."""
-
-    def suggest_float(self, name: str, low: float, high: float, *, step: float | None = None, log: bool = False) -> float: ...  # noqa: E501
-    def suggest_int(self, name: str, low: int, high: int, *, step: int = 1, log: bool = False) -> int: ...  # noqa: E501
-    def suggest_categorical(self, name: str, choices: Any) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -73,6 +65,7 @@ def suggest(trial: Suggester, spec: Spec, seed: int) -> TrialConfig | UserTrialC
     With ``model.couple_width`` on, each hidden layer gets ``round(units / (1 - rate))`` units, so
     the expected number of active units stays ``units`` (Srivastava et al.'s n/q rule).
     """
+    trial = searcher(trial, spec.sampler)
     if spec.user_model:
         return suggest_user(trial, spec, seed)
     d, m = spec.dropout, spec.model
@@ -126,9 +119,10 @@ def _resolved(arguments: Any, trial: Suggester, prefix: str) -> Any:
 
 
 def suggest_user(trial: Suggester, spec: Spec, seed: int) -> UserTrialConfig:
-    """One configuration of a user model's spec: constructor arguments
-    (``model.init_args.…``), each group's rate and variant (``dropout.groups.<name>.rate``,
-    ``….variant``), each max-norm radius (``dropout.max_norm.<name>.radius``) and training."""
+    """One configuration of a user model's spec: constructor arguments (``model.init_args.…``),
+    each group's rate and variant (``dropout.groups.<name>.rate``, ``….variant``), each max-norm
+    radius (``dropout.max_norm.<name>.radius``) and training. ``trial`` as :func:`suggest` hands
+    it over (:func:`hpo.params.searcher`)."""
     d = spec.dropout
     groups = tuple(
         Group(name, tuple(g.match), value(trial, f"dropout.groups.{name}.rate", g.rate),
@@ -142,38 +136,13 @@ def suggest_user(trial: Suggester, spec: Spec, seed: int) -> UserTrialConfig:
                            train=_training(trial, spec), seed=seed)
 
 
-def searched_parameters(spec: Spec) -> dict[str, Any]:
-    """Every searched value of ``spec`` by parameter name (per-layer rates expanded), whether or
-    not a given trial suggests it."""
-    params: dict[str, Any] = {}
-    if spec.user_model:
-        return {**spec.model.searched, **_user_dropout_parameters(spec), **_training_parameters(spec)}
-    for section in ("model", "dropout", "training"):
-        for key, field in getattr(spec, section):
-            if isinstance(field, PlacementSpec):
-                if is_searched(field.enabled):
-                    params[f"{section}.{key}.enabled"] = field.enabled
-                if is_searched(field.rate):
-                    layers = spec.model.layers if field.per_layer else None
-                    names = [f"{section}.{key}.rate.{i}" for i in range(layers)] if layers else [f"{section}.{key}.rate"]
-                    params.update(dict.fromkeys(names, field.rate))
-            elif is_searched(field):
-                params[f"{section}.{key}"] = field
-    return params
+def centre_config(spec: Spec) -> TrialConfig | UserTrialConfig:
+    """The configuration at the :func:`centre` of every searched value, seed 0: the one trial
+    that stands for the study in checks and cost estimates."""
+    from optuna.trial import FixedTrial
 
-
-def _user_dropout_parameters(spec: Spec) -> dict[str, Any]:
-    params: dict[str, Any] = {}
-    for name, group in spec.dropout.groups.items():
-        params.update({f"dropout.groups.{name}.{key}": v for key, v in (("rate", group.rate), ("variant", group.variant))
-                       if is_searched(v)})
-    params.update({f"dropout.max_norm.{name}.radius": m.radius for name, m in spec.dropout.max_norm.items()
-                   if is_searched(m.radius)})
-    return params
-
-
-def _training_parameters(spec: Spec) -> dict[str, Any]:
-    return {f"training.{key}": field for key, field in spec.training if is_searched(field)}
+    values = {name: centre(s) for name, s in searched_parameters(spec).items()}
+    return suggest(FixedTrial(optuna_params(spec, values)), spec, seed=0)
 
 
 def centre(searchable: Any) -> Any:

@@ -496,6 +496,13 @@ class SamplerSpec(_Strict):
     name: SamplerName = "tpe"
     seed: int | None = None
     n_startup_trials: int | None = Field(None, ge=0)
+    #: How a choice among three or more numbers (``choice: [16, 64, 256]``) is searched:
+    #: ``ordered`` by its position in the sorted list, an integer Optuna parameter, so the
+    #: sampler learns from a value's neighbours (on FCNet's grids TPE reached random search's
+    #: median in 1.3-1.8x fewer trials on three data sets of four: docs/reports/search-efficiency);
+    #: ``categorical`` as unordered categories. Studies stored before this option keep
+    #: ``categorical``.
+    numeric_choices: Literal["ordered", "categorical"] = "ordered"
 
 
 class PrunerSpec(_Strict):

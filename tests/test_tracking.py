@@ -28,6 +28,7 @@ from hpo.api import Execution
 from hpo.data import load_data
 from hpo.running.study import FAIL_REASON, load_study
 from hpo.running.trial import evaluate
+from hpo.spec import Spec
 from hpo.tracking import (
     NUMBER_TAG,
     PARENT_TAG,
@@ -396,7 +397,7 @@ def test_an_abandoned_trial_is_a_killed_run(write_spec, sqlite_url):
     trial = study.ask()
     study._storage.set_trial_user_attr(trial._trial_id, "abandoned", True)
     study.tell(trial, state=TrialState.FAIL)
-    record = trial_record(study.trials[0], "abandon", "parent", ["val/acc"])
+    record = trial_record(study.trials[0], "abandon", "parent", ["val/acc"], Spec())
     assert (record.tags[STATE_TAG], record.status) == ("abandoned", "KILLED")
 
 

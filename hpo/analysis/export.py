@@ -16,10 +16,13 @@ import optuna
 from optuna.trial import FrozenTrial
 
 from hpo.running.study import ABANDONED, BASELINE, FAIL_REASON, TRIAL_METRICS
+from hpo.params import trial_values
+from hpo.spec import Spec
 
 
-def trial_row(trial: FrozenTrial, objective_names: list[str]) -> dict[str, Any]:
-    """One trial as a flat mapping: number, state, objective values, parameters, metrics."""
+def trial_row(trial: FrozenTrial, objective_names: list[str], spec: Spec) -> dict[str, Any]:
+    """One trial as a flat mapping: number, state, objective values, parameters (the values they
+    stand for under the study's ``spec``), metrics."""
     attrs = trial.user_attrs
     row: dict[str, Any] = {
         "number": trial.number,
@@ -28,7 +31,7 @@ def trial_row(trial: FrozenTrial, objective_names: list[str]) -> dict[str, Any]:
     }
     values = trial.values or [None] * len(objective_names)
     row.update(zip(objective_names, values))
-    row.update(trial.params)
+    row.update(trial_values(spec, trial.params))
     row.update({m: attrs.get(m) for m in TRIAL_METRICS})
     row["seed"] = attrs.get("seed")
     row["duration_s"] = trial.duration.total_seconds() if trial.duration else None
@@ -36,8 +39,8 @@ def trial_row(trial: FrozenTrial, objective_names: list[str]) -> dict[str, Any]:
     return row
 
 
-def trial_rows(study: optuna.Study, objective_names: list[str]) -> list[dict[str, Any]]:
-    return [trial_row(t, objective_names) for t in study.get_trials(deepcopy=False)]
+def trial_rows(study: optuna.Study, objective_names: list[str], spec: Spec) -> list[dict[str, Any]]:
+    return [trial_row(t, objective_names, spec) for t in study.get_trials(deepcopy=False)]
 
 
 def to_csv(rows: list[dict[str, Any]]) -> str:

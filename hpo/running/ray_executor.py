@@ -336,6 +336,7 @@ def auto_gpus_per_trial(spec: Any, seed: int, data: Splits, group_size: int, cpu
 
     from hpo.running.group import group_key
     from hpo.running.packing import gpu_fraction, trials_per_gpu
+    from hpo.params import optuna_params
     from hpo.space import baseline_params, suggest
 
     resources = ray.cluster_resources()
@@ -343,7 +344,7 @@ def auto_gpus_per_trial(spec: Any, seed: int, data: Splits, group_size: int, cpu
     if gpus < 1:
         raise HpoError("--gpus-per-trial auto measures a trial on a GPU, and the Ray cluster has none "
                        "(use --gpus-per-trial 0 to train on CPUs)")
-    config = suggest(FixedTrial(baseline_params(spec, "recommended")), spec, seed=seed)
+    config = suggest(FixedTrial(optuna_params(spec, baseline_params(spec, "recommended"))), spec, seed=seed)
     members = group_size if group_key(config) is not None else 1
     configs = [dataclasses.replace(config, seed=config.seed + k) for k in range(members)]
     try:

@@ -30,6 +30,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from hpo.errors import StoreError, first_line
 from hpo.running.pruning import make_pruner
+from hpo.params import optuna_params
 from hpo.spec import SamplerSpec, Spec, parse_spec
 
 DEFAULT_STORAGE = "sqlite:///hpo.db"
@@ -41,6 +42,9 @@ HEARTBEAT_INTERVAL = 30.0
 HEARTBEAT_GRACE = 120.0
 
 _SPEC, _SPEC_SOURCE, _BUDGET, _SEED = "hpo:spec", "hpo:spec_source", "hpo:trials", "hpo:seed"
+#: How the study searches numeric choices (``sampler.numeric_choices``); absent in studies stored
+#: before the option, which searched them as categories.
+_NUMERIC_CHOICES = "hpo:numeric_choices"
 _GROUP_SIZE = "hpo:group_size"
 _CODE_DIR = "hpo:code_dir"
 _OWNER, _HEARTBEAT = "hpo:driver", "hpo:heartbeat"
@@ -250,7 +254,8 @@ def create_study(
     first_trials: list[tuple[dict[str, Any], dict[str, Any]]] = (),
 ) -> StudyHandle:
     """Create study ``name`` from a validated spec, refusing to touch an existing one, and queue
-    ``first_trials`` (parameters, user attributes), e.g. the spec's baselines, before any other.
+    ``first_trials`` (values as the spec writes them, user attributes), e.g. the spec's
+    baselines, before any other.
     ``group_size`` is kept for ``hpo resume``."""
     url = storage_url(storage)
     rdb = open_storage(url)
@@ -266,14 +271,15 @@ def create_study(
         sampler=make_sampler(spec.sampler, seed),
         pruner=make_pruner(spec.active_pruner),
     )
-    for key, value in {_SPEC: spec_text, _SPEC_SOURCE: spec_source, _BUDGET: budget, _SEED: seed}.items():
+    for key, value in {_SPEC: spec_text, _SPEC_SOURCE: spec_source, _BUDGET: budget, _SEED: seed,
+                       _NUMERIC_CHOICES: spec.sampler.numeric_choices}.items():
         study.set_user_attr(key, value)
     if code_dir is not None:
         study.set_user_attr(_CODE_DIR, code_dir)
     if group_size is not None:
         study.set_user_attr(_GROUP_SIZE, group_size)
-    for params, user_attrs in first_trials:
-        study.enqueue_trial(params, user_attrs=user_attrs)
+    for values, user_attrs in first_trials:
+        study.enqueue_trial(optuna_params(spec, values), user_attrs=user_attrs)
     return StudyHandle(study, spec, budget, seed, url)
 
 
@@ -292,6 +298,8 @@ def load_study(name: str, storage: str | None = None) -> StudyHandle:
     if _SPEC not in attrs:
         raise StoreError(f"study {name!r} was not created by hpo (it has no stored search space)")
     spec = parse_spec(attrs[_SPEC], source=f"study {name!r}")
+    numeric = attrs.get(_NUMERIC_CHOICES, "categorical")
+    spec = spec.model_copy(update={"sampler": spec.sampler.model_copy(update={"numeric_choices": numeric})})
     seed = int(attrs.get(_SEED, 0))
     n_done = len(plain.get_trials(deepcopy=False))
     study = optuna.load_study(

@@ -72,14 +72,13 @@ class ThreadChoice:
 def centre_step_flops(spec: Any, data: Any, group_size: int = 1) -> float:
     """FLOP of one training step of the study's model at the centre of its space, on a batch of
     the spec's batch size (a vectorised group of ``group_size`` members does that many)."""
-    from optuna.trial import FixedTrial
     from torch.nn import functional as F
 
     from hpo.data import Splits
     from hpo.models.module import logits_of, split_batch
-    from hpo.space import TrialConfig, centre, searched_parameters, suggest
+    from hpo.space import TrialConfig, centre_config
 
-    config = suggest(FixedTrial({n: centre(s) for n, s in searched_parameters(spec).items()}), spec, seed=0)
+    config = centre_config(spec)
     batch_size = config.train.batch_size
     with torch.random.fork_rng(devices=[]):
         if isinstance(config, TrialConfig):

@@ -337,12 +337,9 @@ def check_user_model(spec: Spec, data: TrialData, accelerator: str = "cpu") -> C
     kind, and train it on one batch (one validation batch too): the errors a study would meet on
     its first trial, found before anything is stored. Raises
     :class:`~hpo.user_code.UserCodeError` with the spec key and the cause."""
-    from optuna.trial import FixedTrial
+    from hpo.space import centre_config
 
-    from hpo.space import centre, searched_parameters, suggest
-
-    params = {name: centre(s) for name, s in searched_parameters(spec).items()}
-    config = suggest(FixedTrial(params), spec, seed=0)
+    config = centre_config(spec)
     pl.seed_everything(0, verbose=False)
     built = build_checked(config, example_batch(data))
     for key, problem in site_problems(spec, built) + training_problems(spec, built, data):

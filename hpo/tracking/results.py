@@ -52,7 +52,7 @@ def log_retrained(handle: StudyHandle, settings: Tracking, retrained: Any, data:
             PARENT_TAG: parent_id, STUDY_TAG: handle.name, ROLE_TAG: "retrain", NUMBER_TAG: str(trial.number),
             "mlflow.runName": f"retrain-trial-{trial.number:03d}"})
         now = int(time.time() * 1000)
-        _log(mlflow_client, run.info.run_id, params={**trial_params(trial), "epochs": str(retrained.epochs),
+        _log(mlflow_client, run.info.run_id, params={**trial_params(trial, handle.spec), "epochs": str(retrained.epochs),
                                                      "data": "train+val"},
              metrics=retrained.test,
              metric_list=[m for entry in retrained.result.history for m in epoch_metrics(entry, now)])

@@ -34,6 +34,8 @@ from hpo.running.study import (
     redact,
     sqlite_path,
 )
+from hpo.params import trial_values
+from hpo.spec import Spec
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -138,8 +140,10 @@ def run_params(params: dict[str, Any], seed: Any = None) -> dict[str, str]:
     return logged
 
 
-def trial_params(trial: FrozenTrial) -> dict[str, str]:
-    return run_params(trial.params, trial.user_attrs.get("seed"))
+def trial_params(trial: FrozenTrial, spec: Spec) -> dict[str, str]:
+    """``trial``'s parameters as the values they stand for (:func:`hpo.params.trial_values`) and
+    its seed, as MLflow parameters."""
+    return run_params(trial_values(spec, trial.params), trial.user_attrs.get("seed"))
 
 
 def run_tags(number: int, study_name: str, parent_id: str, state: str) -> dict[str, str]:
@@ -157,8 +161,9 @@ def trial_history(trial: FrozenTrial) -> list[dict[str, float]]:
     return [{"epoch": step, "objective": value} for step, value in sorted(trial.intermediate_values.items())]
 
 
-def trial_record(trial: FrozenTrial, study_name: str, parent_id: str, objectives: list[str]) -> TrialRecord:
-    """Parameters, tags, epoch history, final metrics and status of ``trial``'s MLflow run."""
+def trial_record(trial: FrozenTrial, study_name: str, parent_id: str, objectives: list[str], spec: Spec) -> TrialRecord:
+    """Parameters, tags, epoch history, final metrics and status of ``trial``'s MLflow run
+    (``spec``: the study's, which says what a stored parameter stands for)."""
     state = trial_state(trial)
     attrs = trial.user_attrs
     tags = run_tags(trial.number, study_name, parent_id, state)
@@ -176,7 +181,7 @@ def trial_record(trial: FrozenTrial, study_name: str, parent_id: str, objectives
     start = trial.datetime_start.timestamp() if trial.datetime_start else time.time()
     end = trial.datetime_complete.timestamp() if trial.datetime_complete else None
     return TrialRecord(
-        number=trial.number, params=trial_params(trial), tags=tags, history=trial_history(trial),
+        number=trial.number, params=trial_params(trial, spec), tags=tags, history=trial_history(trial),
         metrics=metrics, status=_STATUS[state], start_ms=int(start * 1000),
         end_ms=None if end is None else int(end * 1000),
         sites={"sites": attrs[SITES], "max_norm": attrs.get(MAX_NORM_LAYERS, [])} if SITES in attrs else None,

@@ -96,7 +96,7 @@ def sync(handle: StudyHandle, settings: Tracking = Tracking(),
                 removed += 1
             if trial.state in (TrialState.RUNNING, TrialState.WAITING):
                 continue
-            record = trial_record(trial, handle.name, parent_id, objectives)
+            record = trial_record(trial, handle.name, parent_id, objectives, handle.spec)
             if not runs:
                 run_id = write_trial_run(mlflow_client, experiment_id, record)
                 created += 1
@@ -113,7 +113,7 @@ def sync(handle: StudyHandle, settings: Tracking = Tracking(),
         if rerun is not None and best is not None and not _best_model_of(mlflow_client, parent_id, best.number):
             net, example, model_values = rerun(best)
             attach_best_model(mlflow_client, settings.resolved_uri, parent_id, run_ids[best.number], net, example,
-                              trial_record(best, handle.name, parent_id, objectives).end_ms, handle.code_dir)
+                              trial_record(best, handle.name, parent_id, objectives, handle.spec).end_ms, handle.code_dir)
             model_trial = best.number
         counts = count_trials(trials)
         _log(mlflow_client, parent_id, step=counts.finished,

@@ -18,6 +18,7 @@ from optuna.trial import FrozenTrial
 
 from hpo.errors import describe
 from hpo.running.study import Counts, StudyHandle, best_trials, count_trials, redact
+from hpo.params import trial_values
 from hpo.tracking.models import attach_best_model, model_example, trained_network
 from hpo.tracking.runs import (
     STATE_TAG,
@@ -125,7 +126,8 @@ class Tracker:
         self._thread.start()
 
     def trial_started(self, job: TrialJob) -> None:
-        self._put("started", job.trial.number, dict(job.trial.params), job.config.seed, time.time())
+        self._put("started", job.trial.number, trial_values(self.handle.spec, job.trial.params), job.config.seed,
+                  time.time())
 
     def epoch(self, number: int, entry: dict[str, float]) -> None:
         self._put("epoch", number, dict(entry), time.time())
@@ -248,7 +250,7 @@ class Tracker:
 
     def _on_finished(self, trial: FrozenTrial, model: Any, counts: Counts, best: list[FrozenTrial]) -> None:
         state = self._runs.pop(trial.number, _RunState())
-        record = trial_record(trial, self.handle.name, self.parent_id, self.objectives)
+        record = trial_record(trial, self.handle.name, self.parent_id, self.objectives, self.handle.spec)
         if model is not None:
             record.status = "RUNNING"
         # The epochs not sent yet are in the stored trial's history, sent with its final values.

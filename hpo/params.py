@@ -1,0 +1,112 @@
+"""A spec's searched values as Optuna parameters: which there are, and what a stored parameter
+stands for.
+
+A choice among three or more numbers is searched by its position in the sorted list (an integer
+parameter) unless the spec's ``sampler.numeric_choices`` is ``categorical``; Optuna stores the
+position, and :func:`trial_values` turns stored parameters back into the values a user wrote.
+No torch here: the CLI, reports and tracking read parameters without loading a network.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from hpo.spec import Choice, PlacementSpec, SamplerSpec, Spec, is_searched
+
+
+class Suggester(Protocol):
+    """What :func:`hpo.space.suggest` needs from a trial: ``optuna.Trial`` and ``optuna.trial.FixedTrial``
+    both qualify."""
+
+    def suggest_float(self, name: str, low: float, high: float, *, step: float | None = None, log: bool = False) -> float: ...  # noqa: E501
+    def suggest_int(self, name: str, low: int, high: int, *, step: int = 1, log: bool = False) -> int: ...  # noqa: E501
+    def suggest_categorical(self, name: str, choices: Any) -> Any: ...
+
+
+def is_ordered(choices: Any) -> bool:
+    """Whether a choice list is searched by position: three or more numbers (booleans are not)."""
+    return len(choices) >= 3 and all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in choices)
+
+
+class OrderedChoices:
+    """A :class:`Suggester` that searches a list of numbers by its position in the sorted list
+    (an integer parameter from 0) instead of as unordered categories, so a sampler's model of
+    ``batch_size: {choice: [16, 32, 64, 128]}`` learns that 64 lies between 32 and 128. Optuna
+    stores the position; :func:`trial_values` gives the values back."""
+
+    def __init__(self, trial: Suggester) -> None:
+        self.trial = trial
+
+    def suggest_float(self, name: str, low: float, high: float, *, step: float | None = None, log: bool = False) -> float:  # noqa: E501
+        return self.trial.suggest_float(name, low, high, step=step, log=log)
+
+    def suggest_int(self, name: str, low: int, high: int, *, step: int = 1, log: bool = False) -> int:
+        return self.trial.suggest_int(name, low, high, step=step, log=log)
+
+    def suggest_categorical(self, name: str, choices: Any) -> Any:
+        if not is_ordered(choices):
+            return self.trial.suggest_categorical(name, choices)
+        ordered = sorted(choices)
+        return ordered[int(self.trial.suggest_int(name, 0, len(ordered) - 1))]
+
+
+def searcher(trial: Suggester, sampler: SamplerSpec) -> Suggester:
+    """``trial`` as a study suggests from it: numeric choices by position unless the spec's
+    ``sampler.numeric_choices`` is ``categorical``."""
+    return OrderedChoices(trial) if sampler.numeric_choices == "ordered" else trial
+
+
+def searched_parameters(spec: Spec) -> dict[str, Any]:
+    """Every searched value of ``spec`` by parameter name (per-layer rates expanded), whether or
+    not a given trial suggests it."""
+    params: dict[str, Any] = {}
+    if spec.user_model:
+        return {**spec.model.searched, **_user_dropout_parameters(spec), **_training_parameters(spec)}
+    for section in ("model", "dropout", "training"):
+        for key, field in getattr(spec, section):
+            if isinstance(field, PlacementSpec):
+                if is_searched(field.enabled):
+                    params[f"{section}.{key}.enabled"] = field.enabled
+                if is_searched(field.rate):
+                    layers = spec.model.layers if field.per_layer else None
+                    names = [f"{section}.{key}.rate.{i}" for i in range(layers)] if layers else [f"{section}.{key}.rate"]
+                    params.update(dict.fromkeys(names, field.rate))
+            elif is_searched(field):
+                params[f"{section}.{key}"] = field
+    return params
+
+
+def _user_dropout_parameters(spec: Spec) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    for name, group in spec.dropout.groups.items():
+        params.update({f"dropout.groups.{name}.{key}": v for key, v in (("rate", group.rate), ("variant", group.variant))
+                       if is_searched(v)})
+    params.update({f"dropout.max_norm.{name}.radius": m.radius for name, m in spec.dropout.max_norm.items()
+                   if is_searched(m.radius)})
+    return params
+
+
+def _training_parameters(spec: Spec) -> dict[str, Any]:
+    return {f"training.{key}": field for key, field in spec.training if is_searched(field)}
+
+
+def ordered_choices(spec: Spec) -> dict[str, list[Any]]:
+    """The parameters ``spec`` searches by position, each with its sorted values."""
+    if spec.sampler.numeric_choices != "ordered":
+        return {}
+    return {name: sorted(s.choice) for name, s in searched_parameters(spec).items()
+            if isinstance(s, Choice) and is_ordered(s.choice)}
+
+
+def trial_values(spec: Spec, params: dict[str, Any]) -> dict[str, Any]:
+    """A trial's Optuna parameters as the values they stand for (a position becomes its number):
+    what reports, exports and MLflow show."""
+    ordered = ordered_choices(spec)
+    return {name: ordered[name][int(v)] if name in ordered else v for name, v in params.items()}
+
+
+def optuna_params(spec: Spec, values: dict[str, Any]) -> dict[str, Any]:
+    """Values of searched parameters (a baseline, the centre) as Optuna parameters, to enqueue or
+    to fix in a ``FixedTrial``: the inverse of :func:`trial_values`."""
+    ordered = ordered_choices(spec)
+    return {name: ordered[name].index(v) if name in ordered else v for name, v in values.items()}
