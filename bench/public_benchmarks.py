@@ -34,7 +34,9 @@ class Benchmark(Protocol):
 
     def load(self) -> None: ...
 
-    def suggest(self, trial: optuna.Trial) -> tuple: ...
+    def suggest(self, trial: optuna.Trial) -> tuple:
+        """A configuration drawn from ``trial``, which the harness hands over as a study does
+        (``hpo.params.searcher``: a list of numbers searched by position, by default)."""
 
     def score(self, config: tuple) -> float:
         """What a finished trial of ``config`` scores (for a benchmark with curves, what its
@@ -52,7 +54,9 @@ class FCNet:
     regression data sets; 62,208 configurations of ``dropout_1``, ``dropout_2`` in {0, .3, .6},
     widths, activations, initial learning rate, schedule and batch size, each trained with 4
     seeds. A configuration scores its validation MSE averaged over the 4 seeds, so the table is
-    deterministic and its optimum exact. Every parameter is a choice, as a spec writes a grid.
+    deterministic and its optimum exact. Every parameter is a choice, as a spec writes a grid;
+    the numeric ones (widths, rates, learning rate, batch size) are searched as hpo searches a
+    spec's numeric choices (``sampler.numeric_choices``).
     """
 
     dataset: str
@@ -257,6 +261,23 @@ def random_trials_to_reach(scores: np.ndarray, target: float, q: float = 0.5, li
         return 1.0
     n = int(np.ceil(np.log(1 - q) / np.log(1 - share)))
     return float(n) if n <= limit else float("inf")
+
+
+def random_trials_interval(scores: np.ndarray, found: np.ndarray, level: float = 0.9, resamples: int = 2000,
+                           seed: int = 0) -> tuple[float, float]:
+    """A bootstrap ``level`` interval of :func:`random_trials_to_reach` for the median of ``found``
+    (an arm's best score per seed): the seeds are resampled with replacement. Random search's
+    curve is flat near the optimum, so a small shift of the median moves this count a lot; the
+    interval says how far a speed-up measured over these seeds can be trusted."""
+    ordered = np.sort(scores)
+    rng = np.random.default_rng(seed)
+    medians = np.median(rng.choice(np.asarray(found), (resamples, len(found))), axis=1)
+    share = np.searchsorted(ordered, medians, side="right") / len(ordered)
+    with np.errstate(divide="ignore"):
+        needed = np.where(share >= 1, 1.0, np.ceil(np.log(0.5) / np.log1p(-np.clip(share, 0, 1 - 1e-16))))
+    needed = np.where(share <= 0, np.inf, needed)
+    low, high = np.quantile(needed, [(1 - level) / 2, (1 + level) / 2], method="inverted_cdf")
+    return float(low), float(high)
 
 
 def fcnet_benchmarks() -> list[FCNet]:

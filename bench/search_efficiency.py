@@ -44,11 +44,13 @@ from public_benchmarks import (
     LCBench,
     MNIST1DTable,
     random_search_quantile,
+    random_trials_interval,
     random_trials_to_reach,
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hpo.running.pruning import make_pruner
+from hpo.params import searcher  # noqa: E402
 from hpo.running.study import make_sampler  # noqa: E402
 from hpo.spec import PrunerSpec, SamplerSpec, Spec  # noqa: E402
 
@@ -108,20 +110,33 @@ def sampler_arms() -> list[Arm]:
         Arm("tpe, 5 startup", tpe.model_copy(update={"n_startup_trials": 5}), NONE),
         Arm("tpe, 20 startup", tpe.model_copy(update={"n_startup_trials": 20}), NONE),
         Arm("tpe independent", tpe, NONE, independent=True),
+        Arm("tpe, numeric choices categorical", CATEGORICAL, NONE),
         Arm("gp", SamplerSpec(name="gp"), NONE),
         Arm("cmaes", SamplerSpec(name="cmaes"), NONE),
     ]
 
 
+#: The default TPE with a spec's numeric choices searched as categories (``sampler.numeric_choices``).
+CATEGORICAL = DEFAULT.sampler.model_copy(update={"numeric_choices": "categorical"})
+
+
 def parallel_arms(ks: tuple[int, ...] = (1, 2, 8, 32)) -> list[Arm]:
-    """The default TPE with ``k`` concurrent trials, with and without the constant liar."""
-    return [Arm(f"tpe k={k}{'' if liar else ', no liar'}", DEFAULT.sampler, NONE, k=k, liar=liar)
+    """The default TPE with ``k`` concurrent trials, with and without the constant liar; and 8
+    with numeric choices as categories."""
+    arms = [Arm(f"tpe k={k}{'' if liar else ', no liar'}", DEFAULT.sampler, NONE, k=k, liar=liar)
             for k in ks for liar in (True, False) if k > 1 or liar]
+    if 8 in ks:
+        arms.append(Arm("tpe k=8, numeric choices categorical", CATEGORICAL, NONE, k=8))
+    return arms
 
 
 def group_arms(sizes: tuple[int, ...] = (5, 16)) -> list[Arm]:
-    """The default TPE asking vectorised groups of each size, one group at a time."""
-    return [Arm(f"tpe groups of {k}", DEFAULT.sampler, NONE, group=k) for k in sizes]
+    """The default TPE asking vectorised groups of each size, one group at a time; and groups of
+    5 with numeric choices as categories."""
+    arms = [Arm(f"tpe groups of {k}", DEFAULT.sampler, NONE, group=k) for k in sizes]
+    if 5 in sizes:
+        arms.append(Arm("tpe groups of 5, numeric choices categorical", CATEGORICAL, NONE, group=5))
+    return arms
 
 
 def pruner_arms(epochs: int = 52) -> list[Arm]:
@@ -140,6 +155,13 @@ def pruner_arms(epochs: int = 52) -> list[Arm]:
         Arm("random, no pruner", SamplerSpec(name="random"), NONE),
         Arm("tpe + median, groups of 5", tpe, median, group=5),
     ]
+
+
+def mnist1d_arms(epochs: int) -> list[Arm]:
+    """The pruner arms on the MNIST-1D table's curves, and the default with its numeric choices
+    (input and hidden rates) searched as categories, as before ``sampler.numeric_choices``."""
+    return [*pruner_arms(epochs), Arm("tpe + median, numeric choices categorical", CATEGORICAL,
+                                      pruner_arms(epochs)[0].pruner)]
 
 
 def tpe_setting_arms() -> list[Arm]:
@@ -184,7 +206,7 @@ def run_study(bench: Bench, arm: Arm, seed: int, *, trials: int | None = None,
                 fixed = {name: live[0][0].params[name] for name in bench.shared}
                 study.sampler = optuna.samplers.PartialFixedSampler(fixed, sampler)
             trial = study.ask()
-            config = bench.suggest(trial)
+            config = bench.suggest(searcher(trial, arm.sampler))
             asking += time.perf_counter() - start
             live.append((trial, config))
         study.sampler = sampler
@@ -272,7 +294,8 @@ def quartiles(values: np.ndarray) -> tuple[float, float, float]:
 
 def summarise(results: dict, trials: int) -> dict:
     """Per benchmark and arm: median and quartiles of regret at the budget, random search's
-    trials to match the median (FCNet, exact), and the sampler's ask time."""
+    trials to match the median (exact, from the table) with its bootstrap 90 % interval over the
+    arm's seeds, and the sampler's ask time."""
     summary = {}
     for name, arms in results["runs"].items():
         bench = make_bench(name)
@@ -291,6 +314,7 @@ def summarise(results: dict, trials: int) -> dict:
             rows[label] = {
                 "median": median, "q1": q1, "q3": q3, "mean": float(np.mean(regret)),
                 "random_trials": random_trials_to_reach(reference, float(np.median(scores))),
+                "random_trials_90": random_trials_interval(reference, scores),
                 "ask_ms": 1000 * float(np.mean([r["ask_seconds"] for r in runs])),
                 "seeds": len(runs),
                 "trials": float(np.mean([len(r["best"]) for r in runs])),
@@ -330,15 +354,22 @@ def _ratio(value: float | None) -> str:
 
 def _print_fcnet(summary: dict, trials: int) -> None:
     print(f"\nFCNet: regret of the best validation MSE after {trials} trials (median [q1, q3] over seeds); "
-          "random search's exact trials to match the median, and that over the arm's trials")
-    print("| benchmark | arm | seeds | median regret | q1 | q3 | random needs | speed-up | ask ms |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "random search's exact trials to match the median, and that over the arm's trials, with its bootstrap "
+          "90 % interval over the seeds")
+    print("| benchmark | arm | seeds | median regret | q1 | q3 | random needs | speed-up | 90 % interval | ask ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, cell in summary.items():
         if not name.startswith("fcnet"):
             continue
         for label, row in cell["arms"].items():
             print(f"| {name} | {label} | {row['seeds']} | {row['median']:.3g} | {row['q1']:.3g} | {row['q3']:.3g} "
-                  f"| {row['random_trials']:.0f} | {row['random_trials'] / trials:.1f}x | {row['ask_ms']:.1f} |")
+                  f"| {row['random_trials']:.0f} | {row['random_trials'] / trials:.1f}x "
+                  f"| {_interval(row.get('random_trials_90'), trials)} | {row['ask_ms']:.1f} |")
+
+
+def _interval(bounds: list[float] | None, trials: int) -> str:
+    """A speed-up's interval, ``-`` for a summary saved before intervals were kept."""
+    return "-" if bounds is None else f"{bounds[0] / trials:.1f}-{bounds[1] / trials:.1f}x"
 
 
 def print_tables(summary: dict, parallel: dict, trials: int) -> None:
@@ -481,7 +512,7 @@ def main() -> None:
             jobs += [(f"lcbench/{t}", arm, s, None, budgets["lcbench"]) for arm in tpe_setting_arms()
                      if not args.arms or arm.label in args.arms for t in args.tasks for s in range(args.seeds)]
         if "mnist1d" in args.suite:
-            jobs += [("mnist1d/table", arm, s, None, budgets["mnist1d"]) for arm in pruner_arms(MNIST1DTable().epochs)
+            jobs += [("mnist1d/table", arm, s, None, budgets["mnist1d"]) for arm in mnist1d_arms(MNIST1DTable().epochs)
                      if not args.arms or arm.label in args.arms for s in range(args.seeds)]
         results = {"runs": {}, "budgets": budgets}
         started = time.perf_counter()

@@ -22,6 +22,7 @@ from public_benchmarks import FCNet, LCBench, random_search_quantile, random_tri
 from search_efficiency import (  # noqa: E402
     Arm,
     group_arms,
+    mnist1d_arms,
     parallel_arms,
     pruner_arms,
     run_study,
@@ -87,7 +88,7 @@ def test_a_group_shares_the_first_members_shape_and_searches_the_rest():
 
     def suggest(trial):
         config = original(trial)
-        recorded.append(dict(trial.params))
+        recorded.append(dict(zip(bench._table[0], config)))
         return config
 
     bench.suggest = suggest
@@ -125,9 +126,13 @@ def test_the_bench_prints_its_tables_and_writes_its_report(tmp_path):
     labels = {(r[0], r[1]) for r in rows}
     assert {("fcnet/naval", a.label) for a in sampler_arms()} <= labels
     assert {("lcbench/189906", a.label) for a in pruner_arms()} <= labels
-    assert {("mnist1d/table", a.label) for a in pruner_arms(40)} <= labels
-    parallel = next(r for r in rows if r[0] == "fcnet/naval" and len(r) == 1 + len(parallel_arms()) + len(group_arms()))  # the parallel table
+    assert {("mnist1d/table", a.label) for a in mnist1d_arms(40)} <= labels
+    parallel = next(r for r in rows if r[0] == "fcnet/naval" and r[1].endswith("x"))  # the parallel table
+    assert len(parallel) == 1 + len(parallel_arms()) + len(group_arms())
     assert float(parallel[1].rstrip("x")) <= 1, "k=1 reaches its own median by the budget"
+    default = next(r for r in rows if r[:2] == ["fcnet/naval", "tpe (hpo default)"])
+    low, high = (float(x) for x in default[8].rstrip("x").split("-"))
+    assert low <= float(default[7].rstrip("x")) <= high, "the speed-up lies in its bootstrap interval"
     summary = json.loads((tmp_path / "report" / "summary.json").read_text())["summary"]
     assert summary["fcnet/naval"]["arms"]["gp"]["seeds"] == 1
     assert all(0 <= row["median"] <= 1 for row in summary["lcbench/189906"]["arms"].values())
