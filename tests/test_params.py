@@ -4,6 +4,7 @@ user sees (export, report, MLflow), baselines, and studies stored before the opt
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import uuid
 
@@ -11,11 +12,13 @@ import optuna
 import pytest
 from mlflow import MlflowClient
 from optuna.distributions import CategoricalDistribution, IntDistribution
+from typer.testing import CliRunner
 
 from hpo import api
 from hpo.analysis.export import trial_rows
 from hpo.analysis.report import best_table
 from hpo.api import Execution
+from hpo.cli import app
 from hpo.params import optuna_params, ordered_choices, trial_values
 from hpo.running.study import BASELINE, GROUP, load_study
 from hpo.space import suggest
@@ -23,6 +26,8 @@ from hpo.spec import parse_spec
 from hpo.tracking import Tracking
 
 from .conftest import TINY_SPEC
+
+runner = CliRunner()
 
 #: Batch size and hidden rate are lists of numbers written out of order; units has only two.
 ORDERED_SPEC = (TINY_SPEC
@@ -91,6 +96,13 @@ def test_a_study_stores_positions_and_shows_values_in_export_report_and_mlflow(w
 
     best = dict((row[0], row[1]) for row in best_table(load_study(name, sqlite_url)).rows)
     assert best["training.batch_size"] in (16, 32, 64) and best["dropout.hidden.rate"] in (0.0, 0.25, 0.5)
+
+    shown = runner.invoke(app, ["best", name, "--storage", sqlite_url, "--json"])
+    assert shown.exit_code == 0, shown.output
+    data = json.loads(shown.stdout)
+    assert data["params"]["training.batch_size"] == data["config"]["train"]["batch_size"] in (16, 32, 64)
+    printed = runner.invoke(app, ["best", name, "--storage", sqlite_url])
+    assert re.search(rf"training\.batch_size\s+│\s+{data['config']['train']['batch_size']}\s", printed.output)
 
 
 def test_a_study_stored_before_the_option_resumes_with_categories(write_spec, sqlite_url):

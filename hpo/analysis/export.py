@@ -15,8 +15,8 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial
 
-from hpo.running.study import ABANDONED, BASELINE, FAIL_REASON, TRIAL_METRICS
 from hpo.params import trial_values
+from hpo.running.study import ABANDONED, BASELINE, FAIL_REASON, TRIAL_METRICS
 from hpo.spec import Spec
 
 

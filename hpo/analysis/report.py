@@ -21,8 +21,8 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from hpo.running.study import SITES, StudyHandle, best_trial, count_trials
 from hpo.params import trial_values
+from hpo.running.study import SITES, StudyHandle, best_trial, count_trials
 
 PLACEMENTS = ("input", "hidden", "conv", "recurrent")
 #: Rate bins of the rate tables: [0, 0.1), [0.1, 0.2), … [0.9, 1.0].

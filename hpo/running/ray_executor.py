@@ -334,9 +334,9 @@ def auto_gpus_per_trial(spec: Any, seed: int, data: Splits, group_size: int, cpu
     measured and chosen."""
     from optuna.trial import FixedTrial
 
+    from hpo.params import optuna_params
     from hpo.running.group import group_key
     from hpo.running.packing import gpu_fraction, trials_per_gpu
-    from hpo.params import optuna_params
     from hpo.space import baseline_params, suggest
 
     resources = ray.cluster_resources()

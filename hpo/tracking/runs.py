@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from optuna.trial import FrozenTrial, TrialState
 
 from hpo.errors import HpoError
+from hpo.params import trial_values
 from hpo.running.study import (
     ABANDONED,
     BASELINE,
@@ -34,7 +35,6 @@ from hpo.running.study import (
     redact,
     sqlite_path,
 )
-from hpo.params import trial_values
 from hpo.spec import Spec
 
 if TYPE_CHECKING:
