@@ -250,17 +250,21 @@ def random_search_quantile(scores: np.ndarray, trials: np.ndarray | int, q: floa
     return ordered[np.clip(index, 0, len(ordered) - 1)]
 
 
+def _draws_needed(share: np.ndarray, q: float, limit: float = np.inf) -> np.ndarray:
+    """Uniform draws after which the ``q`` quantile of the best lies within the best ``share`` of
+    the table: the smallest n with 1 - (1 - share)^n >= q (inf where none, or past ``limit``)."""
+    share = np.asarray(share, dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        n = np.ceil(np.log(1 - q) / np.log(1 - np.clip(share, 0, 1 - 1e-16)))
+    n = np.where(share >= 1, 1.0, n)
+    return np.where((share <= 0) | (n > limit), np.inf, n)
+
+
 def random_trials_to_reach(scores: np.ndarray, target: float, q: float = 0.5, limit: int = 10**7) -> float:
     """How many uniform random draws random search needs for its ``q`` quantile of the best score
     to reach ``target`` (inf past ``limit``)."""
-    ordered = np.sort(scores)
-    share = np.searchsorted(ordered, target, side="right") / len(ordered)
-    if share <= 0:
-        return float("inf")
-    if share >= 1:
-        return 1.0
-    n = int(np.ceil(np.log(1 - q) / np.log(1 - share)))
-    return float(n) if n <= limit else float("inf")
+    share = np.searchsorted(np.sort(scores), target, side="right") / len(scores)
+    return float(_draws_needed(share, q, limit))
 
 
 def random_trials_interval(scores: np.ndarray, found: np.ndarray, level: float = 0.9, resamples: int = 2000,
@@ -269,13 +273,10 @@ def random_trials_interval(scores: np.ndarray, found: np.ndarray, level: float =
     (an arm's best score per seed): the seeds are resampled with replacement. Random search's
     curve is flat near the optimum, so a small shift of the median moves this count a lot; the
     interval says how far a speed-up measured over these seeds can be trusted."""
-    ordered = np.sort(scores)
     rng = np.random.default_rng(seed)
     medians = np.median(rng.choice(np.asarray(found), (resamples, len(found))), axis=1)
-    share = np.searchsorted(ordered, medians, side="right") / len(ordered)
-    with np.errstate(divide="ignore"):
-        needed = np.where(share >= 1, 1.0, np.ceil(np.log(0.5) / np.log1p(-np.clip(share, 0, 1 - 1e-16))))
-    needed = np.where(share <= 0, np.inf, needed)
+    share = np.searchsorted(np.sort(scores), medians, side="right") / len(scores)
+    needed = _draws_needed(share, 0.5, limit=10**7)
     low, high = np.quantile(needed, [(1 - level) / 2, (1 + level) / 2], method="inverted_cdf")
     return float(low), float(high)
 

