@@ -160,8 +160,8 @@ def pruner_arms(epochs: int = 52) -> list[Arm]:
 def mnist1d_arms(epochs: int) -> list[Arm]:
     """The pruner arms on the MNIST-1D table's curves, and the default with its numeric choices
     (input and hidden rates) searched as categories, as before ``sampler.numeric_choices``."""
-    return [*pruner_arms(epochs), Arm("tpe + median, numeric choices categorical", CATEGORICAL,
-                                      pruner_arms(epochs)[0].pruner)]
+    arms = pruner_arms(epochs)
+    return [*arms, Arm("tpe + median, numeric choices categorical", CATEGORICAL, arms[0].pruner)]
 
 
 def tpe_setting_arms() -> list[Arm]:

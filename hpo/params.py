@@ -15,8 +15,8 @@ from hpo.spec import Choice, PlacementSpec, SamplerSpec, Spec, is_searched
 
 
 class Suggester(Protocol):
-    """What :func:`hpo.space.suggest` needs from a trial: ``optuna.Trial`` and ``optuna.trial.FixedTrial``
-    both qualify."""
+    """What :func:`hpo.space.suggest` needs from a trial: ``optuna.Trial`` and
+    ``optuna.trial.FixedTrial`` both qualify."""
 
     def suggest_float(self, name: str, low: float, high: float, *, step: float | None = None, log: bool = False) -> float: ...  # noqa: E501
     def suggest_int(self, name: str, low: int, high: int, *, step: int = 1, log: bool = False) -> int: ...  # noqa: E501
