@@ -69,8 +69,24 @@ def test_pruners_keep_working_with_parallel_workers(write_spec, sqlite_url):
     pruned = [t for t in trials if t.state == TrialState.PRUNED]
     assert any(t.params["training.lr"] == 1e-7 for t in pruned), "no hopeless trial was pruned"
     assert all(0 < len(t.intermediate_values) < 8 for t in pruned), "pruned mid-training, per epoch"
+    assert all(len(t.user_attrs["history"]) == len(t.intermediate_values) for t in pruned), "the pruned epoch's metrics"
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     assert all(len(t.intermediate_values) == 8 for t in complete), "every epoch was reported"
+
+
+def test_waking_the_broker_ends_a_waiting_drain_at_once():
+    """When a task ends, the driver wakes and reads the drain it has in flight before asking for
+    another, so a trial's last epoch can never come after its end (CI once saw a pruned trial
+    without its last epoch's metrics)."""
+    from hpo.running.ray_executor import PruningBroker
+
+    broker = PruningBroker.remote()
+    ray.get(broker.started.remote(0, {"pid": 1}))
+    assert ray.get(broker.drain.remote(60), timeout=20)[1] == [(0, {"pid": 1})]
+    waiting = broker.drain.remote(60)
+    broker.wake.remote()
+    assert ray.get(waiting, timeout=20) == ([], [], []), "woken, not after 60 s"
+    ray.kill(broker)
 
 
 def test_a_trial_error_in_a_worker_fails_only_that_trial(write_spec, sqlite_url):

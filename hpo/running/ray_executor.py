@@ -166,6 +166,11 @@ class PruningBroker:
         self._reports, self._started, self._epochs = [], [], []
         return news
 
+    async def wake(self) -> None:
+        """End a waiting drain now. An async actor runs calls in no set order, so the driver
+        reads that drain before it asks for another, rather than running two at once."""
+        self._news.set()
+
     async def decide(self, decisions: list[tuple[int, int, bool]]) -> None:
         for number, step, prune in decisions:
             future = self._decisions.get((number, step))
@@ -270,7 +275,11 @@ class RayBackend:
             self._answer(*ray.get(self._drain))
             self._drain = None
         ended, _ = ray.wait(list(self._tasks), num_returns=len(self._tasks), timeout=0) if self._tasks else ([], [])
-        if ended:  # their last epochs may still wait in the broker
+        if ended:  # their last epochs may wait in the drain in flight, or in the broker
+            if self._drain is not None:
+                self._broker.wake.remote()
+                self._answer(*ray.get(self._drain))
+                self._drain = None
             self._answer(*ray.get(self._broker.drain.remote(0)))
         done = []
         for ref in ended:
