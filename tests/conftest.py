@@ -6,6 +6,7 @@ import contextlib
 import os
 import signal
 import socket
+import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -175,16 +176,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def poll_trials(url: str, predicate, *, study: str = "tiny", timeout: float = 180):
-    """Poll a study another process is writing until ``predicate(trials)`` is truthy; return it."""
+def poll_trials(url: str, predicate, *, study: str = "tiny", timeout: float = 180,
+                process: subprocess.Popen | None = None):
+    """Poll a study ``process`` (another process) is writing until ``predicate(trials)`` is
+    truthy; return it. Fails at once, with the process's output, if the process ends first."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            trials = optuna.load_study(study_name=study, storage=url).trials
-        except KeyError:
-            trials = []
-        found = predicate(trials)
-        if found:
-            return found
-        time.sleep(0.2)
+    storage = optuna.storages.RDBStorage(url)
+    try:
+        while time.monotonic() < deadline:
+            try:
+                trials = optuna.load_study(study_name=study, storage=storage).trials
+            except KeyError:
+                trials = []
+            found = predicate(trials)
+            if found:
+                return found
+            if process is not None and process.poll() is not None:
+                output = process.communicate()[0] if process.stdout is not None else ""
+                raise AssertionError(f"the process writing study {study!r} ended (exit {process.returncode}) "
+                                     f"before the expected state:\n{output}")
+            time.sleep(0.2)
+    finally:
+        storage.engine.dispose()
     raise AssertionError(f"study {study!r} did not reach the expected state in {timeout} s")

@@ -147,7 +147,7 @@ def _freeze_mid_trial(driver: subprocess.Popen, url: str) -> None:
     checked again with the driver frozen, so however fast trials are on this machine, the signal
     the test sends next finds a trial running."""
     while True:
-        poll_trials(url, _two_finished_one_running)
+        poll_trials(url, _two_finished_one_running, process=driver)
         driver.send_signal(signal.SIGSTOP)
         if _two_finished_one_running(optuna.load_study(study_name="tiny", storage=url).trials):
             return

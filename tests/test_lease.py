@@ -96,10 +96,14 @@ def test_of_drivers_starting_at_once_exactly_one_wins(storage_url):
     won[0].release()
 
 
-# Long enough trials (30 epochs, no pruning) that the first driver is mid-study when frozen.
-SLOW_SPEC = TINY_SPEC.replace("epochs: 3", "epochs: 30").replace(
+# Trials of about 2 s (100 epochs, no pruning) on this 2-core machine, so polls find one running.
+SLOW_SPEC = TINY_SPEC.replace("epochs: 3", "epochs: 100").replace(
     "pruner: {name: median, n_startup_trials: 2, n_warmup_steps: 1}", "pruner: {name: none}"
 )
+
+
+def _running(trials) -> bool:
+    return any(t.state == TrialState.RUNNING for t in trials)
 
 
 def _resume(url: str, name: str, *extra: str) -> list[str]:
@@ -109,9 +113,9 @@ def _resume(url: str, name: str, *extra: str) -> list[str]:
 
 @pytest.mark.slow
 def test_two_resumes_of_one_study_run_its_budget_exactly_once(tmp_path, storage_url):
-    """The second `hpo resume`, started while the first runs (frozen mid-trial, so however fast
-    trials are), exits 2 naming the first and changes nothing; the first finishes the exact
-    budget."""
+    """The second `hpo resume`, started while the first runs (frozen mid-trial: the state is
+    checked again once frozen), exits 2 naming the first and changes nothing; the first finishes
+    the exact budget."""
     (tmp_path / "space.yaml").write_text(SLOW_SPEC)
     name_url, name = storage_url, f"lease-{uuid.uuid4().hex[:8]}"
     created = subprocess.run([sys.executable, "-m", "hpo", "submit", "space.yaml", "--trials", "1", "--storage",
@@ -121,9 +125,13 @@ def test_two_resumes_of_one_study_run_its_budget_exactly_once(tmp_path, storage_
     first = subprocess.Popen(_resume(name_url, name, "--trials", "5"), cwd=tmp_path, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
     try:
-        poll_trials(name_url, lambda ts: any(t.state == TrialState.RUNNING for t in ts), study=name)
-        first.send_signal(signal.SIGSTOP)
-        frozen = optuna.load_study(study_name=name, storage=name_url).trials
+        while True:
+            poll_trials(name_url, _running, study=name, process=first)
+            first.send_signal(signal.SIGSTOP)
+            frozen = optuna.load_study(study_name=name, storage=name_url).trials
+            if _running(frozen):
+                break
+            first.send_signal(signal.SIGCONT)
         second = subprocess.run(_resume(name_url, name), cwd=tmp_path, capture_output=True, text=True,
                                 timeout=300)
         assert second.returncode == 2, second.stdout + second.stderr

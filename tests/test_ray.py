@@ -155,7 +155,7 @@ def test_killing_a_workers_process_fails_its_trial_and_the_study_still_fills_its
     url = f"sqlite:///{tmp_path / 'hpo.db'}"
     driver = _driver(tmp_path, url, "--trials", "6", "--workers", "2", "--max-retries", "1")
     victim = poll_trials(url, lambda ts: next(
-        (t for t in ts if t.state == TrialState.RUNNING and "worker" in t.user_attrs), None))
+        (t for t in ts if t.state == TrialState.RUNNING and "worker" in t.user_attrs), None), process=driver)
     pid = victim.user_attrs["worker"]["pid"]
     os.kill(pid, signal.SIGKILL)
     output = driver.communicate(timeout=300)[0]
@@ -174,7 +174,8 @@ def test_killing_a_workers_process_fails_its_trial_and_the_study_still_fills_its
 def test_killing_the_driver_then_resuming_loses_no_trial_and_leaves_none_running(tmp_path):
     url = f"sqlite:///{tmp_path / 'hpo.db'}"
     driver = _driver(tmp_path, url, "--trials", "8", "--workers", "2")
-    poll_trials(url, lambda ts: len(_finished(ts)) >= 2 and sum(t.state == TrialState.RUNNING for t in ts) == 2)
+    poll_trials(url, lambda ts: len(_finished(ts)) >= 2 and sum(t.state == TrialState.RUNNING for t in ts) == 2,
+                process=driver)
     driver.kill()
     driver.wait(timeout=60)
     before = optuna.load_study(study_name="tiny", storage=url).trials
