@@ -50,7 +50,7 @@ from public_benchmarks import (
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hpo.running.pruning import make_pruner
-from hpo.params import searcher  # noqa: E402
+from hpo.params import searcher, settle_numeric_choices  # noqa: E402
 from hpo.running.study import make_sampler  # noqa: E402
 from hpo.spec import PrunerSpec, SamplerSpec, Spec  # noqa: E402
 
@@ -88,6 +88,12 @@ class Arm:
                                                  n_startup_trials=sampler._n_startup_trials, **dict(self.tpe))
         return sampler, make_pruner(self.pruner)
 
+    @property
+    def searching(self) -> SamplerSpec:
+        """The ``sampler:`` section as a study settles it: ``numeric_choices: auto`` by the
+        group size, as ``hpo submit`` does."""
+        return settle_numeric_choices(Spec(sampler=self.sampler), self.group).sampler
+
 
 DEFAULT = Spec()
 
@@ -116,8 +122,10 @@ def sampler_arms() -> list[Arm]:
     ]
 
 
-#: The default TPE with a spec's numeric choices searched as categories (``sampler.numeric_choices``).
+#: The default TPE with a spec's numeric choices searched as categories, or by position, whatever
+#: the group size (``sampler.numeric_choices``).
 CATEGORICAL = DEFAULT.sampler.model_copy(update={"numeric_choices": "categorical"})
+ORDERED = DEFAULT.sampler.model_copy(update={"numeric_choices": "ordered"})
 
 
 def parallel_arms(ks: tuple[int, ...] = (1, 2, 8, 32)) -> list[Arm]:
@@ -131,11 +139,12 @@ def parallel_arms(ks: tuple[int, ...] = (1, 2, 8, 32)) -> list[Arm]:
 
 
 def group_arms(sizes: tuple[int, ...] = (5, 16)) -> list[Arm]:
-    """The default TPE asking vectorised groups of each size, one group at a time; and groups of
-    5 with numeric choices as categories."""
+    """The default TPE asking vectorised groups of each size, one group at a time (numeric
+    choices as categories, as a grouped study settles ``auto``); and groups of 5 with them by
+    position."""
     arms = [Arm(f"tpe groups of {k}", DEFAULT.sampler, NONE, group=k) for k in sizes]
     if 5 in sizes:
-        arms.append(Arm("tpe groups of 5, numeric choices categorical", CATEGORICAL, NONE, group=5))
+        arms.append(Arm("tpe groups of 5, numeric choices ordered", ORDERED, NONE, group=5))
     return arms
 
 
@@ -206,7 +215,7 @@ def run_study(bench: Bench, arm: Arm, seed: int, *, trials: int | None = None,
                 fixed = {name: live[0][0].params[name] for name in bench.shared}
                 study.sampler = optuna.samplers.PartialFixedSampler(fixed, sampler)
             trial = study.ask()
-            config = bench.suggest(searcher(trial, arm.sampler))
+            config = bench.suggest(searcher(trial, arm.searching))
             asking += time.perf_counter() - start
             live.append((trial, config))
         study.sampler = sampler

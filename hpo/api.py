@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Literal
 from hpo.data import DataSource, TrialData, load_data, load_user_data
 from hpo.data.batches import Loading
 from hpo.errors import HpoError, SpecError
+from hpo.params import ordered_choices, settle_numeric_choices
 from hpo.running.executor import Backend, LocalBackend, ProgressCallback, RunSummary, run_study
 from hpo.running.lease import driving
 from hpo.running.study import BASELINE, StudyHandle, create_study, load_study, reconcile, set_budget
@@ -343,6 +344,7 @@ def submit(
     if seed is None:
         seed = spec.sampler.seed if spec.sampler.seed is not None else secrets.randbelow(2**31)
     execution = _settled(spec, execution, on_note)
+    spec = _numeric_choices_settled(spec, execution.group_size, on_note)
     with _backend(spec, seed, data, execution, on_note, folder) as backend:
         handle = create_study(
             spec, text,
@@ -367,6 +369,15 @@ def _settled(spec: Spec, execution: Execution, on_note: Callable[[str], None]) -
     if note:
         on_note(note)
     return execution
+
+
+def _numeric_choices_settled(spec: Spec, group_size: int, on_note: Callable[[str], None]) -> Spec:
+    settled = settle_numeric_choices(spec, group_size)
+    if spec.sampler.numeric_choices == "auto" and settled.sampler.numeric_choices == "categorical" \
+            and ordered_choices(spec):
+        on_note(f"numeric choices are searched as categories in groups of {group_size} "
+                "(sampler: {numeric_choices: ordered} searches them by position)")
+    return settled
 
 
 def _run(handle: StudyHandle, data: TrialData, backend: Backend, execution: Execution, tracking: Tracking,

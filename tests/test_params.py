@@ -135,16 +135,37 @@ def test_a_new_study_records_how_it_searches_numeric_choices(write_spec, sqlite_
     assert load_study(name, sqlite_url).spec.sampler.numeric_choices == "ordered"
 
 
-def test_a_vectorised_group_shares_an_ordered_batch_size(write_spec, sqlite_url):
-    name = f"grouped-{uuid.uuid4().hex[:8]}"
-    handle, _ = api.submit(write_spec(ORDERED_SPEC), trials=6, study_name=name, storage=sqlite_url, baselines=False,
-                           execution=Execution(accelerator="cpu", group_size=3), tracking=Tracking(enabled=False))
+def _group_batch_sizes(handle) -> dict[int, set]:
     groups: dict[int, set] = {}
     for trial in handle.study.get_trials(deepcopy=False):
         first = trial.user_attrs.get(GROUP, {}).get("first", trial.number)
         groups.setdefault(first, set()).add(trial.user_attrs["config"]["train"]["batch_size"])
     assert any(trial.user_attrs.get(GROUP) for trial in handle.study.get_trials(deepcopy=False)), "groups trained"
-    assert all(len(sizes) == 1 for sizes in groups.values()), groups
+    return groups
+
+
+def test_a_study_in_vectorised_groups_searches_numeric_choices_as_categories_unless_told(write_spec, sqlite_url):
+    """``auto`` (the default) is settled when the study is created: categories in groups, where
+    they were measured to do better, with a note; ``ordered`` written out is kept, and a group
+    shares its batch size either way."""
+    grouped = Execution(accelerator="cpu", group_size=3)
+    notes: list[str] = []
+    name = f"grouped-{uuid.uuid4().hex[:8]}"
+    handle, _ = api.submit(write_spec(ORDERED_SPEC), trials=6, study_name=name, storage=sqlite_url, baselines=False,
+                           execution=grouped, tracking=Tracking(enabled=False), on_note=notes.append)
+    assert handle.spec.sampler.numeric_choices == "categorical"
+    assert load_study(name, sqlite_url).spec.sampler.numeric_choices == "categorical"
+    assert all(isinstance(t.distributions["training.batch_size"], CategoricalDistribution) for t in handle.study.trials)
+    assert any("numeric choices are searched as categories in groups of 3" in n for n in notes), notes
+    assert all(len(sizes) == 1 for sizes in _group_batch_sizes(handle).values())
+
+    name = f"grouped-{uuid.uuid4().hex[:8]}"
+    text = ORDERED_SPEC.replace("sampler: {name: tpe,", "sampler: {numeric_choices: ordered, name: tpe,")
+    handle, _ = api.submit(write_spec(text), trials=6, study_name=name, storage=sqlite_url, baselines=False,
+                           execution=grouped, tracking=Tracking(enabled=False))
+    assert load_study(name, sqlite_url).spec.sampler.numeric_choices == "ordered"
+    assert all(isinstance(t.distributions["training.batch_size"], IntDistribution) for t in handle.study.trials)
+    assert all(len(sizes) == 1 for sizes in _group_batch_sizes(handle).values())
 
 
 @pytest.mark.parametrize("choices", [[0.1, 0.2], [True, False, True], [None, 1.0, 2.0], ["a", "b", "c"]])
