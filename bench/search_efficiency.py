@@ -167,16 +167,18 @@ def pruner_arms(epochs: int = 52) -> list[Arm]:
 
 
 def mnist1d_arms(epochs: int) -> list[Arm]:
-    """The pruner arms on the MNIST-1D table's curves, and the default with its numeric choices
-    (input and hidden rates) searched as categories, as before ``sampler.numeric_choices``."""
+    """The pruner arms on the MNIST-1D table's curves, the default with its numeric choices
+    (input and hidden rates) searched as categories, as before ``sampler.numeric_choices``, and
+    with univariate densities."""
     arms = pruner_arms(epochs)
-    return [*arms, Arm("tpe + median, numeric choices categorical", CATEGORICAL, arms[0].pruner)]
+    return [*arms, Arm("tpe + median, numeric choices categorical", CATEGORICAL, arms[0].pruner),
+            Arm("tpe independent + median", arms[0].sampler, arms[0].pruner, independent=True)]
 
 
 def tpe_setting_arms() -> list[Arm]:
     """The default (TPE + the median pruner on LCBench's 52 epochs) beside TPE settings a spec
     does not offer: twice the expected-improvement candidates, the range's endpoints considered
-    in the Parzen estimators' bandwidths, and a stronger prior."""
+    in the Parzen estimators' bandwidths, a stronger prior, and univariate densities."""
     default = pruner_arms()[0]
     tpe, median = default.sampler, default.pruner
     return [
@@ -184,6 +186,7 @@ def tpe_setting_arms() -> list[Arm]:
         Arm("tpe + median, 48 EI candidates", tpe, median, tpe=(("n_ei_candidates", 48),)),
         Arm("tpe + median, endpoints considered", tpe, median, tpe=(("consider_endpoints", True),)),
         Arm("tpe + median, prior weight 2", tpe, median, tpe=(("prior_weight", 2.0),)),
+        Arm("tpe independent + median", tpe, median, independent=True),
     ]
 
 
@@ -202,7 +205,8 @@ def run_study(bench: Bench, arm: Arm, seed: int, *, trials: int | None = None,
     """Run ``arm`` on ``bench`` until ``trials`` trials have finished or ``epochs`` epochs are
     spent (a trial that does not finish its epochs within that budget is abandoned)."""
     sampler, pruner = arm.build(seed)
-    study = optuna.create_study(sampler=sampler, pruner=pruner, direction="minimize")
+    # Hyperband's brackets follow the study's name: named by seed, a rerun repeats them.
+    study = optuna.create_study(study_name=f"seed-{seed}", sampler=sampler, pruner=pruner, direction="minimize")
     spent, finished, best, asking = 0, 0, float("inf"), 0.0
     run = Run([], [], 0.0)
     while (trials is None or finished < trials) and (epochs is None or spent < epochs):

@@ -36,6 +36,7 @@ from search_efficiency import (  # noqa: E402
     tpe_setting_arms,
 )
 
+from hpo.params import OrderedChoices  # noqa: E402
 from hpo.running.pruning import make_pruner
 from hpo.running.study import make_sampler  # noqa: E402
 from hpo.spec import PrunerSpec, SamplerSpec, Spec  # noqa: E402
@@ -105,11 +106,13 @@ def test_a_group_shares_the_first_members_shape_and_searches_the_rest():
     original = bench.suggest
 
     def suggest(trial):
+        assert not isinstance(trial, OrderedChoices), "a grouped study searches numeric choices as categories"
         config = original(trial)
         recorded.append(dict(zip(bench._table[0], config)))
         return config
 
     bench.suggest = suggest
+    assert arm.searching.numeric_choices == "categorical" and group_arms()[-1].searching.numeric_choices == "ordered"
     run = run_study(bench, arm, 0, trials=12)
     assert len(run.best) == 12
     groups = [recorded[i:i + 4] for i in range(0, 12, 4)]
