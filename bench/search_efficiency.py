@@ -65,9 +65,7 @@ class Arm:
     """One way of searching: a spec's ``sampler:`` section (or ``liar=False``: the same TPE
     without the constant liar), its ``pruner:`` section, and ``k`` concurrent trials; or
     ``group`` trials asked as ``hpo submit --group-size`` asks them (the first as usual, the rest
-    with the benchmark's shape parameters fixed to the first's) and run together. ``independent``:
-    the default TPE with univariate instead of multivariate densities (not a spec option; it
-    answers whether the default's multivariate TPE pays)."""
+    with the benchmark's shape parameters fixed to the first's) and run together."""
 
     label: str
     sampler: SamplerSpec
@@ -76,15 +74,15 @@ class Arm:
     liar: bool = True
     group: int = 1
 
-    independent: bool = False
     #: Other ``TPESampler`` settings (not spec options), e.g. ``(("n_ei_candidates", 48),)``.
     tpe: tuple[tuple[str, object], ...] = ()
 
     def build(self, seed: int) -> tuple[optuna.samplers.BaseSampler, optuna.pruners.BasePruner]:
         sampler = make_sampler(self.sampler, seed)
-        if not self.liar or self.independent or self.tpe:
-            sampler = optuna.samplers.TPESampler(seed=seed, multivariate=not self.independent,
-                                                 group=not self.independent, constant_liar=self.liar,
+        if not self.liar or self.tpe:
+            multivariate = self.sampler.multivariate
+            sampler = optuna.samplers.TPESampler(seed=seed, multivariate=multivariate, group=multivariate,
+                                                 constant_liar=self.liar,
                                                  n_startup_trials=sampler._n_startup_trials, **dict(self.tpe))
         return sampler, make_pruner(self.pruner)
 
@@ -115,7 +113,7 @@ def sampler_arms() -> list[Arm]:
         Arm("tpe (hpo default)", tpe, NONE),
         Arm("tpe, 5 startup", tpe.model_copy(update={"n_startup_trials": 5}), NONE),
         Arm("tpe, 20 startup", tpe.model_copy(update={"n_startup_trials": 20}), NONE),
-        Arm("tpe independent", tpe, NONE, independent=True),
+        Arm("tpe independent", UNIVARIATE, NONE),
         Arm("tpe, numeric choices categorical", CATEGORICAL, NONE),
         Arm("gp", SamplerSpec(name="gp"), NONE),
         Arm("cmaes", SamplerSpec(name="cmaes"), NONE),
@@ -126,6 +124,8 @@ def sampler_arms() -> list[Arm]:
 #: the group size (``sampler.numeric_choices``).
 CATEGORICAL = DEFAULT.sampler.model_copy(update={"numeric_choices": "categorical"})
 ORDERED = DEFAULT.sampler.model_copy(update={"numeric_choices": "ordered"})
+#: The default TPE with one Parzen estimator per parameter (``sampler: {multivariate: false}``).
+UNIVARIATE = DEFAULT.sampler.model_copy(update={"multivariate": False})
 
 
 def parallel_arms(ks: tuple[int, ...] = (1, 2, 8, 32)) -> list[Arm]:
@@ -172,7 +172,7 @@ def mnist1d_arms(epochs: int) -> list[Arm]:
     with univariate densities."""
     arms = pruner_arms(epochs)
     return [*arms, Arm("tpe + median, numeric choices categorical", CATEGORICAL, arms[0].pruner),
-            Arm("tpe independent + median", arms[0].sampler, arms[0].pruner, independent=True)]
+            Arm("tpe independent + median", UNIVARIATE, arms[0].pruner)]
 
 
 def tpe_setting_arms() -> list[Arm]:
@@ -186,7 +186,7 @@ def tpe_setting_arms() -> list[Arm]:
         Arm("tpe + median, 48 EI candidates", tpe, median, tpe=(("n_ei_candidates", 48),)),
         Arm("tpe + median, endpoints considered", tpe, median, tpe=(("consider_endpoints", True),)),
         Arm("tpe + median, prior weight 2", tpe, median, tpe=(("prior_weight", 2.0),)),
-        Arm("tpe independent + median", tpe, median, independent=True),
+        Arm("tpe independent + median", UNIVARIATE, median),
     ]
 
 

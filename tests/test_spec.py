@@ -69,6 +69,7 @@ BAD_SPACES = {
     "variant for another arch": ("dropout: {variant: locked}", "dropout.variant", "not available for the mlp"),
     "unknown sampler": ("sampler: {name: bayes}", "sampler.name", "'bayes'"),
     "unknown pruner": ("pruner: {name: asha}", "pruner.name", "'asha'"),
+    "univariate for another sampler": ("sampler: {name: gp, multivariate: false}", "sampler", "tpe sampler"),
     "range upside down": ("training: {lr: {low: 0.1, high: 0.01}}", "training.lr", "above high"),
     "log range from zero": ("training: {lr: {low: 0, high: 0.1, log: true}}", "training.lr", "low > 0"),
     "not a number": ("training: {lr: fast}", "training.lr", "'fast'"),

@@ -117,6 +117,16 @@ def test_every_sampler_runs_a_study(write_spec, sqlite_url, sampler):
     assert summary.counts.finished == 3
 
 
+def test_a_univariate_tpe_study_keeps_its_sampler_when_resumed(write_spec, sqlite_url):
+    spec = TINY_SPEC.replace("sampler: {name: tpe,", "sampler: {multivariate: false, name: tpe,").replace("epochs: 3", "epochs: 1")
+    handle, _ = api.submit(write_spec(spec), trials=4, study_name="uni", storage=sqlite_url, execution=CPU)
+    assert handle.study.sampler._multivariate is False
+    resumed, summary = api.resume("uni", storage=sqlite_url, trials=5, execution=CPU)
+    assert resumed.study.sampler._multivariate is False and summary.counts.finished == 5
+    assert api.submit(write_spec(TINY_SPEC), trials=1, study_name="multi", storage=sqlite_url,
+                      execution=CPU)[0].study.sampler._multivariate is True
+
+
 def test_hyperband_pruner_runs_a_study(write_spec, sqlite_url):
     spec = TINY_SPEC.replace("pruner: {name: median, n_startup_trials: 2, n_warmup_steps: 1}", "pruner: {name: hyperband}")
     _, summary = api.submit(write_spec(spec), trials=3, study_name="hb", storage=sqlite_url, execution=CPU)

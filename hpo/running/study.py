@@ -191,7 +191,7 @@ def redact(url: str) -> str:
 
 SAMPLERS = {
     "tpe": lambda s, seed: optuna.samplers.TPESampler(
-        seed=seed, multivariate=True, group=True, constant_liar=True,
+        seed=seed, multivariate=s.multivariate, group=s.multivariate, constant_liar=True,
         **_startup(s, default=10),
     ),
     "gp": lambda s, seed: optuna.samplers.GPSampler(seed=seed, **_startup(s, default=10)),
@@ -209,7 +209,8 @@ def _startup(spec: SamplerSpec, default: int) -> dict[str, int]:
 
 def make_sampler(spec: SamplerSpec, seed: int | None) -> optuna.samplers.BaseSampler:
     """The Optuna sampler a spec names. TPE is multivariate with grouped (conditional)
-    parameters and the constant liar, so concurrent trials do not duplicate each other."""
+    parameters unless ``multivariate: false``, and has the constant liar, so concurrent trials
+    do not duplicate each other."""
     return SAMPLERS[spec.name](spec, seed)
 
 
