@@ -291,6 +291,9 @@ def test_in_process_trials_get_one_thread_per_200_mflop_of_a_step_and_the_count_
     assert small.threads == 1 and 0 < small.flops < 2e8
     assert thread_choice(spec, digits, None).flops == small.flops, "the count is deterministic"
     assert thread_choice(spec, digits, 3.0).threads == 3
+    grouped = thread_choice(spec, digits, None, group_size=5)
+    assert grouped.flops == 5 * small.flops and "MFLOP per training step of a group of 5;" in grouped.describe()
+    assert "MFLOP per training step;" in small.describe()
     notes: list[str] = []
     before = torch.get_num_threads()
     api.submit(write_spec(), trials=1, storage=sqlite_url, execution=api.Execution(accelerator="cpu"),

@@ -60,12 +60,15 @@ class ThreadChoice:
     threads: int
     flops: float | None = None
     cores: int = 1
+    #: Members of a vectorised group: ``flops`` is the whole group's step.
+    group_size: int = 1
 
     def describe(self) -> str:
         if self.flops is None:
             return f"in-process trials train with {self.threads} torch thread{'s' * (self.threads > 1)} (--cpus-per-trial)"
+        step = "training step" if self.group_size == 1 else f"training step of a group of {self.group_size}"
         return (f"in-process trials train with {self.threads} torch thread{'s' * (self.threads > 1)} of {self.cores} "
-                f"cores ({self.flops / 1e6:,.0f} MFLOP per training step; one thread per "
+                f"cores ({self.flops / 1e6:,.0f} MFLOP per {step}; one thread per "
                 f"{MIN_FLOPS_PER_THREAD / 1e6:,.0f} MFLOP; --cpus-per-trial to choose)")
 
 
@@ -130,7 +133,7 @@ def thread_choice(spec: Any, data: Any, cpus_per_trial: float | None, group_size
         flops = centre_step_flops(spec, data, group_size)
     except Exception:  # noqa: BLE001 - a model the counter cannot follow keeps torch's default
         return ThreadChoice(torch.get_num_threads(), cores=cores)
-    return ThreadChoice(choose_threads(flops, cores), flops, cores)
+    return ThreadChoice(choose_threads(flops, cores), flops, cores, group_size)
 
 
 @contextlib.contextmanager
