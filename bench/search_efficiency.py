@@ -51,7 +51,7 @@ from public_benchmarks import (
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hpo.running.pruning import make_pruner
 from hpo.params import searcher, settle_numeric_choices  # noqa: E402
-from hpo.running.study import make_sampler  # noqa: E402
+from hpo.running.study import make_sampler, tpe_options  # noqa: E402
 from hpo.spec import PrunerSpec, SamplerSpec, Spec  # noqa: E402
 
 LCBENCH_FULL_EVALUATIONS = 126
@@ -78,13 +78,10 @@ class Arm:
     tpe: tuple[tuple[str, object], ...] = ()
 
     def build(self, seed: int) -> tuple[optuna.samplers.BaseSampler, optuna.pruners.BasePruner]:
-        sampler = make_sampler(self.sampler, seed)
         if not self.liar or self.tpe:
-            multivariate = self.sampler.multivariate
-            sampler = optuna.samplers.TPESampler(seed=seed, multivariate=multivariate, group=multivariate,
-                                                 constant_liar=self.liar,
-                                                 n_startup_trials=sampler._n_startup_trials, **dict(self.tpe))
-        return sampler, make_pruner(self.pruner)
+            options = {**tpe_options(self.sampler), "constant_liar": self.liar, **dict(self.tpe)}
+            return optuna.samplers.TPESampler(seed=seed, **options), make_pruner(self.pruner)
+        return make_sampler(self.sampler, seed), make_pruner(self.pruner)
 
     @property
     def searching(self) -> SamplerSpec:

@@ -189,11 +189,14 @@ def redact(url: str) -> str:
         return url.split("@")[-1]
 
 
+def tpe_options(spec: SamplerSpec) -> dict[str, Any]:
+    """``TPESampler``'s settings for a spec's ``sampler:`` section, the seed aside."""
+    return {"multivariate": spec.multivariate, "group": spec.multivariate, "constant_liar": True,
+            **_startup(spec, default=10)}
+
+
 SAMPLERS = {
-    "tpe": lambda s, seed: optuna.samplers.TPESampler(
-        seed=seed, multivariate=s.multivariate, group=s.multivariate, constant_liar=True,
-        **_startup(s, default=10),
-    ),
+    "tpe": lambda s, seed: optuna.samplers.TPESampler(seed=seed, **tpe_options(s)),
     "gp": lambda s, seed: optuna.samplers.GPSampler(seed=seed, **_startup(s, default=10)),
     "random": lambda s, seed: optuna.samplers.RandomSampler(seed=seed),
     "cmaes": lambda s, seed: optuna.samplers.CmaEsSampler(
