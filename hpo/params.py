@@ -60,7 +60,11 @@ def settle_numeric_choices(spec: Spec, group_size: int) -> Spec:
     was ahead."""
     if spec.sampler.numeric_choices != "auto":
         return spec
-    numeric = "categorical" if group_size > 1 else "ordered"
+    return with_numeric_choices(spec, "categorical" if group_size > 1 else "ordered")
+
+
+def with_numeric_choices(spec: Spec, numeric: str) -> Spec:
+    """``spec`` searching numeric choices as ``numeric`` (a settled or stored mode)."""
     return spec.model_copy(update={"sampler": spec.sampler.model_copy(update={"numeric_choices": numeric})})
 
 

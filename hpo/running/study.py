@@ -30,7 +30,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from hpo.errors import StoreError, first_line
 from hpo.running.pruning import make_pruner
-from hpo.params import optuna_params
+from hpo.params import optuna_params, with_numeric_choices
 from hpo.spec import SamplerSpec, Spec, parse_spec
 
 DEFAULT_STORAGE = "sqlite:///hpo.db"
@@ -303,7 +303,7 @@ def load_study(name: str, storage: str | None = None) -> StudyHandle:
         raise StoreError(f"study {name!r} was not created by hpo (it has no stored search space)")
     spec = parse_spec(attrs[_SPEC], source=f"study {name!r}")
     numeric = attrs.get(_NUMERIC_CHOICES, "categorical")
-    spec = spec.model_copy(update={"sampler": spec.sampler.model_copy(update={"numeric_choices": numeric})})
+    spec = with_numeric_choices(spec, numeric)
     seed = int(attrs.get(_SEED, 0))
     n_done = len(plain.get_trials(deepcopy=False))
     study = optuna.load_study(
