@@ -125,6 +125,14 @@ def storage_url(request, tmp_path: Path) -> str:
     return request.getfixturevalue("postgres_server_url")
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def new_storage_url(request, tmp_path: Path) -> str:
+    """As ``storage_url``, but a PostgreSQL database of its own: no tables yet."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'studies.db'}"
+    return request.getfixturevalue("postgres_database")()
+
+
 def processes_with(fragment: str) -> list[int]:
     """Pids of live processes whose command line contains ``fragment`` (from /proc)."""
     found = []

@@ -15,6 +15,8 @@ import uuid
 import optuna
 import pytest
 from optuna.trial import TrialState
+from sqlalchemy import create_engine, event
+from sqlalchemy.schema import CreateTable
 
 from hpo.running.lease import LEASES, StudyBusy, acquire, holder
 from hpo.running.study import ABANDONED
@@ -94,6 +96,29 @@ def test_of_drivers_starting_at_once_exactly_one_wins(storage_url):
         t.join()
     assert len(won) == 1 and len(refused) == 5
     won[0].release()
+
+
+def test_a_lease_table_created_by_a_rival_between_check_and_create_is_used(new_storage_url):
+    """Two drivers on a new store both find the table missing: the rival's CREATE TABLE lands
+    between this driver's check and its own, which fails, and the lease is still taken."""
+    rival = create_engine(new_storage_url)
+    raced = []
+
+    def rival_creates_it_first(target, connection, **_) -> None:
+        if not raced:
+            raced.append(True)
+            with rival.begin() as db:
+                db.execute(CreateTable(LEASES))
+
+    event.listen(LEASES, "before_create", rival_creates_it_first)
+    try:
+        lease = acquire(new_storage_url, "s")
+    finally:
+        event.remove(LEASES, "before_create", rival_creates_it_first)
+        rival.dispose()
+    assert raced, "the table existed before the race"
+    assert holder(lease.engine, "s").token == lease.token
+    lease.release()
 
 
 # Trials of about 2 s (100 epochs, no pruning) on this 2-core machine, so polls find one running.

@@ -32,11 +32,12 @@ from sqlalchemy import (
     create_engine,
     delete,
     insert,
+    inspect,
     select,
     update,
 )
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from hpo.errors import HpoError
 from hpo.running.study import engine_options, pid_alive, redact
@@ -105,6 +106,17 @@ class DriverLease:
         self.engine.dispose()
 
 
+def create_table(engine: Engine) -> None:
+    """Create the lease table unless it exists. Two drivers starting at once on a new store
+    can both find it missing; the second ``CREATE TABLE`` then fails (PostgreSQL: a duplicate
+    ``pg_type`` key or relation, SQLite: table already exists), which is success here."""
+    try:
+        _metadata.create_all(engine, checkfirst=True)
+    except DBAPIError:
+        if not inspect(engine).has_table(LEASES.name):
+            raise
+
+
 def holder(engine: Engine, study_name: str) -> Holder | None:
     with engine.connect() as db:
         row = db.execute(select(LEASES).where(LEASES.c.study_name == study_name)).first()
@@ -118,7 +130,7 @@ def acquire(url: str, study_name: str, *, take_over: bool = False, stale_after: 
     only if it has not changed since it was read, so two drivers taking over at once cannot
     both win."""
     engine = create_engine(url, **engine_options(url))
-    _metadata.create_all(engine, checkfirst=True)
+    create_table(engine)
     token = uuid.uuid4().hex
     mine = {"token": token, "host": socket.gethostname(), "pid": os.getpid()}
     for _ in range(3):
