@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Literal
 from hpo.data import DataSource, TrialData, load_data, load_user_data
 from hpo.data.batches import Loading
 from hpo.errors import HpoError, SpecError
-from hpo.params import ordered_choices, settle_numeric_choices
+from hpo.params import CATEGORICAL_FROM_WORKERS, ordered_choices, settle_numeric_choices
 from hpo.running.executor import Backend, LocalBackend, ProgressCallback, RunSummary, run_study
 from hpo.running.lease import driving
 from hpo.running.study import BASELINE, StudyHandle, create_study, load_study, reconcile, set_budget
@@ -109,9 +109,9 @@ class Execution:
 
 #: Trials per vectorised group that ``group_size="auto"`` trains for an MLP on a CPU. Measured
 #: (docs/performance.md, "Against Ray Tune"): a trial in a group of 5 costs 0.39-0.49 of a trial
-#: alone on the digits MLP, while on FCNet a group of 5 needed 1.3-1.5x the trials of one trial
-#: at a time for the same regret (docs/reports/search-efficiency): less wall time to the same
-#: result.
+#: alone on the digits MLP, while on FCNet a group of 5 needed 1.46-1.92x the trials of one trial
+#: at a time for the same regret on three data sets of four (docs/reports/search-efficiency):
+#: less wall time to the same result there.
 AUTO_GROUP_SIZE = 5
 
 
@@ -344,7 +344,7 @@ def submit(
     if seed is None:
         seed = spec.sampler.seed if spec.sampler.seed is not None else secrets.randbelow(2**31)
     execution = _settled(spec, execution, on_note)
-    spec = _numeric_choices_settled(spec, execution.group_size, on_note)
+    spec = _numeric_choices_settled(spec, execution, on_note)
     with _backend(spec, seed, data, execution, on_note, folder) as backend:
         handle = create_study(
             spec, text,
@@ -371,11 +371,13 @@ def _settled(spec: Spec, execution: Execution, on_note: Callable[[str], None]) -
     return execution
 
 
-def _numeric_choices_settled(spec: Spec, group_size: int, on_note: Callable[[str], None]) -> Spec:
-    settled = settle_numeric_choices(spec, group_size)
+def _numeric_choices_settled(spec: Spec, execution: Execution, on_note: Callable[[str], None]) -> Spec:
+    settled = settle_numeric_choices(spec, execution.group_size, execution.workers)
     if spec.sampler.numeric_choices == "auto" and settled.sampler.numeric_choices == "categorical" \
             and ordered_choices(spec):
-        on_note(f"numeric choices are searched as categories in groups of {group_size} "
+        why = [f"in groups of {execution.group_size}"] * (execution.group_size > 1) + \
+            [f"with {execution.workers} trials at once"] * (execution.workers >= CATEGORICAL_FROM_WORKERS)
+        on_note(f"numeric choices are searched as categories {' and '.join(why)} "
                 "(sampler: {numeric_choices: ordered} searches them by position)")
     return settled
 

@@ -51,16 +51,24 @@ class OrderedChoices:
         return ordered[int(self.trial.suggest_int(name, 0, len(ordered) - 1))]
 
 
-def settle_numeric_choices(spec: Spec, group_size: int) -> Spec:
+#: Concurrent trials from which ``numeric_choices: auto`` searches numeric choices as categories.
+CATEGORICAL_FROM_WORKERS = 8
+
+
+def settle_numeric_choices(spec: Spec, group_size: int, workers: int = 1) -> Spec:
     """``spec`` with ``sampler.numeric_choices: auto`` made ``categorical`` for a study trained
-    in vectorised groups of ``group_size`` > 1, else ``ordered``. In groups of 5 on FCNet,
-    searching by position needed more trials than categories on naval (speed-up over random
-    search 4.3x against 8.1x) and protein (1.1x against 4.5x), with the 90 % intervals apart, and
-    was level on the other two (docs/reports/search-efficiency); one trial at a time, position
-    was ahead."""
+    in vectorised groups (``group_size`` > 1) or with :data:`CATEGORICAL_FROM_WORKERS` or more
+    concurrent trials, else ``ordered``. Measured on FCNet (docs/reports/search-efficiency): one
+    trial at a time, by position was ahead. In groups of 5 by position needed more trials on
+    naval and protein (speed-up over random search 4.3x against 8.1x, 1.1x against 4.5x): the
+    group's first member returned to a shape an earlier group had trained 2-3 times as often.
+    With 8 trials at once categories reached the sequential default's regret in 1.30-1.48x its
+    trials over 200 seeds, by position in 1.44-1.60x; with 2 or 4, by position did as well or
+    better."""
     if spec.sampler.numeric_choices != "auto":
         return spec
-    return with_numeric_choices(spec, "categorical" if group_size > 1 else "ordered")
+    concurrent = group_size > 1 or workers >= CATEGORICAL_FROM_WORKERS
+    return with_numeric_choices(spec, "categorical" if concurrent else "ordered")
 
 
 def with_numeric_choices(spec: Spec, numeric: str) -> Spec:

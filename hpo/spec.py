@@ -501,10 +501,11 @@ class SamplerSpec(_Strict):
     #: sampler learns from a value's neighbours (on FCNet's grids TPE's speed-up over random
     #: search rose from 10.8-14.9x to 12.9-19.2x: docs/reports/search-efficiency);
     #: ``categorical`` as unordered categories, which did better in vectorised groups (4.5-8.1x
-    #: against 1.1-4.3x on two data sets of four); ``auto`` (default) is ``categorical`` for a
-    #: study submitted with groups (``--group-size`` above 1), else ``ordered``, fixed when the
-    #: study is created (:func:`hpo.params.settle_numeric_choices`). Studies stored before this
-    #: option keep ``categorical``.
+    #: against 1.1-4.3x on two data sets of four) and with 8 trials at once; ``auto`` (default)
+    #: is ``categorical`` for a study submitted with groups (``--group-size`` above 1) or 8 or
+    #: more workers, else ``ordered``, fixed when the study is created
+    #: (:func:`hpo.params.settle_numeric_choices`). Studies stored before this option keep
+    #: ``categorical``.
     numeric_choices: Literal["auto", "ordered", "categorical"] = "auto"
     #: TPE only: one Parzen estimator over all parameters (default) or one per parameter. Joint
     #: was 2-4x ahead on FCNet and ahead on the MNIST-1D table; per parameter halved the mean

@@ -19,7 +19,13 @@ from hpo.analysis.export import trial_rows
 from hpo.analysis.report import best_table
 from hpo.api import Execution
 from hpo.cli import app
-from hpo.params import optuna_params, ordered_choices, trial_values
+from hpo.params import (
+    optuna_params,
+    ordered_choices,
+    settle_numeric_choices,
+    trial_values,
+    with_numeric_choices,
+)
 from hpo.running.study import BASELINE, GROUP, load_study
 from hpo.space import suggest
 from hpo.spec import parse_spec
@@ -166,6 +172,25 @@ def test_a_study_in_vectorised_groups_searches_numeric_choices_as_categories_unl
     assert load_study(name, sqlite_url).spec.sampler.numeric_choices == "ordered"
     assert all(isinstance(t.distributions["training.batch_size"], IntDistribution) for t in handle.study.trials)
     assert all(len(sizes) == 1 for sizes in _group_batch_sizes(handle).values())
+
+
+def test_auto_searches_numeric_choices_as_categories_where_trials_are_asked_while_others_run():
+    """One trial at a time, and with fewer than 8 at once, by position; in groups or with 8 or
+    more workers as categories, with a note saying why; a mode written in the spec is kept."""
+    spec = parse_spec(ORDERED_SPEC)
+    mode = {(group, workers): settle_numeric_choices(spec, group, workers).sampler.numeric_choices
+            for group in (1, 5) for workers in (1, 7, 8, 32)}
+    assert mode == {(1, 1): "ordered", (1, 7): "ordered", (1, 8): "categorical", (1, 32): "categorical",
+                    **{(5, w): "categorical" for w in (1, 7, 8, 32)}}
+    assert settle_numeric_choices(with_numeric_choices(spec, "ordered"), 5, 8).sampler.numeric_choices == "ordered"
+    notes: list[str] = []
+    api._numeric_choices_settled(spec, Execution(workers=8, group_size=1), notes.append)
+    api._numeric_choices_settled(spec, Execution(workers=8, group_size=3), notes.append)
+    api._numeric_choices_settled(spec, Execution(workers=4, group_size=1), notes.append)
+    assert [n.split(" (")[0] for n in notes] == [
+        "numeric choices are searched as categories with 8 trials at once",
+        "numeric choices are searched as categories in groups of 3 and with 8 trials at once",
+    ]
 
 
 @pytest.mark.parametrize("choices", [[0.1, 0.2], [True, False, True], [None, 1.0, 2.0], ["a", "b", "c"]])

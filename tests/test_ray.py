@@ -54,7 +54,8 @@ def test_a_twelve_trial_study_with_two_workers_finishes_exactly_twelve_trials(wr
 
 
 def test_the_budget_stays_exact_after_a_resume_with_more_workers(write_spec, sqlite_url):
-    api.submit(write_spec(), trials=3, study_name="grow", storage=sqlite_url, execution=TWO_WORKERS)
+    handle, _ = api.submit(write_spec(), trials=3, study_name="grow", storage=sqlite_url, execution=TWO_WORKERS)
+    assert handle.study.user_attrs["hpo:numeric_choices"] == "ordered", "by position below 8 workers"
     _, summary = api.resume("grow", storage=sqlite_url, trials=7, execution=TWO_WORKERS)
     assert summary.counts.finished == 7
     assert len(optuna.load_study(study_name="grow", storage=sqlite_url).trials) == 7
