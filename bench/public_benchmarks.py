@@ -96,6 +96,26 @@ class FCNet:
         """Every configuration's score: uniform random search samples exactly this set."""
         return np.fromiter(self._table[1].values(), dtype=float)
 
+    @property
+    def space(self) -> dict[str, list]:
+        """Each parameter's choices, in the order of a configuration's positions."""
+        return self._table[0]
+
+    @property
+    def parameters(self) -> list[str]:
+        """The parameters in the order of a configuration's positions."""
+        return list(self.space)
+
+    def best_by(self, names: tuple[str, ...]) -> dict[tuple, float]:
+        """For each combination of the positions of parameters ``names`` (e.g. a group's shape),
+        the best score over the configurations that have it."""
+        at = [self.parameters.index(name) for name in names]
+        best: dict[tuple, float] = {}
+        for key, score in self._table[1].items():
+            part = tuple(int(key[i]) for i in at)
+            best[part] = min(best.get(part, np.inf), score)
+        return best
+
 
 @dataclass
 class LCBench:

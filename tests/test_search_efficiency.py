@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ from search_efficiency import (  # noqa: E402
     mnist1d_arms,
     parallel_arms,
     pruner_arms,
+    fifth_of_trials,
     run_study,
     sampler_arms,
     tpe_setting_arms,
@@ -95,6 +97,11 @@ def test_the_arms_are_the_samplers_and_pruners_a_spec_builds():
     assert default == median
     tuned = candidates.build(0)[0]
     assert tuned._n_ei_candidates == 48 and tuned._constant_liar and tuned._n_startup_trials == 10
+    less_greedy = next(a for a in tpe_setting_arms() if a.label.endswith("best fifth as good"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # Optuna 4.9 deprecated gamma: silenced
+        assert less_greedy.build(0)[0]._gamma is fifth_of_trials
+    assert [fifth_of_trials(n) for n in (1, 10, 11, 124, 126, 500)] == [1, 2, 3, 25, 25, 25]
 
 
 def test_a_group_shares_the_first_members_shape_and_searches_the_rest():
@@ -142,6 +149,7 @@ def test_the_bench_prints_its_tables_and_writes_its_report(tmp_path):
         capture_output=True, text=True, timeout=240,
     )
     assert done.returncode == 0, done.stderr[-2000:]
+    assert "RuntimeWarning" not in done.stderr, done.stderr[-2000:]
     rows = [[c.strip() for c in line.split("|")[1:-1]] for line in done.stdout.splitlines()
             if line.startswith(("| fcnet", "| lcbench", "| mnist1d"))]
     labels = {(r[0], r[1]) for r in rows}
@@ -169,3 +177,38 @@ def test_the_bench_prints_its_tables_and_writes_its_report(tmp_path):
 
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def test_concurrent_asks_scores_what_each_batch_chose_and_found():
+    """bench/concurrent_asks.py: groups after the startup that return to a trained shape count
+    as repeats, a group holding its shape's best configuration found it, identical members have
+    no spread; and a real group arm's study is recorded in asking order, its members sharing the
+    first one's shape."""
+    from concurrent_asks import STARTUP_TRIALS, _study, arms, score_batches, spread
+
+    bench = FCNet("naval_propulsion")
+    every = bench.best_by(tuple(bench.parameters))
+    best = min(every, key=every.get)
+    assert every[best] == bench.reference_scores.min() == bench.score(best)
+    schedule = bench.parameters.index("lr_schedule")
+    other = tuple((c + 1) % 2 if i == schedule else c for i, c in enumerate(best))
+    groups = STARTUP_TRIALS // 5 + 2
+    scores = score_batches(bench, [([best] + [other] * 4) * groups], 5, grouped=True)
+    assert (scores.batches, scores.repeats, scores.shape_rank, scores.found_its_best) == (2, 1.0, 0, 1.0)
+    assert scores.shapes == 576  # widths 6 x 6, activations 2 x 2, batch sizes 4
+    assert score_batches(bench, [([other] * 5) * groups], 5, grouped=True).found_its_best == 0.0
+    # Two members of five differ from the others in the schedule alone, one of the 4 free
+    # parameters: 6 of the 10 pairs at distance 1/4.
+    assert spread(bench, [best] * 5, [0, 1]) == 0.0
+    free = [i for i, name in enumerate(bench.parameters) if name not in bench.shared]
+    assert spread(bench, [best, best, best, other, other], free) == pytest.approx(6 * 0.25 / 10)
+    assert score_batches(bench, [[best] * 24], 8, grouped=False).repeats is None
+
+    arm = next(a for a in arms() if a.group == 5)
+    configs = _study(("naval_propulsion", arm, 0, 20))
+    shape = [bench.parameters.index(name) for name in bench.shared]
+    assert len(configs) == 20
+    for start in range(0, 20, 5):
+        assert len({tuple(c[i] for i in shape) for c in configs[start:start + 5]}) == 1
+    assert 0 <= score_batches(bench, [configs], 5, grouped=True).repeats <= 1
+    assert {a.label for a in arms()} >= {"random k=8"} and {a.k for a in arms()} == {1, 8}
