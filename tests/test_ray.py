@@ -75,6 +75,16 @@ def test_pruners_keep_working_with_parallel_workers(write_spec, sqlite_url):
     assert all(len(t.intermediate_values) == 8 for t in complete), "every epoch was reported"
 
 
+def test_the_pruning_broker_is_placed_on_the_head_node():
+    """Ray still names the head node's resource as hpo does (a renamed one would leave the
+    broker on any node, where a lost worker takes the study down)."""
+    from ray._common.constants import HEAD_NODE_RESOURCE_NAME
+
+    from hpo.running.ray_executor import HEAD_NODE_RESOURCE
+
+    assert HEAD_NODE_RESOURCE == HEAD_NODE_RESOURCE_NAME and HEAD_NODE_RESOURCE in ray.cluster_resources()
+
+
 def test_waking_the_broker_ends_a_waiting_drain_at_once():
     """When a task ends, the driver wakes and reads the drain it has in flight before asking for
     another, so a trial's last epoch can never come after its end (CI once saw a pruned trial

@@ -25,7 +25,6 @@ from typing import Any
 
 import ray
 import ray.exceptions
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from hpo.data import Splits
 from hpo.data.batches import Loading
@@ -35,6 +34,8 @@ from hpo.running.executor import EpochCallback, Outcome, TrialJob, execute_group
 from hpo.running.trial import Precision
 from hpo.spec import ObjectiveSpec
 
+#: The resource Ray gives the head node only (``ray._common.constants.HEAD_NODE_RESOURCE_NAME``).
+HEAD_NODE_RESOURCE = "node:__internal_head__"
 #: Seconds a worker waits for the driver's pruning decision before training on regardless.
 DECISION_TIMEOUT = 120.0
 #: Tries of a ray:// connection: Ray's client proxy sometimes fails to fork the session's server
@@ -245,10 +246,11 @@ class RayBackend:
         self.threads = max(1, int(cpus_per_trial))
         self.accelerator = "gpu" if gpus_per_trial > 0 else "cpu"
         self._data_ref = ray.put(data)
-        # On the driver's node (the head, for a Ray client): a worker node lost mid-study must not
-        # take the broker, and with it the driver, down.
-        self._broker = PruningBroker.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
-            ray.get_runtime_context().get_node_id(), soft=True)).remote()
+        # On the head node, as Ray Serve places its controller: a worker node lost mid-study must
+        # not take the broker, and with it the driver, down. (With soft affinity to the driver's
+        # node it once ran on a worker, whose kill in the stack test ended the study.)
+        on_head = {HEAD_NODE_RESOURCE: 0.001} if HEAD_NODE_RESOURCE in ray.cluster_resources() else {}
+        self._broker = PruningBroker.options(resources=on_head).remote()
         self._tasks: dict[ray.ObjectRef, list[TrialJob]] = {}
         self._jobs: dict[int, TrialJob] = {}
         self._drain: ray.ObjectRef | None = None
