@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Literal
 from hpo.data import DataSource, TrialData, load_data, load_user_data
 from hpo.data.batches import Loading
 from hpo.errors import HpoError, SpecError
-from hpo.params import CATEGORICAL_FROM_WORKERS, ordered_choices, settle_numeric_choices
+from hpo.params import asked_together, ordered_choices, settle_numeric_choices
 from hpo.running.executor import Backend, LocalBackend, ProgressCallback, RunSummary, run_study
 from hpo.running.lease import driving
 from hpo.running.study import BASELINE, StudyHandle, create_study, load_study, reconcile, set_budget
@@ -375,9 +375,8 @@ def _numeric_choices_settled(spec: Spec, execution: Execution, on_note: Callable
     settled = settle_numeric_choices(spec, execution.group_size, execution.workers)
     if spec.sampler.numeric_choices == "auto" and settled.sampler.numeric_choices == "categorical" \
             and ordered_choices(spec):
-        why = [f"in groups of {execution.group_size}"] * (execution.group_size > 1) + \
-            [f"with {execution.workers} trials at once"] * (execution.workers >= CATEGORICAL_FROM_WORKERS)
-        on_note(f"numeric choices are searched as categories {' and '.join(why)} "
+        why = " and ".join(asked_together(execution.group_size, execution.workers))
+        on_note(f"numeric choices are searched as categories {why} "
                 "(sampler: {numeric_choices: ordered} searches them by position)")
     return settled
 

@@ -67,8 +67,18 @@ def settle_numeric_choices(spec: Spec, group_size: int, workers: int = 1) -> Spe
     better."""
     if spec.sampler.numeric_choices != "auto":
         return spec
-    concurrent = group_size > 1 or workers >= CATEGORICAL_FROM_WORKERS
-    return with_numeric_choices(spec, "categorical" if concurrent else "ordered")
+    return with_numeric_choices(spec, "categorical" if asked_together(group_size, workers) else "ordered")
+
+
+def asked_together(group_size: int, workers: int = 1) -> list[str]:
+    """Why ``auto`` counts a study's trials as asked while others run (for the note that says
+    so); empty where it does not."""
+    reasons = []
+    if group_size > 1:
+        reasons.append(f"in groups of {group_size}")
+    if workers >= CATEGORICAL_FROM_WORKERS:
+        reasons.append(f"with {workers} trials at once")
+    return reasons
 
 
 def with_numeric_choices(spec: Spec, numeric: str) -> Spec:
