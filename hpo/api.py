@@ -25,7 +25,7 @@ from hpo.running.lease import driving
 from hpo.running.study import BASELINE, StudyHandle, create_study, load_study, reconcile, set_budget
 from hpo.running.trial import PRECISIONS, Precision
 from hpo.space import baseline_params
-from hpo.spec import Spec, UserDataSpec, parse_spec, read_spec_file
+from hpo.spec import UNPRUNED_SAMPLERS, Spec, UserDataSpec, parse_spec, read_spec_file
 from hpo.tracking import Tracking, tracked
 from hpo.user_code import UserCodeError, add_code_dir
 
@@ -345,6 +345,8 @@ def submit(
         seed = spec.sampler.seed if spec.sampler.seed is not None else secrets.randbelow(2**31)
     execution = _settled(spec, execution, on_note)
     spec = _numeric_choices_settled(spec, execution, on_note)
+    if note := pruning_note(spec):
+        on_note(note)
     with _backend(spec, seed, data, execution, on_note, folder) as backend:
         handle = create_study(
             spec, text,
@@ -379,6 +381,20 @@ def _numeric_choices_settled(spec: Spec, execution: Execution, on_note: Callable
         on_note(f"numeric choices are searched as categories {why} "
                 "(sampler: {numeric_choices: ordered} searches them by position)")
     return settled
+
+
+def pruning_note(spec: Spec) -> str | None:
+    """What a user should know of pruning with a sampler that learns from complete trials only:
+    that it is off by default, or, where the spec asks for a pruner, what that costs."""
+    if spec.multi_objective or spec.sampler.name not in UNPRUNED_SAMPLERS:
+        return None
+    why = f"sampler {spec.sampler.name} learns from complete trials only"
+    if spec.pruner is None:
+        return f"trials are not pruned: {why} (pruner: {{name: median}} prunes anyway)"
+    if spec.active_pruner.name == "none":
+        return None
+    return (f"{why}: a configuration the {spec.active_pruner.name} pruner stops teaches it nothing and may be "
+            "proposed again (pruner: {name: none} lets every trial finish)")
 
 
 def _run(handle: StudyHandle, data: TrialData, backend: Backend, execution: Execution, tracking: Tracking,

@@ -52,6 +52,12 @@ def test_multi_objective_studies_are_not_pruned_by_default():
     assert parse_spec("objective: val/acc").active_pruner.name == "median"
 
 
+def test_the_gp_sampler_is_not_pruned_unless_the_spec_asks():
+    assert parse_spec("sampler: {name: gp}").active_pruner.name == "none"
+    assert parse_spec("sampler: {name: gp}\npruner: {name: median}").active_pruner.name == "median"
+    assert parse_spec("sampler: {name: tpe}").active_pruner.name == "median"
+
+
 def test_study_name_defaults_to_the_file_stem(write_spec):
     path = write_spec("model: {arch: mlp}", name="my-space.yaml")
     assert load_spec(path).name == "my-space"

@@ -117,6 +117,30 @@ def test_every_sampler_runs_a_study(write_spec, sqlite_url, sampler):
     assert summary.counts.finished == 3
 
 
+def test_a_gp_study_lets_every_trial_finish_and_says_so(write_spec, sqlite_url):
+    """GPSampler learns from complete trials only: by default nothing is pruned, and a spec that
+    asks for a pruner anyway is told what that costs."""
+    spec = (TINY_SPEC.replace("name: tpe", "name: gp").replace("n_startup_trials: 3", "n_startup_trials: 2")
+            .replace("pruner: {name: median, n_startup_trials: 2, n_warmup_steps: 1}\n", ""))
+    notes: list[str] = []
+    handle, summary = api.submit(write_spec(spec), trials=5, study_name="gp-unpruned", storage=sqlite_url,
+                                 execution=CPU, baselines=False, on_note=notes.append)
+    assert isinstance(handle.study.pruner, optuna.pruners.NopPruner)
+    assert summary.counts.finished == 5 and summary.counts.pruned == 0
+    assert "trials are not pruned: sampler gp learns from complete trials only" in " ".join(notes), notes
+
+    notes.clear()
+    pruned = spec + "pruner: {name: median, n_startup_trials: 1, n_warmup_steps: 1}\n"
+    handle, _ = api.submit(write_spec(pruned), trials=1, study_name="gp-pruned", storage=sqlite_url,
+                           execution=CPU, baselines=False, on_note=notes.append)
+    assert isinstance(handle.study.pruner, optuna.pruners.MedianPruner)
+    assert any("the median pruner stops teaches it nothing" in n for n in notes), notes
+    notes.clear()
+    api.submit(write_spec(TINY_SPEC), trials=1, study_name="tpe-pruned", storage=sqlite_url, execution=CPU,
+               baselines=False, on_note=notes.append)
+    assert not any("complete trials only" in n for n in notes), notes
+
+
 def test_a_univariate_tpe_study_keeps_its_sampler_when_resumed(write_spec, sqlite_url):
     spec = TINY_SPEC.replace("sampler: {name: tpe,", "sampler: {multivariate: false, name: tpe,").replace("epochs: 3", "epochs: 1")
     handle, _ = api.submit(write_spec(spec), trials=4, study_name="uni", storage=sqlite_url, execution=CPU)
