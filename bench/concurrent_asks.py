@@ -90,9 +90,10 @@ def score_batches(bench: FCNet, studies: list[list[tuple]], size: int, grouped: 
             shape = tuple(members[0][i] for i in shape_at)
             if start >= STARTUP_TRIALS:
                 spreads.append(spread(bench, members, searched))
-                repeats.append(shape in seen)
-                ranks.append(rank[shape])
-                found.append(np.isclose(min(bench.score(c) for c in members), best[shape]))
+                if grouped:
+                    repeats.append(shape in seen)
+                    ranks.append(rank[shape])
+                    found.append(np.isclose(min(bench.score(c) for c in members), best[shape]))
             seen.add(shape)
     if not grouped:
         return BatchScores(len(spreads), float(np.mean(spreads)))

@@ -33,6 +33,7 @@ from search_efficiency import (  # noqa: E402
     parallel_arms,
     pruner_arms,
     fifth_of_trials,
+    gp_arms,
     run_study,
     sampler_arms,
     tpe_setting_arms,
@@ -93,6 +94,9 @@ def test_the_arms_are_the_samplers_and_pruners_a_spec_builds():
     lcbench = Spec.model_validate({"training": {"epochs": 52}})
     assert median.pruner == lcbench.active_pruner and median.pruner.n_warmup_steps == 10
     assert type(median.build(0)[1]) is type(make_pruner(lcbench.active_pruner))
+    unpruned, pruned = gp_arms()
+    assert type(unpruned.build(0)[0]) is optuna.samplers.GPSampler
+    assert unpruned.pruner.name == "none" and pruned.pruner == median.pruner
     default, candidates, *_ = tpe_setting_arms()
     assert default == median
     tuned = candidates.build(0)[0]
@@ -115,7 +119,7 @@ def test_a_group_shares_the_first_members_shape_and_searches_the_rest():
     def suggest(trial):
         assert not isinstance(trial, OrderedChoices), "a grouped study searches numeric choices as categories"
         config = original(trial)
-        recorded.append(dict(zip(bench._table[0], config)))
+        recorded.append(dict(zip(bench.parameters, config)))
         return config
 
     bench.suggest = suggest
