@@ -20,6 +20,7 @@ is also known exactly from the table (order statistics), which gives
     python bench/search_efficiency.py                          # everything, ~1 h on 2 cores
     python bench/search_efficiency.py --suite fcnet --seeds 10 --trials 50
     python bench/search_efficiency.py --suite mnist1d             # the MNIST-1D table, ~20 s
+    python bench/search_efficiency.py --suite lcbench-gp --gp-seeds 10   # GP on LCBench, slow
     python bench/search_efficiency.py --report docs/reports/search-efficiency   # + plots, summary
 """
 
@@ -166,6 +167,15 @@ def pruner_arms(epochs: int = 52) -> list[Arm]:
     ]
 
 
+def gp_arms(epochs: int = 52) -> list[Arm]:
+    """Optuna's GP sampler on a benchmark with curves: with the pruner a spec naming it gets
+    (none: it learns from complete trials only, ``hpo.spec.UNPRUNED_SAMPLERS``) and with the
+    median pruner anyway."""
+    gp = Spec.model_validate({"sampler": {"name": "gp"}, "training": {"epochs": epochs}})
+    return [Arm("gp (hpo default: no pruner)", gp.sampler, gp.active_pruner),
+            Arm("gp + median", gp.sampler, epochs_spec(epochs).active_pruner)]
+
+
 def mnist1d_arms(epochs: int) -> list[Arm]:
     """The pruner arms on the MNIST-1D table's curves, the default with its numeric choices
     (input and hidden rates) searched as categories, as before ``sampler.numeric_choices``, and
@@ -185,7 +195,7 @@ def tpe_setting_arms() -> list[Arm]:
     """The default (TPE + the median pruner on LCBench's 52 epochs) beside TPE settings a spec
     does not offer: twice the expected-improvement candidates, the range's endpoints considered
     in the Parzen estimators' bandwidths, a stronger prior, a less greedy split of good and bad
-    trials, and univariate densities."""
+    trials, univariate densities, and 5 or 20 random startup trials instead of 10."""
     default = pruner_arms()[0]
     tpe, median = default.sampler, default.pruner
     return [
@@ -195,6 +205,7 @@ def tpe_setting_arms() -> list[Arm]:
         Arm("tpe + median, prior weight 2", tpe, median, tpe=(("prior_weight", 2.0),)),
         Arm("tpe + median, best fifth as good", tpe, median, tpe=(("gamma", fifth_of_trials),)),
         Arm("tpe independent + median", UNIVARIATE, median),
+        *[Arm(f"tpe + median, {n} startup", tpe.model_copy(update={"n_startup_trials": n}), median) for n in (5, 20)],
     ]
 
 
@@ -489,12 +500,12 @@ def plot(results: dict, summary: dict, trials: int, folder: Path) -> list[Path]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", nargs="+", choices=["fcnet", "parallel", "lcbench", "mnist1d", "tpe-settings"],
+    parser.add_argument("--suite", nargs="+", choices=["fcnet", "parallel", "lcbench", "mnist1d", "tpe-settings", "lcbench-gp"],
                         default=["fcnet", "parallel", "lcbench", "mnist1d"])
     parser.add_argument("--seeds", type=int, default=50)
     parser.add_argument("--first-seed", type=int, default=0,
                         help="seeds run are first-seed ... first-seed + seeds - 1: another set repeats nothing")
-    parser.add_argument("--gp-seeds", type=int, default=None, help="seeds for the GP arm (slow): default --seeds")
+    parser.add_argument("--gp-seeds", type=int, default=None, help="seeds for the GP arms (slow): default --seeds")
     parser.add_argument("--trials", type=int, default=50, help="FCNet budget in trials")
     parser.add_argument("--curve-trials", type=int, default=None,
                         help="FCNet trials run per study, for the curves and the parallel cost (default 2 x --trials; "
@@ -542,6 +553,10 @@ def main() -> None:
         if "tpe-settings" in args.suite:  # on LCBench
             jobs += [(f"lcbench/{t}", arm, s, None, budgets["lcbench"]) for arm in tpe_setting_arms()
                      if not args.arms or arm.label in args.arms for t in args.tasks for s in seed_range]
+        if "lcbench-gp" in args.suite:
+            gp_seeds = range(args.first_seed, args.first_seed + (args.gp_seeds or args.seeds))
+            jobs += [(f"lcbench/{t}", arm, s, None, budgets["lcbench"]) for arm in gp_arms()
+                     if not args.arms or arm.label in args.arms for t in args.tasks for s in gp_seeds]
         if "mnist1d" in args.suite:
             jobs += [("mnist1d/table", arm, s, None, budgets["mnist1d"]) for arm in mnist1d_arms(MNIST1DTable().epochs)
                      if not args.arms or arm.label in args.arms for s in seed_range]
