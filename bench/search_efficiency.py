@@ -205,7 +205,8 @@ def tpe_setting_arms() -> list[Arm]:
         Arm("tpe + median, prior weight 2", tpe, median, tpe=(("prior_weight", 2.0),)),
         Arm("tpe + median, best fifth as good", tpe, median, tpe=(("gamma", fifth_of_trials),)),
         Arm("tpe independent + median", UNIVARIATE, median),
-        *[Arm(f"tpe + median, {n} startup", tpe.model_copy(update={"n_startup_trials": n}), median) for n in (5, 20)],
+        *[Arm(f"tpe + median, {n} startup", tpe.model_copy(update={"n_startup_trials": n}), median)
+          for n in (5, 20)],
     ]
 
 
@@ -500,8 +501,8 @@ def plot(results: dict, summary: dict, trials: int, folder: Path) -> list[Path]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", nargs="+", choices=["fcnet", "parallel", "lcbench", "mnist1d", "tpe-settings", "lcbench-gp"],
-                        default=["fcnet", "parallel", "lcbench", "mnist1d"])
+    parser.add_argument("--suite", nargs="+", default=["fcnet", "parallel", "lcbench", "mnist1d"],
+                        choices=["fcnet", "parallel", "lcbench", "mnist1d", "tpe-settings", "lcbench-gp"])
     parser.add_argument("--seeds", type=int, default=50)
     parser.add_argument("--first-seed", type=int, default=0,
                         help="seeds run are first-seed ... first-seed + seeds - 1: another set repeats nothing")
