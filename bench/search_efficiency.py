@@ -548,16 +548,14 @@ def main() -> None:
             seeds = args.gp_seeds if gp and args.gp_seeds else args.seeds
             jobs += [(f"fcnet/{d}", arm, s, args.trials if gp else curve_trials, None)
                      for d in datasets for s in range(args.first_seed, args.first_seed + seeds)]
-        if "lcbench" in args.suite:
-            jobs += [(f"lcbench/{t}", arm, s, None, budgets["lcbench"]) for arm in pruner_arms()
-                     if not args.arms or arm.label in args.arms for t in args.tasks for s in seed_range]
-        if "tpe-settings" in args.suite:  # on LCBench
-            jobs += [(f"lcbench/{t}", arm, s, None, budgets["lcbench"]) for arm in tpe_setting_arms()
-                     if not args.arms or arm.label in args.arms for t in args.tasks for s in seed_range]
-        if "lcbench-gp" in args.suite:
-            gp_seeds = range(args.first_seed, args.first_seed + (args.gp_seeds or args.seeds))
-            jobs += [(f"lcbench/{t}", arm, s, None, budgets["lcbench"]) for arm in gp_arms()
-                     if not args.arms or arm.label in args.arms for t in args.tasks for s in gp_seeds]
+        gp_seeds = range(args.first_seed, args.first_seed + (args.gp_seeds or args.seeds))
+        lcbench_suites = {"lcbench": (pruner_arms, seed_range),
+                          "tpe-settings": (tpe_setting_arms, seed_range),
+                          "lcbench-gp": (gp_arms, gp_seeds)}
+        for suite, (arms, seeds) in lcbench_suites.items():
+            if suite in args.suite:
+                jobs += [(f"lcbench/{t}", arm, s, None, budgets["lcbench"]) for arm in arms()
+                         if not args.arms or arm.label in args.arms for t in args.tasks for s in seeds]
         if "mnist1d" in args.suite:
             jobs += [("mnist1d/table", arm, s, None, budgets["mnist1d"]) for arm in mnist1d_arms(MNIST1DTable().epochs)
                      if not args.arms or arm.label in args.arms for s in seed_range]

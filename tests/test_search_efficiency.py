@@ -183,6 +183,18 @@ def test_the_bench_prints_its_tables_and_writes_its_report(tmp_path):
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
+def test_the_gp_suite_runs_gp_with_and_without_the_median_pruner_on_lcbench():
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "search_efficiency.py"), "--suite", "lcbench-gp", "--seeds", "3", "--gp-seeds",
+         "1", "--tasks", "189906", "--full-evaluations", "3", "--jobs", "1"],
+        capture_output=True, text=True, timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in done.stdout.splitlines()
+            if line.startswith("| lcbench")]
+    assert [(r[0], r[1], r[2]) for r in rows] == [("lcbench/189906", a.label, "1") for a in gp_arms()]
+
+
 def test_concurrent_asks_scores_what_each_batch_chose_and_found():
     """bench/concurrent_asks.py: groups after the startup that return to a trained shape count
     as repeats, a group holding its shape's best configuration found it, identical members have
