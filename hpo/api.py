@@ -443,6 +443,8 @@ def resume(
         if execution.group_size == "auto" and handle.group_size is not None:
             execution = dataclasses.replace(execution, group_size=handle.group_size)
         execution = _settled(handle.spec, execution, on_note)
+        if note := pruning_note(handle.spec):
+            on_note(note)
         with _backend(handle.spec, handle.seed, data, execution, on_note, folder) as backend:
             return handle, _run(handle, data, backend, execution, tracking, timeout or handle.spec.budget.timeout,
                                 on_progress, on_warning)

@@ -128,6 +128,10 @@ def test_a_gp_study_lets_every_trial_finish_and_says_so(write_spec, sqlite_url):
     assert isinstance(handle.study.pruner, optuna.pruners.NopPruner)
     assert summary.counts.finished == 5 and summary.counts.pruned == 0
     assert "trials are not pruned: sampler gp learns from complete trials only" in " ".join(notes), notes
+    notes.clear()
+    resumed, summary = api.resume("gp-unpruned", storage=sqlite_url, trials=6, execution=CPU, on_note=notes.append)
+    assert isinstance(resumed.study.pruner, optuna.pruners.NopPruner) and summary.counts.pruned == 0
+    assert "trials are not pruned" in " ".join(notes), notes
 
     notes.clear()
     pruned = spec + "pruner: {name: median, n_startup_trials: 1, n_warmup_steps: 1}\n"
