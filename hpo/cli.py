@@ -28,17 +28,8 @@ from hpo.output import VERBOSE_ENV
 from hpo.output import configure as configure_output
 from hpo.params import trial_values
 from hpo.progress import StudyProgress, format_values
-from hpo.running.study import (
-    BASELINE,
-    STORAGE_ENV,
-    StudyHandle,
-    best_trial,
-    count_trials,
-    load_study,
-    open_storage,
-    redact,
-    storage_url,
-)
+from hpo.running.store import STORAGE_ENV, open_storage, redact, storage_url
+from hpo.running.study import BASELINE, StudyHandle, best_trial, count_trials, load_study
 from hpo.spec import Spec
 
 if TYPE_CHECKING:

@@ -19,7 +19,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from hpo.errors import describe
-from hpo.running.study import redact, sqlite_path, storage_url
+from hpo.running.store import redact, sqlite_path, storage_url
 
 #: Seconds each network check may take.
 TIMEOUT = 5.0

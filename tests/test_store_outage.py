@@ -16,8 +16,8 @@ import pytest
 import sqlalchemy
 
 from hpo.errors import StoreError
-from hpo.running import study as study_module
-from hpo.running.study import PatientRDBStorage, open_storage
+from hpo.running import store as store_module
+from hpo.running.store import PatientRDBStorage, open_storage
 
 pytestmark = pytest.mark.postgres
 
@@ -102,7 +102,7 @@ def test_a_store_that_comes_back_within_the_patience_loses_nothing(through_forwa
 
 def test_a_store_gone_longer_stops_the_driver_with_one_line_and_keeps_what_was_stored(through_forwarder, monkeypatch):
     forwarder, url = through_forwarder
-    monkeypatch.setattr(study_module, "STORE_PATIENCE_S", 2.0)
+    monkeypatch.setattr(store_module, "STORE_PATIENCE_S", 2.0)
     study = optuna.create_study(study_name="outage", storage=open_storage(url))
     study.tell(study.ask(), 1.0)
     trial = study.ask()

@@ -335,7 +335,7 @@ def test_an_sqlite_study_store_commits_to_a_write_ahead_log(sqlite_url):
     report is one), and a reader in another process never waits for the driver."""
     import sqlalchemy
 
-    from hpo.running.study import open_storage
+    from hpo.running.store import open_storage
 
     storage = open_storage(sqlite_url)
     with storage.engine.connect() as connection:

@@ -40,7 +40,8 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from hpo.errors import HpoError
-from hpo.running.study import engine_options, pid_alive, redact
+from hpo.running.store import engine_options, redact
+from hpo.running.study import pid_alive
 
 #: Seconds between a driver's heartbeats.
 HEARTBEAT_S = 5.0

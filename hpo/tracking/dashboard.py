@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from hpo.errors import HpoError
-from hpo.running.study import redact, sqlite_path
+from hpo.running.store import redact, sqlite_path
 from hpo.tracking.runs import TrackingError, artifacts_dir, tracking_uri
 
 #: Seconds to wait for ``mlflow server`` to answer its health check (it migrates the database

@@ -7,7 +7,8 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hpo.running.study import StudyHandle, redact
+from hpo.running.store import redact
+from hpo.running.study import StudyHandle
 from hpo.tracking.runs import BEST_MODEL_TAG, NUMBER_TAG, PARENT_ATTR, Tracking, _log, client
 
 if TYPE_CHECKING:

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hpo.errors import describe
-from hpo.running.study import StudyHandle, redact
+from hpo.running.store import redact
+from hpo.running.study import StudyHandle
 from hpo.tracking.models import log_model, model_example, trained_network
 from hpo.tracking.runs import (
     NUMBER_TAG,

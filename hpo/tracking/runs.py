@@ -23,6 +23,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from hpo.errors import HpoError
 from hpo.params import trial_values
+from hpo.running.store import redact, sqlite_path
 from hpo.running.study import (
     ABANDONED,
     BASELINE,
@@ -32,8 +33,6 @@ from hpo.running.study import (
     TRIAL_METRICS,
     Counts,
     StudyHandle,
-    redact,
-    sqlite_path,
 )
 from hpo.spec import Spec
 
@@ -235,7 +234,7 @@ def client(settings: Tracking) -> MlflowClient:
 
 def write_ahead(uri: str) -> None:
     """Put an embedded ``sqlite:///`` MLflow store in write-ahead-log mode (kept in the file) before
-    MLflow opens it, as the study store is (:func:`hpo.running.study.open_storage`): each of the
+    MLflow opens it, as the study store is (:func:`hpo.running.store.open_storage`): each of the
     tracker's batched writes otherwise waits for a rollback journal's fsyncs, which slowed the
     trials training beside it. A server's store, or a file that is not SQLite, is left alone."""
     import sqlite3

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any
 from optuna.trial import FrozenTrial, TrialState
 
 from hpo.errors import HpoError, describe
-from hpo.running.study import StudyHandle, best_trial, best_trials, count_trials, redact
+from hpo.running.store import redact
+from hpo.running.study import StudyHandle, best_trial, best_trials, count_trials
 from hpo.spec import EPOCH_METRICS
 from hpo.tracking.models import _best_model_of, attach_best_model
 from hpo.tracking.runs import (

@@ -18,7 +18,8 @@ from optuna.trial import FrozenTrial
 
 from hpo.errors import describe
 from hpo.params import trial_values
-from hpo.running.study import Counts, StudyHandle, best_trials, count_trials, redact
+from hpo.running.store import redact
+from hpo.running.study import Counts, StudyHandle, best_trials, count_trials
 from hpo.tracking.models import attach_best_model, model_example, trained_network
 from hpo.tracking.runs import (
     STATE_TAG,
