@@ -17,14 +17,17 @@ import sqlalchemy
 
 from hpo.errors import StoreError
 from hpo.running import store as store_module
-from hpo.running.store import PatientRDBStorage, open_storage
+from hpo.running.store import FAIL_REASON, PatientRDBStorage, open_storage
+from hpo.running.study import count_trials, is_abandoned
 
 pytestmark = pytest.mark.postgres
 
 
 class Forwarder:
     """TCP between the store's clients and the server; ``cut()`` closes every connection and
-    refuses new ones until ``restore()``."""
+    refuses new ones until ``restore()``. ``lose_commit_ack(fragment)`` lets the server commit the
+    next transaction whose statements hold ``fragment``, then cuts every connection before the
+    client reads the server's reply to its COMMIT: a commit whose acknowledgement was lost."""
 
     def __init__(self, host: str, port: int) -> None:
         self.target = (host, port)
@@ -33,6 +36,9 @@ class Forwarder:
         self.up = threading.Event()
         self.up.set()
         self.sockets: list[socket.socket] = []
+        self.fragment: bytes | None = None
+        self.muted: set[socket.socket] = set()
+        self.acks_lost = 0
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -46,17 +52,32 @@ class Forwarder:
                 continue
             server = socket.create_connection(self.target)
             self.sockets += [client, server]
-            for a, b in ((client, server), (server, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+            threading.Thread(target=self._pump, args=(client, server, client), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, client), daemon=True).start()
 
-    @staticmethod
-    def _pump(a: socket.socket, b: socket.socket) -> None:
+    def _pump(self, a: socket.socket, b: socket.socket, client: socket.socket) -> None:
+        in_transaction = False
         with contextlib.suppress(OSError):
             while data := a.recv(65536):
-                b.sendall(data)
+                if a is client and self.fragment is not None:
+                    in_transaction = in_transaction or self.fragment in data
+                    if in_transaction and b"COMMIT" in data:
+                        self.fragment, self.acks_lost = None, self.acks_lost + 1
+                        self.muted.add(client)
+                        b.sendall(data)
+                        time.sleep(0.3)  # the server commits and replies into the muted pump
+                        self.cut()
+                        self.muted.clear()
+                        self.restore()
+                        return
+                if b not in self.muted:
+                    b.sendall(data)
         for s in (a, b):
             with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
+
+    def lose_commit_ack(self, fragment: bytes) -> None:
+        self.fragment = fragment
 
     def cut(self) -> None:
         self.up.clear()
@@ -139,3 +160,74 @@ def test_every_call_optunas_cache_makes_to_the_rdb_storage_is_patient():
     db_calls = {name for name in called if not name.startswith("get_heartbeat")}
     assert db_calls, "optuna changed how it calls the storage"
     assert [name for name in db_calls if getattr(PatientRDBStorage, name) is getattr(RDBStorage, name)] == []
+
+
+def _trials(url: str, name: str) -> list[tuple[int, str, float | None]]:
+    return [(t.number, t.state.name, t.value) for t in optuna.load_study(study_name=name, storage=url).trials]
+
+
+def test_a_tell_whose_commit_acknowledgement_was_lost_succeeds_once(through_forwarder, capsys):
+    """The server stored the complete trial but the driver never heard: the retried tell finds
+    it finished, which Optuna refuses (UpdateFinishedTrialError ended the driver before)."""
+    forwarder, url = through_forwarder
+    study = optuna.create_study(study_name="ack", storage=open_storage(url))
+    study.tell(study.ask(), 1.0)
+    trial = study.ask()
+    forwarder.lose_commit_ack(b"UPDATE trials SET state")
+    study.tell(trial, 2.0)
+    assert forwarder.acks_lost == 1 and "stopped answering" in capsys.readouterr().err
+    assert _trials(url, "ack") == [(0, "COMPLETE", 1.0), (1, "COMPLETE", 2.0)]
+
+
+def test_a_queued_trial_whose_start_was_committed_unheard_is_the_one_that_runs(through_forwarder):
+    """Taking a queued trial sets it RUNNING; a retry of that commit is refused as if another
+    process had taken it, which left it RUNNING forever and ran a new trial in its place."""
+    forwarder, url = through_forwarder
+    study = optuna.create_study(study_name="queue", storage=open_storage(url))
+    study.enqueue_trial({"x": 0.25})
+    forwarder.lose_commit_ack(b"UPDATE trials SET state")
+    trial = study.ask()
+    assert forwarder.acks_lost == 1
+    study.tell(trial, trial.suggest_float("x", 0, 1))
+    assert _trials(url, "queue") == [(0, "COMPLETE", 0.25)]
+
+
+def test_a_study_whose_creation_was_committed_unheard_is_created_once(through_forwarder):
+    forwarder, url = through_forwarder
+    storage = open_storage(url)
+    forwarder.lose_commit_ack(b"INSERT INTO studies")
+    study = optuna.create_study(study_name="new", storage=storage, direction="maximize")
+    assert forwarder.acks_lost == 1
+    assert [s.study_name for s in optuna.get_all_study_summaries(url)] == ["new"]
+    assert study.direction == optuna.study.StudyDirection.MAXIMIZE
+    with pytest.raises(optuna.exceptions.DuplicatedStudyError):
+        optuna.create_study(study_name="new", storage=storage, direction="maximize")
+
+
+def test_a_trial_created_twice_by_a_lost_acknowledgement_leaves_no_running_copy(through_forwarder):
+    """Optuna retries a trial's creation itself: the copy its unheard first commit made stayed
+    RUNNING (a trial nobody runs) until a resume abandoned it and queued its empty configuration."""
+    forwarder, url = through_forwarder
+    study = optuna.create_study(study_name="twice", storage=open_storage(url))
+    forwarder.lose_commit_ack(b"INSERT INTO trials")
+    trial = study.ask()
+    study.tell(trial, 1.0)
+    assert forwarder.acks_lost == 1
+    trials = optuna.load_study(study_name="twice", storage=url).trials
+    assert [(t.number, t.state.name) for t in trials] == [(0, "FAIL"), (1, "COMPLETE")]
+    assert is_abandoned(trials[0]) and "a copy of trial 1" in trials[0].user_attrs[FAIL_REASON]
+    assert count_trials(trials).finished == 1
+
+
+def test_a_queued_configuration_stored_twice_by_a_lost_acknowledgement_trains_once(through_forwarder):
+    forwarder, url = through_forwarder
+    study = optuna.create_study(study_name="queued-twice", storage=open_storage(url))
+    forwarder.lose_commit_ack(b"INSERT INTO trials")
+    study.enqueue_trial({"x": 0.5}, user_attrs={"retry_of": 3})
+    assert forwarder.acks_lost == 1
+    for _ in range(2):
+        trial = study.ask()
+        study.tell(trial, trial.suggest_float("x", 0, 1))
+    trials = optuna.load_study(study_name="queued-twice", storage=url).trials
+    assert [(t.state.name, t.params.get("x") == 0.5) for t in trials] == [("FAIL", False), ("COMPLETE", True), ("COMPLETE", False)]
+    assert is_abandoned(trials[0])

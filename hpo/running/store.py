@@ -9,17 +9,24 @@ import functools
 import os
 import sys
 import time
+from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import optuna
+import sqlalchemy.event
 import sqlalchemy.exc
 from optuna.storages import RDBStorage
+from optuna.trial import FrozenTrial, TrialState
 
 from hpo.errors import StoreError, first_line
 
 DEFAULT_STORAGE = "sqlite:///hpo.db"
 STORAGE_ENV = "HPO_STORAGE"
+#: User attributes of a failed trial: why it failed, and that it was abandoned (it then counts
+#: against no budget).
+FAIL_REASON, ABANDONED = "fail_reason", "abandoned"
 
 
 def storage_url(url: str | None = None) -> str:
@@ -50,14 +57,18 @@ def connection_lost(exc: BaseException) -> bool:
 
 
 def _patient(method: Any) -> Any:
+    landed = _LANDED.get(method.__name__)
+
     @functools.wraps(method)
     def call(self: RDBStorage, *args: Any, **kwargs: Any) -> Any:
-        deadline, delay = None, 0.5
+        deadline, delay, started = None, 0.5, datetime.now()
         while True:
             try:
-                return method(self, *args, **kwargs)
+                result = method(self, *args, **kwargs)
             except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.DBAPIError) as exc:
                 if not connection_lost(exc):
+                    if deadline is not None and landed and (found := landed(self, started, *args, **kwargs)) is not _NOT_STORED:
+                        return found
                     raise
                 now = time.monotonic()
                 if deadline is None:
@@ -71,16 +82,122 @@ def _patient(method: Any) -> Any:
                         f"{first_line(exc.__cause__ or exc)}") from exc
                 time.sleep(delay)
                 delay = min(2 * delay, 5.0)
+                continue
+            except Exception:
+                if deadline is not None and landed and (found := landed(self, started, *args, **kwargs)) is not _NOT_STORED:
+                    return found
+                raise
+            if result is False and deadline is not None and landed:
+                found = landed(self, started, *args, **kwargs)
+                return result if found is _NOT_STORED else found
+            return result
     return call
+
+
+_NOT_STORED = object()
+
+
+def _state_stored(storage: RDBStorage, started: datetime, trial_id: int, state: TrialState,
+                  values: Sequence[float] | None = None) -> Any:
+    """``set_trial_state_values`` retried: its first commit landed if the trial holds that state
+    and those values (and, when it was taken from the queue to run, started after the call
+    began; the retry is then refused as if another process had taken it)."""
+    trial = storage.get_trial(trial_id)
+    if trial.state != state or (values is not None and trial.values != list(values)):
+        return _NOT_STORED
+    if state == TrialState.RUNNING and not (trial.datetime_start and trial.datetime_start >= started):
+        return _NOT_STORED
+    return True
+
+
+def _study_stored(storage: RDBStorage, _started: datetime, directions: Sequence[optuna.study.StudyDirection],
+                  study_name: str | None = None) -> Any:
+    """``create_new_study`` retried: its first commit landed if a study of that name exists with
+    those directions and nothing in it yet (the retry is refused as a duplicate name)."""
+    if study_name is None:
+        return _NOT_STORED
+    try:
+        study_id = storage.get_study_id_from_name(study_name)
+    except KeyError:
+        return _NOT_STORED
+    fresh = (list(storage.get_study_directions(study_id)) == list(directions) and not storage.get_n_trials(study_id)
+             and not storage.get_study_user_attrs(study_id) and not storage.get_study_system_attrs(study_id))
+    return study_id if fresh else _NOT_STORED
+
+
+#: For the calls that are not idempotent: whether the first attempt of a call retried after a
+#: lost connection was committed (its acknowledgement lost), and then what the call returns.
+#: Parameters, attributes and intermediate values are written idempotently by Optuna already.
+_LANDED = {"set_trial_state_values": _state_stored, "create_new_study": _study_stored}
+
+
+def _created_once(create: Any) -> Any:
+    """A trial's creation that, after a lost connection, fails as abandoned the copies an
+    unheard commit of an earlier attempt made (they would stay RUNNING, or, for a queued
+    configuration, train twice)."""
+
+    @functools.wraps(create)
+    def call(self: PatientRDBStorage, study_id: int, template_trial: FrozenTrial | None = None) -> FrozenTrial:
+        before, started = self.disconnects, datetime.now()
+        created = create(self, study_id, template_trial)
+        if self.disconnects != before:
+            number = created.number - 1
+            while number >= 0:
+                trial = self.get_trial(self.get_trial_id_from_study_id_trial_number(study_id, number))
+                if not _a_copy(trial, template_trial, started):
+                    break
+                self.set_trial_user_attr(trial._trial_id, FAIL_REASON, (
+                    f"abandoned: a copy of trial {created.number}, made when the study store lost the "
+                    "acknowledgement of its creation"))
+                self.set_trial_user_attr(trial._trial_id, ABANDONED, True)
+                self.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+                number -= 1
+        return created
+    return call
+
+
+def _a_copy(trial: FrozenTrial, template: FrozenTrial | None, started: datetime) -> bool:
+    """Whether ``trial`` is what a creation from ``template`` that began at ``started`` makes,
+    untouched since: a RUNNING trial with nothing set, started since, or the template's state,
+    parameters and attributes."""
+    if template is None:
+        return (trial.state == TrialState.RUNNING and trial.datetime_start is not None and trial.datetime_start >= started
+                and not (trial.params or trial.user_attrs or trial.system_attrs or trial.intermediate_values))
+    return (trial.state == template.state and trial.params == template.params and trial.values == template.values
+            and trial.user_attrs == template.user_attrs and trial.system_attrs == template.system_attrs
+            and trial.intermediate_values == template.intermediate_values)
 
 
 class PatientRDBStorage(RDBStorage):
     """Optuna's RDB storage that waits out a database server which stopped answering (a
     PostgreSQL restart) for up to :data:`STORE_PATIENCE_S` seconds, instead of failing the
     driver on the first dropped connection. Each storage call is one transaction, which the
-    server rolls back when its connection dies, so the call is retried whole (a commit whose
-    acknowledgement was lost is the one case retried twice). Errors the database raises for a
-    statement are not retried."""
+    server rolls back when its connection dies, so the call is retried whole. A commit whose
+    acknowledgement was lost is retried too: where the retry is then refused (a finished trial
+    told again, a study created again) the stored state is checked and, if it is what the call
+    asked, the call succeeds (:data:`_LANDED`). Errors the database raises for a statement are
+    not retried."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._count_disconnects()
+
+    def __setstate__(self, state: dict[Any, Any]) -> None:
+        super().__setstate__(state)
+        self._count_disconnects()
+
+    def _count_disconnects(self) -> None:
+        """``disconnects``: connections this storage saw die. Optuna retries a trial's creation
+        itself, unseen by :func:`_patient`; a change of this count is how a creation learns it
+        may have been committed twice."""
+        self.disconnects = 0
+
+        def count(context: Any) -> None:
+            if context.is_disconnect:
+                self.disconnects += 1
+
+        sqlalchemy.event.listen(self.engine, "handle_error", count)
+
 
 
 for _name in ("create_new_study", "delete_study", "set_study_user_attr", "set_study_system_attr",
@@ -94,6 +211,7 @@ for _name in ("create_new_study", "delete_study", "set_study_user_attr", "set_st
               "_get_trials", "_get_stale_trial_ids", "_create_new_trial", "_set_trial_param", "_get_best_trial_id"):
     if hasattr(RDBStorage, _name):
         setattr(PatientRDBStorage, _name, _patient(getattr(RDBStorage, _name)))
+PatientRDBStorage._create_new_trial = _created_once(PatientRDBStorage._create_new_trial)
 
 
 def open_storage(url: str | None = None) -> RDBStorage:

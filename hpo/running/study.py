@@ -26,7 +26,7 @@ from optuna.trial import FrozenTrial, TrialState
 from hpo.errors import StoreError
 from hpo.running.pruning import make_pruner
 from hpo.params import optuna_params, with_numeric_choices
-from hpo.running.store import open_storage, redact, storage_url
+from hpo.running.store import ABANDONED, FAIL_REASON, open_storage, redact, storage_url
 from hpo.spec import SamplerSpec, Spec, parse_spec
 
 #: Seconds between heartbeats of a running trial, and silence after which another driver may
@@ -41,8 +41,6 @@ _NUMERIC_CHOICES = "hpo:numeric_choices"
 _GROUP_SIZE = "hpo:group_size"
 _CODE_DIR = "hpo:code_dir"
 _OWNER, _HEARTBEAT = "hpo:driver", "hpo:heartbeat"
-ABANDONED = "abandoned"
-FAIL_REASON = "fail_reason"
 BASELINE = "baseline"
 #: A user model's trial keeps its resolved site table (path, kind, group, rate, variant, rate as
 #: built) and the layers max-norm held, as these user attributes.
