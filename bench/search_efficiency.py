@@ -21,6 +21,7 @@ is also known exactly from the table (order statistics), which gives
     python bench/search_efficiency.py --suite fcnet --seeds 10 --trials 50
     python bench/search_efficiency.py --suite mnist1d             # the MNIST-1D table, ~20 s
     python bench/search_efficiency.py --suite lcbench-gp --gp-seeds 10   # GP on LCBench, slow
+    python bench/search_efficiency.py --suite lcbench-samplers           # CMA-ES, QMC on LCBench
     python bench/search_efficiency.py --report docs/reports/search-efficiency   # + plots, summary
 """
 
@@ -174,6 +175,18 @@ def gp_arms(epochs: int = 52) -> list[Arm]:
     gp = Spec.model_validate({"sampler": {"name": "gp"}, "training": {"epochs": epochs}})
     return [Arm("gp (hpo default: no pruner)", gp.sampler, gp.active_pruner),
             Arm("gp + median", gp.sampler, epochs_spec(epochs).active_pruner)]
+
+
+def lcbench_sampler_arms(epochs: int = 52) -> list[Arm]:
+    """The other samplers on a benchmark with curves, beside the default: CMA-ES and QMC, each
+    with the pruner a spec naming it gets (the median pruner) and without pruning, and CMA-ES
+    with Hyperband. Both learn from complete trials only, as GP does."""
+    arms = [pruner_arms(epochs)[0]]
+    for name in ("cmaes", "qmc"):
+        spec = Spec.model_validate({"sampler": {"name": name}, "training": {"epochs": epochs}})
+        arms += [Arm(f"{name} + {spec.active_pruner.name} (hpo default for {name})", spec.sampler, spec.active_pruner),
+                 Arm(f"{name}, no pruner", spec.sampler, NONE)]
+    return arms + [Arm("cmaes + hyperband", arms[1].sampler, PrunerSpec(name="hyperband"))]
 
 
 def mnist1d_arms(epochs: int) -> list[Arm]:
@@ -502,7 +515,8 @@ def plot(results: dict, summary: dict, trials: int, folder: Path) -> list[Path]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", nargs="+", default=["fcnet", "parallel", "lcbench", "mnist1d"],
-                        choices=["fcnet", "parallel", "lcbench", "mnist1d", "tpe-settings", "lcbench-gp"])
+                        choices=["fcnet", "parallel", "lcbench", "mnist1d", "tpe-settings", "lcbench-gp",
+                                 "lcbench-samplers"])
     parser.add_argument("--seeds", type=int, default=50)
     parser.add_argument("--first-seed", type=int, default=0,
                         help="seeds run are first-seed ... first-seed + seeds - 1: another set repeats nothing")
@@ -551,7 +565,8 @@ def main() -> None:
         gp_seeds = range(args.first_seed, args.first_seed + (args.gp_seeds or args.seeds))
         lcbench_suites = {"lcbench": (pruner_arms, seed_range),
                           "tpe-settings": (tpe_setting_arms, seed_range),
-                          "lcbench-gp": (gp_arms, gp_seeds)}
+                          "lcbench-gp": (gp_arms, gp_seeds),
+                          "lcbench-samplers": (lcbench_sampler_arms, seed_range)}
         for suite, (arms, seeds) in lcbench_suites.items():
             if suite in args.suite:
                 jobs += [(f"lcbench/{t}", arm, s, None, budgets["lcbench"]) for arm in arms()

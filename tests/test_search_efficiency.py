@@ -34,6 +34,7 @@ from search_efficiency import (  # noqa: E402
     pruner_arms,
     fifth_of_trials,
     gp_arms,
+    lcbench_sampler_arms,
     run_study,
     sampler_arms,
     tpe_setting_arms,
@@ -193,6 +194,22 @@ def test_the_gp_suite_runs_gp_with_and_without_the_median_pruner_on_lcbench():
     rows = [[c.strip() for c in line.split("|")[1:-1]] for line in done.stdout.splitlines()
             if line.startswith("| lcbench")]
     assert [(r[0], r[1], r[2]) for r in rows] == [("lcbench/189906", a.label, "1") for a in gp_arms()]
+
+
+def test_the_sampler_suite_runs_cmaes_and_qmc_beside_the_default_on_lcbench():
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "search_efficiency.py"), "--suite", "lcbench-samplers", "--seeds", "2",
+         "--tasks", "189906", "--full-evaluations", "3", "--jobs", "1"],
+        capture_output=True, text=True, timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in done.stdout.splitlines()
+            if line.startswith("| lcbench")]
+    arms = lcbench_sampler_arms()
+    assert [(r[1], r[2]) for r in rows] == [(a.label, "2") for a in arms]
+    assert [(a.sampler.name, a.pruner.name) for a in arms] == [
+        ("tpe", "median"), ("cmaes", "median"), ("cmaes", "none"), ("qmc", "median"), ("qmc", "none"),
+        ("cmaes", "hyperband")]
 
 
 def test_concurrent_asks_scores_what_each_batch_chose_and_found():
