@@ -395,6 +395,11 @@ def check_dashboard(stack: Stack) -> None:
         wait_for("MLflow back without auth", lambda: urllib.request.urlopen(f"{stack.tracking}/health", timeout=5), 120)
 
 
+#: Trials of each fault's study: the fault lands once 2 have finished, so 6 are left to run
+#: through it and after (16 and 12 before; the worker fault took 4.5 min of a 20-min stack test).
+FAULT_TRIALS = 8
+
+
 @contextlib.contextmanager
 def study_running(stack: Stack, name: str, trials: int, epochs: int, after: int) -> Iterator[subprocess.Popen]:
     """A study submitted through the hpo service in the background; yields once ``after``
@@ -433,7 +438,7 @@ def fault_worker_killed(stack: Stack) -> str:
     """Worker 1 killed while it trains a trial, then started again."""
     worker = stack.container("ray-worker", 1)
     host = stack.podman("inspect", "--format", "{{.Config.Hostname}}", worker).stdout.strip()
-    with study_running(stack, "fault-worker", trials=16, epochs=60, after=2) as driver:
+    with study_running(stack, "fault-worker", trials=FAULT_TRIALS, epochs=60, after=2) as driver:
         wait_for(f"a trial training on {worker}", lambda: [
             t for t in study_trials(stack, "fault-worker")
             if t.state.name == "RUNNING" and t.user_attrs.get("worker", {}).get("host") == host], 120, every=0.5)
@@ -441,7 +446,7 @@ def fault_worker_killed(stack: Stack) -> str:
         time.sleep(3)
         stack.podman("start", stack.container("ray-worker", 1), check=False)
     seen = resume_if_needed(stack, "fault-worker", driver)
-    trials = assert_budget(stack, "fault-worker", 16, seen)
+    trials = assert_budget(stack, "fault-worker", FAULT_TRIALS, seen)
     failed = sum(t.state.name == "FAIL" for t in trials)
     if not failed:
         raise StackError(f"killing {worker} mid-trial failed no trial ({seen})")
@@ -450,16 +455,16 @@ def fault_worker_killed(stack: Stack) -> str:
 
 
 def outage(stack: Stack, study: str, service: str, seconds: float) -> tuple[subprocess.Popen, str]:
-    """A 12-trial study during which ``service`` is stopped for ``seconds``; the driver and what
+    """A study of :data:`FAULT_TRIALS` trials during which ``service`` is stopped for ``seconds``; the driver and what
     it printed at its end, once its budget is checked."""
-    with study_running(stack, study, trials=12, epochs=10, after=2) as driver:
+    with study_running(stack, study, trials=FAULT_TRIALS, epochs=10, after=2) as driver:
         stack.podman("stop", "-t", "5", stack.container(service))
         time.sleep(seconds)
         stack.podman("start", stack.container(service))
     seen = driver_exit(driver)
     if driver.returncode != 0:
         raise StackError(f"a {seconds:g} s {service} outage stopped the driver ({seen})")
-    assert_budget(stack, study, 12, seen)
+    assert_budget(stack, study, FAULT_TRIALS, seen)
     return driver, seen
 
 
@@ -467,7 +472,7 @@ def fault_mlflow_stopped(stack: Stack) -> str:
     _, seen = outage(stack, "fault-mlflow", "mlflow", 8)
     wait_for("MLflow back", lambda: urllib.request.urlopen(f"{stack.tracking}/health", timeout=5), 120)
     stack.in_cluster("sync", "fault-mlflow")
-    assert_tracked(stack, "fault-mlflow", 12)
+    assert_tracked(stack, "fault-mlflow", FAULT_TRIALS)
     wait_healthy(stack)
     return f"{seen}; hpo sync made MLflow whole"
 
@@ -478,20 +483,20 @@ def fault_postgres_restarted(stack: Stack) -> str:
     waited = [line for line in driver.log.read_text().splitlines() if "stopped answering" in line]
     wait_healthy(stack)
     stack.in_cluster("sync", "fault-postgres")  # MLflow's server stores on the same PostgreSQL
-    assert_tracked(stack, "fault-postgres", 12)
+    assert_tracked(stack, "fault-postgres", FAULT_TRIALS)
     return (f"{seen}; " + ("the driver waited for the store" if waited else "the driver never noticed")
             + "; hpo sync made MLflow whole")
 
 
 def fault_driver_killed(stack: Stack) -> str:
-    with study_running(stack, "fault-driver", trials=12, epochs=10, after=2) as driver:
+    with study_running(stack, "fault-driver", trials=FAULT_TRIALS, epochs=10, after=2) as driver:
         drivers = stack.containers("--filter", "label=com.docker.compose.service=hpo")
         if not drivers:
             raise StackError("no container of the hpo service to kill")
         for name in drivers:
             stack.podman("kill", name)
     seen = resume_if_needed(stack, "fault-driver", driver)
-    assert_budget(stack, "fault-driver", 12, seen)
+    assert_budget(stack, "fault-driver", FAULT_TRIALS, seen)
     return seen
 
 
