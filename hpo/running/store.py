@@ -62,12 +62,16 @@ def _patient(method: Any) -> Any:
     @functools.wraps(method)
     def call(self: RDBStorage, *args: Any, **kwargs: Any) -> Any:
         deadline, delay, started = None, 0.5, datetime.now()
+
+        def stored() -> Any:  # after a lost connection, what a refused retry's first attempt did
+            return landed(self, started, *args, **kwargs) if landed and deadline is not None else _NOT_STORED
+
         while True:
             try:
                 result = method(self, *args, **kwargs)
             except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.DBAPIError) as exc:
                 if not connection_lost(exc):
-                    if deadline is not None and landed and (found := landed(self, started, *args, **kwargs)) is not _NOT_STORED:
+                    if (found := stored()) is not _NOT_STORED:
                         return found
                     raise
                 now = time.monotonic()
@@ -83,13 +87,12 @@ def _patient(method: Any) -> Any:
                 time.sleep(delay)
                 delay = min(2 * delay, 5.0)
                 continue
-            except Exception:
-                if deadline is not None and landed and (found := landed(self, started, *args, **kwargs)) is not _NOT_STORED:
+            except Exception:  # UpdateFinishedTrialError, DuplicatedStudyError
+                if (found := stored()) is not _NOT_STORED:
                     return found
                 raise
-            if result is False and deadline is not None and landed:
-                found = landed(self, started, *args, **kwargs)
-                return result if found is _NOT_STORED else found
+            if result is False and (found := stored()) is not _NOT_STORED:
+                return found
             return result
     return call
 
@@ -199,7 +202,6 @@ class PatientRDBStorage(RDBStorage):
         sqlalchemy.event.listen(self.engine, "handle_error", count)
 
 
-
 for _name in ("create_new_study", "delete_study", "set_study_user_attr", "set_study_system_attr",
               "get_study_id_from_name", "get_study_name_from_id", "get_study_directions", "get_study_user_attrs",
               "get_study_system_attrs", "get_all_studies", "create_new_trial", "set_trial_param",
@@ -211,6 +213,7 @@ for _name in ("create_new_study", "delete_study", "set_study_user_attr", "set_st
               "_get_trials", "_get_stale_trial_ids", "_create_new_trial", "_set_trial_param", "_get_best_trial_id"):
     if hasattr(RDBStorage, _name):
         setattr(PatientRDBStorage, _name, _patient(getattr(RDBStorage, _name)))
+
 PatientRDBStorage._create_new_trial = _created_once(PatientRDBStorage._create_new_trial)
 
 
