@@ -180,7 +180,7 @@ def gp_arms(epochs: int = 52) -> list[Arm]:
 def lcbench_sampler_arms(epochs: int = 52) -> list[Arm]:
     """The other samplers on a benchmark with curves, beside the default: CMA-ES and QMC, each
     with the pruner a spec naming it gets (the median pruner) and without pruning, and CMA-ES
-    with Hyperband. Both learn from complete trials only, as GP does."""
+    with Hyperband. CMA-ES, like GP, learns from complete trials only; QMC learns nothing."""
     arms = [pruner_arms(epochs)[0]]
     for name in ("cmaes", "qmc"):
         spec = Spec.model_validate({"sampler": {"name": name}, "training": {"epochs": epochs}})

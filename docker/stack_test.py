@@ -455,8 +455,8 @@ def fault_worker_killed(stack: Stack) -> str:
 
 
 def outage(stack: Stack, study: str, service: str, seconds: float) -> tuple[subprocess.Popen, str]:
-    """A study of :data:`FAULT_TRIALS` trials during which ``service`` is stopped for ``seconds``; the driver and what
-    it printed at its end, once its budget is checked."""
+    """A study of :data:`FAULT_TRIALS` trials during which ``service`` is stopped for
+    ``seconds``; the driver and what it printed at its end, once its budget is checked."""
     with study_running(stack, study, trials=FAULT_TRIALS, epochs=10, after=2) as driver:
         stack.podman("stop", "-t", "5", stack.container(service))
         time.sleep(seconds)
