@@ -16,7 +16,7 @@ from optuna.trial import TrialState
 from typer.testing import CliRunner
 
 from hpo.cli import app
-from hpo.running.study import ABANDONED, FAIL_REASON
+from hpo.running.store import ABANDONED, FAIL_REASON
 
 from .conftest import TINY_SPEC, poll_trials
 

@@ -19,7 +19,7 @@ from sqlalchemy import create_engine, event
 from sqlalchemy.schema import CreateTable
 
 from hpo.running.lease import LEASES, StudyBusy, acquire, holder
-from hpo.running.study import ABANDONED
+from hpo.running.store import ABANDONED
 
 from .conftest import TINY_SPEC, poll_trials
 

@@ -15,7 +15,7 @@ from optuna.trial import TrialState
 
 from hpo import api
 from hpo.api import Execution
-from hpo.running.study import ABANDONED, FAIL_REASON
+from hpo.running.store import ABANDONED, FAIL_REASON
 
 from .conftest import TINY_SPEC, poll_trials
 

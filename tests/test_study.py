@@ -17,10 +17,9 @@ from hpo import api
 from hpo.api import Execution
 from hpo.errors import StoreError
 from hpo.running.executor import LocalBackend, run_study
+from hpo.running.store import ABANDONED, FAIL_REASON
 from hpo.running.study import (
-    ABANDONED,
     BASELINE,
-    FAIL_REASON,
     HEARTBEAT_GRACE,
     claim,
     count_trials,

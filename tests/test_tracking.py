@@ -26,7 +26,8 @@ from hpo import api
 from hpo.analysis.best_model import chosen_trial, rerun, retrain
 from hpo.api import Execution
 from hpo.data import load_data
-from hpo.running.study import FAIL_REASON, load_study
+from hpo.running.store import FAIL_REASON
+from hpo.running.study import load_study
 from hpo.running.trial import evaluate
 from hpo.spec import Spec
 from hpo.tracking import (

@@ -16,7 +16,8 @@ import optuna
 from optuna.trial import FrozenTrial
 
 from hpo.params import trial_values
-from hpo.running.study import ABANDONED, BASELINE, FAIL_REASON, TRIAL_METRICS
+from hpo.running.store import ABANDONED, FAIL_REASON
+from hpo.running.study import BASELINE, TRIAL_METRICS
 from hpo.spec import Spec
 
 

@@ -29,8 +29,8 @@ from hpo.data import Splits
 from hpo.data.batches import Loading
 from hpo.models.module import NonFiniteLossError
 from hpo.running.group import SHARED_PARAMETERS, group_key, run_group
+from hpo.running.store import FAIL_REASON
 from hpo.running.study import (
-    FAIL_REASON,
     GROUP,
     HEARTBEAT_INTERVAL,
     MAX_NORM_LAYERS,

@@ -69,7 +69,7 @@ def _patient(method: Any) -> Any:
         while True:
             try:
                 result = method(self, *args, **kwargs)
-            except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.DBAPIError) as exc:
+            except Exception as exc:  # a refused retry: UpdateFinishedTrialError, DuplicatedStudyError, ...
                 if not connection_lost(exc):
                     if (found := stored()) is not _NOT_STORED:
                         return found
@@ -87,10 +87,6 @@ def _patient(method: Any) -> Any:
                 time.sleep(delay)
                 delay = min(2 * delay, 5.0)
                 continue
-            except Exception:  # UpdateFinishedTrialError, DuplicatedStudyError
-                if (found := stored()) is not _NOT_STORED:
-                    return found
-                raise
             if result is False and (found := stored()) is not _NOT_STORED:
                 return found
             return result
@@ -134,6 +130,13 @@ def _study_stored(storage: RDBStorage, _started: datetime, directions: Sequence[
 _LANDED = {"set_trial_state_values": _state_stored, "create_new_study": _study_stored}
 
 
+def fail_as_abandoned(storage: optuna.storages.BaseStorage, trial_id: int, reason: str) -> None:
+    """Fail a trial that was never run to its end, recording why; it counts against no budget."""
+    storage.set_trial_user_attr(trial_id, FAIL_REASON, reason)
+    storage.set_trial_user_attr(trial_id, ABANDONED, True)
+    storage.set_trial_state_values(trial_id, TrialState.FAIL)
+
+
 def _created_once(create: Any) -> Any:
     """A trial's creation that, after a lost connection, fails as abandoned the copies an
     unheard commit of an earlier attempt made (they would stay RUNNING, or, for a queued
@@ -149,11 +152,8 @@ def _created_once(create: Any) -> Any:
                 trial = self.get_trial(self.get_trial_id_from_study_id_trial_number(study_id, number))
                 if not _a_copy(trial, template_trial, started):
                     break
-                self.set_trial_user_attr(trial._trial_id, FAIL_REASON, (
-                    f"abandoned: a copy of trial {created.number}, made when the study store lost the "
-                    "acknowledgement of its creation"))
-                self.set_trial_user_attr(trial._trial_id, ABANDONED, True)
-                self.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+                fail_as_abandoned(self, trial._trial_id, f"abandoned: a copy of trial {created.number}, made when "
+                                  "the study store lost the acknowledgement of its creation")
                 number -= 1
         return created
     return call

@@ -26,7 +26,7 @@ from optuna.trial import FrozenTrial, TrialState
 from hpo.errors import StoreError
 from hpo.running.pruning import make_pruner
 from hpo.params import optuna_params, with_numeric_choices
-from hpo.running.store import ABANDONED, FAIL_REASON, open_storage, redact, storage_url
+from hpo.running.store import ABANDONED, fail_as_abandoned, open_storage, redact, storage_url
 from hpo.spec import SamplerSpec, Spec, parse_spec
 
 #: Seconds between heartbeats of a running trial, and silence after which another driver may
@@ -274,10 +274,7 @@ def pid_alive(pid: int) -> bool:
 def abandon(study: optuna.Study, trial_id: int, params: dict[str, Any], user_attrs: dict[str, Any], reason: str) -> None:
     """Fail a trial its driver could not finish, record why, and queue its configuration again
     (the abandoned trial does not count against the budget)."""
-    storage = study._storage
-    storage.set_trial_user_attr(trial_id, FAIL_REASON, reason)
-    storage.set_trial_user_attr(trial_id, ABANDONED, True)
-    storage.set_trial_state_values(trial_id, TrialState.FAIL)
+    fail_as_abandoned(study._storage, trial_id, reason)
     requeue(study, params, user_attrs)
 
 

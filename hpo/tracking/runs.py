@@ -23,11 +23,9 @@ from optuna.trial import FrozenTrial, TrialState
 
 from hpo.errors import HpoError
 from hpo.params import trial_values
-from hpo.running.store import redact, sqlite_path
+from hpo.running.store import ABANDONED, FAIL_REASON, redact, sqlite_path
 from hpo.running.study import (
-    ABANDONED,
     BASELINE,
-    FAIL_REASON,
     MAX_NORM_LAYERS,
     SITES,
     TRIAL_METRICS,
