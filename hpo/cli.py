@@ -28,7 +28,7 @@ from hpo.output import VERBOSE_ENV
 from hpo.output import configure as configure_output
 from hpo.params import trial_values
 from hpo.progress import StudyProgress, format_values
-from hpo.running.store import STORAGE_ENV, open_storage, redact, storage_url
+from hpo.running.store import STORAGE_ENV, lock_kept, open_storage, redact, storage_url
 from hpo.running.study import BASELINE, StudyHandle, best_trial, count_trials, load_study
 from hpo.spec import Spec
 
@@ -125,8 +125,11 @@ def _user_errors(command: F) -> F:
             signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
             return command(*args, **kwargs)
-        except HpoError as exc:
-            errors.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        except Exception as exc:
+            error = exc if isinstance(exc, HpoError) else lock_kept(exc)
+            if error is None:
+                raise
+            errors.print(f"error: {error}", markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]

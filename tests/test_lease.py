@@ -3,9 +3,11 @@ PostgreSQL, and two real `hpo resume` processes on one study."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -19,7 +21,8 @@ from sqlalchemy import create_engine, event
 from sqlalchemy.schema import CreateTable
 
 from hpo.running.lease import LEASES, StudyBusy, acquire, holder
-from hpo.running.store import ABANDONED
+from hpo.running import store
+from hpo.running.store import ABANDONED, open_storage
 
 from .conftest import TINY_SPEC, poll_trials
 
@@ -119,6 +122,56 @@ def test_a_lease_table_created_by_a_rival_between_check_and_create_is_used(new_s
     assert raced, "the table existed before the race"
     assert holder(lease.engine, "s").token == lease.token
     lease.release()
+
+
+@contextlib.contextmanager
+def _write_lock_kept(sqlite_url: str):
+    """Another process's open write transaction on the SQLite store at ``sqlite_url`` (as a
+    driver suspended mid-write keeps it): SQLite lets no other writer in until it ends."""
+    keeper = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"), isolation_level=None)
+    keeper.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    finally:
+        keeper.execute("ROLLBACK")
+        keeper.close()
+
+
+def test_a_driver_that_keeps_the_write_lock_is_still_named_at_once(sqlite_url, monkeypatch):
+    monkeypatch.setattr(store, "SQLITE_LOCK_WAIT_S", 30.0)
+    open_storage(sqlite_url).get_all_studies()  # the store as hpo makes it: in WAL mode
+    first = acquire(sqlite_url, "s")
+    try:
+        with _write_lock_kept(sqlite_url):
+            started = time.monotonic()
+            with pytest.raises(StudyBusy, match=f":{os.getpid()} "):
+                acquire(sqlite_url, "s")
+            assert time.monotonic() - started < 10, "the refusal waited for the write lock"
+    finally:
+        first.release()
+
+
+def test_a_store_locked_past_the_wait_is_one_line_and_exit_2(write_spec, sqlite_url, monkeypatch):
+    from typer.testing import CliRunner
+
+    from hpo.cli import app
+
+    runner = CliRunner()
+    assert runner.invoke(app, ["submit", str(write_spec()), "--trials", "1", "--storage", sqlite_url,
+                               "--accelerator", "cpu", "--no-tracking"]).exit_code == 0
+    stored = optuna.load_study(study_name="tiny", storage=sqlite_url)
+    before = stored.trials, stored.user_attrs
+    monkeypatch.setattr(store, "SQLITE_LOCK_WAIT_S", 0.5)
+    with _write_lock_kept(sqlite_url):
+        refused = runner.invoke(app, ["resume", "tiny", "--trials", "2", "--storage", sqlite_url,
+                                      "--accelerator", "cpu", "--no-tracking"])
+    assert refused.exit_code == 2, refused.output
+    line = refused.stderr.strip()
+    assert line.startswith("error: the SQLite study store stayed locked") and "\n" not in line, line
+    after = optuna.load_study(study_name="tiny", storage=sqlite_url)
+    assert (after.trials, after.user_attrs) == before, "the refused resume changed the study"
+    assert runner.invoke(app, ["resume", "tiny", "--trials", "2", "--storage", sqlite_url, "--accelerator", "cpu",
+                               "--no-tracking"]).exit_code == 0
 
 
 # Trials of about 2 s (100 epochs, no pruning) on this 2-core machine, so polls find one running.

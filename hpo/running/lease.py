@@ -131,9 +131,32 @@ def acquire(url: str, study_name: str, *, take_over: bool = False, stale_after: 
     only if it has not changed since it was read, so two drivers taking over at once cannot
     both win."""
     engine = create_engine(url, **engine_options(url))
+    try:
+        return _acquire(engine, url, study_name, take_over, stale_after, heartbeat_s)
+    except BaseException:
+        engine.dispose()
+        raise
+
+
+def _acquire(engine: Engine, url: str, study_name: str, take_over: bool, stale_after: float,
+             heartbeat_s: float) -> DriverLease:
     create_table(engine)
     token = uuid.uuid4().hex
     mine = {"token": token, "host": socket.gethostname(), "pid": os.getpid()}
+
+    def refuse_a_live_holder() -> Holder | None:
+        current, now = holder(engine, study_name), time.time()
+        if current is not None and not take_over and not current.is_stale(now, stale_after):
+            raise StudyBusy(
+                f"study {study_name!r} in {redact(url)} is being run by the driver {current.host}:{current.pid} "
+                f"(heartbeat {current.age(now):.0f} s ago); if that driver is dead, wait {stale_after:.0f} s "
+                f"or run `hpo resume {study_name} --take-over`"
+            )
+        return current
+
+    # Read before writing: a live driver suspended mid-write (Ctrl-Z) keeps SQLite's write lock,
+    # which readers of a store in WAL mode (open_storage) do not wait for.
+    refuse_a_live_holder()
     for _ in range(3):
         try:
             with engine.begin() as db:
@@ -141,16 +164,9 @@ def acquire(url: str, study_name: str, *, take_over: bool = False, stale_after: 
             return DriverLease(engine, study_name, token, heartbeat_s)
         except IntegrityError:
             pass
-        current, now = holder(engine, study_name), time.time()
+        current = refuse_a_live_holder()
         if current is None:
             continue  # released between the insert and the read
-        if not take_over and not current.is_stale(now, stale_after):
-            engine.dispose()
-            raise StudyBusy(
-                f"study {study_name!r} in {redact(url)} is being run by the driver {current.host}:{current.pid} "
-                f"(heartbeat {current.age(now):.0f} s ago); if that driver is dead, wait {stale_after:.0f} s "
-                f"or run `hpo resume {study_name} --take-over`"
-            )
         with engine.begin() as db:
             taken = db.execute(
                 update(LEASES).where(LEASES.c.study_name == study_name, LEASES.c.token == current.token)
@@ -159,7 +175,6 @@ def acquire(url: str, study_name: str, *, take_over: bool = False, stale_after: 
         if taken:
             return DriverLease(engine, study_name, token, heartbeat_s)
         break
-    engine.dispose()
     raise StudyBusy(f"study {study_name!r} in {redact(url)} was just taken by another driver")
 
 

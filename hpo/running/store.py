@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sqlite3
 import sys
 import time
 from collections.abc import Sequence
@@ -34,13 +35,31 @@ def storage_url(url: str | None = None) -> str:
     return url or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
 
 
+#: Seconds a write to an SQLite study store waits for another process's write lock.
+SQLITE_LOCK_WAIT_S = 60.0
+
+
 def engine_options(url: str) -> dict[str, Any]:
-    """SQLAlchemy engine options for a study store: SQLite waits up to 60 s for another
-    process's write lock; a server's pooled connections are checked before use (it may have
-    restarted)."""
+    """SQLAlchemy engine options for a study store: SQLite waits up to
+    :data:`SQLITE_LOCK_WAIT_S` for another process's write lock; a server's pooled connections
+    are checked before use (it may have restarted)."""
     if url.startswith("sqlite"):
-        return {"connect_args": {"timeout": 60}}
+        return {"connect_args": {"timeout": SQLITE_LOCK_WAIT_S}}
     return {"pool_pre_ping": True}
+
+
+def lock_kept(exc: BaseException) -> StoreError | None:
+    """SQLite's "database is locked" among ``exc``'s causes, as the one line a user can act on
+    (another process kept the write lock past :data:`SQLITE_LOCK_WAIT_S`); else ``None``."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, sqlite3.OperationalError) and "database is locked" in str(seen):
+            return StoreError(
+                f"the SQLite study store stayed locked for {SQLITE_LOCK_WAIT_S:.0f} s: another process holds its "
+                "write lock (an hpo driver suspended with Ctrl-Z, or a long write); finished trials are stored, "
+                "try again once that process goes on or ends")
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 #: Seconds a study-store call keeps retrying while a database server does not answer (a
