@@ -20,8 +20,8 @@ from optuna.trial import TrialState
 from sqlalchemy import create_engine, event
 from sqlalchemy.schema import CreateTable
 
-from hpo.running.lease import LEASES, StudyBusy, acquire, holder
 from hpo.running import store
+from hpo.running.lease import LEASES, StudyBusy, acquire, holder
 from hpo.running.store import ABANDONED, open_storage
 
 from .conftest import TINY_SPEC, poll_trials

@@ -52,12 +52,14 @@ def lock_kept(exc: BaseException) -> StoreError | None:
     """SQLite's "database is locked" among ``exc``'s causes, as the one line a user can act on
     (another process kept the write lock past :data:`SQLITE_LOCK_WAIT_S`); else ``None``."""
     seen: BaseException | None = exc
-    while seen is not None:
+    chain: set[int] = set()
+    while seen is not None and id(seen) not in chain:
         if isinstance(seen, sqlite3.OperationalError) and "database is locked" in str(seen):
             return StoreError(
                 f"the SQLite study store stayed locked for {SQLITE_LOCK_WAIT_S:.0f} s: another process holds its "
                 "write lock (an hpo driver suspended with Ctrl-Z, or a long write); finished trials are stored, "
                 "try again once that process goes on or ends")
+        chain.add(id(seen))
         seen = seen.__cause__ or seen.__context__
     return None
 
