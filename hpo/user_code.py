@@ -9,11 +9,14 @@ job (:mod:`hpo.running.ray_executor`).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
+import logging
 import re
 import sys
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -101,3 +104,46 @@ def instantiate(value: Any, key: str) -> Any:
 
 def _first(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [""])[0]
+
+
+class _FirstTime(logging.Filter):
+    """Passes a log record the first time its logger and message are seen in this process."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[tuple[str, str]] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.name, record.getMessage())
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        return True
+
+
+_FIRST_LOG = _FirstTime()
+_SEEN_WARNINGS: set[tuple[type, str]] = set()
+
+
+@contextlib.contextmanager
+def said_once() -> Iterator[None]:
+    """Warnings and log lines the user's code gives while it runs inside this block, each shown
+    once per process: a model is built for every trial and probed, and a third-party warning
+    (PyTorch's one-layer RNN dropout, a tokenizer's token ids) is news only the first time."""
+    loggers = [logging.getLogger(), *(logger for logger in logging.root.manager.loggerDict.values()
+                                      if isinstance(logger, logging.Logger))]
+    handlers = {handler for logger in loggers for handler in logger.handlers}
+    for handler in handlers:
+        handler.addFilter(_FIRST_LOG)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(_FIRST_LOG)
+    for warning in caught:
+        key = (warning.category, str(warning.message))
+        if key not in _SEEN_WARNINGS:
+            _SEEN_WARNINGS.add(key)
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)

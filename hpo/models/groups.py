@@ -23,10 +23,6 @@ from hpo.models.sites import Site, SiteTable, set_rate
 #: filter (Conv).
 CONSTRAINABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
-#: Variants that can replace an element-wise site without changing the model's shapes.
-SITE_VARIANTS = ("inverted", "standard", "gaussian", "alpha")
-
-
 def _component(text: str) -> str:
     return "".join("[^.]*" if c == "*" else "[^.]" if c == "?" else re.escape(c) for c in text)
 
@@ -113,15 +109,21 @@ def apply(model: nn.Module, settings: Iterable[SiteSetting]) -> None:
         setattr(model.get_submodule(parent), name, variant_layer(s.variant, s.rate))
 
 
+def idle_groups(groups: Sequence[Group], settings: Sequence[SiteSetting]) -> list[tuple[Group, list[Site]]]:
+    """Groups whose rate reaches no site a training step uses, each with the sites it matched
+    (none, or only sites whose rate changes nothing): a rate searched there would be stored
+    and never applied."""
+    idle = []
+    for group in groups:
+        members = [s.site for s in settings if s.group == group.name]
+        if not any(site.acts for site in members):
+            idle.append((group, members))
+    return idle
+
+
 def unmatched_sites(table: SiteTable, patterns: dict[str, Sequence[str]]) -> list[Site]:
     owners = assign(table.sites, patterns)
     return [s for s in table.sites if owners[s.path] is None]
-
-
-def patterns_matching_nothing(table: SiteTable, patterns: dict[str, Sequence[str]]) -> list[tuple[str, str]]:
-    """``(group, pattern)`` pairs that match no site at all."""
-    return [(name, p) for name, pats in patterns.items() for p in pats
-            if not any(matches(p, s.path) for s in table.sites)]
 
 
 def constrained_layers(model: nn.Module, patterns: Sequence[str]) -> list[tuple[str, nn.Module]]:

@@ -2,29 +2,41 @@
 
 A module walk finds the sites that are modules or module attributes: ``nn.Dropout*``,
 ``AlphaDropout``, ``FeatureAlphaDropout``, DropBlock and hpo's own variant layers (their ``p``),
+stochastic depth (timm's ``DropPath``, torchvision's ``StochasticDepth``),
 ``nn.MultiheadAttention`` (its ``dropout`` float), stacked ``nn.LSTM``/``nn.GRU``/``nn.RNN``
-(their ``dropout`` float between layers) and float attributes whose name says dropout
-(``dropout_prob``, ``attn_drop``…), which a module may pass to functional dropout or to
-``scaled_dot_product_attention(dropout_p=…)``.
+(their ``dropout`` float between layers), float attributes whose name says dropout
+(``dropout_prob``, ``attn_drop``, ``layerdrop``…), which a module may pass to functional dropout,
+to ``scaled_dot_product_attention(dropout_p=…)``, to a drop-path mask or to a layer-skipping
+draw, and the float attributes of a module whose class is named for dropout (a user's own
+``DropPath(p)``).
 
 A walk cannot see what a forward does with them, so :func:`probe` runs one training step on a
 copy of the model with every site set to its own *sentinel* rate, under a torch function mode
-that records each dropout call (``F.dropout`` and its kin, ``scaled_dot_product_attention``,
-``multi_head_attention_forward``, the fused RNN kernels) and the module that made it. A recorded
-rate names its site exactly, so the probe tells which sites drop as modules, which only lend
-their rate to a functional call (Hugging Face's attention keeps an ``nn.Dropout`` it never calls
-and passes its ``p`` to SDPA), which do nothing, and which dropout calls no site accounts for.
+that records every torch call given a sentinel (``F.dropout`` and its kin,
+``scaled_dot_product_attention``, ``multi_head_attention_forward``, the fused RNN kernels, a
+``bernoulli_`` mask drawn with the keep probability ``1 - rate``, a comparison of a random draw
+with a layer-drop rate) and the module that made it. A recorded sentinel names its site exactly,
+so the probe tells which sites drop as modules, which only lend their rate to a call made
+elsewhere (Hugging Face's and timm's attention keep an ``nn.Dropout`` they never call and pass
+its ``p`` to SDPA), which do nothing, and which dropout calls no site accounts for.
+
+The probe is deterministic: the copy's random generators are seeded and the caller's restored,
+and layer-drop rates are probed at sentinels so small that no layer is skipped, so the same model
+gives the same table whatever the trial's seed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import random
+import re
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
@@ -34,14 +46,22 @@ from hpo.models.dropout import DropConnectLinear, GaussianDropout, LockedDropout
 #: What a site is, which decides what a search may change there:
 #: ``element-wise`` (a dropout module called as a module: rate and variant), ``channel`` (whole
 #: channels or blocks: rate), ``attention`` (``nn.MultiheadAttention.dropout``), ``recurrent``
-#: (between stacked RNN layers, or hpo's recurrent-state dropout), ``weights`` (DropConnect) and
-#: ``functional`` (a rate read by the forward and passed to a functional call).
-SiteKind = Literal["element-wise", "channel", "attention", "recurrent", "weights", "functional"]
+#: (between stacked RNN layers, or hpo's recurrent-state dropout), ``weights`` (DropConnect),
+#: ``functional`` (a rate read by the forward and passed to a functional call), ``path``
+#: (stochastic depth: a residual branch dropped per example) and ``layer`` (layer drop: whole
+#: layers skipped at random, Hugging Face's ``layerdrop``).
+SiteKind = Literal["element-wise", "channel", "attention", "recurrent", "weights", "functional", "path", "layer"]
 
 _ELEMENT_WISE = (nn.Dropout, nn.AlphaDropout, StandardDropout, GaussianDropout)
 _CHANNEL = (nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.FeatureAlphaDropout, LockedDropout)
 _CHANNEL_NAMES = ("DropBlock2d", "DropBlock3d")
-_RATE_WORDS = ("drop",)
+#: Stochastic-depth modules by class name, with the attribute holding their drop probability.
+_PATH_MODULES = {"DropPath": "drop_prob", "StochasticDepth": "p"}
+_RATE_WORDS = ("drop", "stochastic_depth")
+_LAYER_WORDS = ("layerdrop", "layer_drop")
+_DROPOUT_CLASS = re.compile(r"drop|stochasticdepth", re.IGNORECASE)
+_COMPARISONS = {"__lt__", "__le__", "__gt__", "__ge__", "lt", "le", "gt", "ge", "less", "greater"}
+_MASKS = {"bernoulli", "bernoulli_"}
 
 
 @dataclass(frozen=True)
@@ -58,8 +78,10 @@ class Site:
         rate: The drop probability as built.
         module_type: Class name of the module holding the rate.
         notes: What a user should be warned of (one RNN layer, never used, …).
-        used_by: For a ``functional`` site, the call its rate reaches and the module making it
+        used_by: For a rate lent to a call made elsewhere, the call and the module making it
             (``scaled_dot_product_attention in encoder.layer.0.attention.self``).
+        callers: Paths of the modules whose forward made the calls that read this rate: the
+            modules whose training flag decides whether it drops (MC dropout switches them on).
     """
 
     path: str
@@ -70,12 +92,19 @@ class Site:
     module_type: str
     notes: tuple[str, ...] = ()
     used_by: str = ""
+    callers: tuple[str, ...] = ()
 
     @property
     def takes_variant(self) -> bool:
         """Whether another dropout variant can replace this site (an element-wise module that
         the forward calls as a module)."""
         return self.kind == "element-wise"
+
+    @property
+    def acts(self) -> bool:
+        """Whether a training step uses this site's rate: every note a site gets says it does
+        not (one stacked RNN layer, never used)."""
+        return not self.notes
 
 
 @dataclass(frozen=True)
@@ -90,25 +119,75 @@ class UnaccountedCall:
 
 @dataclass(frozen=True)
 class SiteTable:
-    """The sites of a model, and what the probe saw that no site explains."""
+    """The sites of a model, and what the probe saw that no site explains.
+
+    Args:
+        unseen_layer_drops: Layer-drop rates above 0 (``(path, rate)``) that no torch call of a
+            training step read: a model that draws the skip with NumPy or Python's ``random``.
+            They keep their rate.
+    """
 
     sites: tuple[Site, ...]
     unaccounted: tuple[UnaccountedCall, ...] = ()
     identities: tuple[str, ...] = ()
     probed: bool = False
     probe_error: str = ""
+    unseen_layer_drops: tuple[tuple[str, float], ...] = ()
 
     def warnings(self) -> list[str]:
         """One line per thing a user should know before searching this model."""
         lines = [f"{s.path}: {note}" for s in self.sites for note in s.notes]
         lines += [f"{c.module or '(model)'}: {c.function}(p={c.rate:g}) is functional dropout that no site holds; "
                   "it keeps its rate (search the init argument that sets it)" for c in self.unaccounted]
-        lines += [f"{path}: nn.Identity where dropout would be (a rate-0 site built away); search the init "
-                  "argument that sets it, with a range above 0 at construction" for path in self.identities]
+        lines += [f"{path}: layer drop {rate:g} that no torch call of a training step reads (drawn outside torch?): "
+                  "it is not a site and keeps its rate" for path, rate in self.unseen_layer_drops]
+        lines += identity_warnings(self)
         if self.probe_error:
-            lines.append(f"the probe could not run a training step ({self.probe_error}); functional dropout "
-                         "is not checked")
+            lines.append(f"the probe could not run a training step ({self.probe_error}); functional dropout, "
+                         "stochastic depth and layer drop are not checked")
         return lines
+
+
+def block_pattern(path: str) -> str:
+    """``path`` with its block numbers as ``*``: ``encoder.layers.3.dropout1`` →
+    ``encoder.layers.*.dropout1``, ``encoder.layers.encoder_layer_3.mlp.2`` →
+    ``encoder.layers.encoder_layer_*.mlp.2`` (the last component is kept: it names the site)."""
+    parts = path.split(".")
+    head = [re.sub(r"^\d+$", "*", p) for p in parts[:-1]]
+    head = [re.sub(r"_\d+$", "_*", p) for p in head]
+    return ".".join([*head, parts[-1]])
+
+
+def identity_warnings(table: SiteTable) -> list[str]:
+    """One line per block pattern of ``nn.Identity`` modules named for dropout. Where the same
+    pattern holds real sites (timm builds block 0's drop path as ``nn.Identity`` because its
+    depth rule gives it rate 0), the identities are the model's design and get no line."""
+    live = {block_pattern(s.module) for s in table.sites}
+    by_pattern: dict[str, list[str]] = {}
+    for path in table.identities:
+        if block_pattern(path) not in live:
+            by_pattern.setdefault(block_pattern(path), []).append(path)
+    lines = []
+    for pattern, paths in by_pattern.items():
+        where = paths[0] if len(paths) == 1 else f"{pattern} ({len(paths)} modules)"
+        lines.append(f"{where}: nn.Identity where dropout would be (a rate-0 site built away); search the init "
+                     "argument that sets it, with a range above 0 at construction")
+    return lines
+
+
+def _float_candidates(path: str, module: nn.Module, kind_name: str) -> list[Site]:
+    """Float attributes of ``module`` that may be a rate: named for dropout, or any float in
+    [0, 1) of a module whose class is named for dropout (a user's ``DropPath(p)``)."""
+    named_class = bool(_DROPOUT_CLASS.search(kind_name))
+    sites = []
+    for name, value in vars(module).items():
+        if name.startswith("_") or type(value) is not float or not 0.0 <= value < 1.0:
+            continue
+        lowered = name.lower()
+        if named_class or any(word in lowered for word in _RATE_WORDS):
+            kind: SiteKind = "layer" if any(word in lowered for word in _LAYER_WORDS) else "functional"
+            sites.append(Site(f"{path}.{name}" if path else name, kind, path, name, value, kind_name))
+    return sites
 
 
 def _walk_site(path: str, module: nn.Module) -> list[Site]:
@@ -120,6 +199,9 @@ def _walk_site(path: str, module: nn.Module) -> list[Site]:
         return [Site(path, "channel", path, "p", float(module.p), kind_name)]
     if isinstance(module, DropConnectLinear):
         return [Site(path, "weights", path, "p", float(module.p), kind_name)]
+    if kind_name in _PATH_MODULES and isinstance(getattr(module, _PATH_MODULES[kind_name], None), (int, float)):
+        attribute = _PATH_MODULES[kind_name]
+        return [Site(path, "path", path, attribute, float(getattr(module, attribute)), kind_name)]
     if isinstance(module, nn.MultiheadAttention):
         return [Site(path, "attention", path, "dropout", float(module.dropout), kind_name)]
     if isinstance(module, nn.RNNBase):
@@ -130,12 +212,7 @@ def _walk_site(path: str, module: nn.Module) -> list[Site]:
         return [Site(path, "recurrent", path, "dropout", float(module.dropout), kind_name, notes)]
     if kind_name == "DropoutLSTMLayer":
         return [Site(path, "recurrent", path, "p", float(module.p), kind_name)]
-    sites = []
-    for name, value in vars(module).items():
-        if (not name.startswith("_") and type(value) is float and 0.0 <= value < 1.0
-                and any(word in name.lower() for word in _RATE_WORDS)):
-            sites.append(Site(f"{path}.{name}" if path else name, "functional", path, name, value, kind_name))
-    return sites
+    return _float_candidates(path, module, kind_name)
 
 
 def walk(model: nn.Module) -> SiteTable:
@@ -151,13 +228,9 @@ def walk(model: nn.Module) -> SiteTable:
     return SiteTable(tuple(sites), identities=tuple(identities))
 
 
-def _set_rate(model: nn.Module, site: Site, rate: float) -> None:
-    setattr(model.get_submodule(site.module), site.attribute, rate)
-
-
 def set_rate(model: nn.Module, site: Site, rate: float) -> None:
     """Give ``site`` of ``model`` the drop probability ``rate``."""
-    _set_rate(model, site, float(rate))
+    setattr(model.get_submodule(site.module), site.attribute, float(rate))
 
 
 #: Functional calls that drop, with the position and keyword of their rate.
@@ -193,20 +266,56 @@ def _recorded_rate(name: str, args: tuple, kwargs: dict[str, Any]) -> float | No
     return float(rate)
 
 
-class _Recorder(TorchFunctionMode):
-    """Records ``(innermost module path, function name, rate)`` of every dropout call."""
+@dataclass(frozen=True)
+class Call:
+    """A torch call of a traced step that read a rate.
 
-    def __init__(self, stack: list[str]) -> None:
+    Args:
+        module: Path of the innermost module running when the call was made.
+        function: The torch function's name.
+        rate: The drop probability it was given (``1 - keep`` for a mask drawn with the keep
+            probability).
+        per_example: For a mask, whether it drops whole examples (shape ``(N, 1, …, 1)``): a
+            drop path.
+    """
+
+    module: str
+    function: str
+    rate: float
+    per_example: bool = False
+
+
+def _mask_is_per_example(tensor: Any) -> bool:
+    shape = tuple(getattr(tensor, "shape", ()))
+    return len(shape) > 1 and all(side == 1 for side in shape[1:])
+
+
+class _Recorder(TorchFunctionMode):
+    """Records every dropout call and every call given one of ``rates`` (or its keep
+    probability ``1 - rate``): what a traced step reads its rates with, and where."""
+
+    def __init__(self, stack: list[str], rates: frozenset[float] = frozenset()) -> None:
         super().__init__()
         self.stack = stack
-        self.calls: list[tuple[str, str, float]] = []
+        self.rates = rates
+        self.keeps = {1.0 - r: r for r in rates}
+        self.calls: list[Call] = []
 
     def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
+        where = self.stack[-1] if self.stack else ""
         rate = _recorded_rate(name, args, kwargs)
         if rate is not None:
-            self.calls.append((self.stack[-1] if self.stack else "", name, rate))
+            self.calls.append(Call(where, name, rate))
+        elif self.rates:
+            for value in (*args, *kwargs.values()):
+                if type(value) is not float:
+                    continue
+                if value in self.rates and name not in _MASKS:
+                    self.calls.append(Call(where, name, value))
+                elif value in self.keeps and name in _MASKS:
+                    self.calls.append(Call(where, name, self.keeps[value], _mask_is_per_example(args[0])))
         return func(*args, **kwargs)
 
 
@@ -235,82 +344,127 @@ def _module_stack(model: nn.Module) -> Iterator[tuple[list[str], set[str]]]:
             handle.remove()
 
 
-def dropout_calls(model: nn.Module, step: Callable[[nn.Module], Any]) -> list[tuple[str, str, float]]:
-    """``(module path, function, rate)`` of every dropout call one training step of ``model``
-    makes (``step`` gets the model, put in training mode and restored after; the global random
-    generator is restored too): what the model really drops at, site by site."""
-    was_training = model.training
-    model.train()
+@contextlib.contextmanager
+def seeded(model: nn.Module, seed: int = 0) -> Iterator[None]:
+    """Run with torch's (CPU and the model's CUDA devices'), NumPy's and Python's random
+    generators seeded with ``seed``, and restore the caller's afterwards: a traced step is the
+    same every time and shifts no seeded training."""
+    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    python_state, numpy_state = random.getstate(), np.random.get_state()
     try:
-        with _module_stack(model) as (stack, _), torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed)
+            yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+
+
+def trace(model: nn.Module, step: Callable[[nn.Module], Any], rates: frozenset[float] = frozenset(),
+          *, train: bool = True) -> tuple[list[Call], set[str]]:
+    """The calls one step of ``model`` makes that read a rate (every dropout call, and every call
+    given one of ``rates`` or its keep probability), and the paths of the modules that ran.
+    ``train`` puts the model in training mode for the step (restored after); ``False`` keeps
+    each module's own mode (MC dropout's). Random generators are seeded and restored
+    (:func:`seeded`); warnings from the step are silenced."""
+    was_training = [(m, m.training) for m in model.modules()]
+    if train:
+        model.train()
+    try:
+        with _module_stack(model) as (stack, ran), seeded(model), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            recorder = _Recorder(stack)
+            recorder = _Recorder(stack, rates)
             with recorder:
                 step(model)
     finally:
-        model.train(was_training)
-    return recorder.calls
+        for module, mode in was_training:
+            module.training = mode
+    return recorder.calls, ran
 
 
-def _sentinel(k: int) -> float:
-    """A rate no model would choose, distinct for each site: 0.4713..., 0.4714..., …"""
+def dropout_calls(model: nn.Module, step: Callable[[nn.Module], Any]) -> list[tuple[str, str, float]]:
+    """``(module path, function, rate)`` of every dropout call one training step of ``model``
+    makes (``step`` gets the model, put in training mode and restored after; the random
+    generators are restored too): what the model really drops at, site by site."""
+    calls, _ = trace(model, step)
+    return [(c.module, c.function, c.rate) for c in calls]
+
+
+def _sentinel(k: int, kind: SiteKind) -> float:
+    """A rate no model would choose, distinct for each site: 0.4713..., 0.4714..., …; for a
+    layer drop a rate so small that the probed step skips no layer (1e-9, 2e-9, …)."""
+    if kind == "layer":
+        return 1e-9 * (k + 1) + 3.7e-15
     return 0.471_3 + 0.000_1 * k + 0.000_000_37
+
+
+def sentinel_twin(model: nn.Module, sites: tuple[Site, ...]) -> tuple[nn.Module, dict[float, int]]:
+    """A copy of ``model`` with every site at its own sentinel rate, and sentinel → site index."""
+    twin = copy.deepcopy(model)
+    sentinels = {}
+    for k, site in enumerate(sites):
+        sentinels[_sentinel(k, site.kind)] = k
+        set_rate(twin, site, _sentinel(k, site.kind))
+    return twin, sentinels
 
 
 def probe(model: nn.Module, step: Callable[[nn.Module], Any], table: SiteTable | None = None) -> SiteTable:
     """Run ``step`` (one training step on one batch, given a copy of ``model``) with every site
     at its own sentinel rate, and return the sites a training step really uses, classified.
 
-    The copy keeps ``model`` untouched (its weights, metrics and rates); the global random
-    generator is restored afterwards, so seeded training is not shifted. A module site whose
-    module never runs but whose rate reaches a functional call becomes ``functional`` (no variant
-    can replace it); a float-attribute candidate that no call uses is dropped; a module site
-    that neither runs nor lends its rate is kept with a note. If ``step`` raises, the walk's
-    table is returned with the error.
+    The copy keeps ``model`` untouched (its weights, metrics and rates); the step runs seeded,
+    with the caller's random generators restored afterwards, so seeded training is not shifted
+    and the table is the same for every seed. A module site whose module never runs but whose
+    rate reaches a functional call becomes ``functional`` (no variant can replace it); a float
+    candidate read by a per-example mask becomes ``path``; a float-attribute candidate that no
+    call uses is dropped; a module site that neither runs nor lends its rate is kept with a
+    note. If ``step`` raises, the walk's module sites are returned with the error.
     """
     table = table or walk(model)
-    twin = copy.deepcopy(model)
-    sentinels = {}
-    for k, site in enumerate(table.sites):
-        sentinels[k] = _sentinel(k)
-        _set_rate(twin, site, sentinels[k])
-    twin.train()
-    with _module_stack(twin) as (stack, ran), torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        recorder = _Recorder(stack)
-        try:
-            with recorder:
-                step(twin)
-        except Exception as exc:  # noqa: BLE001 - reported, the walk still stands
-            candidates = tuple(s for s in table.sites if s.kind != "functional")
-            return replace(table, sites=candidates, probe_error=f"{type(exc).__name__}: {exc}".splitlines()[0])
-    used: dict[int, list[tuple[str, str]]] = {}
+    twin, sentinels = sentinel_twin(model, table.sites)
+    try:
+        calls, ran = trace(twin, step, frozenset(sentinels))
+    except Exception as exc:  # noqa: BLE001 - reported, the walk still stands
+        candidates = tuple(s for s in table.sites if s.kind not in ("functional", "layer"))
+        return replace(table, sites=candidates, probe_error=f"{type(exc).__name__}: {exc}".splitlines()[0])
+    used: dict[int, list[Call]] = {}
     unaccounted = []
-    for caller, function, rate in recorder.calls:
-        k = next((k for k, s in sentinels.items() if abs(s - rate) < 1e-9), None)
+    for call in calls:
+        k = sentinels.get(call.rate)
         if k is None:
-            if rate > 0:
-                unaccounted.append(UnaccountedCall(caller, function, rate))
+            if call.rate > 0:
+                unaccounted.append(UnaccountedCall(call.module, call.function, call.rate))
         else:
-            used.setdefault(k, []).append((caller, function))
-    sites = []
+            used.setdefault(k, []).append(call)
+    sites, unseen = [], []
     for k, site in enumerate(table.sites):
-        calls = used.get(k, [])
-        if site.kind == "functional":
-            if calls:
-                sites.append(_lent(site, calls))
+        calls_k = used.get(k, [])
+        if site.kind in ("functional", "layer") and not calls_k:
+            if site.kind == "layer" and site.rate > 0:
+                unseen.append((site.path, site.rate))
             continue
-        called = site.module in ran
-        if site.kind == "element-wise" and not called and calls:
-            sites.append(_lent(replace(site, kind="functional"), calls))
-        elif not called and not calls:
-            sites.append(replace(site, notes=site.notes + ("never used in a training step: its rate changes nothing",)))
-        else:
-            sites.append(site)
+        sites.append(_classified(site, calls_k, site.module in ran))
     seen = {(c.module, c.function, c.rate) for c in unaccounted}
-    return SiteTable(tuple(sites), tuple(UnaccountedCall(*key) for key in sorted(seen)), table.identities, True)
+    return SiteTable(tuple(sites), tuple(UnaccountedCall(*key) for key in sorted(seen)), table.identities, True,
+                     unseen_layer_drops=tuple(unseen))
 
 
-def _lent(site: Site, calls: list[tuple[str, str]]) -> Site:
-    caller, function = calls[0]
-    return replace(site, used_by=f"{function} in {caller or '(model)'}")
+def _classified(site: Site, calls: list[Call], called: bool) -> Site:
+    """``site`` as the probe saw it used: its kind settled, its callers and what it lends to."""
+    site = replace(site, callers=tuple(dict.fromkeys(c.module for c in calls)))
+    lent = f"{calls[0].function} in {calls[0].module or '(model)'}" if calls else ""
+    if site.kind == "functional":
+        if any(c.per_example for c in calls):
+            return replace(site, kind="path", used_by=lent)
+        if all(c.function in _COMPARISONS for c in calls):
+            return replace(site, kind="layer", used_by=lent)
+        return replace(site, used_by=lent)
+    if site.kind == "layer":
+        return replace(site, used_by=lent)
+    if site.kind == "element-wise" and not called and calls:
+        return replace(site, kind="functional", used_by=lent)
+    if not called and not calls:
+        return replace(site, notes=site.notes + ("never used in a training step: its rate changes nothing",))
+    return site

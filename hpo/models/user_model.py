@@ -16,10 +16,10 @@ import torch
 from torch import nn
 
 from hpo.models.dropout import apply_max_norm
-from hpo.models.groups import Group, SiteSetting, apply, constrained_layers, resolve
+from hpo.models.groups import Group, SiteSetting, apply, constrained_layers, idle_groups, resolve
 from hpo.models.module import ClassifierModule, TrainConfig, logits_of, split_batch
-from hpo.models.sites import SiteTable, probe
-from hpo.user_code import UserCodeError, instantiate
+from hpo.models.sites import Site, SiteTable, probe
+from hpo.user_code import UserCodeError, instantiate, said_once
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,9 @@ class BuiltModel:
         table: Its dropout sites, as the probe found them.
         settings: The rate and variant this trial gives each site.
         constrained: ``(path, layer, radius)`` of every layer max-norm holds.
+        kept: Where a configuration that zeroes every site (``unmatched: zero``, the no-dropout
+            baseline) still drops: functional dropout no site holds, layer drop read outside
+            torch.
     """
 
     network: nn.Module
@@ -75,6 +78,7 @@ class BuiltModel:
     table: SiteTable
     settings: list[SiteSetting]
     constrained: list[tuple[str, nn.Module, float]] = field(default_factory=list)
+    kept: tuple[str, ...] = ()
 
     @property
     def lightning(self) -> bool:
@@ -139,21 +143,50 @@ def output_classes(network: nn.Module, batch: Any) -> int:
     return int(scores.shape[-1])
 
 
-def build(config: UserTrialConfig, batch: Any) -> BuiltModel:
+class IdleRateError(UserCodeError):
+    """A group's rate reaches no dropout site this trial's model uses: searching it would store a
+    parameter that changed nothing."""
+
+
+def _idle_problem(group: Group, members: list[Site], table: SiteTable) -> str:
+    if members:
+        why = "; ".join(f"{s.path}: {s.notes[0]}" for s in members[:3])
+        return f"its rate {group.rate:g} reaches no dropout site a training step uses ({why})"
+    return (f"its rate {group.rate:g} reaches no dropout site: its patterns match none of the {len(table.sites)} sites "
+            "of the model built with this trial's constructor arguments (a rate-0 site built as nn.Identity is gone)")
+
+
+def kept_rates(table: SiteTable) -> tuple[str, ...]:
+    """Where a model still drops when every site is set to 0: functional dropout no site holds,
+    and layer drop read outside torch."""
+    return (tuple(f"{c.function}(p={c.rate:g}) in {c.module or '(model)'}" for c in table.unaccounted if c.rate > 0)
+            + tuple(f"{path} (layer drop {rate:g})" for path, rate in table.unseen_layer_drops))
+
+
+def build(config: UserTrialConfig, batch: Any, *, strict: bool = True) -> BuiltModel:
     """Build the trial's model: construct it, probe its sites on ``batch`` (one training-mode
-    step on a copy, the global random generator left as it was), set each site's rate and variant
-    as the trial's groups say, pick the max-norm layers, and wrap a plain network for Lightning."""
-    network = construct(config)
-    table = probe(network, training_step_of(network, batch))
-    settings = resolve(table, config.groups, config.unmatched)
-    apply(network, settings)
-    constrained = [(path, layer, entry.radius) for entry in config.max_norm if entry.radius is not None
-                   for path, layer in constrained_layers(network, entry.patterns)]
-    if isinstance(network, pl.LightningModule):
-        module: pl.LightningModule = network
-    else:
-        module = ClassifierModule(network, config.train, output_classes(network, batch))
-    return BuiltModel(network, module, table, settings, constrained)
+    step on a copy, seeded, the random generators left as they were), set each site's rate and
+    variant as the trial's groups say, pick the max-norm layers, and wrap a plain network for
+    Lightning. Third-party warnings of construction are shown once per process.
+
+    ``strict``: a group whose rate reaches no site a training step uses raises
+    :class:`IdleRateError` (the check before a study reports the spec's own problems first)."""
+    with said_once():
+        network = construct(config)
+        table = probe(network, training_step_of(network, batch))
+        settings = resolve(table, config.groups, config.unmatched)
+        if strict:
+            for group, members in idle_groups(config.groups, settings):
+                raise IdleRateError(f"dropout.groups.{group.name}", _idle_problem(group, members, table))
+        apply(network, settings)
+        constrained = [(path, layer, entry.radius) for entry in config.max_norm if entry.radius is not None
+                       for path, layer in constrained_layers(network, entry.patterns)]
+        if isinstance(network, pl.LightningModule):
+            module: pl.LightningModule = network
+        else:
+            module = ClassifierModule(network, config.train, output_classes(network, batch))
+    kept = kept_rates(table) if config.unmatched == "zero" else ()
+    return BuiltModel(network, module, table, settings, constrained, kept)
 
 
 class MaxNormCallback(pl.Callback):

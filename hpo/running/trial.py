@@ -81,6 +81,8 @@ class TrialResult:
         state: The kept weights (CPU tensors), for logging the model of a best trial.
         sites: A user model's resolved site table (path, kind, group, rate, variant, rate as
             built), and ``max_norm`` the layers max-norm held with their radii.
+        kept: Where a user model set to drop nowhere (the no-dropout baseline,
+            ``unmatched: zero``) still drops (:func:`hpo.models.user_model.kept_rates`).
     """
 
     values: list[float]
@@ -90,6 +92,7 @@ class TrialResult:
     state: dict[str, torch.Tensor] | None = field(default=None, repr=False)
     sites: list[dict[str, Any]] | None = None
     max_norm: list[dict[str, Any]] | None = None
+    kept: list[str] | None = None
 
 
 class BestEpoch(Callback):

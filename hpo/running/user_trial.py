@@ -235,7 +235,7 @@ def run_user_trial(
         raise MissingMetricError(f"the model did not log {', '.join(map(repr, missing))} in epoch {best.epoch}")
     return TrialResult(
         values=[at_best[o.metric] for o in objectives], best_epoch=best.epoch, history=history, summary=summary,
-        state=best.state, sites=built.site_records(), max_norm=built.max_norm_records(),
+        state=best.state, sites=built.site_records(), max_norm=built.max_norm_records(), kept=list(built.kept),
     )
 
 
@@ -284,6 +284,9 @@ def site_problems(spec: Spec, built: BuiltModel) -> list[tuple[str, str]]:
                 problems.append((f"dropout.groups.{name}.match", f"{pattern!r} matches no dropout site (sites: "
                                  f"{_listing(paths)})"))
         members = [s for s in built.settings if s.group == name]
+        if members and not any(s.site.acts for s in members):
+            problems.append((f"dropout.groups.{name}", "its rate reaches no dropout site a training step uses ("
+                             + "; ".join(f"{s.site.path}: {s.site.notes[0]}" for s in members[:3]) + ")"))
         if group.variant is not None and members and not any(s.site.takes_variant for s in members):
             problems.append((f"dropout.groups.{name}.variant", "no site of this group is an element-wise dropout "
                              "module a variant can replace (its sites: " + _listing([s.site.path for s in members])
@@ -320,11 +323,11 @@ def training_problems(spec: Spec, built: BuiltModel, data: TrialData) -> list[tu
     return problems
 
 
-def build_checked(config: UserTrialConfig, batch: Any) -> BuiltModel:
+def build_checked(config: UserTrialConfig, batch: Any, *, strict: bool = True) -> BuiltModel:
     """:func:`~hpo.models.user_model.build`, with an error of the user's forward on ``batch``
     as one :class:`~hpo.user_code.UserCodeError` line."""
     try:
-        return build(config, batch)
+        return build(config, batch, strict=strict)
     except UserCodeError:
         raise
     except Exception as exc:  # noqa: BLE001 - the user's forward
@@ -341,7 +344,7 @@ def check_user_model(spec: Spec, data: TrialData, accelerator: str = "cpu") -> C
 
     config = centre_config(spec)
     pl.seed_everything(0, verbose=False)
-    built = build_checked(config, example_batch(data))
+    built = build_checked(config, example_batch(data), strict=False)
     for key, problem in site_problems(spec, built) + training_problems(spec, built, data):
         raise UserCodeError(key, problem)
     once = replace(config, train=replace(config.train, epochs=1, early_stopping=None))
