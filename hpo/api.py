@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING, Literal
 from hpo.data import DataSource, TrialData, load_data, load_user_data
 from hpo.data.batches import Loading
 from hpo.errors import HpoError, SpecError
-from hpo.params import asked_together, ordered_choices, settle_numeric_choices
+from hpo.params import Baseline, asked_together, ordered_choices, settle_numeric_choices
 from hpo.running.executor import Backend, LocalBackend, ProgressCallback, RunSummary, run_study
 from hpo.running.lease import driving
-from hpo.running.study import BASELINE, StudyHandle, create_study, load_study, reconcile, set_budget
+from hpo.running.study import StudyHandle, baseline_attrs, create_study, load_study, reconcile, set_budget
 from hpo.running.trial import PRECISIONS, Precision
-from hpo.space import baseline_params
+from hpo.space import baseline_fixed, baseline_params
 from hpo.spec import UNPRUNED_SAMPLERS, Spec, UserDataSpec, parse_spec, read_spec_file
 from hpo.tracking import Tracking, tracked
 from hpo.user_code import UserCodeError, add_code_dir
@@ -287,7 +287,7 @@ def sites(space: str | Path, code_dir: str | Path | None = None) -> SiteReport:
             table = probe(net, lambda m: m(data.train.x[:8]))
             settings = [SiteSetting(s, None, s.rate, None) for s in table.sites]
             return SiteReport(spec.model.arch, settings, {}, table.warnings())
-        built = build_checked(config, example_batch(data))
+        built = build_checked(config, example_batch(data), strict=False)
     except UserCodeError as exc:
         raise SpecError(path, exc.key, exc.problem) from exc
     problems = [f"{key}: {problem}" for key, problem in site_problems(spec, built)]
@@ -357,7 +357,8 @@ def submit(
             spec_source=str(path),
             code_dir=folder if spec.user_model else None,
             group_size=execution.group_size,
-            first_trials=[(baseline_params(spec, kind), {BASELINE: kind}) for kind in spec.baselines],
+            first_trials=[(baseline_params(spec, kind), baseline_attrs(Baseline(kind, baseline_fixed(spec, kind))))
+                          for kind in spec.baselines],
         )
         with driving(handle.storage, handle.name):
             if on_start is not None:

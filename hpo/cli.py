@@ -26,10 +26,9 @@ from hpo.analysis.export import to_csv, to_json, trial_rows
 from hpo.errors import HpoError, StoreError
 from hpo.output import VERBOSE_ENV
 from hpo.output import configure as configure_output
-from hpo.params import trial_values
 from hpo.progress import StudyProgress, format_values
 from hpo.running.store import STORAGE_ENV, lock_kept, open_storage, redact, storage_url
-from hpo.running.study import BASELINE, StudyHandle, best_trial, count_trials, load_study
+from hpo.running.study import BASELINE, StudyHandle, best_trial, count_trials, load_study, trial_settings
 from hpo.spec import Spec
 
 if TYPE_CHECKING:
@@ -481,7 +480,7 @@ def evaluate_uncertainty(
 ) -> None:
     """Monte-Carlo dropout on the test split: accuracy, negative log-likelihood and expected
     calibration error of the averaged predictions, against the deterministic network."""
-    from hpo.analysis.best_model import chosen_trial, network, test_split
+    from hpo.analysis.best_model import chosen_trial, network, test_set
     from hpo.analysis.uncertainty import compare
     from hpo.api import study_data
     from hpo.tracking import Tracking, model_uri
@@ -489,13 +488,18 @@ def evaluate_uncertainty(
     handle = load_study(study, storage)
     chosen = chosen_trial(handle, trial)
     data = study_data(handle)
-    test = test_split(data)
+    test = test_set(data)
     net, source = network(handle, chosen, data, model_uri(handle, Tracking(uri=tracking_uri), chosen.number))
     result = compare(net, test, mc_samples, seed)
-    console.print(f"trial {chosen.number}, network from {source}; test split ({len(test)} examples)",
-                  highlight=False, soft_wrap=True)
+    console.print(f"trial {chosen.number}: {source}; test split ({len(test)} examples)", highlight=False,
+                  soft_wrap=True)
     if result.dropout_modules == 0:
         console.print("this configuration has no active dropout: MC dropout equals the deterministic network")
+    else:
+        console.print(f"MC dropout samples {len(result.switch.sampled)} dropout sites (training mode on "
+                      f"{result.dropout_modules} modules)", highlight=False, soft_wrap=True)
+    for line in result.switch.unsampled:
+        _warn(f"MC dropout cannot sample {line}")
     table = Table()
     for column in ("", "accuracy", "NLL (nats)", "ECE"):
         table.add_column(column)
@@ -619,7 +623,7 @@ def best(
         raise typer.Exit(1)
     if as_json:
         rows = [{"number": t.number, "values": dict(zip(objectives, t.values)),
-                 "params": trial_values(handle.spec, t.params), "config": t.user_attrs.get("config")} for t in front]
+                 "params": trial_settings(handle.spec, t), "config": t.user_attrs.get("config")} for t in front]
         console.print_json(data=rows if handle.spec.multi_objective else rows[0])
         return
     for t in front:
@@ -700,7 +704,7 @@ def _print_trial(trial: optuna.trial.FrozenTrial, objectives: list[str], spec: S
         if key in trial.user_attrs:
             value = trial.user_attrs[key]
             table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
-    for name, value in trial_values(spec, trial.params).items():
+    for name, value in trial_settings(spec, trial).items():
         table.add_row(name, f"{value:.4g}" if isinstance(value, float) else str(value))
     console.print(table)
 

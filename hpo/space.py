@@ -16,7 +16,7 @@ from hpo.models.groups import Group
 from hpo.models.module import TrainConfig
 from hpo.models.nets import NetConfig
 from hpo.models.user_model import MaxNormSetting, UserTrialConfig
-from hpo.params import Suggester, optuna_params, searched_parameters, searcher
+from hpo.params import Baseline, Suggester, WithFixed, optuna_params, searched_parameters, searcher
 from hpo.spec import Choice, FloatRange, IntRange, PlacementSpec, Spec, is_searched
 
 #: Srivastava et al.'s recommended drop probabilities per placement (retention 0.8 on inputs,
@@ -59,15 +59,18 @@ def _placement(trial: Suggester, name: str, placement: PlacementSpec | None, lay
     return (value(trial, f"{name}.rate", placement.rate),) * layers
 
 
-def suggest(trial: Suggester, spec: Spec, seed: int) -> TrialConfig | UserTrialConfig:
-    """Draw one configuration of ``spec`` from ``trial``.
+def suggest(trial: Suggester, spec: Spec, seed: int, baseline: Baseline | None = None) -> TrialConfig | UserTrialConfig:
+    """Draw one configuration of ``spec`` from ``trial``; a ``baseline`` trial takes its fixed
+    values unsuggested, and a user model's no-dropout baseline sets every site to 0.
 
     With ``model.couple_width`` on, each hidden layer gets ``round(units / (1 - rate))`` units, so
     the expected number of active units stays ``units`` (Srivastava et al.'s n/q rule).
     """
     trial = searcher(trial, spec.sampler)
+    if baseline is not None and baseline.fixed:
+        trial = WithFixed(trial, baseline.fixed)
     if spec.user_model:
-        return suggest_user(trial, spec, seed)
+        return suggest_user(trial, spec, seed, zero_sites=baseline is not None and baseline.kind == "no_dropout")
     d, m = spec.dropout, spec.model
     variant = value(trial, "dropout.variant", d.variant)
     layers = value(trial, "model.layers", m.layers)
@@ -118,11 +121,12 @@ def _resolved(arguments: Any, trial: Suggester, prefix: str) -> Any:
     return arguments
 
 
-def suggest_user(trial: Suggester, spec: Spec, seed: int) -> UserTrialConfig:
+def suggest_user(trial: Suggester, spec: Spec, seed: int, zero_sites: bool = False) -> UserTrialConfig:
     """One configuration of a user model's spec: constructor arguments (``model.init_args.…``),
     each group's rate and variant (``dropout.groups.<name>.rate``, ``….variant``), each max-norm
     radius (``dropout.max_norm.<name>.radius``) and training. ``trial`` as :func:`suggest` hands
-    it over (:func:`hpo.params.searcher`)."""
+    it over (:func:`hpo.params.searcher`). ``zero_sites``: sites no group matches get 0 too (the
+    no-dropout baseline), whatever the spec's ``unmatched`` says."""
     d = spec.dropout
     groups = tuple(
         Group(name, tuple(g.match), value(trial, f"dropout.groups.{name}.rate", g.rate),
@@ -132,8 +136,8 @@ def suggest_user(trial: Suggester, spec: Spec, seed: int) -> UserTrialConfig:
     max_norm = tuple(MaxNormSetting(name, tuple(m.match), value(trial, f"dropout.max_norm.{name}.radius", m.radius))
                      for name, m in d.max_norm.items())
     model = {"class_path": spec.model.class_path, "init_args": _resolved(spec.model.init_args, trial, "model.init_args")}
-    return UserTrialConfig(model=model, groups=groups, unmatched=d.unmatched, max_norm=max_norm,
-                           train=_training(trial, spec), seed=seed)
+    return UserTrialConfig(model=model, groups=groups, unmatched="zero" if zero_sites else d.unmatched,
+                           max_norm=max_norm, train=_training(trial, spec), seed=seed)
 
 
 def centre_config(spec: Spec) -> TrialConfig | UserTrialConfig:
@@ -167,16 +171,43 @@ def _contains(searchable: Any, v: Any) -> bool:
     return v is not None and searchable.low <= v <= searchable.high
 
 
-def baseline_params(spec: Spec, kind: str) -> dict[str, Any]:
-    """Parameters of a baseline trial: ``no_dropout`` turns every placement off (or its rate to 0)
-    and max-norm off; ``recommended`` sets Srivastava et al.'s rates and max-norm 3 with inverted
-    dropout. Values a spec's ranges exclude are left out; every other searched value sits at its
-    :func:`centre`, so the two baselines differ only in dropout."""
-    params = {}
-    for name, searchable in searched_parameters(spec).items():
+def _baseline_targets(spec: Spec, kind: str) -> dict[str, Any]:
+    """What a baseline sets each searched value it is about to (the rest stay at the centre)."""
+    targets = {}
+    for name in searched_parameters(spec):
         target = _user_baseline_value(name) if spec.user_model else _baseline_value(name, kind == "recommended")
-        params[name] = target if target is not _UNSET and _contains(searchable, target) else centre(searchable)
-    return params
+        if target is not _UNSET:
+            targets[name] = target
+    return targets
+
+
+def baseline_fixed(spec: Spec, kind: str) -> dict[str, Any]:
+    """Values of a baseline that the spec's ranges exclude (a rate range above 0, a max-norm
+    choice without ``null``): the trial trains with them without suggesting them
+    (:class:`~hpo.params.Baseline`), so a no-dropout baseline drops nothing whatever the
+    ranges. A variant is not forced: at rate 0 every variant drops nothing."""
+    searched = searched_parameters(spec)
+    return {name: target for name, target in _baseline_targets(spec, kind).items()
+            if not _contains(searched[name], target) and not name.endswith("variant")}
+
+
+def baseline_params(spec: Spec, kind: str) -> dict[str, Any]:
+    """Parameters of a baseline trial, to enqueue: ``no_dropout`` turns every placement off (or
+    its rate to 0) and max-norm off; ``recommended`` sets Srivastava et al.'s rates and max-norm
+    3 with inverted dropout. The values :func:`baseline_fixed` gives are left out; every other
+    searched value sits at its :func:`centre`, so the two baselines differ only in dropout."""
+    fixed = baseline_fixed(spec, kind)
+    targets = _baseline_targets(spec, kind)
+    return {name: targets[name] if name in targets and _contains(searchable, targets[name]) else centre(searchable)
+            for name, searchable in searched_parameters(spec).items() if name not in fixed}
+
+
+def baseline_config(spec: Spec, kind: str, seed: int) -> TrialConfig | UserTrialConfig:
+    """The configuration a baseline trial of ``spec`` trains with."""
+    from optuna.trial import FixedTrial
+
+    params = optuna_params(spec, baseline_params(spec, kind))
+    return suggest(FixedTrial(params), spec, seed, Baseline(kind, baseline_fixed(spec, kind)))
 
 
 def _baseline_value(name: str, recommended: bool) -> Any:
@@ -192,14 +223,25 @@ def _baseline_value(name: str, recommended: bool) -> Any:
     return RECOMMENDED_RATES[placement] if recommended else 0.0
 
 
+#: Words that name a constructor argument as a drop probability (``hidden_dropout_prob``,
+#: ``drop_path_rate``, ``resid_pdrop``, ``encoder_layerdrop``, ``stochastic_depth_prob``).
+DROPOUT_WORDS = ("drop", "stochastic_depth")
+
+
+def names_dropout(name: str) -> bool:
+    """Whether a parameter name's last part names a drop probability."""
+    leaf = name.rsplit(".", 1)[-1].lower()
+    return any(word in leaf for word in DROPOUT_WORDS)
+
+
 def _user_baseline_value(name: str) -> Any:
     """``no_dropout`` for a user model: every group's rate and every constructor argument named
-    for dropout at 0, inverted variants, max-norm off."""
+    for dropout at 0, inverted variants, max-norm off (the trial also sets every site to 0)."""
     leaf = name.rsplit(".", 1)[-1]
     if name.startswith("dropout.groups."):
         return 0.0 if leaf == "rate" else "inverted"
     if name.startswith("dropout.max_norm."):
         return None
-    if name.startswith("model.init_args.") and "drop" in leaf.lower():
+    if name.startswith("model.init_args.") and names_dropout(name):
         return 0.0
     return _UNSET

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import optuna
 import pytest
 from optuna.trial import FixedTrial
 
-from hpo.space import baseline_params, centre, searched_parameters, suggest
+from hpo.params import Baseline
+from hpo.space import baseline_config, baseline_fixed, baseline_params, centre, searched_parameters, suggest
 from hpo.spec import FloatRange, IntRange, parse_spec
 
 SPACE = """
@@ -133,11 +136,33 @@ def test_baselines_differ_only_in_dropout():
     }
 
 
-def test_baseline_values_outside_the_space_fall_back_to_the_centre():
-    spec = parse_spec("dropout: {hidden: {low: 0.3, high: 0.4}, max_norm: {choice: [2.0, 4.0]}}")
+def test_a_baseline_trains_with_values_its_ranges_exclude_without_suggesting_them():
+    """A rate range above 0 and a max-norm choice without null: the no-dropout baseline still
+    drops nothing and holds no norm, and the study stores no parameter its range could not give."""
+    spec = parse_spec("dropout: {hidden: {low: 0.3, high: 0.4}, max_norm: {choice: [2.0, 4.0]}}\n"
+                      "training: {lr: {low: 0.01, high: 0.1, log: true}}")
+    fixed = baseline_fixed(spec, "no_dropout")
+    assert fixed == {"dropout.hidden.rate": 0.0, "dropout.max_norm": None}
     params = baseline_params(spec, "no_dropout")
-    assert params["dropout.hidden.rate"] == pytest.approx(0.35)
-    assert params["dropout.max_norm"] == 2.0
+    assert "dropout.hidden.rate" not in params and "dropout.max_norm" not in params
+    assert params["training.lr"] == pytest.approx(math.sqrt(0.01 * 0.1)), "the rest sits at the centre"
+    config = baseline_config(spec, "no_dropout", seed=0)
+    assert config.dropout.hidden == (0.0, 0.0) and config.dropout.max_norm is None
+    asked = []
+
+    class Recording(FixedTrial):
+        def suggest_float(self, name, *args, **kwargs):
+            asked.append(name)
+            return super().suggest_float(name, *args, **kwargs)
+
+    suggest(Recording(params), spec, 0, Baseline("no_dropout", fixed))
+    assert "dropout.hidden.rate" not in asked and "training.lr" in asked
+
+
+def test_recommended_rates_outside_the_space_are_applied_too():
+    spec = parse_spec("dropout: {input: {enabled: true, rate: {low: 0.3, high: 0.4}}, hidden: {low: 0.0, high: 0.3}}")
+    config = baseline_config(spec, "recommended", seed=0)
+    assert config.dropout.input == 0.2 and config.dropout.hidden == (0.5, 0.5)
 
 
 def test_centre_of_ranges():

@@ -134,7 +134,9 @@ def test_mc_dropout_samples_a_transformer_encoder_in_eval_mode_despite_its_fast_
     with torch.inference_mode():
         deterministic = net(x)
         assert torch.equal(net(x), deterministic), "eval mode is deterministic"
-        assert enable_mc_dropout(net, x) == 9
+    switch = enable_mc_dropout(net, ((x,), {}))
+    assert switch.modules == 9 and len(switch.sampled) == 9 and not switch.unsampled
+    with torch.inference_mode():
         assert not torch.equal(net(x), net(x)), "MC dropout samples masks"
     assert not net.encoder.layers[0].linear1.training and not net.embed.training
 

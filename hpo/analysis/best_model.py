@@ -16,12 +16,13 @@ from lightning.pytorch import LightningModule
 from optuna.trial import FrozenTrial
 from torch import nn
 
+from hpo.analysis.uncertainty import EvalSet
 from hpo.data import Split, Splits, TrialData
 from hpo.errors import HpoError
 from hpo.models.module import split_batch
 from hpo.models.user_model import UserTrialConfig
 from hpo.running.group import run_group
-from hpo.running.study import GROUP, THREADS, StudyHandle, best_trial
+from hpo.running.study import GROUP, THREADS, StudyHandle, baseline_of, best_trial
 from hpo.running.threads import torch_threads
 from hpo.running.trial import TrialResult, evaluate, run_trial
 from hpo.running.user_trial import evaluate_batches
@@ -43,8 +44,10 @@ def chosen_trial(handle: StudyHandle, number: int | None = None) -> FrozenTrial:
 
 
 def trial_config(handle: StudyHandle, trial: FrozenTrial) -> TrialConfig | UserTrialConfig:
-    """The configuration ``trial`` trained, rebuilt from its stored parameters and seed."""
-    return suggest(optuna.trial.FixedTrial(trial.params, trial.number), handle.spec, seed=trial.user_attrs["seed"])
+    """The configuration ``trial`` trained, rebuilt from its stored parameters, its baseline's
+    fixed values and its seed."""
+    return suggest(optuna.trial.FixedTrial(trial.params, trial.number), handle.spec, seed=trial.user_attrs["seed"],
+                   baseline=baseline_of(trial))
 
 
 @dataclass(frozen=True)
@@ -105,17 +108,17 @@ class _PrunedAt:
 
 def network(handle: StudyHandle, trial: FrozenTrial, data: TrialData, model_uri: str | None = None,
             accelerator: str = "cpu") -> tuple[nn.Module, str]:
-    """The trained network of ``trial`` and where it came from: the MLflow model at
+    """The trained network of ``trial`` and where it came from, as a phrase: the MLflow model at
     ``model_uri`` when it loads, else a re-run of the trial (same configuration and seed)."""
     if model_uri:
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         try:
             import mlflow.pytorch
 
-            return mlflow.pytorch.load_model(model_uri, map_location="cpu"), model_uri
+            return mlflow.pytorch.load_model(model_uri, map_location="cpu"), f"the network logged at {model_uri}"
         except Exception:  # noqa: BLE001 - the server may be gone; training again is the fallback
             pass
-    return rerun(handle, trial, data, accelerator).net, f"trained again from trial {trial.number}'s configuration and seed"
+    return rerun(handle, trial, data, accelerator).net, "the network trained again from its configuration and seed"
 
 
 @dataclass(frozen=True)
@@ -171,22 +174,22 @@ def retrain(handle: StudyHandle, trial: FrozenTrial, data: TrialData, accelerato
     return Retrained(trial, config, epochs, result, examples, test)
 
 
-def test_split(data: TrialData) -> Split:
-    """The held-out test split as tensors (MC-dropout evaluation): a built-in set's own, or the
-    user's test data when each example's input is one tensor."""
+def test_set(data: TrialData) -> EvalSet:
+    """The held-out test examples, batch by batch, for MC-dropout evaluation: a built-in set's
+    own test split, or the user's test data in ``(inputs, labels)`` pairs or Hugging Face
+    mappings with ``labels``."""
     if isinstance(data, Splits):
-        return data.test
+        return EvalSet.of_tensor(data.test.x, data.test.y)
     loader = data.split_loader("test")
     if loader is None:
         raise HpoError(f"{data.name} gives no test data (a third dataset, or a test_dataloader)")
-    xs, ys = [], []
+    batches, ys = [], []
     for batch in loader:
         try:
             args, kwargs, y = split_batch(batch)
-        except (TypeError, ValueError):
-            args, kwargs, y = (), {}, None
-        if len(args) != 1 or kwargs or not isinstance(args[0], torch.Tensor):
-            raise HpoError("MC-dropout evaluation needs test batches of (inputs, labels) with one input tensor")
-        xs.append(args[0])
+        except (TypeError, ValueError) as exc:
+            raise HpoError("MC-dropout evaluation needs test batches of (inputs, labels) or mappings with "
+                           f"'labels' ({exc})") from exc
+        batches.append((args, kwargs))
         ys.append(y)
-    return Split(torch.cat(xs), torch.cat(ys))
+    return EvalSet(batches, torch.cat(ys))

@@ -15,9 +15,8 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial
 
-from hpo.params import trial_values
 from hpo.running.store import ABANDONED, FAIL_REASON
-from hpo.running.study import BASELINE, TRIAL_METRICS
+from hpo.running.study import BASELINE, TRIAL_METRICS, trial_settings
 from hpo.spec import Spec
 
 
@@ -32,7 +31,7 @@ def trial_row(trial: FrozenTrial, objective_names: list[str], spec: Spec) -> dic
     }
     values = trial.values or [None] * len(objective_names)
     row.update(zip(objective_names, values))
-    row.update(trial_values(spec, trial.params))
+    row.update(trial_settings(spec, trial))
     row.update({m: attrs.get(m) for m in TRIAL_METRICS})
     row["seed"] = attrs.get("seed")
     row["duration_s"] = trial.duration.total_seconds() if trial.duration else None

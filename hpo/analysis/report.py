@@ -21,8 +21,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from hpo.params import trial_values
-from hpo.running.study import SITES, StudyHandle, best_trial, count_trials
+from hpo.running.study import SITES, StudyHandle, best_trial, count_trials, trial_settings
 
 PLACEMENTS = ("input", "hidden", "conv", "recurrent")
 #: Rate bins of the rate tables: [0, 0.1), [0.1, 0.2), … [0.9, 1.0].
@@ -125,7 +124,7 @@ def best_table(handle: StudyHandle) -> Table:
     rows: list[list[Any]] = [["trial", best.number]]
     rows += [[o.metric, v] for o, v in zip(handle.spec.objective, best.values, strict=True)]
     rows += [[k, best.user_attrs[k]] for k in ("test_acc", "train_acc", "gap", "epochs", "epoch_time")]
-    rows += [[name, value] for name, value in trial_values(handle.spec, best.params).items()]
+    rows += [[name, value] for name, value in trial_settings(handle.spec, best).items()]
     return Table("best", "Best configuration", ["", "value"], rows,
                  "Test accuracy is on the held-out test split, never used to choose.")
 
@@ -262,7 +261,7 @@ def build_user(handle: StudyHandle) -> Report:
     rows: list[list[Any]] = [["trial", best.number]]
     rows += [[o.metric, v] for o, v in zip(handle.spec.objective, best.values, strict=True)]
     rows += [[k, best.user_attrs[k]] for k in (*_measured([best]), "epochs", "epoch_time") if k in best.user_attrs]
-    rows += [[name, value] for name, value in trial_values(handle.spec, best.params).items()]
+    rows += [[name, value] for name, value in trial_settings(handle.spec, best).items()]
     report.tables.append(Table("best", "Best configuration", ["", "value"], rows,
                                "Test metrics are on the held-out test data, never used to choose."))
     extra = _measured(trials)

@@ -31,6 +31,7 @@ from hpo.models.module import NonFiniteLossError
 from hpo.running.group import SHARED_PARAMETERS, group_key, run_group
 from hpo.running.store import FAIL_REASON
 from hpo.running.study import (
+    DROPOUT_KEPT,
     GROUP,
     HEARTBEAT_INTERVAL,
     MAX_NORM_LAYERS,
@@ -39,6 +40,7 @@ from hpo.running.study import (
     Counts,
     StudyHandle,
     abandon,
+    baseline_of,
     best_trials,
     claim,
     count_trials,
@@ -367,7 +369,7 @@ def run_study(
 def _ask(study: optuna.Study, spec: Any, study_seed: int) -> TrialJob:
     trial = study.ask()
     claim(study, trial)
-    config = suggest(trial, spec, seed=trial_seed(study_seed, trial.number))
+    config = suggest(trial, spec, seed=trial_seed(study_seed, trial.number), baseline=baseline_of(trial))
     trial.set_user_attr("seed", config.seed)
     trial.set_user_attr("config", config.to_dict())
     return TrialJob(trial, config, group=trial.number)
@@ -428,3 +430,5 @@ def _record(trial: optuna.Trial, result: TrialResult) -> None:
     if result.sites is not None:
         trial.set_user_attr(SITES, result.sites)
         trial.set_user_attr(MAX_NORM_LAYERS, result.max_norm or [])
+    if result.kept:
+        trial.set_user_attr(DROPOUT_KEPT, result.kept)

@@ -343,19 +343,16 @@ def auto_gpus_per_trial(spec: Any, seed: int, data: Splits, group_size: int, cpu
     baseline, or a group of ``group_size`` of them) alone on a whole GPU of the cluster, at the
     study's ``precision``, and return Ray's ``num_gpus`` per trial and a line saying what was
     measured and chosen."""
-    from optuna.trial import FixedTrial
-
-    from hpo.params import optuna_params
     from hpo.running.group import group_key
     from hpo.running.packing import gpu_fraction, trials_per_gpu
-    from hpo.space import baseline_params, suggest
+    from hpo.space import baseline_config
 
     resources = ray.cluster_resources()
     gpus = resources.get("GPU", 0)
     if gpus < 1:
         raise HpoError("--gpus-per-trial auto measures a trial on a GPU, and the Ray cluster has none "
                        "(use --gpus-per-trial 0 to train on CPUs)")
-    config = suggest(FixedTrial(optuna_params(spec, baseline_params(spec, "recommended"))), spec, seed=seed)
+    config = baseline_config(spec, "recommended", seed)
     members = group_size if group_key(config) is not None else 1
     configs = [dataclasses.replace(config, seed=config.seed + k) for k in range(members)]
     try:

@@ -25,7 +25,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from hpo.errors import StoreError
 from hpo.running.pruning import make_pruner
-from hpo.params import optuna_params, with_numeric_choices
+from hpo.params import Baseline, optuna_params, trial_values, with_numeric_choices
 from hpo.running.store import ABANDONED, fail_as_abandoned, open_storage, redact, storage_url
 from hpo.spec import SamplerSpec, Spec, parse_spec
 
@@ -42,6 +42,11 @@ _GROUP_SIZE = "hpo:group_size"
 _CODE_DIR = "hpo:code_dir"
 _OWNER, _HEARTBEAT = "hpo:driver", "hpo:heartbeat"
 BASELINE = "baseline"
+#: A baseline trial's values that its spec's ranges exclude, applied without being suggested
+#: (:class:`hpo.params.Baseline`); absent when there are none.
+BASELINE_FIXED = "baseline_fixed"
+#: Where a user model's trial set to drop nowhere still drops (functional dropout no site holds).
+DROPOUT_KEPT = "dropout_kept"
 #: A user model's trial keeps its resolved site table (path, kind, group, rate, variant, rate as
 #: built) and the layers max-norm held, as these user attributes.
 SITES, MAX_NORM_LAYERS = "sites", "max_norm_layers"
@@ -185,6 +190,25 @@ def load_study(name: str, storage: str | None = None) -> StudyHandle:
     return StudyHandle(study, spec, int(attrs.get(_BUDGET, spec.budget.trials)), seed, url)
 
 
+def baseline_attrs(baseline: Baseline) -> dict[str, Any]:
+    """The user attributes a queued baseline trial carries."""
+    return {BASELINE: baseline.kind, **({BASELINE_FIXED: baseline.fixed} if baseline.fixed else {})}
+
+
+def baseline_of(trial: FrozenTrial | optuna.Trial) -> Baseline | None:
+    """The baseline ``trial`` is, from its user attributes (``None``: an ordinary trial)."""
+    attrs = trial.user_attrs
+    if BASELINE not in attrs:
+        return None
+    return Baseline(attrs[BASELINE], dict(attrs.get(BASELINE_FIXED) or {}))
+
+
+def trial_settings(spec: Spec, trial: FrozenTrial | optuna.Trial) -> dict[str, Any]:
+    """``trial``'s searched values as the spec writes them (:func:`~hpo.params.trial_values`),
+    with the baseline values it trained with unsuggested: what reports, exports and MLflow show."""
+    return {**trial_values(spec, trial.params), **(trial.user_attrs.get(BASELINE_FIXED) or {})}
+
+
 def set_budget(handle: StudyHandle, trials: int) -> None:
     """Change the study's budget of finished trials (``hpo resume --trials``)."""
     handle.study.set_user_attr(_BUDGET, trials)
@@ -280,7 +304,7 @@ def abandon(study: optuna.Study, trial_id: int, params: dict[str, Any], user_att
 
 def requeue(study: optuna.Study, params: dict[str, Any], user_attrs: dict[str, Any], **extra: Any) -> None:
     """Queue a configuration again, keeping whether it is a baseline, plus ``extra`` attributes."""
-    kept = {k: v for k, v in user_attrs.items() if k == BASELINE}
+    kept = {k: v for k, v in user_attrs.items() if k in (BASELINE, BASELINE_FIXED)}
     study.enqueue_trial(params, user_attrs={**kept, **extra})
 
 

@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Any
 from optuna.trial import FrozenTrial, TrialState
 
 from hpo.errors import HpoError
-from hpo.params import trial_values
 from hpo.running.store import ABANDONED, FAIL_REASON, redact, sqlite_path
 from hpo.running.study import (
     BASELINE,
@@ -31,6 +30,7 @@ from hpo.running.study import (
     TRIAL_METRICS,
     Counts,
     StudyHandle,
+    trial_settings,
 )
 from hpo.spec import Spec
 
@@ -138,9 +138,9 @@ def run_params(params: dict[str, Any], seed: Any = None) -> dict[str, str]:
 
 
 def trial_params(trial: FrozenTrial, spec: Spec) -> dict[str, str]:
-    """``trial``'s parameters as the values they stand for (:func:`hpo.params.trial_values`) and
-    its seed, as MLflow parameters."""
-    return run_params(trial_values(spec, trial.params), trial.user_attrs.get("seed"))
+    """``trial``'s parameters as the values they stand for, a baseline's fixed values with them
+    (:func:`hpo.running.study.trial_settings`), and its seed, as MLflow parameters."""
+    return run_params(trial_settings(spec, trial), trial.user_attrs.get("seed"))
 
 
 def run_tags(number: int, study_name: str, parent_id: str, state: str) -> dict[str, str]:

@@ -17,9 +17,8 @@ from typing import TYPE_CHECKING, Any
 from optuna.trial import FrozenTrial
 
 from hpo.errors import describe
-from hpo.params import trial_values
 from hpo.running.store import redact
-from hpo.running.study import Counts, StudyHandle, best_trials, count_trials
+from hpo.running.study import Counts, StudyHandle, best_trials, count_trials, trial_settings
 from hpo.tracking.models import attach_best_model, model_example, trained_network
 from hpo.tracking.runs import (
     STATE_TAG,
@@ -127,7 +126,7 @@ class Tracker:
         self._thread.start()
 
     def trial_started(self, job: TrialJob) -> None:
-        self._put("started", job.trial.number, trial_values(self.handle.spec, job.trial.params), job.config.seed,
+        self._put("started", job.trial.number, trial_settings(self.handle.spec, job.trial), job.config.seed,
                   time.time())
 
     def epoch(self, number: int, entry: dict[str, float]) -> None:
