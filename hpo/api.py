@@ -226,7 +226,7 @@ def prepare(spec: Spec, source: str | Path, code_dir: str | None, on_note: Calla
             on_warning: Callable[[str], None] = log.warning) -> TrialData:
     """Load the data and, for a user model, check it before anything is stored: import it, build
     it at the centre of the space, match the groups to its sites and train it on one batch
-    (:func:`~hpo.running.user_trial.check_user_model`). Problems raise :class:`SpecError`
+    (:func:`~hpo.running.user_check.check_user_model`). Problems raise :class:`SpecError`
     naming ``source`` and the key."""
     try:
         add_code_dir(code_dir)
@@ -234,7 +234,7 @@ def prepare(spec: Spec, source: str | Path, code_dir: str | None, on_note: Calla
         if not spec.user_model:
             return data
         from hpo.models.groups import constrained_layers
-        from hpo.running.user_trial import check_user_model
+        from hpo.running.user_check import check_user_model
 
         checked = check_user_model(spec, data)
     except UserCodeError as exc:
@@ -246,7 +246,7 @@ def prepare(spec: Spec, source: str | Path, code_dir: str | None, on_note: Calla
     on_note(f"model {spec.model.class_path}: {len(built.settings)} dropout sites, {grouped} of them in "
             f"{len(spec.dropout.groups)} groups" + (f"; max-norm on {len(layers)} layer{'s' if len(layers) > 1 else ''}" if layers else "")
             + " (`hpo sites` lists them)")
-    for line in built.table.warnings():
+    for line in checked.warnings:
         on_warning(line)
     return data
 
@@ -271,7 +271,15 @@ def sites(space: str | Path, code_dir: str | Path | None = None) -> SiteReport:
     from hpo.models.groups import SiteSetting, constrained_layers
     from hpo.models.nets import build_net
     from hpo.models.sites import probe
-    from hpo.running.user_trial import build_checked, example_batch, site_problems
+    from hpo.running.user_check import (
+        argument_effects,
+        build_checked,
+        dead_argument_problems,
+        searched_through_arguments,
+        site_problems,
+        site_warnings,
+    )
+    from hpo.running.user_trial import example_batch
     from hpo.space import centre_config
 
     path = Path(space)
@@ -287,15 +295,19 @@ def sites(space: str | Path, code_dir: str | Path | None = None) -> SiteReport:
             table = probe(net, lambda m: m(data.train.x[:8]))
             settings = [SiteSetting(s, None, s.rate, None) for s in table.sites]
             return SiteReport(spec.model.arch, settings, {}, table.warnings())
-        built = build_checked(config, example_batch(data), strict=False)
+        batch = example_batch(data)
+        built = build_checked(config, batch, strict=False)
+        effects = argument_effects(spec, built, batch)
     except UserCodeError as exc:
         raise SpecError(path, exc.key, exc.problem) from exc
-    problems = [f"{key}: {problem}" for key, problem in site_problems(spec, built)]
+    problems = [f"{key}: {problem}" for key, problem in site_problems(spec, built) + dead_argument_problems(spec, effects)]
+    through = searched_through_arguments(effects)
     problems += [f"{s.site.path}: functional dropout that no group matches keeps its rate {s.rate:g}"
-                 for s in built.settings if s.group is None and s.site.kind == "functional"]
+                 for s in built.settings
+                 if s.group is None and s.site.kind == "functional" and s.site.path not in through]
     layers = {name: [p for p, _ in constrained_layers(built.network, entry.match)]
               for name, entry in spec.dropout.max_norm.items()}
-    return SiteReport(spec.model.class_path, built.settings, layers, built.table.warnings() + problems)
+    return SiteReport(spec.model.class_path, built.settings, layers, site_warnings(spec, built, effects) + problems)
 
 
 def submit(

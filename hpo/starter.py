@@ -144,7 +144,8 @@ def init(model: str, out: Path, *, init_args: dict[str, Any] | None = None, data
     from optuna.trial import FixedTrial
 
     from hpo.api import load_trial_data, prepare
-    from hpo.running.user_trial import build_checked, example_batch
+    from hpo.running.user_check import build_checked
+    from hpo.running.user_trial import example_batch
     from hpo.space import suggest
     from hpo.spec import parse_spec
     from hpo.user_code import add_code_dir

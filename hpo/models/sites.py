@@ -32,7 +32,7 @@ import copy
 import random
 import re
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -134,11 +134,14 @@ class SiteTable:
     probe_error: str = ""
     unseen_layer_drops: tuple[tuple[str, float], ...] = ()
 
-    def warnings(self) -> list[str]:
-        """One line per thing a user should know before searching this model."""
+    def warnings(self, searched_calls: Collection[str] = ()) -> list[str]:
+        """One line per thing a user should know before searching this model; functional dropout
+        of the modules in ``searched_calls`` is set by a searched constructor argument, and
+        gets none."""
         lines = [f"{s.path}: {note}" for s in self.sites for note in s.notes]
         lines += [f"{c.module or '(model)'}: {c.function}(p={c.rate:g}) is functional dropout that no site holds; "
-                  "it keeps its rate (search the init argument that sets it)" for c in self.unaccounted]
+                  "it keeps its rate (search the init argument that sets it)" for c in self.unaccounted
+                  if c.module not in searched_calls]
         lines += [f"{path}: layer drop {rate:g} that no torch call of a training step reads (drawn outside torch?): "
                   "it is not a site and keeps its rate" for path, rate in self.unseen_layer_drops]
         lines += identity_warnings(self)
@@ -213,6 +216,21 @@ def _walk_site(path: str, module: nn.Module) -> list[Site]:
     if kind_name == "DropoutLSTMLayer":
         return [Site(path, "recurrent", path, "p", float(module.p), kind_name)]
     return _float_candidates(path, module, kind_name)
+
+
+def _unnamed_candidates(model: nn.Module, named: tuple[Site, ...]) -> tuple[Site, ...]:
+    """Float attributes in [0, 1) of modules from outside ``torch`` that no name marks as a rate
+    (a user's ``SkipBranch(p)``): sites only where a dropout call or a mask reads them."""
+    taken = {(s.module, s.attribute) for s in named}
+    found = []
+    for path, module in model.named_modules():
+        if type(module).__module__.startswith("torch."):
+            continue
+        for name, value in vars(module).items():
+            if not name.startswith("_") and type(value) is float and 0.0 <= value < 1.0 and (path, name) not in taken:
+                where = f"{path}.{name}" if path else name
+                found.append(Site(where, "functional", path, name, value, type(module).__name__))
+    return tuple(found)
 
 
 def walk(model: nn.Module) -> SiteTable:
@@ -312,10 +330,11 @@ class _Recorder(TorchFunctionMode):
             for value in (*args, *kwargs.values()):
                 if type(value) is not float:
                     continue
-                if value in self.rates and name not in _MASKS:
+                if name in _MASKS and (value in self.keeps or value in self.rates):
+                    rate = self.keeps.get(value, value)
+                    self.calls.append(Call(where, name, rate, _mask_is_per_example(args[0])))
+                elif value in self.rates:
                     self.calls.append(Call(where, name, value))
-                elif value in self.keeps and name in _MASKS:
-                    self.calls.append(Call(where, name, self.keeps[value], _mask_is_per_example(args[0])))
         return func(*args, **kwargs)
 
 
@@ -420,15 +439,19 @@ def probe(model: nn.Module, step: Callable[[nn.Module], Any], table: SiteTable |
     rate reaches a functional call becomes ``functional`` (no variant can replace it); a float
     candidate read by a per-example mask becomes ``path``; a float-attribute candidate that no
     call uses is dropped; a module site that neither runs nor lends its rate is kept with a
-    note. If ``step`` raises, the walk's module sites are returned with the error.
+    note. Float attributes of modules from outside ``torch`` that no name marks as rates are
+    probed too, and become sites where a dropout call or a mask reads them. If ``step`` raises,
+    the walk's module sites are returned with the error.
     """
     table = table or walk(model)
-    twin, sentinels = sentinel_twin(model, table.sites)
+    unnamed = _unnamed_candidates(model, table.sites)
+    candidates = table.sites + unnamed
+    twin, sentinels = sentinel_twin(model, candidates)
     try:
         calls, ran = trace(twin, step, frozenset(sentinels))
     except Exception as exc:  # noqa: BLE001 - reported, the walk still stands
-        candidates = tuple(s for s in table.sites if s.kind not in ("functional", "layer"))
-        return replace(table, sites=candidates, probe_error=f"{type(exc).__name__}: {exc}".splitlines()[0])
+        kept = tuple(s for s in table.sites if s.kind not in ("functional", "layer"))
+        return replace(table, sites=kept, probe_error=f"{type(exc).__name__}: {exc}".splitlines()[0])
     used: dict[int, list[Call]] = {}
     unaccounted = []
     for call in calls:
@@ -436,10 +459,10 @@ def probe(model: nn.Module, step: Callable[[nn.Module], Any], table: SiteTable |
         if k is None:
             if call.rate > 0:
                 unaccounted.append(UnaccountedCall(call.module, call.function, call.rate))
-        else:
+        elif k < len(table.sites) or _drops(call):
             used.setdefault(k, []).append(call)
     sites, unseen = [], []
-    for k, site in enumerate(table.sites):
+    for k, site in enumerate(candidates):
         calls_k = used.get(k, [])
         if site.kind in ("functional", "layer") and not calls_k:
             if site.kind == "layer" and site.rate > 0:
@@ -449,6 +472,11 @@ def probe(model: nn.Module, step: Callable[[nn.Module], Any], table: SiteTable |
     seen = {(c.module, c.function, c.rate) for c in unaccounted}
     return SiteTable(tuple(sites), tuple(UnaccountedCall(*key) for key in sorted(seen)), table.identities, True,
                      unseen_layer_drops=tuple(unseen))
+
+
+def _drops(call: Call) -> bool:
+    """Whether ``call`` drops with its rate: a dropout function, an RNN kernel or a mask."""
+    return call.function in _RATE_ARGUMENT or call.function in _RNN_KERNELS or call.function in _MASKS
 
 
 def _classified(site: Site, calls: list[Call], called: bool) -> Site:

@@ -1,4 +1,5 @@
-"""One trial of the user's own model, and the check that runs before a study of one.
+"""One trial of the user's own model (the check before a study of one is
+:mod:`hpo.running.user_check`).
 
 The model is built for the trial (:func:`hpo.models.user_model.build`), trained by Lightning with
 the same callbacks as a built-in network's trial (best epoch, per-epoch listener, early stopping,
@@ -13,7 +14,6 @@ import itertools
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
 from typing import Any
 
 import lightning.pytorch as pl
@@ -21,10 +21,9 @@ import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping
 from torch.nn import functional as F
 
-from hpo.data import Split, Splits, TrialData, UserData
+from hpo.data import Splits, TrialData
 from hpo.data.batches import Loading, make_loaders
 from hpo.data.user import EXAMPLE_SIZE
-from hpo.errors import first_line
 from hpo.models.module import logits_of, split_batch
 from hpo.models.user_model import BuiltModel, MaxNormCallback, UserTrialConfig, build
 from hpo.running.trial import (
@@ -41,8 +40,7 @@ from hpo.running.trial import (
     selection_objective,
     trainer,
 )
-from hpo.spec import METRICS, ObjectiveSpec, Spec
-from hpo.user_code import UserCodeError
+from hpo.spec import ObjectiveSpec
 
 
 class MissingMetricError(KeyError):
@@ -237,122 +235,3 @@ def run_user_trial(
         values=[at_best[o.metric] for o in objectives], best_epoch=best.epoch, history=history, summary=summary,
         state=best.state, sites=built.site_records(), max_norm=built.max_norm_records(), kept=list(built.kept),
     )
-
-
-_OPTIMISATION = ("optimizer", "lr", "momentum", "weight_decay", "l1")
-
-
-@dataclass(frozen=True)
-class CheckResult:
-    """What the check before a study found: the model built at the centre of the space (its
-    sites and what the groups make of them) and what one batch of training measured."""
-
-    built: BuiltModel
-    result: TrialResult
-
-    @property
-    def logged(self) -> list[str]:
-        return sorted(k for k in self.result.history[-1] if k != "epoch")
-
-
-def _head(data: TrialData) -> TrialData:
-    """A built-in data set's first examples: all a one-batch check needs."""
-    if not isinstance(data, Splits):
-        return data
-    head = lambda s: Split(s.x[:256], s.y[:256])  # noqa: E731
-    return Splits(head(data.train), head(data.val), head(data.test), data.input_shape, data.num_classes, data.name)
-
-
-def _listing(names: list[str], limit: int = 8) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f" (and {len(names) - limit} more)" if len(names) > limit else "")
-
-
-def site_problems(spec: Spec, built: BuiltModel) -> list[tuple[str, str]]:
-    """``(key, problem)`` for each way the spec's groups do not fit the model's sites."""
-    from hpo.models.groups import constrained_layers, matches, unmatched_sites
-
-    d, table = spec.dropout, built.table
-    paths = [s.path for s in table.sites]
-    if not paths:
-        return [("model", f"{spec.model.class_path} has no dropout site: no dropout module, no attention or recurrent "
-                          "dropout, and no dropout call in a training step")]
-    problems = []
-    for name, group in d.groups.items():
-        for pattern in group.match:
-            if not any(matches(pattern, path) for path in paths):
-                problems.append((f"dropout.groups.{name}.match", f"{pattern!r} matches no dropout site (sites: "
-                                 f"{_listing(paths)})"))
-        members = [s for s in built.settings if s.group == name]
-        if members and not any(s.site.acts for s in members):
-            problems.append((f"dropout.groups.{name}", "its rate reaches no dropout site a training step uses ("
-                             + "; ".join(f"{s.site.path}: {s.site.notes[0]}" for s in members[:3]) + ")"))
-        if group.variant is not None and members and not any(s.site.takes_variant for s in members):
-            problems.append((f"dropout.groups.{name}.variant", "no site of this group is an element-wise dropout "
-                             "module a variant can replace (its sites: " + _listing([s.site.path for s in members])
-                             + "); search its rate only"))
-    if d.unmatched == "refuse":
-        left = unmatched_sites(table, {n: g.match for n, g in d.groups.items()})
-        if left:
-            problems.append(("dropout.unmatched", f"refuse, and these sites match no group: "
-                             f"{_listing([s.path for s in left])}"))
-    layers = [path for path, _ in constrained_layers(built.network, ["**"])]
-    for name, entry in d.max_norm.items():
-        if not constrained_layers(built.network, entry.match):
-            problems.append((f"dropout.max_norm.{name}.match", "matches no Linear or Conv layer (layers: "
-                             f"{_listing(layers)})"))
-    return problems
-
-
-def training_problems(spec: Spec, built: BuiltModel, data: TrialData) -> list[tuple[str, str]]:
-    """Training and objective settings the model's kind cannot use."""
-    problems = []
-    given = spec.training.model_fields_set
-    if built.lightning:
-        problems += [(f"training.{name}", "a LightningModule trains with its own configure_optimizers: set this "
-                      "through its init_args instead") for name in _OPTIMISATION if name in given]
-    else:
-        for i, objective in enumerate(spec.objective):
-            if objective.metric not in METRICS:
-                problems.append((f"objective.{i}.metric" if spec.multi_objective else "objective.metric",
-                                 f"an nn.Module is trained by hpo, which measures {', '.join(METRICS)}; got "
-                                 f"{objective.metric!r} (a LightningModule is judged on what it logs)"))
-    if isinstance(data, UserData) and data.datamodule is not None and "batch_size" in given:
-        problems.append(("training.batch_size", "the LightningDataModule makes its own batches: set its batch size "
-                         "in data.init_args"))
-    return problems
-
-
-def build_checked(config: UserTrialConfig, batch: Any, *, strict: bool = True) -> BuiltModel:
-    """:func:`~hpo.models.user_model.build`, with an error of the user's forward on ``batch``
-    as one :class:`~hpo.user_code.UserCodeError` line."""
-    try:
-        return build(config, batch, strict=strict)
-    except UserCodeError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - the user's forward
-        raise UserCodeError("model", f"a forward pass on the first batch raised {type(exc).__name__}: "
-                                     f"{first_line(exc)}") from exc
-
-
-def check_user_model(spec: Spec, data: TrialData, accelerator: str = "cpu") -> CheckResult:
-    """Build the user's model at the centre of the space, check the spec against its sites and
-    kind, and train it on one batch (one validation batch too): the errors a study would meet on
-    its first trial, found before anything is stored. Raises
-    :class:`~hpo.user_code.UserCodeError` with the spec key and the cause."""
-    from hpo.space import centre_config
-
-    config = centre_config(spec)
-    pl.seed_everything(0, verbose=False)
-    built = build_checked(config, example_batch(data), strict=False)
-    for key, problem in site_problems(spec, built) + training_problems(spec, built, data):
-        raise UserCodeError(key, problem)
-    once = replace(config, train=replace(config.train, epochs=1, early_stopping=None))
-    try:
-        result = run_user_trial(once, _head(data), spec.objective, accelerator=accelerator, batches=1)
-    except MissingMetricError as exc:
-        raise UserCodeError("objective", str(exc)) from exc
-    except Exception as exc:  # noqa: BLE001 - the user's training code
-        raise UserCodeError("model", f"training on the first batch raised {type(exc).__name__}: "
-                                     f"{first_line(exc)}") from exc
-    return CheckResult(built, result)
