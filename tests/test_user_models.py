@@ -94,6 +94,19 @@ def test_the_example_lightning_module_is_tuned_on_its_own_logged_metric(example_
 
 
 @pytest.mark.slow
+def test_export_writes_the_objective_a_lightning_module_logs(example_study):
+    """The objective ``val_acc`` shares its name with a metric hpo measures for its own networks;
+    the export's column is the objective, not that metric's empty value."""
+    storage = f"sqlite:///{example_study / 'hpo.db'}"
+    result = runner.invoke(app, ["export", "digits-lightning", "--storage", storage, "--format", "json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    study = optuna.load_study(study_name="digits-lightning", storage=storage)
+    values = {t.number: t.value for t in study.trials if t.state.name == "COMPLETE"}
+    assert values and {r["number"]: r["val_acc"] for r in rows if r["state"] == "complete"} == values
+
+
+@pytest.mark.slow
 def test_mc_dropout_and_retraining_work_on_the_example_model(example_study):
     env = {"cwd": example_study}
     evaluated = _hpo("evaluate", "digits-lightning", "--mc-samples", "5", **env)

@@ -22,7 +22,8 @@ from hpo.spec import Spec
 
 def trial_row(trial: FrozenTrial, objective_names: list[str], spec: Spec) -> dict[str, Any]:
     """One trial as a flat mapping: number, state, objective values, parameters (the values they
-    stand for under the study's ``spec``), metrics."""
+    stand for under the study's ``spec``, a baseline's fixed values with them), metrics. A metric
+    named as an objective (a LightningModule's ``val_acc``) is the objective's column."""
     attrs = trial.user_attrs
     row: dict[str, Any] = {
         "number": trial.number,
@@ -32,7 +33,7 @@ def trial_row(trial: FrozenTrial, objective_names: list[str], spec: Spec) -> dic
     values = trial.values or [None] * len(objective_names)
     row.update(zip(objective_names, values))
     row.update(trial_settings(spec, trial))
-    row.update({m: attrs.get(m) for m in TRIAL_METRICS})
+    row.update({m: attrs.get(m) for m in TRIAL_METRICS if m not in objective_names})
     row["seed"] = attrs.get("seed")
     row["duration_s"] = trial.duration.total_seconds() if trial.duration else None
     row["fail_reason"] = attrs.get(FAIL_REASON) or attrs.get("pruned_reason", "")
