@@ -69,13 +69,48 @@ def is_object(value: Any) -> bool:
     return isinstance(value, Mapping) and "class_path" in value and set(value) <= {"class_path", "init_args"}
 
 
-def _parameters(target: Any) -> str:
-    """The argument names ``target`` declares, for an error message."""
+def _names(target: Any) -> tuple[list[str], bool]:
+    """The argument names ``target`` declares, and whether it takes ``**kwargs``."""
     try:
         parameters = inspect.signature(target).parameters.values()
     except (TypeError, ValueError):
-        return "?"
-    return ", ".join(p.name for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)) or "nothing"
+        return [], False
+    named = [p.name for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    return named, any(p.kind == p.VAR_KEYWORD for p in parameters)
+
+
+def _refusing_callee(exc: TypeError) -> Any:
+    """The callable a ``**kwargs`` builder passed its arguments to and that refused one, found by
+    the name its error gives (``EfficientNet.__init__() got …``) among the names of the frames
+    that called it, innermost first (timm calls it as ``model_cls(**kwargs)``)."""
+    match = re.match(r"([\w.]+?)(?:\.__init__)?\(\)", str(exc))
+    if match is None:
+        return None
+    name = match.group(1).rsplit(".", 1)[-1]
+    frames = []
+    tb = exc.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    for frame in reversed(frames):
+        for value in frame.f_locals.values():
+            if callable(value) and getattr(value, "__name__", None) == name:
+                return value
+        if name in frame.f_globals:
+            return frame.f_globals[name]
+    return None
+
+
+def _parameters(target: Any, exc: TypeError | None = None) -> str:
+    """The argument names ``target`` takes, for an error message; for a builder that passes
+    ``**kwargs`` on, those of the callable that refused one too."""
+    named, forwards = _names(target)
+    text = ", ".join(named) or "nothing"
+    callee = _refusing_callee(exc) if forwards and exc is not None else None
+    if callee is not None and callee is not target:
+        passed, _ = _names(callee)
+        text += f"; through **kwargs, {getattr(callee, '__name__', callee)}'s: {', '.join(passed) or 'nothing'}"
+    return text if named or callee is not None else "?"
 
 
 def instantiate(value: Any, key: str) -> Any:
@@ -96,7 +131,7 @@ def instantiate(value: Any, key: str) -> Any:
     except TypeError as exc:
         if re.search(r"unexpected keyword argument|missing \d+ required|required (keyword|positional) argument",
                      str(exc)):
-            raise UserCodeError(f"{key}.init_args", f"{_first(exc)}; it takes: {_parameters(target)}") from exc
+            raise UserCodeError(f"{key}.init_args", f"{_first(exc)}; it takes: {_parameters(target, exc)}") from exc
         raise UserCodeError(key, f"{value['class_path']}(…) raised TypeError: {_first(exc)}") from exc
     except Exception as exc:  # noqa: BLE001 - the user's constructor raised
         raise UserCodeError(key, f"{value['class_path']}(…) raised {type(exc).__name__}: {_first(exc)}") from exc

@@ -129,6 +129,22 @@ def _is_dataset(value: Any) -> bool:
     return isinstance(value, Dataset) or (hasattr(value, "__getitem__") and hasattr(value, "__len__"))
 
 
+def _is_array(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) or type(value).__name__ == "ndarray"
+
+
+def _is_raw(part: Any) -> bool:
+    """An array, or a tuple or list of arrays, where a dataset of examples belongs: indexing it
+    gives rows (or whole arrays), not ``(inputs, label)`` examples."""
+    return _is_array(part) or (isinstance(part, (tuple, list)) and bool(part) and all(_is_array(p) for p in part))
+
+
+def _raw_kind(part: Any) -> str:
+    if _is_array(part):
+        return f"a {type(part).__name__}"
+    return f"a {type(part).__name__} of {len(part)} {type(part[0]).__name__}s"
+
+
 def _datasets(returned: Any, class_path: str) -> tuple[Any, Any, Any]:
     """``(train, val, test)`` from what a data callable returned, or a one-line error."""
     if isinstance(returned, Mapping):
@@ -146,6 +162,10 @@ def _datasets(returned: Any, class_path: str) -> tuple[Any, Any, Any]:
     for name, part in zip(("train", "val", "test"), parts):
         if part is None and name != "test":
             raise UserCodeError("data.class_path", f"{class_path} returned no {name} dataset")
+        if _is_raw(part):
+            raise UserCodeError("data.class_path", f"{class_path} returned {_raw_kind(part)} as its {name} dataset; "
+                                                   "wrap inputs and labels in a Dataset, e.g. "
+                                                   "torch.utils.data.TensorDataset(x, y)")
         if part is not None and not _is_dataset(part):
             raise UserCodeError("data.class_path", f"{class_path} returned a {type(part).__name__} as its {name} "
                                                    "dataset; expected a torch Dataset (with __getitem__ and __len__)")

@@ -64,6 +64,12 @@ class SequenceTransformer(nn.Module):
         return self.head(self.head_dropout(self.encoder(self.embed(x)).mean(1)))
 
 
+def raw_tensors():
+    """A data callable that returns ``(x, y)`` tensor pairs where datasets are expected."""
+    x, y = torch.zeros(8, 40, 1), torch.zeros(8, dtype=torch.long)
+    return (x, y), (x, y)
+
+
 def one_dataset() -> TensorDataset:
     """A data callable that returns one dataset, where (train, val) are expected."""
     return TensorDataset(torch.zeros(4, 40, 1), torch.zeros(4, dtype=torch.long))
