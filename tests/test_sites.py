@@ -188,3 +188,72 @@ def test_first_matching_group_wins_and_unmatched_sites_keep_their_rate():
     assert by_path["encoder.layers.0.dropout1"].group == "a"
     assert by_path["encoder.layers.1.dropout1"].group == "b" and by_path["encoder.layers.1.dropout1"].rate == 0.2
     assert by_path["head_dropout"].group is None and by_path["head_dropout"].rate == 0.05
+
+
+def test_a_model_set_to_drop_nowhere_names_the_dropout_no_site_holds():
+    from hpo.models.user_model import kept_rates
+
+    table = probe(_Odd(), lambda m: m(torch.randn(3, 2, 4)))
+    assert kept_rates(table) == ("dropout(p=0.15) in (model)",)
+
+
+class _GradGated(torch.nn.Module):
+    """Drops only while gradients are on: MC dropout (under inference mode) cannot sample it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 3)
+        self.drop_p = 0.3
+        self.dropout = nn.Dropout(0.2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(F.dropout(self.linear(x), self.drop_p, training=torch.is_grad_enabled()))
+
+
+def test_mc_dropout_says_which_site_it_cannot_sample():
+    from hpo.analysis.uncertainty import enable_mc_dropout
+
+    switch = enable_mc_dropout(_GradGated(), ((torch.randn(5, 4),), {}))
+    assert switch.sampled == ("dropout",)
+    assert switch.unsampled == ("drop_p (functional, rate 0.3): no traced MC pass read its rate",)
+
+
+def test_layer_drop_is_probed_without_skipping_a_layer_and_found_where_a_draw_reads_it():
+    """Hugging Face's layer drop: ``torch.rand([]) < self.layerdrop`` skips a layer. Probed at
+    its sentinel of 1e-9 no layer is skipped, so every dropout inside is found, whatever the
+    rate it was built with."""
+
+    class Encoder(nn.Module):
+        def __init__(self, layerdrop: float) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList(nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.1)) for _ in range(6))
+            self.layerdrop = layerdrop
+
+        def forward(self, x):
+            for layer in self.layers:
+                if not (self.training and torch.rand([]) < self.layerdrop):
+                    x = layer(x)
+            return x
+
+    for built in (0.5, 0.9):
+        table = probe(Encoder(built), lambda m: m(torch.randn(2, 4)))
+        kinds = {s.path: s.kind for s in table.sites}
+        assert kinds == {"layerdrop": "layer", **{f"layers.{i}.1": "element-wise" for i in range(6)}}
+        assert {s.path: s.rate for s in table.sites}["layerdrop"] == built
+
+
+def test_identity_advice_follows_timms_depth_rule():
+    """timm builds block 0's drop paths as nn.Identity by design (its depth rule gives them rate
+    0): no advice while the later blocks have drop paths; one line per pattern when every block's
+    drop path was built away."""
+    vision_transformer = pytest.importorskip("timm.models.vision_transformer")
+
+    def table(rate: float):
+        vit = vision_transformer.VisionTransformer(img_size=8, patch_size=4, num_classes=10, embed_dim=16, depth=3,
+                                                   num_heads=2, drop_path_rate=rate)
+        return probe(vit, lambda m: m(torch.randn(2, 3, 8, 8)))
+
+    assert not [line for line in table(0.2).warnings() if "drop_path" in line]
+    lines = table(0.0).warnings()
+    assert "blocks.*.drop_path1 (3 modules): nn.Identity where dropout would be (a rate-0 site built away); search " \
+           "the init argument that sets it, with a range above 0 at construction" in lines

@@ -326,7 +326,7 @@ class _Recorder(TorchFunctionMode):
         rate = _recorded_rate(name, args, kwargs)
         if rate is not None:
             self.calls.append(Call(where, name, rate))
-        elif self.rates:
+        elif self.rates and name not in _RATE_ARGUMENT and name not in _RNN_KERNELS:
             for value in (*args, *kwargs.values()):
                 if type(value) is not float:
                     continue
