@@ -28,7 +28,7 @@ from hpo.output import VERBOSE_ENV
 from hpo.output import configure as configure_output
 from hpo.progress import StudyProgress, format_values
 from hpo.running.store import STORAGE_ENV, lock_kept, open_storage, redact, storage_url
-from hpo.running.study import BASELINE, StudyHandle, best_trial, count_trials, load_study, trial_settings
+from hpo.running.study import BASELINE, DROPOUT_KEPT, StudyHandle, best_trial, count_trials, load_study, trial_settings
 from hpo.spec import Spec
 
 if TYPE_CHECKING:
@@ -324,9 +324,9 @@ def init(
 
     _, groups = write_starter(model, out, init_args=_mapping("--init-args", init_args), data=data,
                               data_args=_mapping("--data-args", data_args), dataset=dataset, code_dir=code_dir,
-                              overwrite=force)
+                              overwrite=force, on_warning=_warn)
     sites = sum(len(g.sites) for g in groups)
-    console.print(f"wrote {out}: {sites} dropout sites in {len(groups)} groups "
+    console.print(f"wrote {out}: {_count(sites, 'dropout site')} in {_count(len(groups), 'group')} "
                   f"({', '.join(g.name for g in groups)}); next: `hpo sites {out}`, then `hpo submit {out}`",
                   highlight=False, soft_wrap=True)
 
@@ -348,6 +348,10 @@ def _auto_or(value: str, option: str, kind: type, what: str) -> int | float | st
         return kind(value)
     except ValueError:
         raise HpoError(f"{option} must be 'auto' or {what}, got {value!r}") from None
+
+
+def _count(n: int, thing: str) -> str:
+    return f"{n} {thing}{'' if n == 1 else 's'}"
 
 
 def _note(message: str) -> None:
@@ -754,3 +758,6 @@ def _compare_with_baseline(handle: StudyHandle, best: optuna.trial.FrozenTrial) 
         f"{baseline.values[0]:.4f}; the best trial is {delta:+.4f} "
         f"({'better' if better else 'not better'})"
     )
+    kept = baseline.user_attrs.get(DROPOUT_KEPT)
+    if kept:
+        _warn(f"the no-dropout baseline still dropped where no site holds the rate: {', '.join(kept)}")

@@ -20,44 +20,43 @@ from typing import Any
 import yaml
 
 from hpo.errors import HpoError
-from hpo.models.sites import Site
+from hpo.models.sites import Site, block_pattern
 
 #: Rate range each starter group searches.
 RATE_RANGE = (0.0, 0.5)
+#: Site names that say nothing alone: a group is named with the component before them too.
+_GENERIC = ("dropout", "drop", "p")
 
 
-def block_pattern(path: str) -> str:
-    """``path`` with its block numbers as ``*``: ``encoder.layers.3.dropout1`` →
-    ``encoder.layers.*.dropout1``, ``encoder.layers.encoder_layer_3.mlp.2`` →
-    ``encoder.layers.encoder_layer_*.mlp.2`` (the last component is kept: it names the site)."""
-    parts = path.split(".")
-    head = [re.sub(r"^\d+$", "*", p) for p in parts[:-1]]
-    head = [re.sub(r"_\d+$", "_*", p) for p in head]
-    return ".".join([*head, parts[-1]])
+def group_names(patterns: list[str]) -> list[str]:
+    """A short, unique identifier per pattern, named for its sites: the last component that is not
+    a block number (``blocks.*.attn.attn_drop`` → ``attn_drop``; a bare ``dropout`` with the
+    component before it: ``blocks.*.dropout`` → ``blocks_dropout``), with as many components
+    before it as tell it apart from the others (BERT's ``….attention.output.dropout`` and
+    ``….layer.*.output.dropout`` → ``attention_output_dropout``, ``layer_output_dropout``)."""
+    parts = [[p for p in pattern.split(".") if "*" not in p and "?" not in p] or ["sites"] for pattern in patterns]
+    depth = [2 if len(p) > 1 and p[-1].lower() in _GENERIC else 1 for p in parts]
 
+    def name(i: int) -> str:
+        return re.sub(r"\W+", "_", "_".join(parts[i][-depth[i]:])).strip("_") or "sites"
 
-def group_name(pattern: str, taken: set[str]) -> str:
-    """A short name for a group: the components after its last ``*`` without a trailing
-    ``dropout`` (``….attention.self.dropout`` → ``attention_self``), else the block's own name
-    (``blocks.*.dropout`` → ``blocks``), as an identifier made unique against ``taken``."""
-    parts = pattern.split(".")
-    stars = [i for i, p in enumerate(parts) if "*" in p]
-    if not stars:
-        tail = parts
-    else:
-        tail = parts[stars[-1] + 1:]
-        if len(tail) > 1 and "drop" in tail[-1].lower():
-            tail = tail[:-1]
-        if not tail or (len(tail) == 1 and "drop" in tail[0].lower()):
-            tail = [parts[stars[-1] - 1]] if stars[-1] > 0 else ["sites"]
-    base = re.sub(r"\W+", "_", "_".join(tail)).strip("_") or "sites"
-    if base[0].isdigit():
-        base = f"g_{base}"
-    name, k = base, 2
-    while name in taken:
-        name, k = f"{base}_{k}", k + 1
-    taken.add(name)
-    return name
+    for _ in range(max(len(p) for p in parts) if parts else 0):
+        names = [name(i) for i in range(len(patterns))]
+        clash = [i for i, n in enumerate(names) if (names.count(n) > 1 or n[0].isdigit()) and depth[i] < len(parts[i])]
+        if not clash:
+            break
+        for i in clash:
+            depth[i] += 1
+    taken: set[str] = set()
+    unique = []
+    for i in range(len(patterns)):
+        base = name(i) if not name(i)[0].isdigit() else f"g_{name(i)}"
+        chosen, k = base, 2
+        while chosen in taken:
+            chosen, k = f"{base}_{k}", k + 1
+        taken.add(chosen)
+        unique.append(chosen)
+    return unique
 
 
 @dataclass(frozen=True)
@@ -68,12 +67,38 @@ class StarterGroup:
 
 
 def starter_groups(sites: list[Site]) -> list[StarterGroup]:
-    """One group per repeated block of sites, in model order."""
+    """One group per repeated block of sites a training step uses, in model order."""
     by_pattern: dict[str, list[Site]] = {}
     for site in sites:
-        by_pattern.setdefault(block_pattern(site.path), []).append(site)
-    taken: set[str] = set()
-    return [StarterGroup(group_name(pattern, taken), pattern, tuple(members)) for pattern, members in by_pattern.items()]
+        if site.acts:
+            by_pattern.setdefault(block_pattern(site.path), []).append(site)
+    names = group_names(list(by_pattern))
+    return [StarterGroup(name, pattern, tuple(members))
+            for name, (pattern, members) in zip(names, by_pattern.items(), strict=True)]
+
+
+def dropout_arguments(model: dict[str, Any]) -> list[str]:
+    """Constructor arguments of the model (and of a nested config object) named for a drop
+    probability (``drop_path_rate``, ``stochastic_depth_prob``, ``hidden_dropout_prob``), by
+    their path under ``init_args`` (``config.init_args.hidden_dropout_prob``): a search through
+    them keeps the model's own rules (timm's drop path rising with depth)."""
+    import inspect
+
+    from hpo.space import names_dropout
+    from hpo.user_code import locate
+
+    found = []
+    nested = [(f"{k}.init_args.", v["class_path"]) for k, v in (model.get("init_args") or {}).items()
+              if isinstance(v, dict) and "class_path" in v]
+    targets = [("", model["class_path"]), *nested]
+    for prefix, class_path in targets:
+        try:
+            parameters = inspect.signature(locate(class_path)).parameters
+        except (HpoError, TypeError, ValueError):
+            continue
+        found += [f"{prefix}{name}" for name, p in parameters.items()
+                  if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and names_dropout(name)]
+    return found
 
 
 def _choose_objective(logged: list[str]) -> tuple[str, str]:
@@ -93,9 +118,31 @@ def _choose_objective(logged: list[str]) -> tuple[str, str]:
                    "log a val_loss or val_acc, or write the objective yourself")
 
 
+@dataclass(frozen=True)
+class Findings:
+    """What ``hpo init`` found in the built model, beyond its groups: sites whose rate changes
+    nothing (left out of every group), its Linear and Conv layers (for the max-norm hint) and
+    its constructor arguments named for dropout."""
+
+    idle: tuple[Site, ...] = ()
+    layers: tuple[str, ...] = ()
+    arguments: tuple[str, ...] = ()
+
+
+def _max_norm_hint(layers: tuple[str, ...]) -> str:
+    if not layers:
+        return "  # max_norm: the model has no Linear or Conv layer it could hold"
+    head = layers[-1]
+    return (f"  # max_norm: {{head: {{match: {json.dumps(head)}, radius: {{choice: [null, 3.0]}}}}}}   "
+            f"# Linear/Conv layers by path, e.g. {', '.join(dict.fromkeys(block_pattern(p) for p in layers[:-1][-3:]))}"
+            if len(layers) > 1 else
+            f"  # max_norm: {{head: {{match: {json.dumps(head)}, radius: {{choice: [null, 3.0]}}}}}}   # Linear/Conv layers")
+
+
 def render(model: dict[str, Any], data: dict[str, Any], groups: list[StarterGroup], objective: tuple[str, str],
-           lightning: bool, name: str) -> str:
-    """The starter spec's YAML, with comments saying what each group holds."""
+           lightning: bool, name: str, findings: Findings = Findings()) -> str:
+    """The starter spec's YAML, with comments saying what each group holds, what was left out
+    and what else could be searched."""
     dump = json.dumps  # JSON is YAML, on one line
     lines = [
         f"# Starter search space for {model['class_path']}, written by `hpo init` from the dropout sites found",
@@ -108,6 +155,11 @@ def render(model: dict[str, Any], data: dict[str, Any], groups: list[StarterGrou
     ]
     if model.get("init_args"):
         lines.append(f"  init_args: {dump(model['init_args'])}")
+    if findings.arguments:
+        example = next((a for a in findings.arguments if "path" in a or "depth" in a), findings.arguments[0])
+        lines += [f"  # arguments named for dropout: {', '.join(findings.arguments)}.",
+                  f"  # Searching one (e.g. {example}: {{low: 0.0, high: 0.3}}) keeps the model's own rule for its",
+                  "  # sites; a group over the same sites overrides it, so search one or the other."]
     lines.append("data: " + dump(data))
     lines += ["dropout:", "  groups:"]
     for group in groups:
@@ -116,10 +168,9 @@ def render(model: dict[str, Any], data: dict[str, Any], groups: list[StarterGrou
         lines.append(f"    # {len(group.sites)} site{'s' if len(group.sites) > 1 else ''} ({', '.join(kinds)}), "
                      f"built with rate {', '.join(f'{r:g}' for r in built)}")
         lines.append(f"    {group.name}: {{match: {dump(group.pattern)}, rate: {{low: {RATE_RANGE[0]}, high: {RATE_RANGE[1]}}}}}")
-    lines += [
-        "  unmatched: keep",
-        "  # max_norm: {head: {match: \"classifier\", radius: {choice: [null, 3.0]}}}   # Linear/Conv layers",
-    ]
+    for site in findings.idle:
+        lines.append(f"    # not searched: {site.path} ({site.notes[0]})")
+    lines += ["  unmatched: keep", _max_norm_hint(findings.layers)]
     if not lightning:
         lines.append("training: {optimizer: adam, lr: {low: 1.0e-4, high: 1.0e-2, log: true}, epochs: 10}")
     else:
@@ -136,14 +187,16 @@ def render(model: dict[str, Any], data: dict[str, Any], groups: list[StarterGrou
 
 def init(model: str, out: Path, *, init_args: dict[str, Any] | None = None, data: str | None = None,
          data_args: dict[str, Any] | None = None, dataset: str = "digits", code_dir: Path | None = None,
-         overwrite: bool = False, check: Callable[[Path], Any] | None = None) -> tuple[str, list[StarterGroup]]:
+         overwrite: bool = False, check: Callable[[Path], Any] | None = None,
+         on_warning: Callable[[str], None] | None = None) -> tuple[str, list[StarterGroup]]:
     """Write a starter search space for ``model`` (an import path) at ``out`` and return its text
     and groups. ``data`` (an import path) or a built-in ``dataset`` gives the batch the sites are
-    probed on. ``check`` (``hpo.api.prepare`` of the written file) must pass, else the file is
-    removed and the error raised."""
+    probed on. ``check`` (``hpo.api.prepare`` of the written file, its warnings to
+    ``on_warning``) must pass, else the file is removed and the error raised."""
     from optuna.trial import FixedTrial
 
     from hpo.api import load_trial_data, prepare
+    from hpo.models.groups import constrained_layers
     from hpo.running.user_check import build_checked
     from hpo.running.user_trial import example_batch
     from hpo.space import suggest
@@ -162,16 +215,26 @@ def init(model: str, out: Path, *, init_args: dict[str, Any] | None = None, data
     loaded = load_trial_data(draft, str(folder))
     built = build_checked(suggest(FixedTrial({}), draft, seed=0), example_batch(loaded))
     if not built.table.sites:
-        raise HpoError(f"{model} has no dropout site: no dropout module, no attention or recurrent dropout, and no "
-                       "dropout call in a training step")
+        raise HpoError(f"{model} has no dropout site: no dropout module, no attention or recurrent dropout, no "
+                       "stochastic depth, and no dropout call in a training step")
     groups = starter_groups(list(built.table.sites))
+    idle = tuple(s for s in built.table.sites if not s.acts)
+    if not groups:
+        raise HpoError(f"{model} has no dropout site a training step uses: "
+                       + "; ".join(f"{s.path}: {s.notes[0]}" for s in idle))
+    findings = Findings(idle, tuple(path for path, _ in constrained_layers(built.network, ["**"])),
+                        tuple(dropout_arguments(model_spec)))
     objective = _choose_objective(_logged_metrics(draft, loaded)) if built.lightning else ("val/acc", "maximize")
-    text = render(model_spec, data_spec, groups, objective, built.lightning, name)
+    text = render(model_spec, data_spec, groups, objective, built.lightning, name, findings)
     if folder != out.parent.resolve():
         text = text.replace(f"name: {name}\n", f"name: {name}\ncode_dir: {os.path.relpath(folder, out.parent.resolve())}\n")
     out.write_text(text)
     try:
-        (check or (lambda path: prepare(parse_spec(path.read_text(), source=path), path, str(folder))))(out)
+        if check is None:
+            warn = on_warning or (lambda line: None)
+            prepare(parse_spec(out.read_text(), source=out), out, str(folder), on_note=lambda _: None, on_warning=warn)
+        else:
+            check(out)
     except Exception:
         out.unlink(missing_ok=True)
         raise
