@@ -10,7 +10,7 @@ No torch here: the CLI, reports and tracking read parameters without loading a n
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
 from typing import Any, Protocol
 
 from hpo.spec import Choice, PlacementSpec, SamplerSpec, Spec, is_searched
@@ -52,7 +52,7 @@ class OrderedChoices:
         return ordered[int(self.trial.suggest_int(name, 0, len(ordered) - 1))]
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Baseline:
     """A baseline trial: its ``kind`` (``no_dropout``, ``recommended``) and the values it trains
     with that the spec's ranges exclude (a rate range above 0, a max-norm choice without
@@ -60,24 +60,30 @@ class Baseline:
     range could not have produced, and the sampler never learns from one."""
 
     kind: str
-    fixed: dict[str, Any] = field(default_factory=dict)
+    fixed: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 class WithFixed:
     """A :class:`Suggester` that gives the values of ``fixed`` (as the spec writes them)
-    without asking ``trial``, and asks it for everything else."""
+    without asking ``trial``, and asks it for everything else; ``asked`` names the fixed values
+    a configuration used."""
 
     def __init__(self, trial: Suggester, fixed: dict[str, Any]) -> None:
         self.trial, self.fixed = trial, fixed
+        self.asked: set[str] = set()
+
+    def _fixed(self, name: str) -> Any:
+        self.asked.add(name)
+        return self.fixed[name]
 
     def suggest_float(self, name: str, low: float, high: float, *, step: float | None = None, log: bool = False) -> float:  # noqa: E501
-        return self.fixed[name] if name in self.fixed else self.trial.suggest_float(name, low, high, step=step, log=log)
+        return self._fixed(name) if name in self.fixed else self.trial.suggest_float(name, low, high, step=step, log=log)
 
     def suggest_int(self, name: str, low: int, high: int, *, step: int = 1, log: bool = False) -> int:
-        return self.fixed[name] if name in self.fixed else self.trial.suggest_int(name, low, high, step=step, log=log)
+        return self._fixed(name) if name in self.fixed else self.trial.suggest_int(name, low, high, step=step, log=log)
 
     def suggest_categorical(self, name: str, choices: Any) -> Any:
-        return self.fixed[name] if name in self.fixed else self.trial.suggest_categorical(name, choices)
+        return self._fixed(name) if name in self.fixed else self.trial.suggest_categorical(name, choices)
 
 
 #: Concurrent trials from which ``numeric_choices: auto`` searches numeric choices as categories.

@@ -16,7 +16,15 @@ from hpo.models.groups import Group
 from hpo.models.module import TrainConfig
 from hpo.models.nets import NetConfig
 from hpo.models.user_model import MaxNormSetting, UserTrialConfig
-from hpo.params import Baseline, Suggester, WithFixed, optuna_params, searched_parameters, searcher
+from hpo.params import (
+    Baseline,
+    Suggester,
+    WithFixed,
+    optuna_params,
+    searched_parameters,
+    searcher,
+    with_numeric_choices,
+)
 from hpo.spec import Choice, FloatRange, IntRange, PlacementSpec, Spec, is_searched
 
 #: Srivastava et al.'s recommended drop probabilities per placement (retention 0.8 on inputs,
@@ -181,11 +189,9 @@ def _baseline_targets(spec: Spec, kind: str) -> dict[str, Any]:
     return targets
 
 
-def baseline_fixed(spec: Spec, kind: str) -> dict[str, Any]:
-    """Values of a baseline that the spec's ranges exclude (a rate range above 0, a max-norm
-    choice without ``null``): the trial trains with them without suggesting them
-    (:class:`~hpo.params.Baseline`), so a no-dropout baseline drops nothing whatever the
-    ranges. A variant is not forced: at rate 0 every variant drops nothing."""
+def _outside(spec: Spec, kind: str) -> dict[str, Any]:
+    """A baseline's targets that the spec's ranges exclude (variants aside: at rate 0 every
+    variant drops nothing)."""
     searched = searched_parameters(spec)
     return {name: target for name, target in _baseline_targets(spec, kind).items()
             if not _contains(searched[name], target) and not name.endswith("variant")}
@@ -194,12 +200,30 @@ def baseline_fixed(spec: Spec, kind: str) -> dict[str, Any]:
 def baseline_params(spec: Spec, kind: str) -> dict[str, Any]:
     """Parameters of a baseline trial, to enqueue: ``no_dropout`` turns every placement off (or
     its rate to 0) and max-norm off; ``recommended`` sets Srivastava et al.'s rates and max-norm
-    3 with inverted dropout. The values :func:`baseline_fixed` gives are left out; every other
-    searched value sits at its :func:`centre`, so the two baselines differ only in dropout."""
-    fixed = baseline_fixed(spec, kind)
+    3 with inverted dropout. Values the spec's ranges exclude are left out
+    (:func:`baseline_fixed`); every other searched value sits at its :func:`centre`, so the two
+    baselines differ only in dropout."""
+    outside = _outside(spec, kind)
     targets = _baseline_targets(spec, kind)
     return {name: targets[name] if name in targets and _contains(searchable, targets[name]) else centre(searchable)
-            for name, searchable in searched_parameters(spec).items() if name not in fixed}
+            for name, searchable in searched_parameters(spec).items() if name not in outside}
+
+
+def baseline_fixed(spec: Spec, kind: str) -> dict[str, Any]:
+    """Values of a baseline that the spec's ranges exclude (a rate range above 0, a max-norm
+    choice without ``null``) and that its configuration uses (a rate of a placement the baseline
+    turns off is not): the trial trains with them without suggesting them
+    (:class:`~hpo.params.Baseline`), so a no-dropout baseline drops nothing whatever the
+    ranges."""
+    from optuna.trial import FixedTrial
+
+    outside = _outside(spec, kind)
+    if not outside:
+        return {}
+    plain = with_numeric_choices(spec, "categorical")
+    recorder = WithFixed(FixedTrial(baseline_params(plain, kind)), outside)
+    suggest(recorder, plain, seed=0)
+    return {name: value for name, value in outside.items() if name in recorder.asked}
 
 
 def baseline_config(spec: Spec, kind: str, seed: int) -> TrialConfig | UserTrialConfig:

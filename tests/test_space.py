@@ -165,6 +165,15 @@ def test_recommended_rates_outside_the_space_are_applied_too():
     assert config.dropout.input == 0.2 and config.dropout.hidden == (0.5, 0.5)
 
 
+def test_a_baseline_fixes_only_the_values_its_configuration_uses():
+    """The no-dropout baseline turns the input placement off, so the input rate its range
+    excludes is neither suggested nor recorded: MLflow and exports show no rate that did nothing."""
+    spec = parse_spec("dropout: {input: {enabled: {choice: [true, false]}, rate: {low: 0.3, high: 0.4}}}")
+    assert baseline_fixed(spec, "no_dropout") == {}
+    assert "dropout.input.rate" not in baseline_params(spec, "no_dropout")
+    assert baseline_fixed(spec, "recommended") == {"dropout.input.rate": 0.2}
+
+
 def test_centre_of_ranges():
     assert centre(FloatRange(low=0.001, high=0.1, log=True)) == pytest.approx(0.01)
     assert centre(FloatRange(low=0.0, high=0.5, step=0.2)) == pytest.approx(0.2)
