@@ -19,10 +19,13 @@ import torch
 from typer.testing import CliRunner
 
 from hpo.cli import app
+from hpo.models.module import TrainConfig
+from hpo.models.user_model import UserTrialConfig
 from hpo.running.study import SITES
 
 ROOT = Path(__file__).parent.parent
 USER_CODE = Path(__file__).parent / "user_code"
+sys.path.insert(0, str(USER_CODE))
 EXAMPLE = ROOT / "examples" / "user_model"
 runner = CliRunner()
 
@@ -181,9 +184,10 @@ def test_hpo_init_writes_a_search_space_that_runs(tmp_path):
     made = _hpo("init", "digits_lightning.DigitsClassifier", "--data", "digits_lightning.DigitsDataModule",
                 "--init-args", "{width: 32}", "-o", "starter.yaml", cwd=tmp_path)
     assert made.returncode == 0, made.stderr[-2000:]
-    assert "3 dropout sites in 2 groups (input_dropout, blocks)" in made.stdout
+    assert "3 dropout sites in 2 groups (input_dropout, blocks_dropout)" in made.stdout
     text = (tmp_path / "starter.yaml").read_text()
-    assert 'blocks: {match: "blocks.*.dropout"' in text and 'metric: "val_acc"' in text
+    assert 'blocks_dropout: {match: "blocks.*.dropout"' in text and 'metric: "val_acc"' in text
+    assert '# max_norm: {head: {match: "head"' in text, "the hint names a layer the model has"
     ran = _hpo("submit", "starter.yaml", "--trials", "2", "--no-tracking", cwd=tmp_path)
     assert ran.returncode == 0, ran.stderr[-2000:]
     again = _hpo("init", "digits_lightning.DigitsClassifier", "--data", "digits_lightning.DigitsDataModule",
@@ -218,6 +222,29 @@ BAD_MODELS = {
     "data returns one thing": ("model: {class_path: third_party.SequenceTransformer}\n"
                                "data: {class_path: third_party.one_dataset}",
                                "data.class_path: third_party.one_dataset returned a TensorDataset"),
+    "data returns raw tensors": ("model: {class_path: third_party.SequenceTransformer}\n"
+                                 "data: {class_path: third_party.raw_tensors}",
+                                 "data.class_path: third_party.raw_tensors returned a tuple of 2 Tensors as its train "
+                                 "dataset; wrap inputs and labels in a Dataset"),
+    "Hugging Face config key its class does not define": (
+        "model:\n  class_path: transformers.GPT2ForSequenceClassification\n  init_args:\n    config:\n"
+        "      class_path: transformers.GPT2Config\n      init_args: {n_embd: 16, n_layer: 1, n_head: 2, vocab_size: 20, "
+        "num_labels: 10, pad_token_id: 0, hidden_dropout_prob: {low: 0.0, high: 0.3}}\n"
+        "data: {class_path: zoo.tokens}",
+        "model.init_args.config.init_args.hidden_dropout_prob: GPT2Config defines no 'hidden_dropout_prob'"),
+    "dropout argument that moves nothing": (
+        "model: {class_path: zoo.Recurrent, init_args: {layers: 1, dropout: {low: 0.1, high: 0.5}}}\n"
+        "data: {class_path: zoo.sequences}\ndropout: {groups: {head: {match: head_dropout, rate: 0.1}}}",
+        "model.init_args.dropout: searched, but the model drops the same built with 0.3 and 0.4"),
+    "group over sites that change nothing": (
+        "model: {class_path: zoo.Recurrent, init_args: {layers: 1}}\ndata: {class_path: zoo.sequences}\n"
+        "dropout: {groups: {rnn: {match: rnn, rate: {low: 0.0, high: 0.3}}}}",
+        "dropout.groups.rnn: its rate reaches no dropout site a training step uses (rnn: LSTM dropout acts between "
+        "stacked layers only"),
+    "unknown argument of a builder": (
+        "model: {class_path: torchvision.models.efficientnet_b0, init_args: {widht: 3}}",
+        "it takes: weights, progress; through **kwargs, EfficientNet's: inverted_residual_setting, dropout, "
+        "stochastic_depth_prob"),
     "metric an nn.Module lacks": ("model: {class_path: third_party.SequenceTransformer}\nobjective: val_f1",
                                   "objective.metric: an nn.Module is trained by hpo, which measures val/acc"),
     "optimiser of a LightningModule": ("model: {class_path: third_party.TinyLightning}\ntraining: {lr: 0.1}",
@@ -243,3 +270,69 @@ def test_bad_user_model_input_is_one_line_exit_2_and_the_store_is_untouched(case
     assert len(line.splitlines()) == 1 and line.startswith(f"error: {spec}: "), line
     assert expected in line
     assert not store.exists(), "nothing is written before the check passes"
+
+
+@pytest.mark.parametrize(("patterns", "names"), [
+    (["blocks.*.attn.attn_drop", "blocks.*.attn.proj_drop", "blocks.*.drop_path1"],
+     ["attn_drop", "proj_drop", "drop_path1"]),
+    (["bert.embeddings.dropout", "bert.encoder.layer.*.attention.self.dropout",
+      "bert.encoder.layer.*.attention.output.dropout", "bert.encoder.layer.*.output.dropout", "dropout"],
+     ["embeddings_dropout", "self_dropout", "attention_output_dropout", "layer_output_dropout", "dropout"]),
+    (["input_dropout", "blocks.*.dropout"], ["input_dropout", "blocks_dropout"]),
+    (["encoder.layers.encoder_layer_*.mlp.2", "encoder.layers.encoder_layer_*.mlp.4"], ["mlp_2", "mlp_4"]),
+])
+def test_starter_groups_are_named_for_their_sites(patterns, names):
+    from hpo.starter import group_names
+
+    assert group_names(patterns) == names
+
+
+def test_hpo_init_leaves_sites_that_change_nothing_out_and_hints_at_real_layers(tmp_path):
+    out = tmp_path / "starter.yaml"
+    result = runner.invoke(app, ["init", "zoo.Recurrent", "--init-args", "{layers: 1, dropout: 0.3}", "--data",
+                                 "zoo.sequences", "--code-dir", str(USER_CODE), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "1 dropout site in 1 group (head_dropout)" in result.output
+    assert ("warning: rnn: LSTM dropout acts between stacked layers only, and this one has 1 layer"
+            in result.output), "the check's warnings carry the prefix every other warning has"
+    text = out.read_text()
+    assert "head_dropout: {match: \"head_dropout\"" in text and "match: \"rnn\"" not in text
+    assert "# not searched: rnn (LSTM dropout acts between stacked layers only" in text
+    assert '# max_norm: {head: {match: "head"' in text
+    assert "# arguments named for dropout: dropout, head_dropout." in text
+
+
+def test_a_third_party_warning_of_construction_is_shown_once_per_process():
+    import warnings
+
+    from hpo.models.user_model import build
+    from hpo.user_code import _SEEN_WARNINGS
+
+    _SEEN_WARNINGS.clear()
+    config = UserTrialConfig({"class_path": "zoo.Recurrent", "init_args": {"cell": "GRU", "layers": 1, "dropout": 0.3}},
+                             (), "keep", (), TrainConfig(), seed=0)
+    batch = (torch.randn(4, 8, 8), torch.zeros(4, dtype=torch.long))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            build(config, batch)
+    assert sum("num_layers greater than 1" in str(w.message) for w in caught) == 1
+
+
+def test_the_baseline_says_where_it_could_not_zero_dropout(tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text("model: {class_path: zoo.ConstantDropout}\n"
+                     "data: {class_path: zoo.sequences, init_args: {limit: 64}}\n"
+                     "dropout: {groups: {hidden: {match: dropout, rate: {low: 0.1, high: 0.5}}}}\n"
+                     "training: {epochs: 1}\n")
+    store = f"sqlite:///{tmp_path / 'hpo.db'}"
+    result = runner.invoke(app, ["submit", str(space), "--trials", "1", "--storage", store, "--no-tracking",
+                                 "--code-dir", str(USER_CODE)])
+    assert result.exit_code == 0, result.output
+    baseline = optuna.load_study(study_name="space", storage=store).trials[0]
+    assert baseline.user_attrs["baseline_fixed"] == {"dropout.groups.hidden.rate": 0.0}
+    assert "dropout.groups.hidden.rate" not in baseline.params, "the range excludes 0: no parameter is stored"
+    assert [s["rate"] for s in baseline.user_attrs[SITES]] == [0.0]
+    assert baseline.user_attrs["dropout_kept"] == ["dropout(p=0.1) in (model)"]
+    assert ("warning: the no-dropout baseline still dropped where no site holds the rate: dropout(p=0.1) in (model)"
+            in result.output)

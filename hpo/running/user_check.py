@@ -204,8 +204,11 @@ def _second_value(searchable: Any, centre_value: Any) -> Any:
 
 
 def _difference(a: SiteTable, b: SiteTable) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    rates_a, rates_b = {s.path: s.rate for s in a.sites}, {s.path: s.rate for s in b.sites}
-    order = [s.path for s in a.sites] + [s.path for s in b.sites if s.path not in rates_a]
+    """Sites whose rate or presence differs between two tables (sites whose rate changes nothing
+    left out), and modules whose unheld functional dropout differs."""
+    rates_a = {s.path: s.rate for s in a.sites if s.acts}
+    rates_b = {s.path: s.rate for s in b.sites if s.acts}
+    order = [s.path for s in a.sites if s.acts] + [s.path for s in b.sites if s.acts and s.path not in rates_a]
     sites = tuple(p for p in order if rates_a.get(p) != rates_b.get(p))
     calls_a = {(c.module, c.function, c.rate) for c in a.unaccounted}
     calls_b = {(c.module, c.function, c.rate) for c in b.unaccounted}
