@@ -8,7 +8,7 @@ activation only when the variant does not impose SELU. Parameter names are the d
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from hpo.models.dropout import DropoutConfig
@@ -69,7 +69,8 @@ def _placement(trial: Suggester, name: str, placement: PlacementSpec | None, lay
 
 def suggest(trial: Suggester, spec: Spec, seed: int, baseline: Baseline | None = None) -> TrialConfig | UserTrialConfig:
     """Draw one configuration of ``spec`` from ``trial``; a ``baseline`` trial takes its fixed
-    values unsuggested, and a user model's no-dropout baseline sets every site to 0.
+    values unsuggested, and the no-dropout baseline drops nowhere and holds no norm, whatever
+    values the spec fixes (a user model's sites all at 0).
 
     With ``model.couple_width`` on, each hidden layer gets ``round(units / (1 - rate))`` units, so
     the expected number of active units stays ``units`` (Srivastava et al.'s n/q rule).
@@ -77,8 +78,9 @@ def suggest(trial: Suggester, spec: Spec, seed: int, baseline: Baseline | None =
     trial = searcher(trial, spec.sampler)
     if baseline is not None and baseline.fixed:
         trial = WithFixed(trial, baseline.fixed)
+    nowhere = baseline is not None and baseline.kind == "no_dropout"
     if spec.user_model:
-        return suggest_user(trial, spec, seed, zero_sites=baseline is not None and baseline.kind == "no_dropout")
+        return suggest_user(trial, spec, seed, zero_sites=nowhere)
     d, m = spec.dropout, spec.model
     variant = value(trial, "dropout.variant", d.variant)
     layers = value(trial, "model.layers", m.layers)
@@ -92,6 +94,9 @@ def suggest(trial: Suggester, spec: Spec, seed: int, baseline: Baseline | None =
         block_size=value(trial, "dropout.block_size", d.block_size) if variant == "dropblock" else 3,
         max_norm=value(trial, "dropout.max_norm", d.max_norm),
     )
+    if nowhere:
+        hidden = (0.0,) * layers
+        dropout = replace(dropout, input=0.0, hidden=hidden, conv=0.0, recurrent=0.0, max_norm=None)
     units = value(trial, "model.units", m.units)
     coupled = value(trial, "model.couple_width", m.couple_width)
     net = NetConfig(
@@ -133,18 +138,21 @@ def suggest_user(trial: Suggester, spec: Spec, seed: int, zero_sites: bool = Fal
     """One configuration of a user model's spec: constructor arguments (``model.init_args.…``),
     each group's rate and variant (``dropout.groups.<name>.rate``, ``….variant``), each max-norm
     radius (``dropout.max_norm.<name>.radius``) and training. ``trial`` as :func:`suggest` hands
-    it over (:func:`hpo.params.searcher`). ``zero_sites``: sites no group matches get 0 too (the
-    no-dropout baseline), whatever the spec's ``unmatched`` says."""
+    it over (:func:`hpo.params.searcher`). ``zero_sites`` (the no-dropout baseline): every group's
+    rate is 0, fixed ones too, sites no group matches get 0 whatever the spec's ``unmatched``
+    says, and max-norm is off."""
     d = spec.dropout
-    groups = tuple(
-        Group(name, tuple(g.match), value(trial, f"dropout.groups.{name}.rate", g.rate),
-              None if g.variant is None else value(trial, f"dropout.groups.{name}.variant", g.variant))
-        for name, g in d.groups.items()
-    )
+    groups = []
+    for name, g in d.groups.items():
+        rate = value(trial, f"dropout.groups.{name}.rate", g.rate)
+        variant = None if g.variant is None else value(trial, f"dropout.groups.{name}.variant", g.variant)
+        groups.append(Group(name, tuple(g.match), 0.0 if zero_sites else rate, variant))
     max_norm = tuple(MaxNormSetting(name, tuple(m.match), value(trial, f"dropout.max_norm.{name}.radius", m.radius))
                      for name, m in d.max_norm.items())
+    if zero_sites:
+        max_norm = tuple(replace(entry, radius=None) for entry in max_norm)
     model = {"class_path": spec.model.class_path, "init_args": _resolved(spec.model.init_args, trial, "model.init_args")}
-    return UserTrialConfig(model=model, groups=groups, unmatched="zero" if zero_sites else d.unmatched,
+    return UserTrialConfig(model=model, groups=tuple(groups), unmatched="zero" if zero_sites else d.unmatched,
                            max_norm=max_norm, train=_training(trial, spec), seed=seed)
 
 

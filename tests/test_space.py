@@ -178,3 +178,19 @@ def test_centre_of_ranges():
     assert centre(FloatRange(low=0.001, high=0.1, log=True)) == pytest.approx(0.01)
     assert centre(FloatRange(low=0.0, high=0.5, step=0.2)) == pytest.approx(0.2)
     assert centre(IntRange(low=16, high=256, log=True)) == 64
+
+
+def test_the_no_dropout_baseline_overrides_the_rates_and_norms_a_spec_fixes():
+    """A fixed rate or radius is not a searched value, but the no-dropout baseline is still one
+    without dropout or max-norm (a built-in network and a user model alike)."""
+    builtin = parse_spec("model: {layers: 2, units: {low: 16, high: 64}}\n"
+                         "dropout: {input: {enabled: true, rate: 0.2}, hidden: 0.5, max_norm: 3.0}")
+    config = baseline_config(builtin, "no_dropout", seed=0)
+    assert config.dropout.input == 0.0 and config.dropout.hidden == (0.0, 0.0) and config.dropout.max_norm is None
+    assert baseline_config(builtin, "recommended", seed=0).dropout.hidden == (0.5, 0.5)
+    user = parse_spec("model: {class_path: my_models.Net}\n"
+                      "dropout: {groups: {head: {match: head, rate: 0.3}, body: {match: 'blocks.*', rate: {low: 0.1, "
+                      "high: 0.4}}}, max_norm: {head: {match: head, radius: 3.0}}, unmatched: keep}")
+    config = baseline_config(user, "no_dropout", seed=0)
+    assert [(g.name, g.rate) for g in config.groups] == [("head", 0.0), ("body", 0.0)]
+    assert config.unmatched == "zero" and [m.radius for m in config.max_norm] == [None]
