@@ -405,8 +405,9 @@ def study_running(stack: Stack, name: str, trials: int, epochs: int, after: int)
     """A study submitted through the hpo service in the background; yields once ``after``
     trials finished, then waits for the driver to exit."""
     write_spec(stack, name, trials=trials, epochs=epochs)
-    driver = stack.compose_popen("run", "--rm", "-T", "-v", f"{stack.work / 'specs'}:/specs:ro", "hpo", "hpo",
-                                 "submit", f"/specs/{name}.yaml", "--workers", "2", "--cpus-per-trial",
+    container = f"{PROJECT}_driver_{name}"
+    driver = stack.compose_popen("run", "--name", container, "-T", "-v", f"{stack.work / 'specs'}:/specs:ro", "hpo",
+                                 "hpo", "submit", f"/specs/{name}.yaml", "--workers", "2", "--cpus-per-trial",
                                  worker_cpus(stack), log=stack.work / f"{name}.log")
     driver.log = stack.work / f"{name}.log"
     try:
@@ -417,18 +418,31 @@ def study_running(stack: Stack, name: str, trials: int, epochs: int, after: int)
     finally:
         if driver.poll() is None:
             driver.kill()
+        driver.exit_code = container_exit(stack, container, driver.returncode)
+
+
+def container_exit(stack: Stack, container: str, fallback: int | None) -> int | None:
+    """The exit code of a finished ``docker-compose run`` container, read from podman, and the
+    container removed. docker-compose 1.29 on podman's API can lose its wait for the container
+    while another container of the project stops (podman: 'While waiting on condition: unexpected
+    end of JSON input') and exit 125 although the driver finished its budget; podman keeps what
+    the driver itself returned."""
+    out = stack.podman("inspect", "--format", "{{.State.ExitCode}}", container, check=False)
+    stack.podman("rm", "-f", container, check=False)
+    code = out.stdout.strip()
+    return int(code) if out.returncode == 0 and code.lstrip("-").isdigit() else fallback
 
 
 def driver_exit(driver: subprocess.Popen) -> str:
     """The driver's exit status and the line of its output that says how it ended."""
     lines = [line.strip() for line in driver.log.read_text().splitlines() if line.strip() and not line.strip().isdigit()]
     telling = [line for line in lines if line.startswith(("error", "budget reached", "stopped"))] or lines[-1:]
-    return f"driver exited {driver.returncode}" + (f": {telling[-1][:200]}" if telling else "")
+    return f"driver exited {driver.exit_code}" + (f": {telling[-1][:200]}" if telling else "")
 
 
 def resume_if_needed(stack: Stack, name: str, driver: subprocess.Popen) -> str:
     seen = driver_exit(driver)
-    if driver.returncode != 0:
+    if driver.exit_code != 0:
         stack.in_cluster("resume", name, "--take-over")
         seen += "; hpo resume completed the budget"
     return seen
@@ -462,7 +476,7 @@ def outage(stack: Stack, study: str, service: str, seconds: float) -> tuple[subp
         time.sleep(seconds)
         stack.podman("start", stack.container(service))
     seen = driver_exit(driver)
-    if driver.returncode != 0:
+    if driver.exit_code != 0:
         raise StackError(f"a {seconds:g} s {service} outage stopped the driver ({seen})")
     assert_budget(stack, study, FAULT_TRIALS, seen)
     return driver, seen
