@@ -178,14 +178,19 @@ def identity_warnings(table: SiteTable) -> list[str]:
     return lines
 
 
+def _rate_like(module: nn.Module) -> Iterator[tuple[str, float]]:
+    """``module``'s public float attributes in [0, 1): what could be a drop probability."""
+    for name, value in vars(module).items():
+        if not name.startswith("_") and type(value) is float and 0.0 <= value < 1.0:
+            yield name, value
+
+
 def _float_candidates(path: str, module: nn.Module, kind_name: str) -> list[Site]:
     """Float attributes of ``module`` that may be a rate: named for dropout, or any float in
     [0, 1) of a module whose class is named for dropout (a user's ``DropPath(p)``)."""
     named_class = bool(_DROPOUT_CLASS.search(kind_name))
     sites = []
-    for name, value in vars(module).items():
-        if name.startswith("_") or type(value) is not float or not 0.0 <= value < 1.0:
-            continue
+    for name, value in _rate_like(module):
         lowered = name.lower()
         if named_class or any(word in lowered for word in _RATE_WORDS):
             kind: SiteKind = "layer" if any(word in lowered for word in _LAYER_WORDS) else "functional"
@@ -226,8 +231,8 @@ def _unnamed_candidates(model: nn.Module, named: tuple[Site, ...]) -> tuple[Site
     for path, module in model.named_modules():
         if type(module).__module__.startswith("torch."):
             continue
-        for name, value in vars(module).items():
-            if not name.startswith("_") and type(value) is float and 0.0 <= value < 1.0 and (path, name) not in taken:
+        for name, value in _rate_like(module):
+            if (path, name) not in taken:
                 where = f"{path}.{name}" if path else name
                 found.append(Site(where, "functional", path, name, value, type(module).__name__))
     return tuple(found)
