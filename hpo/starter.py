@@ -132,11 +132,9 @@ class Findings:
 def _max_norm_hint(layers: tuple[str, ...]) -> str:
     if not layers:
         return "  # max_norm: the model has no Linear or Conv layer it could hold"
-    head = layers[-1]
-    return (f"  # max_norm: {{head: {{match: {json.dumps(head)}, radius: {{choice: [null, 3.0]}}}}}}   "
-            f"# Linear/Conv layers by path, e.g. {', '.join(dict.fromkeys(block_pattern(p) for p in layers[:-1][-3:]))}"
-            if len(layers) > 1 else
-            f"  # max_norm: {{head: {{match: {json.dumps(head)}, radius: {{choice: [null, 3.0]}}}}}}   # Linear/Conv layers")
+    hint = f"  # max_norm: {{head: {{match: {json.dumps(layers[-1])}, radius: {{choice: [null, 3.0]}}}}}}   # Linear/Conv layers"
+    others = list(dict.fromkeys(block_pattern(p) for p in layers[:-1][-3:]))
+    return hint + (f" by path, e.g. {', '.join(others)}" if others else "")
 
 
 def render(model: dict[str, Any], data: dict[str, Any], groups: list[StarterGroup], objective: tuple[str, str],
