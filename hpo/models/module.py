@@ -48,6 +48,12 @@ def split_batch(batch: Any) -> tuple[tuple[Any, ...], dict[str, Any], torch.Tens
     return (x,), {}, y
 
 
+def inputs_to(device: torch.device, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """A batch's positional and keyword model inputs with every tensor moved to ``device``."""
+    move = lambda v: v.to(device) if isinstance(v, torch.Tensor) else v  # noqa: E731
+    return tuple(move(a) for a in args), {k: move(v) for k, v in kwargs.items()}
+
+
 class NonFiniteLossError(ArithmeticError):
     """The training loss became NaN or infinite; the trial is failed with this message."""
 

@@ -24,7 +24,7 @@ from torch.nn import functional as F
 from hpo.data import Splits, TrialData
 from hpo.data.batches import Loading, make_loaders
 from hpo.data.user import EXAMPLE_SIZE
-from hpo.models.module import logits_of, split_batch
+from hpo.models.module import inputs_to, logits_of, split_batch
 from hpo.models.user_model import BuiltModel, MaxNormCallback, UserTrialConfig, build
 from hpo.running.trial import (
     EVAL_BATCH,
@@ -121,8 +121,7 @@ def evaluate_batches(net: torch.nn.Module, batches: Any, limit: int | None = Non
     loss, correct, count = 0.0, 0, 0
     for batch in itertools.islice(batches, limit):
         args, kwargs, y = split_batch(batch)
-        args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
-        kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+        args, kwargs = inputs_to(device, args, kwargs)
         y = y.to(device)
         logits = logits_of(net(*args, **kwargs))
         loss += float(F.cross_entropy(logits, y, reduction="sum"))
