@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from hpo.models.module import logits_of
+from hpo.models.module import inputs_to, logits_of
 from hpo.models.sites import Site, probe, sentinel_twin, trace
 
 #: Bins of the expected calibration error.
@@ -55,12 +55,6 @@ class EvalSet:
         args, kwargs = self.batches[0]
         cut = lambda v: v[:n] if isinstance(v, torch.Tensor) else v  # noqa: E731
         return tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}
-
-
-def _on(device: torch.device, inputs: Inputs) -> Inputs:
-    move = lambda v: v.to(device) if isinstance(v, torch.Tensor) else v  # noqa: E731
-    args, kwargs = inputs
-    return tuple(move(a) for a in args), {k: move(v) for k, v in kwargs.items()}
 
 
 def _step(inputs: Inputs) -> Callable[[nn.Module], Any]:
@@ -126,28 +120,33 @@ def _as_eval_set(data: torch.Tensor | EvalSet) -> EvalSet:
     return EvalSet.of_tensor(data, torch.zeros(len(data), dtype=torch.long))
 
 
-@torch.inference_mode()
 def probabilities(net: nn.Module, data: torch.Tensor | EvalSet, samples: int = 0, seed: int = 0) -> torch.Tensor:
     """Class probabilities per pass, shape ``(passes, N, classes)``: one deterministic pass
     (``samples == 0``) or ``samples`` Monte-Carlo dropout passes (seeded), to be averaged by the
     caller. ``data`` is an input tensor or an :class:`EvalSet`."""
     data = _as_eval_set(data)
-    device = next(net.parameters()).device
-    if samples:
-        with torch.inference_mode(False):
-            enable_mc_dropout(net, _on(device, data.head()))
-        torch.manual_seed(seed)
-    else:
+    if not samples:
         net.eval()
-    passes = []
-    for _ in range(max(samples, 1)):
+        return _passes(net, data, 1)
+    enable_mc_dropout(net, inputs_to(next(net.parameters()).device, *data.head()))
+    torch.manual_seed(seed)
+    return _passes(net, data, samples)
+
+
+@torch.inference_mode()
+def _passes(net: nn.Module, data: EvalSet, passes: int) -> torch.Tensor:
+    """``passes`` forward passes of ``net`` over ``data`` in its present modes, as softmax
+    probabilities; ``net`` is left in eval mode."""
+    device = next(net.parameters()).device
+    stacked = []
+    for _ in range(passes):
         chunks = []
         for inputs in data.batches:
-            args, kwargs = _on(device, inputs)
+            args, kwargs = inputs_to(device, *inputs)
             chunks.append(F.softmax(logits_of(net(*args, **kwargs)), dim=-1).cpu())
-        passes.append(torch.cat(chunks))
+        stacked.append(torch.cat(chunks))
     net.eval()
-    return torch.stack(passes)
+    return torch.stack(stacked)
 
 
 def expected_calibration_error(probs: torch.Tensor, y: torch.Tensor, bins: int = ECE_BINS) -> float:
@@ -197,9 +196,8 @@ def compare(net: nn.Module, data: EvalSet | Any, samples: int = 50, seed: int = 
     :class:`EvalSet`, or a split with ``x`` and ``y`` tensors)."""
     if not isinstance(data, EvalSet):
         data = EvalSet.of_tensor(data.x, data.y)
-    device = next(net.parameters()).device
     deterministic = probabilities(net, data)[0]
-    switch = enable_mc_dropout(net, _on(device, data.head()))
-    net.eval()
-    mc = probabilities(net, data, samples, seed).mean(dim=0)
+    switch = enable_mc_dropout(net, inputs_to(next(net.parameters()).device, *data.head()))
+    torch.manual_seed(seed)
+    mc = _passes(net, data, samples).mean(dim=0)
     return Comparison(score(deterministic, data.y), score(mc, data.y), samples, switch)
