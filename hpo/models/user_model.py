@@ -143,6 +143,14 @@ def output_classes(network: nn.Module, batch: Any) -> int:
     return int(scores.shape[-1])
 
 
+def probed(config: UserTrialConfig, batch: Any) -> tuple[nn.Module, SiteTable]:
+    """The model with the trial's constructor arguments and its sites as a training step on
+    ``batch`` uses them (no rate set yet); third-party warnings once per process."""
+    with said_once():
+        network = construct(config)
+        return network, probe(network, training_step_of(network, batch))
+
+
 class IdleRateError(UserCodeError):
     """A group's rate reaches no dropout site this trial's model uses: searching it would store a
     parameter that changed nothing."""
@@ -171,19 +179,18 @@ def build(config: UserTrialConfig, batch: Any, *, strict: bool = True) -> BuiltM
 
     ``strict``: a group whose rate reaches no site a training step uses raises
     :class:`IdleRateError` (the check before a study reports the spec's own problems first)."""
-    with said_once():
-        network = construct(config)
-        table = probe(network, training_step_of(network, batch))
-        settings = resolve(table, config.groups, config.unmatched)
-        if strict:
-            for group, members in idle_groups(config.groups, settings):
-                raise IdleRateError(f"dropout.groups.{group.name}", _idle_problem(group, members, table))
-        apply(network, settings)
-        constrained = [(path, layer, entry.radius) for entry in config.max_norm if entry.radius is not None
-                       for path, layer in constrained_layers(network, entry.patterns)]
-        if isinstance(network, pl.LightningModule):
-            module: pl.LightningModule = network
-        else:
+    network, table = probed(config, batch)
+    settings = resolve(table, config.groups, config.unmatched)
+    if strict:
+        for group, members in idle_groups(config.groups, settings):
+            raise IdleRateError(f"dropout.groups.{group.name}", _idle_problem(group, members, table))
+    apply(network, settings)
+    constrained = [(path, layer, entry.radius) for entry in config.max_norm if entry.radius is not None
+                   for path, layer in constrained_layers(network, entry.patterns)]
+    if isinstance(network, pl.LightningModule):
+        module: pl.LightningModule = network
+    else:
+        with said_once():
             module = ClassifierModule(network, config.train, output_classes(network, batch))
     kept = kept_rates(table) if config.unmatched == "zero" else ()
     return BuiltModel(network, module, table, settings, constrained, kept)

@@ -22,7 +22,7 @@ from hpo.data import Split, Splits, TrialData, UserData
 from hpo.errors import first_line
 from hpo.models.groups import assign, constrained_layers, matches, unmatched_sites
 from hpo.models.sites import SiteTable
-from hpo.models.user_model import BuiltModel, UserTrialConfig, build
+from hpo.models.user_model import BuiltModel, UserTrialConfig, build, probed
 from hpo.running.trial import TrialResult
 from hpo.running.user_trial import MissingMetricError, example_batch, run_user_trial
 from hpo.spec import METRICS, Choice, FloatRange, Spec
@@ -233,10 +233,10 @@ def argument_effects(spec: Spec, built: BuiltModel, batch: Any) -> list[Argument
             continue
         config = suggest(FixedTrial(optuna_params(spec, {**values, name: other})), spec, seed=0)
         try:
-            second = build(config, batch, strict=False)
+            _, second = probed(config, batch)
         except Exception:  # noqa: BLE001 - a value the model refuses says nothing about dropout
             continue
-        effects.append(ArgumentEffect(name, (values[name], other), *_difference(built.table, second.table)))
+        effects.append(ArgumentEffect(name, (values[name], other), *_difference(built.table, second)))
     return effects
 
 
