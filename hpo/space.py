@@ -174,11 +174,14 @@ def centre(searchable: Any) -> Any:
         mid = math.sqrt(searchable.low * searchable.high)
     else:
         mid = (searchable.low + searchable.high) / 2
-    if isinstance(searchable, IntRange):
-        return searchable.low + round((mid - searchable.low) / searchable.step) * searchable.step
-    if searchable.step:
-        return searchable.low + round((mid - searchable.low) / searchable.step) * searchable.step
-    return mid
+    return on_grid(searchable, mid)
+
+
+def on_grid(searchable: FloatRange | IntRange, v: float) -> float:
+    """``v`` rounded to the range's ``step`` grid from ``low`` (an ``IntRange`` always has one)."""
+    if not searchable.step:
+        return v
+    return searchable.low + round((v - searchable.low) / searchable.step) * searchable.step
 
 
 def _contains(searchable: Any, v: Any) -> bool:

@@ -23,8 +23,10 @@ from hpo.errors import first_line
 from hpo.models.groups import assign, constrained_layers, matches, unmatched_sites
 from hpo.models.sites import SiteTable
 from hpo.models.user_model import BuiltModel, UserTrialConfig, build, probed
+from hpo.params import optuna_params, searched_parameters
 from hpo.running.trial import TrialResult
 from hpo.running.user_trial import MissingMetricError, example_batch, run_user_trial
+from hpo.space import centre, centre_config, names_dropout, on_grid, suggest
 from hpo.spec import METRICS, Choice, FloatRange, Spec
 from hpo.user_code import UserCodeError, is_object, locate
 
@@ -191,9 +193,8 @@ def _second_value(searchable: Any, centre_value: Any) -> Any:
     """A value of a searched float other than the centre, above 0 where the range allows (a
     rate-0 site may be built away); ``None`` for a value that is not a float rate."""
     if isinstance(searchable, FloatRange):
-        for other in ((centre_value + searchable.high) / 2, (searchable.low + centre_value) / 2):
-            if searchable.step:
-                other = searchable.low + round((other - searchable.low) / searchable.step) * searchable.step
+        for halfway in ((centre_value + searchable.high) / 2, (searchable.low + centre_value) / 2):
+            other = on_grid(searchable, halfway)
             if other != centre_value and other > 0:
                 return other
         return None
@@ -222,9 +223,6 @@ def argument_effects(spec: Spec, built: BuiltModel, batch: Any) -> list[Argument
     centre). An argument whose second build fails is left out."""
     from optuna.trial import FixedTrial
 
-    from hpo.params import optuna_params, searched_parameters
-    from hpo.space import centre, suggest
-
     values = {name: centre(s) for name, s in searched_parameters(spec).items()}
     effects = []
     for name, searchable in spec.model.searched.items():
@@ -243,8 +241,6 @@ def argument_effects(spec: Spec, built: BuiltModel, batch: Any) -> list[Argument
 def dead_argument_problems(spec: Spec, effects: list[ArgumentEffect]) -> list[tuple[str, str]]:
     """A searched constructor argument that moves no site's rate and is named for dropout or is a
     key its Hugging Face config class does not define."""
-    from hpo.space import names_dropout
-
     undefined = undefined_config_keys(spec)
     problems = []
     for e in effects:
@@ -301,8 +297,6 @@ def check_user_model(spec: Spec, data: TrialData, accelerator: str = "cpu") -> C
     kind and what each searched constructor argument moves, and train it on one batch (one
     validation batch too): the errors a study would meet, found before anything is stored.
     Raises :class:`~hpo.user_code.UserCodeError` with the spec key and the cause."""
-    from hpo.space import centre_config
-
     config = centre_config(spec)
     pl.seed_everything(0, verbose=False)
     batch = example_batch(data)
