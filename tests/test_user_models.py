@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from hpo.cli import app
 from hpo.models.module import TrainConfig
 from hpo.models.user_model import UserTrialConfig
-from hpo.running.study import SITES
+from hpo.running.study import SITES, load_study
 
 ROOT = Path(__file__).parent.parent
 USER_CODE = Path(__file__).parent / "user_code"
@@ -334,5 +334,10 @@ def test_the_baseline_says_where_it_could_not_zero_dropout(tmp_path):
     assert "dropout.groups.hidden.rate" not in baseline.params, "the range excludes 0: no parameter is stored"
     assert [s["rate"] for s in baseline.user_attrs[SITES]] == [0.0]
     assert baseline.user_attrs["dropout_kept"] == ["dropout(p=0.1) in (model)"]
+    from hpo.tracking.runs import trial_record
+
+    record = trial_record(baseline, "space", "parent", ["val/acc"], load_study("space", store).spec)
+    assert record.sites["kept"] == ["dropout(p=0.1) in (model)"], "MLflow's sites.json holds what the store holds"
+    assert record.params["dropout.groups.hidden.rate"] == "0.0", "the fixed value is a run parameter"
     assert ("warning: the no-dropout baseline still dropped where no site holds the rate: dropout(p=0.1) in (model)"
             in result.output)

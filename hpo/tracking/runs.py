@@ -25,6 +25,7 @@ from hpo.errors import HpoError
 from hpo.running.store import ABANDONED, FAIL_REASON, redact, sqlite_path
 from hpo.running.study import (
     BASELINE,
+    DROPOUT_KEPT,
     MAX_NORM_LAYERS,
     SITES,
     TRIAL_METRICS,
@@ -104,8 +105,9 @@ class TrackingError(HpoError):
 
 @dataclass
 class TrialRecord:
-    """The MLflow view of one stored trial. ``sites`` is a user model's resolved site table and
-    max-norm layers (``sites.json`` in the run), ``None`` for a built-in network."""
+    """The MLflow view of one stored trial. ``sites`` is a user model's resolved site table,
+    max-norm layers and the dropout a site-zeroing trial kept (``sites.json`` in the run),
+    ``None`` for a built-in network."""
 
     number: int
     params: dict[str, str]
@@ -181,7 +183,8 @@ def trial_record(trial: FrozenTrial, study_name: str, parent_id: str, objectives
         number=trial.number, params=trial_params(trial, spec), tags=tags, history=trial_history(trial),
         metrics=metrics, status=_STATUS[state], start_ms=int(start * 1000),
         end_ms=None if end is None else int(end * 1000),
-        sites={"sites": attrs[SITES], "max_norm": attrs.get(MAX_NORM_LAYERS, [])} if SITES in attrs else None,
+        sites={"sites": attrs[SITES], "max_norm": attrs.get(MAX_NORM_LAYERS, []), "kept": attrs.get(DROPOUT_KEPT, [])}
+        if SITES in attrs else None,
     )
 
 
