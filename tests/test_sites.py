@@ -257,3 +257,26 @@ def test_identity_advice_follows_timms_depth_rule():
     lines = table(0.0).warnings()
     assert "blocks.*.drop_path1 (3 modules): nn.Identity where dropout would be (a rate-0 site built away); search " \
            "the init argument that sets it, with a range above 0 at construction" in lines
+
+
+def test_a_trial_whose_group_reaches_no_used_site_fails_instead_of_storing_a_dead_rate():
+    """Constructor arguments can change a trial's sites (timm builds a rate-0 drop path as
+    nn.Identity; one stacked RNN layer makes its dropout do nothing): the trial's build refuses
+    a group whose rate would reach no site its training step uses."""
+    from hpo.models.user_model import IdleRateError
+
+    vit = {"img_size": 8, "patch_size": 4, "num_classes": 10, "embed_dim": 16, "depth": 3, "num_heads": 2}
+    groups = [Group("path", ("blocks.*.drop_path*",), 0.2)]
+    batch = (torch.randn(2, 3, 8, 8), None)
+    pytest.importorskip("timm")
+    built = build(_config("timm.models.vision_transformer.VisionTransformer", {**vit, "drop_path_rate": 0.1}, groups),
+                  batch)
+    assert {s.rate for s in built.settings if s.group == "path"} == {0.2}
+    with pytest.raises(IdleRateError, match="dropout.groups.path: its rate 0.2 reaches no dropout site: its patterns "
+                                            "match none of the"):
+        build(_config("timm.models.vision_transformer.VisionTransformer", {**vit, "drop_path_rate": 0.0}, groups),
+              batch)
+    sys.path.insert(0, str(USER_CODE))
+    with pytest.raises(IdleRateError, match="rnn: LSTM dropout acts between stacked layers only"):
+        build(_config("zoo.Recurrent", {"layers": 1}, [Group("rnn", ("rnn",), 0.3)]),
+              (torch.randn(2, 8, 8), None))
