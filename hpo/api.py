@@ -22,7 +22,15 @@ from hpo.errors import HpoError, SpecError
 from hpo.params import Baseline, asked_together, ordered_choices, settle_numeric_choices
 from hpo.running.executor import Backend, LocalBackend, ProgressCallback, RunSummary, run_study
 from hpo.running.lease import driving
-from hpo.running.study import StudyHandle, baseline_attrs, create_study, load_study, reconcile, set_budget
+from hpo.running.study import (
+    StudyHandle,
+    baseline_attrs,
+    create_study,
+    load_study,
+    name_metrics,
+    reconcile,
+    set_budget,
+)
 from hpo.running.trial import PRECISIONS, Precision
 from hpo.space import baseline_fixed, baseline_params
 from hpo.spec import UNPRUNED_SAMPLERS, Spec, UserDataSpec, parse_spec, read_spec_file
@@ -449,6 +457,7 @@ def resume(
     data = prepare(handle.spec, f"study {study_name!r}", folder, on_note, on_warning)
     with driving(handle.storage, handle.name, take_over=take_over):
         orphans = reconcile(handle.study, leased=True)
+        name_metrics(handle)
         if trials is not None:
             set_budget(handle, trials)
         if on_start is not None:

@@ -116,18 +116,21 @@ def test_a_study_stored_before_the_option_resumes_with_categories(write_spec, sq
     old_spec = ORDERED_SPEC.replace("sampler: {name: tpe,", "sampler: {numeric_choices: categorical, name: tpe,")
     api.submit(write_spec(old_spec), trials=3, study_name=name, storage=sqlite_url, execution=CPU,
                tracking=Tracking(enabled=False))
-    # What an older hpo stored: the spec text without the option, and no record of it.
+    # What an older hpo stored: the spec text without the option, as a user attribute, and no record of it.
     store = sqlite_url.removeprefix("sqlite:///")
     with sqlite3.connect(store) as connection:
         study_id = connection.execute("SELECT study_id FROM studies WHERE study_name = ?", (name,)).fetchone()[0]
         connection.execute("DELETE FROM study_user_attributes WHERE study_id = ? AND key = 'hpo:numeric_choices'",
                            (study_id,))
-        connection.execute("UPDATE study_user_attributes SET value_json = ? WHERE study_id = ? AND key = 'hpo:spec'",
-                           (json.dumps(ORDERED_SPEC), study_id))
+        connection.execute("DELETE FROM study_system_attributes WHERE study_id = ? AND key IN ('hpo:spec', "
+                           "'study:metric_names')", (study_id,))
+        connection.execute("INSERT INTO study_user_attributes (study_id, key, value_json) VALUES (?, 'hpo:spec', ?)",
+                           (study_id, json.dumps(ORDERED_SPEC)))
     handle = load_study(name, sqlite_url)
-    assert handle.spec.sampler.numeric_choices == "categorical"
+    assert handle.spec.sampler.numeric_choices == "categorical" and handle.study.metric_names is None
     _, summary = api.resume(name, storage=sqlite_url, trials=5, execution=CPU, tracking=Tracking(enabled=False))
     assert summary.counts.finished == 5
+    assert optuna.load_study(study_name=name, storage=sqlite_url).metric_names == ["val/acc"], "named when resumed"
     trials = optuna.load_study(study_name=name, storage=sqlite_url).trials
     assert all(isinstance(t.distributions["training.batch_size"], CategoricalDistribution) for t in trials)
     assert all(t.params["training.batch_size"] in (16, 32, 64) for t in trials)

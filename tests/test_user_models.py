@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from hpo.cli import app
 from hpo.models.module import TrainConfig
 from hpo.models.user_model import UserTrialConfig
-from hpo.running.study import SITES, load_study
+from hpo.running.study import load_study, site_table
 
 ROOT = Path(__file__).parent.parent
 USER_CODE = Path(__file__).parent / "user_code"
@@ -60,7 +60,7 @@ def test_a_third_party_model_is_tuned_on_ray_workers_from_another_folder(spec, s
     assert len(trials) == 3 and all(t.state.name == "COMPLETE" for t in trials)
     assert len({t.user_attrs["worker"]["pid"] for t in trials}) >= 1
     for trial in trials:
-        grouped = [s for s in trial.user_attrs[SITES] if s["group"] is not None]
+        grouped = [s for s in site_table(trial) if s["group"] is not None]
         for site in grouped:
             assert site["rate"] == trial.params[f"dropout.groups.{site['group']}.rate"]
     client, parent = _parent_run(tracking, study)
@@ -93,7 +93,7 @@ def test_the_example_lightning_module_is_tuned_on_its_own_logged_metric(example_
     assert complete and all(0.5 < t.value <= 1.0 for t in complete)
     assert all("val_loss" in t.user_attrs["history"][0] and "test_acc" in t.user_attrs for t in complete)
     assert study.trials[0].user_attrs["baseline"] == "no_dropout"
-    assert all(s["rate"] == 0.0 for s in study.trials[0].user_attrs[SITES])
+    assert all(s["rate"] == 0.0 for s in site_table(study.trials[0]))
 
 
 @pytest.mark.slow
@@ -136,7 +136,7 @@ def test_a_user_model_study_reports_syncs_and_resumes(example_study):
     resumed = _hpo("resume", "digits-lightning", "--trials", "4", "--no-tracking", **env)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     study = optuna.load_study(study_name="digits-lightning", storage=f"sqlite:///{example_study / 'hpo.db'}")
-    assert len(study.trials) == 4 and SITES in study.trials[3].user_attrs
+    assert len(study.trials) == 4 and site_table(study.trials[3])
 
 
 def test_mc_dropout_samples_a_transformer_encoder_in_eval_mode_despite_its_fast_path():
@@ -332,7 +332,7 @@ def test_the_baseline_says_where_it_could_not_zero_dropout(tmp_path):
     baseline = optuna.load_study(study_name="space", storage=store).trials[0]
     assert baseline.user_attrs["baseline_fixed"] == {"dropout.groups.hidden.rate": 0.0}
     assert "dropout.groups.hidden.rate" not in baseline.params, "the range excludes 0: no parameter is stored"
-    assert [s["rate"] for s in baseline.user_attrs[SITES]] == [0.0]
+    assert [s["rate"] for s in site_table(baseline)] == [0.0]
     assert baseline.user_attrs["dropout_kept"] == ["dropout(p=0.1) in (model)"]
     from hpo.tracking.runs import trial_record
 

@@ -21,7 +21,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from hpo.running.study import SITES, StudyHandle, best_trial, count_trials, trial_settings
+from hpo.running.study import StudyHandle, best_trial, count_trials, site_table, trial_settings
 
 PLACEMENTS = ("input", "hidden", "conv", "recurrent")
 #: Rate bins of the rate tables: [0, 0.1), [0.1, 0.2), … [0.9, 1.0].
@@ -65,8 +65,8 @@ def rate(trial: FrozenTrial, placement: str) -> float:
 def uses_dropout(trial: FrozenTrial) -> bool:
     """Whether any dropout site of the trial dropped: a placement rate above 0, or, for a user
     model, a site of its resolved site table."""
-    if SITES in trial.user_attrs:
-        return any(site["rate"] > 0 for site in trial.user_attrs[SITES])
+    if (table := site_table(trial)) is not None:
+        return any(site["rate"] > 0 for site in table)
     return any(rate(trial, p) > 0 for p in PLACEMENTS)
 
 

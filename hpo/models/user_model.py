@@ -57,6 +57,17 @@ class UserTrialConfig:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class SiteReport:
+    """What a trial's model resolved, kept with every trial that built it (complete, pruned or
+    failed later): the site table (path, kind, group, rate, variant, rate as built), the layers
+    max-norm held with their radii, and where a configuration set to drop nowhere still drops."""
+
+    sites: list[dict[str, Any]]
+    max_norm: list[dict[str, Any]] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+
+
 @dataclass
 class BuiltModel:
     """The user's model ready for one trial.
@@ -92,6 +103,10 @@ class BuiltModel:
 
     def max_norm_records(self) -> list[dict[str, Any]]:
         return [{"path": path, "radius": radius} for path, _, radius in self.constrained]
+
+    def report(self) -> SiteReport:
+        """The site table, max-norm layers and kept dropout, as a trial keeps them."""
+        return SiteReport(self.site_records(), self.max_norm_records(), list(self.kept))
 
 
 def inputs_of(batch: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:

@@ -28,13 +28,15 @@ from optuna.trial import FrozenTrial, TrialState
 from hpo.data import Splits
 from hpo.data.batches import Loading
 from hpo.models.module import NonFiniteLossError
+from hpo.models.user_model import SiteReport
 from hpo.running.group import SHARED_PARAMETERS, group_key, run_group
 from hpo.running.store import FAIL_REASON
 from hpo.running.study import (
     DROPOUT_KEPT,
     GROUP,
     HEARTBEAT_INTERVAL,
-    MAX_NORM_LAYERS,
+    MAX_NORM_TABLE,
+    SITE_TABLE,
     SITES,
     THREADS,
     Counts,
@@ -46,6 +48,8 @@ from hpo.running.study import (
     count_trials,
     heartbeat,
     requeue,
+    set_trial_record,
+    site_counts,
 )
 from hpo.running.trial import Precision, TrialResult, run_trial
 from hpo.space import TrialConfig, suggest
@@ -83,6 +87,8 @@ class Outcome:
     kind: Literal["complete", "pruned", "nan", "error", "lost"]
     result: TrialResult | None = None
     reason: str = ""
+    #: A user model's site table, kept whatever the outcome once the model was built.
+    sites: SiteReport | None = None
 
 
 @dataclass
@@ -141,17 +147,17 @@ def execute(
     precision: Precision = "32",
 ) -> Outcome:
     """Run one trial and classify how it ended (shared by every backend's workers)."""
+    built: list[SiteReport] = []
     try:
-        return Outcome("complete", result=run_trial(
-            config, data, objectives, pruning_trial=pruning_trial, accelerator=accelerator,
-            on_epoch=on_epoch, loading=loading, precision=precision,
-        ))
+        result = run_trial(config, data, objectives, pruning_trial=pruning_trial, accelerator=accelerator,
+                           on_epoch=on_epoch, loading=loading, precision=precision, on_built=built.append)
+        return Outcome("complete", result=result, sites=result.sites)
     except optuna.TrialPruned as exc:
-        return Outcome("pruned", reason=str(exc))
+        return Outcome("pruned", reason=str(exc), sites=next(iter(built), None))
     except NonFiniteLossError as exc:
-        return Outcome("nan", reason=f"{type(exc).__name__}: {exc}")
+        return Outcome("nan", reason=f"{type(exc).__name__}: {exc}", sites=next(iter(built), None))
     except Exception as exc:
-        return Outcome("error", reason=_describe(exc))
+        return Outcome("error", reason=_describe(exc), sites=next(iter(built), None))
 
 
 def execute_group(
@@ -403,6 +409,8 @@ def _ask_group(study: optuna.Study, spec: Any, study_seed: int, size: int) -> li
 
 def _tell(study: optuna.Study, job: TrialJob, outcome: Outcome, max_retries: int) -> None:
     trial = job.trial
+    if outcome.sites is not None:
+        _record_sites(trial, outcome.sites)
     if outcome.kind == "complete":
         _record(trial, outcome.result)
         study.tell(trial, outcome.result.values)
@@ -427,8 +435,12 @@ def _record(trial: optuna.Trial, result: TrialResult) -> None:
         trial.set_user_attr(key, value)
     trial.set_user_attr("best_epoch", result.best_epoch)
     trial.set_user_attr("history", result.history)
-    if result.sites is not None:
-        trial.set_user_attr(SITES, result.sites)
-        trial.set_user_attr(MAX_NORM_LAYERS, result.max_norm or [])
-    if result.kept:
-        trial.set_user_attr(DROPOUT_KEPT, result.kept)
+
+
+def _record_sites(trial: optuna.Trial, report: SiteReport) -> None:
+    """Keep a user model's site table, max-norm layers and kept dropout with the trial."""
+    set_trial_record(trial, SITE_TABLE, report.sites)
+    set_trial_record(trial, MAX_NORM_TABLE, report.max_norm)
+    trial.set_user_attr(SITES, site_counts(report.sites))
+    if report.kept:
+        trial.set_user_attr(DROPOUT_KEPT, report.kept)

@@ -48,8 +48,11 @@ BASELINE_FIXED = "baseline_fixed"
 #: Where a user model's trial set to drop nowhere still drops (functional dropout no site holds).
 DROPOUT_KEPT = "dropout_kept"
 #: A user model's trial keeps its resolved site table (path, kind, group, rate, variant, rate as
-#: built) and the layers max-norm held, as these user attributes.
-SITES, MAX_NORM_LAYERS = "sites", "max_norm_layers"
+#: built) and the layers max-norm held as these system attributes (:func:`site_table`), and how
+#: many sites each group drives as the user attribute ``sites``, e.g. ``{"hidden": 12, "input": 1}``.
+SITE_TABLE, MAX_NORM_TABLE, SITES = "hpo:sites", "hpo:max_norm_layers", "sites"
+#: Where hpo before its compact form kept the whole tables, as user attributes: still read.
+_OLD_SITES, _OLD_MAX_NORM = "sites", "max_norm_layers"
 #: The torch thread count a trial trained with: a re-run (``hpo sync``, ``evaluate``, ``retrain``)
 #: uses it too, since the count changes float rounding.
 THREADS = "threads"
@@ -150,16 +153,28 @@ def create_study(
         sampler=make_sampler(spec.sampler, seed),
         pruner=make_pruner(spec.active_pruner),
     )
-    for key, value in {_SPEC: spec_text, _SPEC_SOURCE: spec_source, _BUDGET: budget, _SEED: seed,
+    for key, value in {_SPEC_SOURCE: spec_source, _BUDGET: budget, _SEED: seed,
                        _NUMERIC_CHOICES: spec.sampler.numeric_choices}.items():
         study.set_user_attr(key, value)
+    set_study_record(study, _SPEC, spec_text)
     if code_dir is not None:
         study.set_user_attr(_CODE_DIR, code_dir)
     if group_size is not None:
         study.set_user_attr(_GROUP_SIZE, group_size)
     for values, user_attrs in first_trials:
         study.enqueue_trial(optuna_params(spec, values), user_attrs=user_attrs)
-    return StudyHandle(study, spec, budget, seed, url)
+    handle = StudyHandle(study, spec, budget, seed, url)
+    name_metrics(handle)
+    return handle
+
+
+def name_metrics(handle: StudyHandle) -> None:
+    """Give the study its objectives' names as Optuna's metric names, so Optuna's plots and
+    optuna-dashboard label their axes ``val/acc`` rather than "Objective 0" (studies stored
+    before hpo set them get them when resumed)."""
+    names = [o.metric for o in handle.spec.objective]
+    if handle.study.metric_names != names:
+        handle.study.set_metric_names(names)
 
 
 def load_study(name: str, storage: str | None = None) -> StudyHandle:
@@ -174,9 +189,10 @@ def load_study(name: str, storage: str | None = None) -> StudyHandle:
         hint = f" (studies: {', '.join(known)})" if known else " (the store has no studies)"
         raise StoreError(f"no study {name!r} in {redact(url)}{hint}") from exc
     attrs = plain.user_attrs
-    if _SPEC not in attrs:
+    text = spec_text(plain)
+    if text is None:
         raise StoreError(f"study {name!r} was not created by hpo (it has no stored search space)")
-    spec = parse_spec(attrs[_SPEC], source=f"study {name!r}")
+    spec = parse_spec(text, source=f"study {name!r}")
     numeric = attrs.get(_NUMERIC_CHOICES, "categorical")
     spec = with_numeric_choices(spec, numeric)
     seed = int(attrs.get(_SEED, 0))
@@ -188,6 +204,48 @@ def load_study(name: str, storage: str | None = None) -> StudyHandle:
         pruner=make_pruner(spec.active_pruner),
     )
     return StudyHandle(study, spec, int(attrs.get(_BUDGET, spec.budget.trials)), seed, url)
+
+
+# Records hpo reads back but a person rarely reads (the spec's YAML, a user model's site table)
+# are Optuna *system* attributes: Optuna's CLI (`optuna studies`, `optuna trials`) and
+# optuna-dashboard list every user attribute in full and no system attribute.
+
+
+def set_study_record(study: optuna.Study, key: str, value: Any) -> None:
+    study._storage.set_study_system_attr(study._study_id, key, value)
+
+
+def study_record(study: optuna.Study, key: str) -> Any:
+    return study._storage.get_study_system_attrs(study._study_id).get(key)
+
+
+def set_trial_record(trial: optuna.Trial, key: str, value: Any) -> None:
+    trial.study._storage.set_trial_system_attr(trial._trial_id, key, value)
+
+
+def spec_text(study: optuna.Study) -> str | None:
+    """The YAML the study was submitted with (``None``: not an hpo study). Studies stored before
+    it moved to a system attribute keep it as a user attribute."""
+    return study_record(study, _SPEC) or study.user_attrs.get(_SPEC)
+
+
+def site_table(trial: FrozenTrial) -> list[dict[str, Any]] | None:
+    """A user model's trial's resolved site table (path, kind, group, rate, variant, rate as
+    built); ``None`` for a built-in network's trial or one that never built its model."""
+    table = trial.system_attrs.get(SITE_TABLE)
+    if table is None and isinstance(trial.user_attrs.get(_OLD_SITES), list):
+        table = trial.user_attrs[_OLD_SITES]
+    return table
+
+
+def max_norm_table(trial: FrozenTrial) -> list[dict[str, Any]]:
+    """The layers max-norm held in a user model's trial, with their radii."""
+    return trial.system_attrs.get(MAX_NORM_TABLE) or trial.user_attrs.get(_OLD_MAX_NORM) or []
+
+
+def site_counts(table: list[dict[str, Any]]) -> dict[str, int]:
+    """How many sites of a site table each group drives (``(unmatched)``: sites no group holds)."""
+    return dict(Counter(site["group"] or "(unmatched)" for site in table))
 
 
 def baseline_attrs(baseline: Baseline) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from hpo.data import Split, Splits
 from hpo.data.batches import Loading, make_loaders
 from hpo.models.module import ClassifierModule, logits_of
 from hpo.models.nets import build_net
-from hpo.models.user_model import UserTrialConfig
+from hpo.models.user_model import SiteReport, UserTrialConfig
 from hpo.space import TrialConfig
 from hpo.spec import EPOCH_METRICS, ObjectiveSpec
 
@@ -79,10 +79,8 @@ class TrialResult:
             (``train_acc``, ``val_acc``, ``test_acc``, …), ``gap`` (train minus validation
             accuracy), ``epochs`` run and mean ``epoch_time`` in seconds.
         state: The kept weights (CPU tensors), for logging the model of a best trial.
-        sites: A user model's resolved site table (path, kind, group, rate, variant, rate as
-            built), and ``max_norm`` the layers max-norm held with their radii.
-        kept: Where a user model set to drop nowhere (the no-dropout baseline,
-            ``unmatched: zero``) still drops (:func:`hpo.models.user_model.kept_rates`).
+        sites: A user model's site table, max-norm layers and kept dropout
+            (:class:`~hpo.models.user_model.SiteReport`); ``None`` for a built-in network.
     """
 
     values: list[float]
@@ -90,9 +88,7 @@ class TrialResult:
     history: list[dict[str, float]] = field(default_factory=list)
     summary: dict[str, float] = field(default_factory=dict)
     state: dict[str, torch.Tensor] | None = field(default=None, repr=False)
-    sites: list[dict[str, Any]] | None = None
-    max_norm: list[dict[str, Any]] | None = None
-    kept: list[str] | None = None
+    sites: SiteReport | None = None
 
 
 class BestEpoch(Callback):
@@ -151,6 +147,7 @@ def run_trial(
     keep_last: bool = False,
     loading: Loading = "auto",
     precision: Precision = "32",
+    on_built: Callable[[SiteReport], None] | None = None,
 ) -> TrialResult:
     """Train ``config`` on ``data`` and measure it.
 
@@ -161,13 +158,16 @@ def run_trial(
     for a fixed number of epochs, where the validation data is only watched). ``loading`` says
     how batches reach the device (:func:`hpo.data.batches.make_loaders`: resident when the data fits);
     ``precision`` how its arithmetic runs (:data:`Precision`). A user model's configuration
-    (:class:`~hpo.models.user_model.UserTrialConfig`) trains by :func:`hpo.running.user_trial.run_user_trial`.
+    (:class:`~hpo.models.user_model.UserTrialConfig`) trains by :func:`hpo.running.user_trial.run_user_trial`,
+    which gives ``on_built`` its site table as soon as the model is built, so a trial pruned or
+    failed later keeps it too.
     """
     if not isinstance(config, TrialConfig):
         from hpo.running.user_trial import run_user_trial
 
         return run_user_trial(config, data, objectives, pruning_trial=pruning_trial, accelerator=accelerator,
-                              on_epoch=on_epoch, keep_last=keep_last, loading=loading, precision=precision)
+                              on_epoch=on_epoch, keep_last=keep_last, loading=loading, precision=precision,
+                              on_built=on_built)
     quiet_lightning()
     pl.seed_everything(config.seed, workers=True, verbose=False)
     net = build_net(config.net, config.dropout, data.input_shape, data.num_classes)

@@ -25,7 +25,7 @@ from hpo.data import Splits, TrialData
 from hpo.data.batches import Loading, make_loaders
 from hpo.data.user import EXAMPLE_SIZE
 from hpo.models.module import inputs_to, logits_of, split_batch
-from hpo.models.user_model import BuiltModel, MaxNormCallback, UserTrialConfig, build
+from hpo.models.user_model import BuiltModel, MaxNormCallback, SiteReport, UserTrialConfig, build
 from hpo.running.trial import (
     EVAL_BATCH,
     BestEpoch,
@@ -181,6 +181,7 @@ def run_user_trial(
     loading: Loading = "auto",
     precision: Precision = "32",
     batches: int | None = None,
+    on_built: Callable[[SiteReport], None] | None = None,
 ) -> TrialResult:
     """Train the user's model for one trial and measure it (the arguments are those of
     :func:`hpo.running.trial.run_trial`; ``batches`` limits each epoch, for the check).
@@ -191,6 +192,9 @@ def run_user_trial(
     quiet_lightning()
     pl.seed_everything(config.seed, workers=True, verbose=False)
     built = build(config, example_batch(data))
+    report = built.report()
+    if on_built is not None:
+        on_built(report)
     selection = _selection(objectives, built.lightning)
     maximize = selection.direction == "maximize"
     recorder = MetricHistory([o.metric for o in objectives if o.metric != "epoch_time"]) if built.lightning else None
@@ -232,5 +236,5 @@ def run_user_trial(
         raise MissingMetricError(f"the model did not log {', '.join(map(repr, missing))} in epoch {best.epoch}")
     return TrialResult(
         values=[at_best[o.metric] for o in objectives], best_epoch=best.epoch, history=history, summary=summary,
-        state=best.state, sites=built.site_records(), max_norm=built.max_norm_records(), kept=list(built.kept),
+        state=best.state, sites=report,
     )
