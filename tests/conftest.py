@@ -40,6 +40,17 @@ budget: {trials: 4}
 """
 
 
+#: Every trial outcome in one small study: lr 1e12 without max-norm diverges (failed), lr 1e-7
+#: learns nothing and is pruned once the pruner has two finished trials, lr 0.1 completes. The
+#: lr list stays a category, as it was when seed 4 was found to draw every outcome.
+MIXED_SPEC = (
+    TINY_SPEC.replace("lr: {low: 0.01, high: 0.2, log: true}", "lr: {choice: [1.0e+12, 1.0e-7, 0.1]}")
+    .replace("max_norm: {choice: [null, 3.0]}", "max_norm: null")
+    .replace("sampler: {name: tpe", "sampler: {numeric_choices: categorical, name: random")
+    .replace("epochs: 3", "epochs: 5")
+)
+
+
 def mlp_config(seed: int = 1, *, units: int = 32, variant: str = "inverted",
                rates: tuple[float, float] = (0.0, 0.0), max_norm: float | None = None, epochs: int = 4,
                **train) -> TrialConfig:

@@ -47,20 +47,9 @@ from hpo.tracking import tracker as tracker_module
 from hpo.tracking.dashboard import healthy, server_command
 from hpo.tracking.sync import child_runs
 
-from .conftest import TINY_SPEC, free_port, processes_with
+from .conftest import MIXED_SPEC, TINY_SPEC, free_port, processes_with
 
 CPU = Execution(accelerator="cpu")
-
-#: Every trial outcome in one small study: lr 1e12 without max-norm diverges (failed), lr 1e-7
-#: learns nothing and is pruned once the pruner has two finished trials, lr 0.1 completes. The
-#: lr list stays a category, as it was when seed 4 was found to draw every outcome.
-MIXED_SPEC = (
-    TINY_SPEC.replace("lr: {low: 0.01, high: 0.2, log: true}", "lr: {choice: [1.0e+12, 1.0e-7, 0.1]}")
-    .replace("max_norm: {choice: [null, 3.0]}", "max_norm: null")
-    .replace("sampler: {name: tpe", "sampler: {numeric_choices: categorical, name: random")
-    .replace("epochs: 3", "epochs: 5")
-)
-
 
 class MlflowServer:
     """A real `mlflow server` process on loopback (the command `hpo ui` runs)."""
@@ -161,7 +150,8 @@ def _check_mirrors_the_store(uri: str, storage: str, study: str) -> dict[int, ob
         logged = client.get_metric_history(run.info.run_id, "val/acc")
         assert sorted((m.step, m.value) for m in logged) == [(h["epoch"], h["val/acc"]) for h in history]
         if state == "complete":
-            assert run.data.metrics["val_acc"] == pytest.approx(trial.user_attrs["val_acc"])
+            assert run.data.metrics["best/val_acc"] == pytest.approx(trial.user_attrs["val_acc"])
+            assert run.data.metrics["mean_epoch_time"] == pytest.approx(trial.user_attrs["epoch_time"])
             assert len(history) == trial.user_attrs["epochs"]
         if state == "pruned":
             assert 0 < len(history) == len(trial.intermediate_values) <= 5  # may be pruned at its last epoch

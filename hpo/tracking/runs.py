@@ -26,11 +26,12 @@ from hpo.running.store import ABANDONED, FAIL_REASON, redact, sqlite_path
 from hpo.running.study import (
     BASELINE,
     DROPOUT_KEPT,
-    MAX_NORM_LAYERS,
-    SITES,
     TRIAL_METRICS,
     Counts,
     StudyHandle,
+    max_norm_table,
+    site_table,
+    spec_text,
     trial_settings,
 )
 from hpo.spec import Spec
@@ -56,6 +57,17 @@ _MAX_VALUE = 5000
 #: as built) and max-norm layers as this artifact.
 SITES_ARTIFACT = "sites.json"
 _MAX_BATCH = 1000
+#: MLflow shows a metric's value at its highest step, so a whole-trial value logged under a key that
+#: a per-epoch series also uses shows the last epoch instead. A trial run's whole-trial values
+#: (:data:`~hpo.running.study.TRIAL_METRICS`, as the study store holds them) therefore take names no
+#: epoch uses: ``best/<name>`` for what the weights kept at the best epoch measure in eval mode,
+#: ``mean_epoch_time`` for the mean of the epochs' times.
+SUMMARY_PREFIX = "best/"
+_SUMMARY_NAMES = {"best_epoch": "best_epoch", "epochs": "epochs", "epoch_time": "mean_epoch_time"}
+#: A complete trial's objective values are ``objective.<metric>``; a pruned trial's last reported
+#: value of the metric it was pruned on is ``partial_objective.<metric>``, so a table sorted by the
+#: objective lists complete trials only and says nothing of a value the trial never finished.
+OBJECTIVE_PREFIX, PARTIAL_PREFIX = "objective.", "partial_objective."
 
 
 def tracking_uri(uri: str | None = None) -> str:
@@ -120,6 +132,11 @@ class TrialRecord:
     sites: dict[str, Any] | None = None
 
 
+def summary_name(key: str) -> str:
+    """The MLflow name of the study store's whole-trial value ``key`` (see :data:`SUMMARY_PREFIX`)."""
+    return _SUMMARY_NAMES.get(key, SUMMARY_PREFIX + key)
+
+
 def trial_state(trial: FrozenTrial) -> str:
     """``complete``, ``pruned``, ``failed``, ``abandoned``, ``running`` or ``waiting``."""
     if trial.state == TrialState.FAIL:
@@ -173,18 +190,21 @@ def trial_record(trial: FrozenTrial, study_name: str, parent_id: str, objectives
         tags["hpo.reason"] = str(reason)[:_MAX_VALUE]
     metrics: dict[str, float] = {}
     if trial.values is not None and state == "complete":
-        metrics.update({f"objective.{name}": v for name, v in zip(objectives, trial.values)})
+        metrics.update({OBJECTIVE_PREFIX + name: v for name, v in zip(objectives, trial.values)})
+    history, table = trial_history(trial), site_table(trial)
+    if state == "pruned" and len(objectives) == 1 and trial.intermediate_values and objectives[0] in history[-1]:
+        metrics[PARTIAL_PREFIX + objectives[0]] = trial.intermediate_values[max(trial.intermediate_values)]
     for key in TRIAL_METRICS:
         if isinstance(attrs.get(key), (int, float)):
-            metrics[key] = float(attrs[key])
+            metrics[summary_name(key)] = float(attrs[key])
     start = trial.datetime_start.timestamp() if trial.datetime_start else time.time()
     end = trial.datetime_complete.timestamp() if trial.datetime_complete else None
     return TrialRecord(
-        number=trial.number, params=trial_params(trial, spec), tags=tags, history=trial_history(trial),
+        number=trial.number, params=trial_params(trial, spec), tags=tags, history=history,
         metrics=metrics, status=_STATUS[state], start_ms=int(start * 1000),
         end_ms=None if end is None else int(end * 1000),
-        sites={"sites": attrs[SITES], "max_norm": attrs.get(MAX_NORM_LAYERS, []), "kept": attrs.get(DROPOUT_KEPT, [])}
-        if SITES in attrs else None,
+        sites=None if table is None else {"sites": table, "max_norm": max_norm_table(trial),
+                                          "kept": attrs.get(DROPOUT_KEPT, [])},
     )
 
 
@@ -290,7 +310,7 @@ def ensure_parent_run(mlflow_client: MlflowClient, handle: StudyHandle, settings
     }
     _log(mlflow_client, run_id, params={k: str(v) for k, v in params.items()},
          metrics={"budget": float(handle.budget)})
-    mlflow_client.log_text(run_id, handle.study.user_attrs.get("hpo:spec", ""), "spec.yaml")
+    mlflow_client.log_text(run_id, spec_text(handle.study) or "", "spec.yaml")
     handle.study.set_user_attr(PARENT_ATTR, {"uri": redact(uri), "experiment_id": experiment_id, "run_id": run_id})
     return experiment_id, run_id
 
