@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Annotated, Any, Callable, TypeVar
 
 import optuna
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from hpo import __version__
@@ -26,6 +25,7 @@ from hpo.analysis.export import to_csv, to_json, trial_rows
 from hpo.errors import HpoError, StoreError
 from hpo.output import VERBOSE_ENV
 from hpo.output import configure as configure_output
+from hpo.output import console as output_console
 from hpo.progress import StudyProgress, format_values
 from hpo.running.store import STORAGE_ENV, lock_kept, open_storage, redact, storage_url
 from hpo.running.study import BASELINE, DROPOUT_KEPT, StudyHandle, best_trial, count_trials, load_study, trial_settings
@@ -40,8 +40,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
-console = Console()
-errors = Console(stderr=True)
+console = output_console()
+errors = output_console(stderr=True)
 
 Storage = Annotated[
     str | None,
@@ -69,6 +69,11 @@ class Executor(str, Enum):
     auto = "auto"
     local = "local"
     ray = "ray"
+
+
+class Viewer(str, Enum):
+    mlflow = "mlflow"
+    optuna = "optuna"
 
 
 class ExportFormat(str, Enum):
@@ -573,19 +578,26 @@ def doctor(
 @_user_errors
 def ui(
     tracking_uri: TrackingUri = None,
+    viewer: Annotated[Viewer, typer.Option(help="mlflow: the MLflow dashboard on the tracking store; optuna: optuna-dashboard on the study store (pip install 'dropout-hpo[dashboard]').")] = Viewer.mlflow,
+    storage: Storage = None,
     host: Annotated[str, typer.Option(help="Interface to bind; anything but loopback exposes the dashboard, which has no login, to the network.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 5000,
+    port: Annotated[int | None, typer.Option(min=1, max=65535, help="Port to listen on \\[default: 5000 for MLflow, 8080 for optuna-dashboard].", show_default=False)] = None,
     study: Annotated[str | None, typer.Option(help="Study whose trials the printed address shows \\[default: the latest].", show_default=False)] = None,
     open_browser: Annotated[bool, typer.Option("--open", help="Open the address in your browser.")] = False,
 ) -> None:
-    """Start the MLflow dashboard on the tracking store (the embedded mlflow.db by default) and
-    print the address of a study's trials, best first; Ctrl-C stops it and every process it
+    """Start a dashboard and print the address of a study: MLflow's on the tracking store (the
+    embedded mlflow.db by default), its trials best first, or optuna-dashboard on the study store
+    (history, parameter importances, every trial's curve). Ctrl-C stops it and every process it
     started."""
-    from hpo.tracking.dashboard import serve
+    from hpo.tracking.dashboard import serve, serve_optuna
 
-    serve(tracking_uri, host=host, port=port, study=study, open_browser=open_browser,
-          announce=lambda text: console.print(text, markup=False, highlight=False, soft_wrap=True),
-          warn=_warn)
+    announce = functools.partial(console.print, markup=False, highlight=False, soft_wrap=True)
+    if viewer == Viewer.optuna:
+        serve_optuna(storage_url(storage), host=host, port=port or 8080, study=study, open_browser=open_browser,
+                     announce=announce, warn=_warn)
+        return
+    serve(tracking_uri, host=host, port=port or 5000, study=study, open_browser=open_browser,
+          announce=announce, warn=_warn)
 
 
 @app.command()
@@ -705,7 +717,7 @@ def _print_trial(trial: optuna.trial.FrozenTrial, objectives: list[str], spec: S
     for name, value in zip(objectives, trial.values):
         table.add_row(f"[bold]{name}", f"{value:.4f}")
     for key in ("test_acc", "train_acc", "gap", "epochs", "epoch_time"):
-        if key in trial.user_attrs:
+        if key in trial.user_attrs and key not in objectives:
             value = trial.user_attrs[key]
             table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     for name, value in trial_settings(spec, trial).items():

@@ -5,13 +5,27 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+
+from rich.console import Console
 
 VERBOSE_ENV = "HPO_VERBOSE"
+#: Columns a line may take when the output is not a terminal (a pipe, a log file, CI, a cluster
+#: job's log): rich would wrap at 80 there, breaking sentences and table rows in two.
+UNWRAPPED_WIDTH = 10_000
 _THIRD_PARTY = ("mlflow", "alembic", "ray", "urllib3", "filelock", "httpx", "git")
 
 
 def verbose() -> bool:
     return os.environ.get(VERBOSE_ENV, "") not in ("", "0", "false")
+
+
+def console(*, stderr: bool = False) -> Console:
+    """A console for hpo's own lines: on a terminal, as wide as the terminal; off one, wide enough
+    that no sentence or table row is broken (:data:`UNWRAPPED_WIDTH`)."""
+    stream = sys.stderr if stderr else sys.stdout
+    terminal = hasattr(stream, "isatty") and stream.isatty()
+    return Console(stderr=stderr, width=None if terminal else UNWRAPPED_WIDTH)
 
 
 def configure(verbose_output: bool) -> None:
