@@ -2,8 +2,8 @@
 Chromium. Needs Debian's chromium package (`.ci/run` installs it; elsewhere
 `apt-get install chromium`); skips without it.
 
-With ``HPO_SCREENSHOTS=DIR`` set, the test also saves what Chromium rendered as
-``DIR/dashboard.png`` (the README's picture: ``HPO_SCREENSHOTS=docs/images pytest
+With ``HPO_SCREENSHOTS=DIR`` set, the tests also save what Chromium rendered as
+``DIR/dashboard.png`` and ``DIR/optuna-dashboard.png`` (the docs' pictures: ``HPO_SCREENSHOTS=docs/images pytest
 tests/test_dashboard_browser.py``)."""
 
 from __future__ import annotations
@@ -65,6 +65,31 @@ def test_the_printed_address_opens_on_the_trials_best_first(write_spec, tmp_path
         assert "in-the-browser" in home, "the experiment list shows the study"
         shots = os.environ.get("HPO_SCREENSHOTS")
         target = Path(shots) / "dashboard.png" if shots else tmp_path / "dashboard.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _screenshot(address, target)
+        assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    finally:
+        ui.send_signal(signal.SIGINT)
+        ui.wait(30)
+    assert processes_with(f"--port {port}") == [], "hpo ui stopped every process it started"
+
+
+def test_optuna_dashboard_opens_on_the_study_with_its_objective_named(write_spec, tmp_path, sqlite_url):
+    """`hpo ui --viewer optuna` serves the study store itself (tracking off) and prints the
+    study's page, where the objective is called by its name, not "Objective 0"."""
+    api.submit(write_spec(), trials=4, study_name="in-optuna-dashboard", storage=sqlite_url,
+               execution=Execution(accelerator="cpu"), tracking=Tracking(enabled=False))
+    port = free_port()
+    ui = subprocess.Popen([sys.executable, "-m", "hpo", "ui", "--viewer", "optuna", "--port", str(port),
+                           "--storage", sqlite_url], stdout=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        address = re.search(r"http://127\.0\.0\.1:\d+\S*", ui.stdout.readline()).group(0)
+        assert "/dashboard/studies/" in address
+        page = _render(address)
+        assert "in-optuna-dashboard" in page and "val/acc" in page, page[:2000]
+        assert "Objective 0" not in page
+        shots = os.environ.get("HPO_SCREENSHOTS")
+        target = Path(shots) / "optuna-dashboard.png" if shots else tmp_path / "optuna-dashboard.png"
         target.parent.mkdir(parents=True, exist_ok=True)
         _screenshot(address, target)
         assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,8 +1,10 @@
-"""``hpo ui``: the MLflow dashboard on the study's tracking store.
+"""``hpo ui``: the MLflow dashboard on the study's tracking store, or optuna-dashboard on the
+study store (``--viewer optuna``).
 
 On a laptop the tracking store is the embedded ``mlflow.db``, which nothing serves, so ``hpo ui``
 starts ``mlflow server`` on it, bound to loopback; on a cluster the tracking URI is already a
-server and its address is the dashboard.
+server and its address is the dashboard. optuna-dashboard (an optional extra) reads the study
+store itself, so it shows a study even when MLflow tracking was off.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -51,11 +54,7 @@ def is_loopback(host: str) -> bool:
 
 def healthy(url: str, timeout: float = 2.0) -> bool:
     """Whether an MLflow server answers ``/health`` at ``url``."""
-    try:
-        with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=timeout) as response:
-            return response.status == 200
-    except OSError:
-        return False
+    return _answers(f"{url.rstrip('/')}/health", timeout)
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -74,7 +73,7 @@ def study_address(uri: str, base: str, study: str | None = None) -> tuple[str, s
     started last. ``None`` when the store holds no study."""
     from mlflow import MlflowClient
 
-    from hpo.tracking.runs import ROLE_TAG, STUDY_TAG
+    from hpo.tracking.runs import OBJECTIVE_PREFIX, ROLE_TAG, STUDY_TAG
 
     client = MlflowClient(uri)
     experiments = client.search_experiments()
@@ -88,9 +87,11 @@ def study_address(uri: str, base: str, study: str | None = None) -> tuple[str, s
         return None
     run = runs[0]
     metric, _, direction = run.data.params.get("objectives", "").split(",")[0].partition(" (")
-    query = {"searchFilter": f"tags.`{ROLE_TAG}` = 'trial'"}
+    # MLflow 3's UI picks the runs table or its GenAI pages from this parameter, else from the
+    # browser's last choice, else GenAI; no tag or server setting decides it.
+    query = {"workflowType": "machine_learning", "searchFilter": f"tags.`{ROLE_TAG}` = 'trial'"}
     if metric:
-        query |= {"orderByKey": f"metrics.`objective.{metric.strip()}`",
+        query |= {"orderByKey": f"metrics.`{OBJECTIVE_PREFIX}{metric.strip()}`",
                   "orderByAsc": "true" if direction.startswith("minimize") else "false"}
     return (run.data.tags.get(STUDY_TAG, run.info.run_name),
             f"{base}/#/experiments/{run.info.experiment_id}/runs?{urllib.parse.urlencode(query, quote_via=urllib.parse.quote)}")
@@ -126,18 +127,89 @@ def serve(uri: str | None, *, host: str = "127.0.0.1", port: int = 5000, study: 
              "read and delete runs; use 127.0.0.1 and an SSH tunnel, or the basic-auth server in docker/")
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     found = study_address(uri, url, study)
+    address = found[1] if found else url
+
+    def on_up() -> None:
+        _opened(f"MLflow dashboard for {redact(uri)}: {address}  (Ctrl-C to stop)", address, open_browser, announce)
+        if found:
+            announce(f"(study {found[0]}: its trials, best first; all experiments at {url})")
+
+    _run_server(server_command(uri, host, port), lambda: healthy(url, timeout=1.0), "mlflow server", url,
+                server_environment(), on_up)
+
+
+def optuna_dashboard_command(storage: str, host: str, port: int) -> list[str]:
+    """The ``optuna-dashboard`` command serving study store ``storage`` (its own WSGI server): the
+    script installed beside this Python, else the one on ``PATH``."""
+    beside = Path(sys.executable).with_name("optuna-dashboard")
+    script = str(beside) if beside.exists() else shutil.which("optuna-dashboard")
+    if script is None:
+        raise HpoError("optuna-dashboard is not installed: pip install 'dropout-hpo[dashboard]' "
+                       "(or pip install optuna-dashboard)")
+    return [script, storage, "--host", host, "--port", str(port), "--server", "wsgiref"]
+
+
+def optuna_study_path(storage: str, study: str | None) -> str:
+    """The path of a study's page in optuna-dashboard: ``study`` by name, by default the study
+    created last; the dashboard's study list when the store holds none."""
+    from hpo.running.store import open_storage
+
+    rdb = open_storage(storage)
+    names = [s.study_name for s in rdb.get_all_studies()]
+    if study is not None and study not in names:
+        raise HpoError(f"no study {study!r} in {redact(storage)}"
+                       + (f" (studies: {', '.join(sorted(names))})" if names else " (the store has no studies)"))
+    ids = {name: rdb.get_study_id_from_name(name) for name in ([study] if study else names)}
+    return f"/dashboard/studies/{max(ids.values())}" if ids else "/dashboard"
+
+
+def serve_optuna(storage: str, *, host: str = "127.0.0.1", port: int = 8080, study: str | None = None,
+                 open_browser: bool = False, announce: Callable[[str], None] = print,
+                 warn: Callable[[str], None] = print) -> None:
+    """Run optuna-dashboard on study store ``storage`` until Ctrl-C or SIGTERM and print the
+    address of a study's page. A ``sqlite:///`` store must exist first: optuna-dashboard would
+    leave an empty file behind and exit with "no such table"."""
+    command = optuna_dashboard_command(storage, host, port)
+    if (db := sqlite_path(storage)) is not None and not db.is_file():
+        raise HpoError(f"no study store at {storage}: run a study first (`hpo submit …`) or pass --storage")
+    if not _port_free(host, port):
+        raise HpoError(f"port {port} on {host} is in use: choose another with --port")
+    if not is_loopback(host):
+        warn(f"binding to {host}: optuna-dashboard has no login and anyone who can reach this host can "
+             "read, annotate and delete studies; use 127.0.0.1 and an SSH tunnel")
+    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    address = url + optuna_study_path(storage, study)
+    _run_server(command, lambda: _answers(f"{url}/api/meta"),
+                "optuna-dashboard", url, os.environ.copy(),
+                on_up=lambda: _opened(f"optuna-dashboard for {redact(storage)}: {address}  (Ctrl-C to stop)",
+                                      address, open_browser, announce))
+
+
+def _opened(line: str, address: str, open_browser: bool, announce: Callable[[str], None]) -> None:
+    announce(line)
+    if open_browser:
+        webbrowser.open(address)
+
+
+def _answers(url: str, timeout: float = 1.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def _run_server(command: list[str], up: Callable[[], bool], what: str, url: str, env: dict[str, str],
+                on_up: Callable[[], None]) -> None:
+    """Start ``command`` in its own session (its output kept in a temporary log), wait until
+    ``up``, call ``on_up``, then wait for Ctrl-C or SIGTERM; every process it started is gone when
+    this returns."""
     log = tempfile.NamedTemporaryFile(prefix="hpo-ui-", suffix=".log", delete=False)  # noqa: SIM115
     process: subprocess.Popen | None = None
     try:
-        process = subprocess.Popen(server_command(uri, host, port), stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True, env=server_environment())
-        _wait_until_up(process, url, Path(log.name))
-        address = found[1] if found else url
-        announce(f"MLflow dashboard for {redact(uri)}: {address}  (Ctrl-C to stop)")
-        if found:
-            announce(f"(study {found[0]}: its trials, best first; all experiments at {url})")
-        if open_browser:
-            webbrowser.open(address)
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        _wait_until_up(process, up, what, url, Path(log.name))
+        on_up()
         process.wait()
     except KeyboardInterrupt:
         pass
@@ -168,13 +240,13 @@ def stop(process: subprocess.Popen, grace: float = 5.0) -> None:
             signal.signal(s, handler)
 
 
-def _wait_until_up(process: subprocess.Popen, url: str, log: Path) -> None:
+def _wait_until_up(process: subprocess.Popen, up: Callable[[], bool], what: str, url: str, log: Path) -> None:
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
         if process.poll() is not None:
             lines = log.read_text(errors="replace").strip().splitlines()
-            raise TrackingError(f"mlflow server exited ({process.returncode}): {lines[-1] if lines else 'no output'}")
-        if healthy(url, timeout=1.0):
+            raise TrackingError(f"{what} exited ({process.returncode}): {lines[-1] if lines else 'no output'}")
+        if up():
             return
         time.sleep(0.3)
-    raise TrackingError(f"mlflow server did not answer at {url} within {START_TIMEOUT:.0f} s")
+    raise TrackingError(f"{what} did not answer at {url} within {START_TIMEOUT:.0f} s")

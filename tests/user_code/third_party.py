@@ -48,6 +48,18 @@ def mnist1d_sequences(limit: int = 800) -> tuple[TensorDataset, TensorDataset, T
     return _splits(x, torch.tensor(data["y"][:limit]))
 
 
+class FlatMLP(nn.Module):
+    """A plain MLP over flattened 3x8x8 digits with a dropout site before each layer."""
+
+    def __init__(self, width: int = 32) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Dropout(0.1), nn.Linear(192, width), nn.ReLU(), nn.Dropout(0.1),
+                                 nn.Linear(width, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
 class SequenceTransformer(nn.Module):
     """A transformer encoder over a sequence, classifying from the mean of its steps."""
 
