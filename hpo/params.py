@@ -127,6 +127,22 @@ def searcher(trial: Suggester, sampler: SamplerSpec) -> Suggester:
     return trial if sampler.numeric_choices == "categorical" else OrderedChoices(trial)
 
 
+DROPOUT_WORDS = ("drop", "stochastic_depth")
+
+
+def names_dropout(name: str) -> bool:
+    """Whether a parameter name's last part names a drop probability."""
+    leaf = name.rsplit(".", 1)[-1].lower()
+    return any(word in leaf for word in DROPOUT_WORDS)
+
+
+def dropout_parameters(spec: Spec) -> list[str]:
+    """The searched parameters that shape dropout: the ``dropout`` section's (placements, rates,
+    variants, max-norm radii, a user model's groups) and constructor arguments named for a drop
+    probability (``model.init_args.drop_path_rate``)."""
+    return [name for name in searched_parameters(spec) if name.startswith("dropout.") or names_dropout(name)]
+
+
 def searched_parameters(spec: Spec) -> dict[str, Any]:
     """Every searched value of ``spec`` by parameter name (per-layer rates expanded), whether or
     not a given trial suggests it."""

@@ -20,6 +20,7 @@ from hpo.params import (
     Baseline,
     Suggester,
     WithFixed,
+    names_dropout,
     optuna_params,
     searched_parameters,
     searcher,
@@ -260,15 +261,6 @@ def _baseline_value(name: str, recommended: bool) -> Any:
 
 #: Words that name a constructor argument as a drop probability (``hidden_dropout_prob``,
 #: ``drop_path_rate``, ``resid_pdrop``, ``encoder_layerdrop``, ``stochastic_depth_prob``).
-DROPOUT_WORDS = ("drop", "stochastic_depth")
-
-
-def names_dropout(name: str) -> bool:
-    """Whether a parameter name's last part names a drop probability."""
-    leaf = name.rsplit(".", 1)[-1].lower()
-    return any(word in leaf for word in DROPOUT_WORDS)
-
-
 def _user_baseline_value(name: str) -> Any:
     """``no_dropout`` for a user model: every group's rate and every constructor argument named
     for dropout at 0, inverted variants, max-norm off (the trial also sets every site to 0)."""

@@ -84,7 +84,7 @@ def dropout_arguments(model: dict[str, Any]) -> list[str]:
     them keeps the model's own rules (timm's drop path rising with depth)."""
     import inspect
 
-    from hpo.space import names_dropout
+    from hpo.params import names_dropout
     from hpo.user_code import locate
 
     found = []

@@ -23,10 +23,10 @@ from hpo.errors import first_line
 from hpo.models.groups import assign, constrained_layers, matches, unmatched_sites
 from hpo.models.sites import SiteTable
 from hpo.models.user_model import BuiltModel, UserTrialConfig, build, probed
-from hpo.params import optuna_params, searched_parameters
+from hpo.params import names_dropout, optuna_params, searched_parameters
 from hpo.running.trial import TrialResult
 from hpo.running.user_trial import MissingMetricError, example_batch, run_user_trial
-from hpo.space import centre, centre_config, names_dropout, on_grid, suggest
+from hpo.space import centre, centre_config, on_grid, suggest
 from hpo.spec import METRICS, Choice, FloatRange, Spec
 from hpo.user_code import UserCodeError, is_object, locate
 
