@@ -616,6 +616,7 @@ def status(study: StudyName, storage: Storage = None) -> None:
     )
     console.print(f"best: {format_values(best.values) if best else '-'}"
                   + (f" (trial {best.number})" if best else ""))
+    _print_address(handle)
     for t in trials:
         reason = t.user_attrs.get("fail_reason")
         if reason:
@@ -749,10 +750,23 @@ def _report_run(handle: StudyHandle, summary: RunSummary) -> None:
             _compare_with_baseline(handle, best)
     if summary.stopped in ("budget", "timeout") and best is not None:
         storage = "" if handle.storage == storage_url(None) else f" --storage {redact(handle.storage)}"
-        console.print(f"next: `hpo ui` shows the trials in MLflow; `hpo report {handle.name}{storage}` writes the "
-                      "dropout tables and plots", markup=False, highlight=False, soft_wrap=True)
+        console.print(f"next: `hpo report {handle.name}{storage}` writes the dropout tables and plots",
+                      markup=False, highlight=False, soft_wrap=True)
+        _print_address(handle)
     if _EXIT_CODES[summary.stopped]:
         raise typer.Exit(_EXIT_CODES[summary.stopped])
+
+
+def _print_address(handle: StudyHandle) -> None:
+    """Where the study's trials are in MLflow: the tracking server's page, or the one `hpo ui`
+    serves by default."""
+    from hpo.tracking.dashboard import planned_address
+
+    planned = planned_address(handle)
+    if planned is not None:
+        address, needs_ui = planned
+        console.print(f"MLflow{' (served by `hpo ui`)' if needs_ui else ''}: the trials, best first, with their "
+                      f"dropout parameters: {address}", markup=False, highlight=False, soft_wrap=True)
 
 
 def _compare_with_baseline(handle: StudyHandle, best: optuna.trial.FrozenTrial) -> None:

@@ -8,14 +8,17 @@ tests/test_dashboard_browser.py``)."""
 
 from __future__ import annotations
 
+import html
 import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
+import optuna
 import pytest
 
 from hpo import api
@@ -34,10 +37,15 @@ _FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usag
           "--disable-component-update", "--no-first-run", "--virtual-time-budget=20000"]
 
 
+def _dom(url: str) -> str:
+    """The page's DOM after its scripts ran (up to 20 s of virtual time)."""
+    return subprocess.run([CHROMIUM, *_FLAGS, "--window-size=1900,1000", "--dump-dom", url], capture_output=True,
+                          text=True, timeout=120).stdout
+
+
 def _render(url: str) -> str:
-    """The page's text after its scripts ran (up to 20 s of virtual time)."""
-    out = subprocess.run([CHROMIUM, *_FLAGS, "--dump-dom", url], capture_output=True, text=True, timeout=120)
-    text = re.sub(r"<style.*?</style>", " ", out.stdout, flags=re.S)
+    """The page's text after its scripts ran."""
+    text = re.sub(r"<style.*?</style>", " ", _dom(url), flags=re.S)
     return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", text))
 
 
@@ -55,12 +63,33 @@ def test_the_printed_address_opens_on_the_trials_best_first(write_spec, tmp_path
                           stdout=subprocess.PIPE, text=True, cwd=tmp_path)
     try:
         address = re.search(r"http://127\.0\.0\.1:\d+\S*", ui.stdout.readline()).group(0)
-        assert "/#/experiments/" in address, "the address is the study's, not the home page"
+        assert "/#/experiments/" in address and "viewStateShareKey=" in address, "the study's preset view"
         page = _render(address)
         assert "Sort: objective.val/acc" in page, "sorted by the objective"
         assert sorted(re.findall(r"trial-\d{3}", page)) == ["trial-000", "trial-001", "trial-002"], \
             "the three trials, not folded under the study's run"
         assert "No data available" not in page
+        trials = optuna.load_study(study_name="in-the-browser", storage=sqlite_url).trials
+        # The table draws the columns a window shows: the objective's (beside the sort's label) and
+        # the first searched dropout parameter's are among them.
+        assert page.count("objective.val/acc") >= 2 and "dropout.variant" in page, "the preset columns"
+        assert f"{trials[0].values[0]:.4f}"[:5] in page, "with the trials' values"
+        ui.stdout.readline()
+        charts = re.search(r"http://127\.0\.0\.1:\d+\S*", ui.stdout.readline()).group(0)
+        assert "compareRunsMode=CHART" in charts
+        drawn = _render(charts)
+        assert "Dropout vs val/acc" in drawn and "Parallel Coordinates" in drawn, drawn[:3000]
+
+        reported = subprocess.run([sys.executable, "-m", "hpo", "report", "in-the-browser", "--storage", sqlite_url,
+                                   "--tracking-uri", uri], capture_output=True, text=True, cwd=tmp_path)
+        assert reported.returncode == 0, reported.stderr[-2000:]
+        parent = optuna.load_study(study_name="in-the-browser", storage=sqlite_url).user_attrs["hpo:mlflow"]
+        base = address.split("/#/")[0]
+        run_page = f"{base}/#/experiments/{parent['experiment_id']}/runs/{parent['run_id']}?workflowType=machine_learning"
+        sources = re.findall(r'<img[^>]+src="([^"]*get-artifact[^"]*)"', _dom(run_page))
+        assert sources, "the study run's description draws the report's plots"
+        with urllib.request.urlopen(f"{base}/{html.unescape(sources[0])}", timeout=30) as image:
+            assert image.read()[:8] == b"\x89PNG\r\n\x1a\n"
         home = _render(f"http://127.0.0.1:{port}")
         assert "in-the-browser" in home, "the experiment list shows the study"
         shots = os.environ.get("HPO_SCREENSHOTS")

@@ -18,7 +18,8 @@ from optuna.trial import TrialState
 from hpo import api
 from hpo.api import Execution
 from hpo.running.study import SITES, TRIAL_METRICS, site_counts, site_table
-from hpo.tracking import NUMBER_TAG, ROLE_TAG, STATE_TAG, Tracking
+from hpo.tracking import NUMBER_TAG, ROLE_TAG, STATE_TAG, Tracking, view
+from hpo.tracking.dashboard import _about_view, runs_address
 from hpo.tracking.runs import OBJECTIVE_PREFIX, PARTIAL_PREFIX, SITES_ARTIFACT, summary_name
 
 from .conftest import MIXED_SPEC, TINY_SPEC, free_port
@@ -199,3 +200,37 @@ def test_submit_in_a_pipe_breaks_no_sentence_or_table_row(stores):
     assert len(labels) == len(set(labels)), labels
     assert any(len(line) > 80 for line in lines), "long lines stay whole"
     assert next(line for line in lines if line.startswith("study two in ")).endswith("seed 0")
+
+
+@pytest.mark.parametrize("name", ["builtin", "user", "two"])
+def test_each_study_has_a_preset_view_of_its_dropout_parameters(stores, name):
+    """The experiment holds the study's MLflow view: its trial runs, best first, the objectives
+    first among the columns, then every searched dropout parameter the runs hold (not the
+    learning rate), charted against the objective."""
+    study = optuna.load_study(study_name=name, storage=stores["storage"])
+    client, _, runs = _mlflow(stores, name)
+    experiment = client.get_experiment_by_name(name)
+    state = view.read_state(experiment.tags[view.TAG_PREFIX + view.view_key(name)])
+    objectives = [f"metrics.`{OBJECTIVE_PREFIX}{o}`" for o in study.metric_names]
+    assert state["selectedColumns"][:len(objectives)] == objectives and state["orderByKey"] == objectives[0]
+    assert state["orderByAsc"] is False and f"'{name}'" in state["searchFilter"]
+    logged = {key for run in runs.values() for key in run.data.params}
+    dropout = sorted(k for k in logged if k.startswith("dropout."))
+    assert dropout and {f"params.`{k}`" for k in dropout} <= set(state["selectedColumns"])
+    assert not any("training.lr" in column for column in state["selectedColumns"])
+    charts = {c["type"]: c for c in state["compareRunCharts"]}
+    assert sorted(charts["PARALLEL"]["selectedParams"]) == dropout
+    rates = [c["xaxis"]["key"] for c in state["compareRunCharts"] if c["type"] == "SCATTER"]
+    assert {k for k in dropout if k.rsplit(".", 1)[-1] == "rate"} <= set(rates) <= set(dropout), "a scatter per rate"
+    assert charts["LINE"]["metricKey"] == "val/acc"
+
+
+def test_an_mlflow_the_view_was_not_checked_on_gets_the_plain_address(monkeypatch):
+    assert view.supported("3.17.2") and not view.supported("3.18.0") and not view.supported("4.0")
+    monkeypatch.setattr(view, "CHECKED", ())
+    found = runs_address("http://h:5000", "7", "s", "val/acc", "maximize")
+    assert "viewStateShareKey" not in found.table and "orderByKey=metrics.%60objective.val%2Facc%60" in found.table
+    assert found.charts is None
+    said: list[str] = []
+    _about_view(found, said.append)
+    assert len(said) == 1 and "no preset columns or charts" in said[0]

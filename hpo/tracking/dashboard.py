@@ -24,15 +24,22 @@ import urllib.parse
 import urllib.request
 import webbrowser
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hpo.errors import HpoError
 from hpo.running.store import redact, sqlite_path
 from hpo.tracking.runs import TrackingError, artifacts_dir, tracking_uri
 
+if TYPE_CHECKING:
+    from hpo.running.study import StudyHandle
+
 #: Seconds to wait for ``mlflow server`` to answer its health check (it migrates the database
 #: the first time).
 START_TIMEOUT = 90.0
+#: Where ``hpo ui`` serves an embedded store unless told otherwise.
+DEFAULT_PORT = 5000
 
 
 def server_command(uri: str, host: str, port: int) -> list[str]:
@@ -66,14 +73,46 @@ def _port_free(host: str, port: int) -> bool:
     return True
 
 
-def study_address(uri: str, base: str, study: str | None = None) -> tuple[str, str] | None:
-    """``(study, address)`` of a study's trials in the dashboard at ``base``: the experiment's
+@dataclass(frozen=True)
+class StudyAddress:
+    """Where a study's trials are in the dashboard: ``table`` opens on the runs table, and
+    ``charts``, with the study's preset view (:mod:`hpo.tracking.view`), on its charts."""
+
+    study: str
+    table: str
+    charts: str | None = None
+
+
+def runs_address(base: str, experiment_id: str, study: str, objective: str, direction: str,
+                 has_view: bool = True) -> StudyAddress:
+    """The address of a study's trial runs in the dashboard at ``base``: with the study's preset
+    view where its experiment has one (``has_view``) that the installed MLflow reads, else the
     runs table filtered to trial runs (so they are not folded under the study's run) and sorted
-    by the first objective, best first. ``study`` names it; by default the study whose run
-    started last. ``None`` when the store holds no study."""
+    by ``objective``, best first."""
+    from hpo.tracking import view
+    from hpo.tracking.runs import OBJECTIVE_PREFIX, ROLE_TAG
+
+    page = f"{base}/#/experiments/{experiment_id}/runs?"
+    if has_view and view.supported():
+        key = view.view_key(study)
+        return StudyAddress(study, page + view.view_query(key), page + view.view_query(key, charts=True))
+    # MLflow 3's UI picks the runs table or its GenAI pages from this parameter, else from the
+    # browser's last choice, else GenAI; no tag or server setting decides it.
+    query = {"workflowType": "machine_learning", "searchFilter": f"tags.`{ROLE_TAG}` = 'trial'"}
+    if objective:
+        query |= {"orderByKey": f"metrics.`{OBJECTIVE_PREFIX}{objective}`",
+                  "orderByAsc": "true" if direction == "minimize" else "false"}
+    return StudyAddress(study, page + urllib.parse.urlencode(query, quote_via=urllib.parse.quote))
+
+
+def study_address(uri: str, base: str, study: str | None = None) -> StudyAddress | None:
+    """Where a study's trials are in the dashboard at ``base`` (:func:`runs_address`). ``study``
+    names it; by default the study whose run started last. ``None`` when the store holds no
+    study."""
     from mlflow import MlflowClient
 
-    from hpo.tracking.runs import OBJECTIVE_PREFIX, ROLE_TAG, STUDY_TAG
+    from hpo.tracking import view
+    from hpo.tracking.runs import ROLE_TAG, STUDY_TAG
 
     client = MlflowClient(uri)
     experiments = client.search_experiments()
@@ -86,15 +125,40 @@ def study_address(uri: str, base: str, study: str | None = None) -> tuple[str, s
     if not runs:
         return None
     run = runs[0]
+    name = run.data.tags.get(STUDY_TAG, run.info.run_name)
     metric, _, direction = run.data.params.get("objectives", "").split(",")[0].partition(" (")
-    # MLflow 3's UI picks the runs table or its GenAI pages from this parameter, else from the
-    # browser's last choice, else GenAI; no tag or server setting decides it.
-    query = {"workflowType": "machine_learning", "searchFilter": f"tags.`{ROLE_TAG}` = 'trial'"}
-    if metric:
-        query |= {"orderByKey": f"metrics.`{OBJECTIVE_PREFIX}{metric.strip()}`",
-                  "orderByAsc": "true" if direction.startswith("minimize") else "false"}
-    return (run.data.tags.get(STUDY_TAG, run.info.run_name),
-            f"{base}/#/experiments/{run.info.experiment_id}/runs?{urllib.parse.urlencode(query, quote_via=urllib.parse.quote)}")
+    tags = client.get_experiment(run.info.experiment_id).tags
+    return runs_address(base, run.info.experiment_id, name, metric.strip(), direction.rstrip(")"),
+                        has_view=view.TAG_PREFIX + view.view_key(name) in tags)
+
+
+def _about_view(found: StudyAddress, announce: Callable[[str], None]) -> None:
+    from importlib import metadata
+
+    from hpo.tracking import view
+
+    if found.charts:
+        announce(f"its dropout parameters against the objective, as charts: {found.charts}")
+    elif not view.supported():
+        checked = ", ".join(f"{major}.{minor}" for major, minor in view.CHECKED)
+        announce(f"(no preset columns or charts: the view is written for MLflow {checked}, and this is MLflow "
+                 f"{metadata.version('mlflow')})")
+
+
+def planned_address(handle: StudyHandle) -> tuple[str, bool] | None:
+    """The address of the study's trials once the dashboard serves its MLflow store, and whether
+    that takes ``hpo ui`` (an embedded store, served at ``hpo ui``'s default port) rather than a
+    tracking server. ``None`` before the study reached MLflow."""
+    from hpo.tracking.runs import PARENT_ATTR
+
+    parent = handle.study.user_attrs.get(PARENT_ATTR) or {}
+    if "experiment_id" not in parent:
+        return None
+    uri = str(parent.get("uri", ""))
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else f"http://127.0.0.1:{DEFAULT_PORT}"
+    first = handle.spec.objective[0]
+    return runs_address(base, parent["experiment_id"], handle.name, first.metric, first.direction).table, \
+        not uri.startswith(("http://", "https://"))
 
 
 def server_environment() -> dict[str, str]:
@@ -103,7 +167,7 @@ def server_environment() -> dict[str, str]:
     return {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
-def serve(uri: str | None, *, host: str = "127.0.0.1", port: int = 5000, study: str | None = None,
+def serve(uri: str | None, *, host: str = "127.0.0.1", port: int = DEFAULT_PORT, study: str | None = None,
           open_browser: bool = False, announce: Callable[[str], None] = print,
           warn: Callable[[str], None] = print) -> None:
     """Run the dashboard for tracking store ``uri`` (default: ``$MLFLOW_TRACKING_URI``, else
@@ -116,7 +180,8 @@ def serve(uri: str | None, *, host: str = "127.0.0.1", port: int = 5000, study: 
         announce(f"the tracking URI is a server; its dashboard is {redact(uri)} ({state})")
         found = study_address(uri, uri.rstrip("/"), study) if state == "answering" else None
         if found:
-            announce(f"study {found[0]}: {found[1]}")
+            announce(f"study {found.study}: {found.table}")
+            _about_view(found, announce)
         return
     if (db := sqlite_path(uri)) is not None and not db.exists():
         raise HpoError(f"no MLflow store at {uri}: run a study first (`hpo submit …`) or pass --tracking-uri")
@@ -127,12 +192,13 @@ def serve(uri: str | None, *, host: str = "127.0.0.1", port: int = 5000, study: 
              "read and delete runs; use 127.0.0.1 and an SSH tunnel, or the basic-auth server in docker/")
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     found = study_address(uri, url, study)
-    address = found[1] if found else url
+    address = found.table if found else url
 
     def on_up() -> None:
         _opened(f"MLflow dashboard for {redact(uri)}: {address}  (Ctrl-C to stop)", address, open_browser, announce)
         if found:
-            announce(f"(study {found[0]}: its trials, best first; all experiments at {url})")
+            announce(f"(study {found.study}: its trials, best first; all experiments at {url})")
+            _about_view(found, announce)
 
     _run_server(server_command(uri, host, port), lambda: healthy(url, timeout=1.0), "mlflow server", url,
                 server_environment(), on_up)

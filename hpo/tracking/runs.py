@@ -35,6 +35,7 @@ from hpo.running.study import (
     trial_settings,
 )
 from hpo.spec import Spec
+from hpo.tracking import view
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -283,18 +284,25 @@ def ensure_experiment(mlflow_client: MlflowClient, name: str, uri: str) -> str:
     return experiment.experiment_id
 
 
-def ensure_parent_run(mlflow_client: MlflowClient, handle: StudyHandle, settings: Tracking) -> tuple[str, str]:
+def ensure_parent_run(mlflow_client: MlflowClient, handle: StudyHandle, settings: Tracking,
+                      running: bool = True) -> tuple[str, str]:
     """(experiment id, run id) of the study's parent run: the one recorded in the study store
-    when it still exists on this tracking URI, else a new one, recorded there."""
+    when it still exists on this tracking URI, else a new one, recorded there. ``running``: the
+    study runs now (the driver, ``hpo sync``), so the run is marked running; otherwise (a report
+    or a re-training attached to a study that has stopped) its status is left as it is, and a new
+    one is ended at once."""
     uri = settings.resolved_uri
     known = handle.study.user_attrs.get(PARENT_ATTR) or {}
     if known.get("uri") == redact(uri):
         with contextlib.suppress(Exception):
             run = mlflow_client.get_run(known["run_id"])
             if run.info.lifecycle_stage == "active":
-                mlflow_client.update_run(run.info.run_id, status="RUNNING")
+                if running:
+                    mlflow_client.update_run(run.info.run_id, status="RUNNING")
+                write_view(mlflow_client, run.info.experiment_id, handle)
                 return run.info.experiment_id, run.info.run_id
     experiment_id = ensure_experiment(mlflow_client, settings.experiment or handle.name, uri)
+    write_view(mlflow_client, experiment_id, handle)
     spec = handle.spec
     run = mlflow_client.create_run(
         experiment_id, run_name=handle.name,
@@ -312,7 +320,24 @@ def ensure_parent_run(mlflow_client: MlflowClient, handle: StudyHandle, settings
          metrics={"budget": float(handle.budget)})
     mlflow_client.log_text(run_id, spec_text(handle.study) or "", "spec.yaml")
     handle.study.set_user_attr(PARENT_ATTR, {"uri": redact(uri), "experiment_id": experiment_id, "run_id": run_id})
+    if not running:
+        mlflow_client.set_terminated(run_id, status="FINISHED")
     return experiment_id, run_id
+
+
+def write_view(mlflow_client: MlflowClient, experiment_id: str, handle: StudyHandle) -> str | None:
+    """Write (or refresh) the study's preset runs-page view (:mod:`hpo.tracking.view`) as a tag of
+    its experiment. Returns its key; ``None`` where the installed MLflow is not a version the
+    view's format was checked on, or the view is longer than the UI takes."""
+    if not view.supported():
+        return None
+    key = view.view_key(handle.name)
+    state = view.view_state(handle.spec, handle.name, OBJECTIVE_PREFIX, STUDY_TAG, ROLE_TAG)
+    value = view.tag_value(handle.name, state)
+    if len(value) > view.MAX_LENGTH:
+        return None
+    mlflow_client.set_experiment_tag(experiment_id, view.TAG_PREFIX + key, value)
+    return key
 
 
 def _log(mlflow_client: MlflowClient, run_id: str, *, params: dict[str, str] | None = None,
