@@ -5,6 +5,7 @@ eval-mode ones do not, and a re-training on train + validation."""
 from __future__ import annotations
 
 import math
+import re
 import subprocess
 import sys
 from collections import defaultdict
@@ -23,6 +24,7 @@ from hpo.models.dropout import DropoutConfig
 from hpo.models.nets import NetConfig, build_net
 from hpo.running.study import load_study
 from hpo.tracking import PARENT_ATTR, ROLE_TAG, Tracking
+from hpo.tracking.results import NOTE_TAG
 
 SPEC = """
 name: report
@@ -157,8 +159,16 @@ def test_hpo_report_writes_the_folder_and_attaches_it_to_the_mlflow_run(study, t
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "r" / "report.md").exists()
     parent = handle.study.user_attrs[PARENT_ATTR]["run_id"]
-    names = {a.path for a in MlflowClient(mlflow_store).list_artifacts(parent, "report")}
+    client = MlflowClient(mlflow_store)
+    names = {a.path for a in client.list_artifacts(parent, "report")}
     assert "report/report.md" in names and "report/history.png" in names
+    run = client.get_run(parent)
+    plots = sorted(p.name for p in (tmp_path / "r").glob("*.png"))
+    shown = re.findall(r"!\[[^]]*\]\(get-artifact\?path=report%2F([^&]+)&run_uuid=(\w+)\)", run.data.tags[NOTE_TAG])
+    assert shown == [(name, parent) for name in plots], "the run's description draws every plot"
+    assert run.info.status != "RUNNING", "attaching a report does not reopen the study's run"
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert f"runs/{parent}" in experiment.tags[NOTE_TAG], "the trials page links the report's run"
 
 
 def test_mc_dropout_predictions_vary_and_eval_mode_predictions_do_not(digits):
