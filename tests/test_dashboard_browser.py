@@ -34,7 +34,7 @@ pytestmark = [
     pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (apt-get install chromium)"),
 ]
 _FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
-          "--disable-component-update", "--no-first-run", "--virtual-time-budget=20000"]
+          "--disable-component-update", "--no-first-run", "--virtual-time-budget=40000"]
 
 
 def _dom(url: str) -> str:
@@ -52,6 +52,21 @@ def _render(url: str) -> str:
 def _screenshot(url: str, path: Path) -> None:
     subprocess.run([CHROMIUM, *_FLAGS, "--window-size=1400,800", f"--screenshot={path}", url],
                    capture_output=True, timeout=120, check=True)
+
+
+def _keep_screenshot(address: str, tmp_path: Path, name: str) -> None:
+    """Save what Chromium draws at ``address`` as ``name`` in ``$HPO_SCREENSHOTS`` (else ``tmp_path``)."""
+    shots = os.environ.get("HPO_SCREENSHOTS")
+    target = Path(shots) / name if shots else tmp_path / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _screenshot(address, target)
+    assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _stop(ui: subprocess.Popen, port: int) -> None:
+    ui.send_signal(signal.SIGINT)
+    ui.wait(30)
+    assert processes_with(f"--port {port}") == [], "hpo ui stopped every process it started"
 
 
 def test_the_printed_address_opens_on_the_trials_best_first(write_spec, tmp_path, sqlite_url):
@@ -92,15 +107,9 @@ def test_the_printed_address_opens_on_the_trials_best_first(write_spec, tmp_path
             assert image.read()[:8] == b"\x89PNG\r\n\x1a\n"
         home = _render(f"http://127.0.0.1:{port}")
         assert "in-the-browser" in home, "the experiment list shows the study"
-        shots = os.environ.get("HPO_SCREENSHOTS")
-        target = Path(shots) / "dashboard.png" if shots else tmp_path / "dashboard.png"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        _screenshot(address, target)
-        assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        _keep_screenshot(address, tmp_path, "dashboard.png")
     finally:
-        ui.send_signal(signal.SIGINT)
-        ui.wait(30)
-    assert processes_with(f"--port {port}") == [], "hpo ui stopped every process it started"
+        _stop(ui, port)
 
 
 def test_optuna_dashboard_opens_on_the_study_with_its_objective_named(write_spec, tmp_path, sqlite_url):
@@ -117,12 +126,6 @@ def test_optuna_dashboard_opens_on_the_study_with_its_objective_named(write_spec
         page = _render(address)
         assert "in-optuna-dashboard" in page and "val/acc" in page, page[:2000]
         assert "Objective 0" not in page
-        shots = os.environ.get("HPO_SCREENSHOTS")
-        target = Path(shots) / "optuna-dashboard.png" if shots else tmp_path / "optuna-dashboard.png"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        _screenshot(address, target)
-        assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        _keep_screenshot(address, tmp_path, "optuna-dashboard.png")
     finally:
-        ui.send_signal(signal.SIGINT)
-        ui.wait(30)
-    assert processes_with(f"--port {port}") == [], "hpo ui stopped every process it started"
+        _stop(ui, port)

@@ -185,12 +185,8 @@ def serve(uri: str | None, *, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
         return
     if (db := sqlite_path(uri)) is not None and not db.exists():
         raise HpoError(f"no MLflow store at {uri}: run a study first (`hpo submit …`) or pass --tracking-uri")
-    if not _port_free(host, port):
-        raise HpoError(f"port {port} on {host} is in use: choose another with --port")
-    if not is_loopback(host):
-        warn(f"binding to {host}: the dashboard has no login and anyone who can reach this host can "
-             "read and delete runs; use 127.0.0.1 and an SSH tunnel, or the basic-auth server in docker/")
-    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    url = _bound(host, port, warn, "the dashboard has no login and anyone who can reach this host can read and "
+                 "delete runs; use 127.0.0.1 and an SSH tunnel, or the basic-auth server in docker/")
     found = study_address(uri, url, study)
     address = found.table if found else url
 
@@ -238,17 +234,23 @@ def serve_optuna(storage: str, *, host: str = "127.0.0.1", port: int = 8080, stu
     command = optuna_dashboard_command(storage, host, port)
     if (db := sqlite_path(storage)) is not None and not db.is_file():
         raise HpoError(f"no study store at {storage}: run a study first (`hpo submit …`) or pass --storage")
-    if not _port_free(host, port):
-        raise HpoError(f"port {port} on {host} is in use: choose another with --port")
-    if not is_loopback(host):
-        warn(f"binding to {host}: optuna-dashboard has no login and anyone who can reach this host can "
-             "read, annotate and delete studies; use 127.0.0.1 and an SSH tunnel")
-    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    url = _bound(host, port, warn, "optuna-dashboard has no login and anyone who can reach this host can read, "
+                 "annotate and delete studies; use 127.0.0.1 and an SSH tunnel")
     address = url + optuna_study_path(storage, study)
     _run_server(command, lambda: _answers(f"{url}/api/meta"),
                 "optuna-dashboard", url, os.environ.copy(),
                 on_up=lambda: _opened(f"optuna-dashboard for {redact(storage)}: {address}  (Ctrl-C to stop)",
                                       address, open_browser, announce))
+
+
+def _bound(host: str, port: int, warn: Callable[[str], None], exposed: str) -> str:
+    """The address a server bound to ``host:port`` answers at, after refusing a port in use and
+    warning (``exposed``: why) when ``host`` is not loopback."""
+    if not _port_free(host, port):
+        raise HpoError(f"port {port} on {host} is in use: choose another with --port")
+    if not is_loopback(host):
+        warn(f"binding to {host}: {exposed}")
+    return f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
 
 
 def _opened(line: str, address: str, open_browser: bool, announce: Callable[[str], None]) -> None:

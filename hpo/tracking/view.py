@@ -98,7 +98,7 @@ def view_state(spec: Spec, study: str, objective_prefix: str, study_tag: str, ro
         "modelVersionFilter": "All Runs", "datasetsFilter": [],
         "selectedColumns": columns, "columnOrder": columns, "runsHiddenMode": "SHOW_ALL", "isAccordionReordered": True,
         "compareRunSections": [{"uuid": _SECTION, "name": f"Dropout vs {spec.objective[0].metric}", "display": True,
-                                "isReordered": True, "deleted": False, "isGenerated": False}],
+                                "isReordered": True, "deleted": False, "isGenerated": False, "columns": 2}],
         "compareRunCharts": charts, "hideEmptyCharts": True, "useGroupedValuesInCharts": True, "groupBy": None,
         "globalLineChartConfig": {"xAxisKey": "step", "lineSmoothness": 0, "selectedXAxisMetricKey": ""},
     }
