@@ -371,7 +371,7 @@ def check_dashboard(stack: Stack) -> None:
         raise StackError("no chromium on PATH (apt-get install chromium)")
     from hpo.tracking.dashboard import study_address
 
-    _, address = study_address(stack.tracking, stack.tracking, "stack-cli")
+    address = study_address(stack.tracking, stack.tracking, "stack-cli").table
     html = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                            "--no-first-run", "--virtual-time-budget=20000", "--dump-dom", address],
                           capture_output=True, text=True, timeout=120, check=False).stdout
