@@ -35,7 +35,7 @@ from hpo.models.groups import Group
 from hpo.models.module import TrainConfig
 from hpo.models.sites import probe, set_rate
 from hpo.models.user_model import UserTrialConfig, build, construct, inputs_of
-from hpo.running.study import SITES
+from hpo.running.study import SITES, site_counts, site_table
 from hpo.space import baseline_config
 from hpo.spec import parse_spec
 from hpo.tracking import Tracking
@@ -475,8 +475,9 @@ def test_f_a_two_trial_study_runs(family: Family, tmp_path: Path):
     trials = handle.study.get_trials(deepcopy=False)
     assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 2, [t.user_attrs for t in trials]
     baseline, searched = trials
-    assert all(s["rate"] == 0.0 for s in baseline.user_attrs[SITES])
-    assert {s["rate"] for s in searched.user_attrs[SITES]} == {searched.params["dropout.groups.all.rate"]}
+    assert all(s["rate"] == 0.0 for s in site_table(baseline))
+    assert {s["rate"] for s in site_table(searched)} == {searched.params["dropout.groups.all.rate"]}
+    assert searched.user_attrs[SITES] == site_counts(site_table(searched)), "the listing's count per group"
 
 
 def _logits(output: Any) -> torch.Tensor:
