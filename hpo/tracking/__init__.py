@@ -3,7 +3,9 @@
 :mod:`~hpo.tracking.runs` says what the runs hold and writes them, :mod:`~hpo.tracking.tracker`
 does it live from the driver, :mod:`~hpo.tracking.sync` back-fills MLflow from the study store,
 :mod:`~hpo.tracking.models` logs and finds trained networks, :mod:`~hpo.tracking.results` attaches
-reports and re-trainings, and :mod:`~hpo.tracking.dashboard` serves ``hpo ui``. The study store
+reports and re-trainings, :mod:`~hpo.tracking.view` is the study's preset view in MLflow's runs
+page, and :mod:`~hpo.tracking.dashboard` serves ``hpo ui`` (MLflow, or optuna-dashboard on the
+study store). The study store
 stays the source of truth. Nothing here imports torch or MLflow until it is used.
 """
 
