@@ -17,7 +17,7 @@ import sqlalchemy
 
 from hpo.errors import StoreError
 from hpo.running import store as store_module
-from hpo.running.store import FAIL_REASON, PatientRDBStorage, open_storage
+from hpo.running.store import FAIL_REASON, PATIENT_CALLS, PatientRDBStorage, open_storage
 from hpo.running.study import count_trials, is_abandoned
 
 pytestmark = pytest.mark.postgres
@@ -160,6 +160,14 @@ def test_every_call_optunas_cache_makes_to_the_rdb_storage_is_patient():
     db_calls = {name for name in called if not name.startswith("get_heartbeat")}
     assert db_calls, "optuna changed how it calls the storage"
     assert [name for name in db_calls if getattr(PatientRDBStorage, name) is getattr(RDBStorage, name)] == []
+
+
+def test_every_call_made_patient_is_one_optunas_rdb_storage_still_has():
+    """A call Optuna renames would otherwise go unpatched without a word."""
+    from optuna.storages import RDBStorage
+
+    assert [name for name in PATIENT_CALLS if not hasattr(RDBStorage, name)] == []
+    assert all(getattr(PatientRDBStorage, name) is not getattr(RDBStorage, name) for name in PATIENT_CALLS)
 
 
 def _trials(url: str, name: str) -> list[tuple[int, str, float | None]]:

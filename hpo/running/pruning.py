@@ -39,14 +39,16 @@ class SettledMedianPruner(optuna.pruners.MedianPruner):
     and then at most once per ``refresh_s`` seconds (see the module), and not at all for an epoch
     inside the warm-up, where the median pruner never prunes."""
 
-    def __init__(self, *args: Any, refresh_s: float = REFRESH_S, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, n_startup_trials: int = 5, n_warmup_steps: int = 0, *args: Any, refresh_s: float = REFRESH_S,
+                 **kwargs: Any) -> None:
+        super().__init__(n_startup_trials, n_warmup_steps, *args, **kwargs)
+        self.warmup_steps = n_warmup_steps  # MedianPruner keeps its own only as a private attribute
         self._refresh_s = refresh_s
         self._lock = threading.Lock()
         self._copies: dict[int, tuple[float, list[FrozenTrial]]] = {}
 
     def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
-        if trial.last_step is None or trial.last_step < self._n_warmup_steps:
+        if trial.last_step is None or trial.last_step < self.warmup_steps:
             return False
         return super().prune(_CompleteTrials(study, self._complete(study, trial.number)), trial)
 
