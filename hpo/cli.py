@@ -589,14 +589,14 @@ def ui(
     embedded mlflow.db by default), its trials best first, or optuna-dashboard on the study store
     (history, parameter importances, every trial's curve). Ctrl-C stops it and every process it
     started."""
-    from hpo.tracking.dashboard import serve, serve_optuna
+    from hpo.tracking.dashboard import DEFAULT_PORT, OPTUNA_PORT, serve, serve_optuna
 
     announce = functools.partial(console.print, markup=False, highlight=False, soft_wrap=True)
     if viewer == Viewer.optuna:
-        serve_optuna(storage_url(storage), host=host, port=port or 8080, study=study, open_browser=open_browser,
+        serve_optuna(storage_url(storage), host=host, port=port or OPTUNA_PORT, study=study, open_browser=open_browser,
                      announce=announce, warn=_warn)
         return
-    serve(tracking_uri, host=host, port=port or 5000, study=study, open_browser=open_browser,
+    serve(tracking_uri, host=host, port=port or DEFAULT_PORT, study=study, open_browser=open_browser,
           announce=announce, warn=_warn)
 
 

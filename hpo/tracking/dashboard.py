@@ -38,8 +38,8 @@ if TYPE_CHECKING:
 #: Seconds to wait for ``mlflow server`` to answer its health check (it migrates the database
 #: the first time).
 START_TIMEOUT = 90.0
-#: Where ``hpo ui`` serves an embedded store unless told otherwise.
-DEFAULT_PORT = 5000
+#: Where ``hpo ui`` serves an embedded MLflow store, and optuna-dashboard, unless told otherwise.
+DEFAULT_PORT, OPTUNA_PORT = 5000, 8080
 
 
 def server_command(uri: str, host: str, port: int) -> list[str]:
@@ -225,7 +225,7 @@ def optuna_study_path(storage: str, study: str | None) -> str:
     return f"/dashboard/studies/{max(ids.values())}" if ids else "/dashboard"
 
 
-def serve_optuna(storage: str, *, host: str = "127.0.0.1", port: int = 8080, study: str | None = None,
+def serve_optuna(storage: str, *, host: str = "127.0.0.1", port: int = OPTUNA_PORT, study: str | None = None,
                  open_browser: bool = False, announce: Callable[[str], None] = print,
                  warn: Callable[[str], None] = print) -> None:
     """Run optuna-dashboard on study store ``storage`` until Ctrl-C or SIGTERM and print the
