@@ -56,6 +56,7 @@ def test_patterns_are_globs_over_whole_dotted_paths(pattern, path, expected):
 
 
 def test_the_vision_transformer_has_attention_and_element_wise_sites():
+    pytest.importorskip("torchvision")
     from torchvision.models import VisionTransformer
 
     vit = VisionTransformer(**VIT_ARGS)
@@ -164,6 +165,7 @@ def test_a_groups_rate_is_what_bert_passes_to_sdpa():
 
 
 def test_the_vision_transformers_rates_as_built_come_from_its_searched_init_args():
+    pytest.importorskip("torchvision")
     built = build(_config("torchvision.models.VisionTransformer", {**VIT_ARGS, "dropout": 0.22}),
                   (torch.randn(2, 3, 8, 8), None))
     assert {s.site.rate for s in built.settings if s.site.kind == "element-wise"} == {0.22}

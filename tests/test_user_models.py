@@ -52,6 +52,8 @@ def test_a_third_party_model_is_tuned_on_ray_workers_from_another_folder(spec, s
     """The study runs with two Ray workers started from ``tmp_path`` (not the code's folder):
     they import the user's code shipped with the job, every trial stores its resolved site table,
     and the best network MLflow logged loads in a fresh process elsewhere."""
+    if model_class.startswith("torchvision."):
+        pytest.importorskip("torchvision")
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     result = _hpo("submit", str(USER_CODE / spec), "--workers", "2", "--storage", f"sqlite:///{tmp_path / 'hpo.db'}",
                   "--tracking-uri", tracking, cwd=tmp_path)
@@ -258,6 +260,8 @@ BAD_MODELS = {
 @pytest.mark.parametrize("case", BAD_MODELS)
 def test_bad_user_model_input_is_one_line_exit_2_and_the_store_is_untouched(case, tmp_path):
     text, expected = BAD_MODELS[case]
+    if "torchvision." in text:
+        pytest.importorskip("torchvision")
     if "data:" not in text:
         text += "\ndata: {class_path: third_party.mnist1d_sequences, init_args: {limit: 100}}"
     spec = tmp_path / "space.yaml"

@@ -3,7 +3,9 @@ split held resident on the device and sliced there.
 
 Small data sets (digits, MNIST-1D, MNIST, CIFAR-10: tens to hundreds of MB) fit in a GPU many
 times over, and copying each 128-example batch from the host costs more than the small networks'
-arithmetic (``../shared/DESIGN.md`` §4: 2.36 → 1.75 s per model-epoch on an H100 from this alone).
+arithmetic (measured once on an H100, Lightning training the 784-1024x3-10 MLP at batch 128 on
+MNIST-sized data: 2.36 s per model-epoch with a ``DataLoader`` over CPU tensors, 1.75 s with the
+batches already on the GPU).
 :class:`ResidentBatches` moves a split to the device once and yields index-sliced views; with the
 same generator it yields exactly the batches a shuffling ``DataLoader`` yields, so switching
 between the two never changes what a seeded trial computes.
