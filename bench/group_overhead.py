@@ -32,7 +32,7 @@ from hpo.models.dropout import DropoutConfig
 from hpo.models.module import TrainConfig
 from hpo.models.nets import NetConfig
 from hpo.running.group import run_group
-from hpo.running.trial import PRECISIONS, matmul_precision
+from hpo.running.harness import PRECISIONS, matmul_precision
 from hpo.space import TrialConfig
 from hpo.spec import ObjectiveSpec
 

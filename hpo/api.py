@@ -1,4 +1,7 @@
-"""The library entry points behind the CLI: submit a search space, resume a study.
+"""The library entry points behind the CLI: submit a search space, resume a study; and the read
+side, from :mod:`hpo.queries` (which imports no torch, so the CLI's read verbs import it there):
+:func:`studies`, :func:`status`, :func:`best`, :func:`delete`, returning typed data
+(:class:`StudySummary`, :class:`StudyStatus`, :class:`~hpo.running.records.StoredTrial`).
 
 Everything is validated (spec, data, store, study name, execution options) before the study
 store is written, so bad input leaves the store as it was.
@@ -20,8 +23,10 @@ from hpo.data import DataSource, TrialData, load_data, load_user_data
 from hpo.data.batches import Loading
 from hpo.errors import HpoError, SpecError
 from hpo.params import Baseline, asked_together, ordered_choices, settle_numeric_choices
+from hpo.queries import StudyStatus, StudySummary, best, delete, status, studies  # noqa: F401 - the read side
 from hpo.running.executor import Backend, LocalBackend, ProgressCallback, RunSummary, run_study
 from hpo.running.lease import driving
+from hpo.running.records import StoredTrial  # noqa: F401 - what the read side returns
 from hpo.running.study import (
     StudyHandle,
     baseline_attrs,
@@ -31,7 +36,7 @@ from hpo.running.study import (
     reconcile,
     set_budget,
 )
-from hpo.running.trial import PRECISIONS, Precision
+from hpo.running.harness import PRECISIONS, Precision
 from hpo.space import baseline_fixed, baseline_params
 from hpo.spec import UNPRUNED_SAMPLERS, Spec, UserDataSpec, parse_spec, read_spec_file
 from hpo.tracking import Tracking, tracked
@@ -71,7 +76,7 @@ class Execution:
             benchmark's baseline), ``resident`` insists. Seeded trials compute the same either way.
         precision: How training arithmetic runs: ``32`` (float32), ``tf32`` (TensorFloat-32
             matrix products on GPUs that have them) or ``bf16`` (Lightning's bf16 mixed
-            precision); see :data:`hpo.running.trial.Precision`. The faster two trade a little numerical
+            precision); see :data:`hpo.running.harness.Precision`. The faster two trade a little numerical
             precision for speed on a GPU; on a CPU ``tf32`` changes nothing and ``bf16`` is
             usually slower.
     """
@@ -277,7 +282,6 @@ def sites(space: str | Path, code_dir: str | Path | None = None) -> SiteReport:
     import torch
 
     from hpo.models.groups import SiteSetting, constrained_layers
-    from hpo.models.nets import build_net
     from hpo.models.sites import probe
     from hpo.running.user_check import (
         argument_effects,
@@ -287,6 +291,7 @@ def sites(space: str | Path, code_dir: str | Path | None = None) -> SiteReport:
         site_problems,
         site_warnings,
     )
+    from hpo.running.trial import build_network
     from hpo.running.user_trial import example_batch
     from hpo.space import centre_config
 
@@ -299,7 +304,7 @@ def sites(space: str | Path, code_dir: str | Path | None = None) -> SiteReport:
         config = centre_config(spec)
         torch.manual_seed(0)
         if not spec.user_model:
-            net = build_net(config.net, config.dropout, data.input_shape, data.num_classes)
+            net = build_network(config, data)
             table = probe(net, lambda m: m(data.train.x[:8]))
             settings = [SiteSetting(s, None, s.rate, None) for s in table.sites]
             return SiteReport(spec.model.arch, settings, {}, table.warnings())

@@ -1,4 +1,6 @@
-"""The ``hpo`` command line: a thin layer over :mod:`hpo.api` and :mod:`hpo.running.study`.
+"""The ``hpo`` command line: a thin layer over :mod:`hpo.api` (its read side,
+:mod:`hpo.queries`, for the verbs that only read the store) and :mod:`hpo.running.study`; what it
+prints is built in :mod:`hpo.output`.
 
 Bad input (an invalid search space, unreadable data, an unreachable store, an unknown study)
 ends with one line on stderr and exit code 2. Verbs that only read the store never import torch,
@@ -18,18 +20,17 @@ from typing import TYPE_CHECKING, Annotated, Any, Callable, TypeVar
 
 import optuna
 import typer
-from rich.table import Table
 
-from hpo import __version__
+from hpo import __version__, output, queries
 from hpo.analysis.export import to_csv, to_json, trial_rows
 from hpo.errors import HpoError, StoreError
 from hpo.output import VERBOSE_ENV
 from hpo.output import configure as configure_output
 from hpo.output import console as output_console
-from hpo.progress import StudyProgress, format_values
-from hpo.running.store import STORAGE_ENV, lock_kept, open_storage, redact, storage_url
-from hpo.running.study import BASELINE, DROPOUT_KEPT, StudyHandle, best_trial, count_trials, load_study, trial_settings
-from hpo.spec import Spec
+from hpo.progress import StudyProgress
+from hpo.running.records import StoredTrial
+from hpo.running.store import STORAGE_ENV, lock_kept, redact, storage_url
+from hpo.running.study import BASELINE, DROPOUT_KEPT, StudyHandle, best_trial, load_study
 
 if TYPE_CHECKING:
     from hpo.running.executor import RunSummary
@@ -509,13 +510,7 @@ def evaluate_uncertainty(
                       f"{result.dropout_modules} modules)", highlight=False, soft_wrap=True)
     for line in result.switch.unsampled:
         _warn(f"MC dropout cannot sample {line}")
-    table = Table()
-    for column in ("", "accuracy", "NLL (nats)", "ECE"):
-        table.add_column(column)
-    for name, scores in (("deterministic (eval mode)", result.deterministic),
-                         (f"MC dropout, {result.samples} passes", result.mc)):
-        table.add_row(name, f"{scores.accuracy:.4f}", f"{scores.nll:.4f}", f"{scores.ece:.4f}")
-    console.print(table)
+    output.print_uncertainty(console, result)
 
 
 @app.command()
@@ -604,23 +599,7 @@ def ui(
 @_user_errors
 def status(study: StudyName, storage: Storage = None) -> None:
     """Trial counts against the budget, the best value, and running or failed trials."""
-    handle = load_study(study, storage)
-    trials = handle.study.get_trials(deepcopy=False)
-    counts = count_trials(trials)
-    best = best_trial(handle.study)
-    console.print(f"study [bold]{handle.name}[/] in {_shown(handle.storage)}")
-    console.print(
-        f"finished {counts.finished}/{handle.budget}: complete {counts.complete}, pruned "
-        f"{counts.pruned}, failed {counts.failed}; running {counts.running}, waiting "
-        f"{counts.waiting}, abandoned {counts.abandoned}"
-    )
-    console.print(f"best: {format_values(best.values) if best else '-'}"
-                  + (f" (trial {best.number})" if best else ""))
-    _print_address(handle)
-    for t in trials:
-        reason = t.user_attrs.get("fail_reason")
-        if reason:
-            console.print(f"  trial {t.number}: {reason}", markup=False, highlight=False)
+    output.print_status(console, queries.status(study, storage))
 
 
 @app.command()
@@ -631,42 +610,18 @@ def best(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """The best configuration found so far (multi-objective: the Pareto front)."""
-    handle = load_study(study, storage)
-    objectives = [o.metric for o in handle.spec.objective]
-    front = handle.study.best_trials if handle.spec.multi_objective else [best_trial(handle.study)]
-    front = [t for t in front if t is not None]
+    front = queries.best(study, storage)
     if not front:
         errors.print(f"error: study {study!r} has no complete trial yet")
         raise typer.Exit(1)
-    if as_json:
-        rows = [{"number": t.number, "values": dict(zip(objectives, t.values)),
-                 "params": trial_settings(handle.spec, t), "config": t.user_attrs.get("config")} for t in front]
-        console.print_json(data=rows if handle.spec.multi_objective else rows[0])
-        return
-    for t in front:
-        _print_trial(t, objectives, handle.spec)
+    output.print_best(console, front, as_json)
 
 
 @app.command("list")
 @_user_errors
 def list_studies(storage: Storage = None) -> None:
     """Every study in the store, with its trial counts and best value."""
-    rdb = open_storage(storage)
-    summaries = optuna.get_all_study_summaries(rdb, include_best_trial=False)
-    if not summaries:
-        console.print(f"no studies in {_shown(storage_url(storage))}")
-        return
-    table = Table("study", "created", "finished", "budget", "running", "best")
-    for s in sorted(summaries, key=lambda s: s.datetime_start or 0):
-        study = optuna.load_study(study_name=s.study_name, storage=rdb)
-        counts = count_trials(study.get_trials(deepcopy=False))
-        best = best_trial(study)
-        table.add_row(
-            s.study_name, f"{s.datetime_start:%Y-%m-%d %H:%M}" if s.datetime_start else "-",
-            str(counts.finished), str(s.user_attrs.get("hpo:trials", "-")), str(counts.running),
-            format_values(best.values if best else None),
-        )
-    console.print(table)
+    output.print_studies(console, queries.studies(storage), _shown(storage))
 
 
 @app.command()
@@ -677,17 +632,14 @@ def delete(
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
 ) -> None:
     """Delete a study and all its trials from the store (refused while a driver runs it)."""
-    handle = load_study(study, storage)
-    n = len(handle.study.get_trials(deepcopy=False))
-    if not yes:
-        if not sys.stdin.isatty():
-            raise StoreError("refusing to delete without confirmation: pass --yes")
-        typer.confirm(f"delete study {study!r} and its {n} trials?", abort=True)
-    from hpo.running.lease import driving
 
-    with driving(handle.storage, study):  # never under a running driver
-        optuna.delete_study(study_name=study, storage=open_storage(storage))
-    console.print(f"deleted study {study!r} ({n} trials)")
+    def confirm(n: int) -> None:
+        if not yes:
+            if not sys.stdin.isatty():
+                raise StoreError("refusing to delete without confirmation: pass --yes")
+            typer.confirm(f"delete study {study!r} and its {n} trials?", abort=True)
+
+    output.print_deleted(console, study, queries.delete(study, storage, confirm=confirm))
 
 
 @app.command()
@@ -713,19 +665,6 @@ def _shown(url: str | None) -> str:
     return redact(storage_url(url))
 
 
-def _print_trial(trial: optuna.trial.FrozenTrial, objectives: list[str], spec: Spec) -> None:
-    table = Table(title=f"trial {trial.number}", show_header=False)
-    for name, value in zip(objectives, trial.values):
-        table.add_row(f"[bold]{name}", f"{value:.4f}")
-    for key in ("test_acc", "train_acc", "gap", "epochs", "epoch_time"):
-        if key in trial.user_attrs and key not in objectives:
-            value = trial.user_attrs[key]
-            table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
-    for name, value in trial_settings(spec, trial).items():
-        table.add_row(name, f"{value:.4g}" if isinstance(value, float) else str(value))
-    console.print(table)
-
-
 _EXIT_CODES = {"budget": 0, "timeout": 0, "errors": 1, "interrupted": 130}
 
 
@@ -745,7 +684,7 @@ def _report_run(handle: StudyHandle, summary: RunSummary) -> None:
     best = best_trial(handle.study)
     if best is not None:
         console.print("best configuration:")
-        _print_trial(best, [o.metric for o in handle.spec.objective], handle.spec)
+        output.print_trial(console, StoredTrial.of(best, handle.spec))
         if not handle.spec.multi_objective:
             _compare_with_baseline(handle, best)
     if summary.stopped in ("budget", "timeout") and best is not None:
@@ -764,9 +703,7 @@ def _print_address(handle: StudyHandle) -> None:
 
     planned = planned_address(handle)
     if planned is not None:
-        address, needs_ui = planned
-        console.print(f"MLflow{' (served by `hpo ui`)' if needs_ui else ''}: the trials, best first, with their "
-                      f"dropout parameters: {address}", markup=False, highlight=False, soft_wrap=True)
+        output.print_address(console, *planned)
 
 
 def _compare_with_baseline(handle: StudyHandle, best: optuna.trial.FrozenTrial) -> None:

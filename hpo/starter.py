@@ -245,11 +245,11 @@ def _logged_metrics(spec: Any, data: Any) -> list[str]:
 
     from optuna.trial import FixedTrial
 
-    from hpo.running.user_trial import run_user_trial
+    from hpo.running.trial import run_trial
     from hpo.space import suggest
     from hpo.spec import ObjectiveSpec
 
     config = suggest(FixedTrial({}), spec, seed=0)
     config = replace(config, train=replace(config.train, epochs=1))
-    result = run_user_trial(config, data, [ObjectiveSpec(metric="epoch_time")], accelerator="cpu", batches=1)
+    result = run_trial(config, data, [ObjectiveSpec(metric="epoch_time")], accelerator="cpu", batches=1)
     return sorted(k for k in result.history[-1] if k not in ("epoch", "epoch_time"))

@@ -23,9 +23,10 @@ from hpo import api
 from hpo.api import Execution
 from hpo.data.batches import ResidentBatches, make_loaders
 from hpo.models.nets import build_net
-from hpo.running.group import GroupMLP, run_group
+from hpo.running.group import group_net, run_group
 from hpo.running.packing import Probe
-from hpo.running.trial import TrialResult, run_trial
+from hpo.running.harness import TrialResult
+from hpo.running.trial import run_trial
 from hpo.space import baseline_params, suggest
 from hpo.spec import ObjectiveSpec, parse_spec
 from hpo.tracking import Tracking
@@ -56,7 +57,7 @@ def test_a_trial_on_the_gpu_learns_as_on_the_cpu(digits):
 
 def test_a_group_on_the_gpu_computes_each_members_solo_network(digits):
     configs = [mlp_config(s, units=64, rates=(0.2, 0.5), epochs=3) for s in (1, 2, 3)]
-    group = GroupMLP(configs, digits).to(GPU).eval()
+    group = group_net(configs, digits).to(GPU).eval()
     x = digits.val.x[:50].to(GPU)
     out = group(x)
     for k, config in enumerate(configs):

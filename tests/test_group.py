@@ -16,8 +16,9 @@ from optuna.trial import FixedTrial, TrialState
 from hpo import api
 from hpo.api import Execution
 from hpo.models.nets import NetConfig, build_net
-from hpo.running.group import SHARED_PARAMETERS, GroupMLP, MemberEnd, group_key, run_group
-from hpo.running.trial import TrialResult, evaluate, run_trial
+from hpo.running.group import SHARED_PARAMETERS, MemberEnd, group_key, group_net, run_group
+from hpo.running.harness import TrialResult, evaluate
+from hpo.running.trial import run_trial
 from hpo.space import suggest
 from hpo.spec import ObjectiveSpec, parse_spec
 
@@ -49,7 +50,7 @@ def test_members_without_dropout_noise_train_exactly_as_they_do_alone(digits, op
 @pytest.mark.parametrize("variant", ["inverted", "standard", "gaussian", "alpha", "dropconnect"])
 def test_a_group_in_eval_mode_computes_each_members_solo_network(digits, variant):
     configs = [mlp_config(s, variant=variant, rates=r) for s, r in ((1, (0.2, 0.5)), (2, (0.0, 0.3)), (3, (0.4, 0.0)))]
-    group = GroupMLP(configs, digits).eval()
+    group = group_net(configs, digits).eval()
     x = digits.val.x[:50]
     out = group(x)
     for k, config in enumerate(configs):

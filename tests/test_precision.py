@@ -15,7 +15,8 @@ from hpo.api import Execution
 from hpo.cli import app
 from hpo.errors import HpoError
 from hpo.running.group import run_group
-from hpo.running.trial import TrialResult, run_trial
+from hpo.running.harness import TrialResult
+from hpo.running.trial import run_trial
 from hpo.space import baseline_params, suggest
 from hpo.spec import ObjectiveSpec, parse_spec
 

@@ -28,7 +28,7 @@ from hpo.api import Execution
 from hpo.data import load_data
 from hpo.running.store import FAIL_REASON
 from hpo.running.study import load_study
-from hpo.running.trial import evaluate
+from hpo.running.harness import evaluate
 from hpo.spec import Spec
 from hpo.tracking import (
     NUMBER_TAG,

@@ -22,10 +22,11 @@ from hpo.errors import HpoError
 from hpo.models.module import split_batch
 from hpo.models.user_model import UserTrialConfig
 from hpo.running.group import run_group
-from hpo.running.study import GROUP, THREADS, StudyHandle, baseline_of, best_trial
+from hpo.running.harness import TrialResult, evaluate, evaluate_batches
+from hpo.running.records import BEST_EPOCH, GROUP, SEED, THREADS, baseline_of
+from hpo.running.study import StudyHandle, best_trial
 from hpo.running.threads import torch_threads
-from hpo.running.trial import TrialResult, evaluate, run_trial
-from hpo.running.user_trial import evaluate_batches
+from hpo.running.trial import run_trial
 from hpo.space import TrialConfig, suggest
 from hpo.tracking import trained_network
 
@@ -46,7 +47,7 @@ def chosen_trial(handle: StudyHandle, number: int | None = None) -> FrozenTrial:
 def trial_config(handle: StudyHandle, trial: FrozenTrial) -> TrialConfig | UserTrialConfig:
     """The configuration ``trial`` trained, rebuilt from its stored parameters, its baseline's
     fixed values and its seed."""
-    return suggest(optuna.trial.FixedTrial(trial.params, trial.number), handle.spec, seed=trial.user_attrs["seed"],
+    return suggest(optuna.trial.FixedTrial(trial.params, trial.number), handle.spec, seed=trial.user_attrs[SEED],
                    baseline=baseline_of(trial))
 
 
@@ -150,7 +151,7 @@ def retrain(handle: StudyHandle, trial: FrozenTrial, data: TrialData, accelerato
     test split. The test split is watched each epoch but chooses nothing (no early stopping,
     last weights kept)."""
     config = trial_config(handle, trial)
-    epochs = int(trial.user_attrs["best_epoch"]) + 1
+    epochs = int(trial.user_attrs[BEST_EPOCH]) + 1
     config = replace(config, train=replace(config.train, epochs=epochs, early_stopping=None))
     if isinstance(data, Splits):
         merged = Split(torch.cat([data.train.x, data.val.x]), torch.cat([data.train.y, data.val.y]))

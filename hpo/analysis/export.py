@@ -15,8 +15,15 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial
 
-from hpo.running.store import ABANDONED, FAIL_REASON
-from hpo.running.study import BASELINE, TRIAL_METRICS, trial_settings
+from hpo.running.records import (
+    ABANDONED,
+    BASELINE,
+    FAIL_REASON,
+    PRUNED_REASON,
+    SEED,
+    TRIAL_METRICS,
+    trial_settings,
+)
 from hpo.spec import Spec
 
 
@@ -34,9 +41,9 @@ def trial_row(trial: FrozenTrial, objective_names: list[str], spec: Spec) -> dic
     row.update(zip(objective_names, values))
     row.update(trial_settings(spec, trial))
     row.update({m: attrs.get(m) for m in TRIAL_METRICS if m not in objective_names})
-    row["seed"] = attrs.get("seed")
+    row["seed"] = attrs.get(SEED)
     row["duration_s"] = trial.duration.total_seconds() if trial.duration else None
-    row["fail_reason"] = attrs.get(FAIL_REASON) or attrs.get("pruned_reason", "")
+    row["fail_reason"] = attrs.get(FAIL_REASON) or attrs.get(PRUNED_REASON, "")
     return row
 
 

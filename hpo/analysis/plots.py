@@ -9,6 +9,7 @@ from typing import Any
 import optuna
 
 from hpo.analysis.tables import Report, complete_trials, group_rate, rate, user_trials, varied_groups, varied_placements
+from hpo.running.records import BEST_EPOCH
 from hpo.running.study import StudyHandle
 
 
@@ -31,7 +32,7 @@ def plot(report: Report, handle: StudyHandle, out: Path) -> None:
         time_ax.scatter(rates, [1000 * t.user_attrs["epoch_time"] for t in trials], label="ms / epoch")
         time_ax.set(xlabel=f"{placement} dropout rate", ylabel="ms per training epoch", title="cost")
         epochs_ax = time_ax.twinx()
-        epochs_ax.scatter(rates, [t.user_attrs["best_epoch"] + 1 for t in trials], color="tab:red", marker="x",
+        epochs_ax.scatter(rates, [t.user_attrs[BEST_EPOCH] + 1 for t in trials], color="tab:red", marker="x",
                           label="epochs to best")
         epochs_ax.set_ylabel("epochs to best", color="tab:red")
         fig.tight_layout()

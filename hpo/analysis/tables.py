@@ -19,6 +19,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from hpo.running.records import BEST_EPOCH, CONFIG
 from hpo.running.study import StudyHandle, best_trial, count_trials, site_table, trial_settings
 
 PLACEMENTS = ("input", "hidden", "conv", "recurrent")
@@ -56,7 +57,7 @@ class Report:
 
 def rate(trial: FrozenTrial, placement: str) -> float:
     """The trial's effective drop rate at ``placement`` (mean over hidden layers; 0 when off)."""
-    value = trial.user_attrs["config"]["dropout"][placement]
+    value = trial.user_attrs[CONFIG]["dropout"][placement]
     if isinstance(value, (list, tuple)):
         return sum(value) / len(value) if value else 0.0
     return float(value)
@@ -72,7 +73,7 @@ def uses_dropout(trial: FrozenTrial) -> bool:
 
 def regularizer(trial: FrozenTrial) -> str:
     """Which regularizers a trial used, e.g. ``dropout + max-norm`` or ``none``."""
-    config = trial.user_attrs["config"]
+    config = trial.user_attrs[CONFIG]
     parts = [name for name, used in (
         ("dropout", uses_dropout(trial)),
         ("L1", config["train"].get("l1", 0.0) > 0),
@@ -83,7 +84,7 @@ def regularizer(trial: FrozenTrial) -> str:
 
 
 def complete_trials(study: optuna.Study) -> list[FrozenTrial]:
-    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if "config" in t.user_attrs]
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if CONFIG in t.user_attrs]
 
 
 def _mean(values: Iterable[float]) -> float:
@@ -144,7 +145,7 @@ def rate_table(trials: list[FrozenTrial], placement: str) -> Table:
         [f"{low:.1f}-{low + BIN_WIDTH:.1f}", len(ts), _mean(t.user_attrs["val_acc"] for t in ts),
          max(t.user_attrs["val_acc"] for t in ts), _mean(t.user_attrs["test_acc"] for t in ts),
          _mean(t.user_attrs["gap"] for t in ts), 1000 * _mean(t.user_attrs["epoch_time"] for t in ts),
-         _mean(t.user_attrs["best_epoch"] + 1 for t in ts)]
+         _mean(t.user_attrs[BEST_EPOCH] + 1 for t in ts)]
         for low, ts in sorted(bins.items())
     ]
     return Table(
@@ -204,10 +205,10 @@ def study_tables(handle: StudyHandle) -> list[Table]:
         tables.append(gap_table(trials))
     for table in (
         grouped_table("variant", "Dropout variant vs accuracy", trials,
-                      lambda t: t.user_attrs["config"]["dropout"]["variant"], "variant"),
+                      lambda t: t.user_attrs[CONFIG]["dropout"]["variant"], "variant"),
         grouped_table("regularizer", "Regularizer comparison", trials, regularizer, "regularizers"),
         grouped_table("max_norm", "Max-norm constraint c vs accuracy", trials,
-                      lambda t: t.user_attrs["config"]["dropout"]["max_norm"] or "off", "c"),
+                      lambda t: t.user_attrs[CONFIG]["dropout"]["max_norm"] or "off", "c"),
         importance_table(handle.study),
     ):
         if table is not None:
@@ -220,16 +221,16 @@ def study_tables(handle: StudyHandle) -> list[Table]:
 
 def user_trials(study: optuna.Study) -> list[FrozenTrial]:
     """The complete trials of a user model (those with dropout groups in their configuration)."""
-    return [t for t in complete_trials(study) if "groups" in t.user_attrs["config"]]
+    return [t for t in complete_trials(study) if "groups" in t.user_attrs[CONFIG]]
 
 
 def group_rate(trial: FrozenTrial, group: str) -> float:
     """The rate a user model's trial gave a group of sites."""
-    return next(g["rate"] for g in trial.user_attrs["config"]["groups"] if g["name"] == group)
+    return next(g["rate"] for g in trial.user_attrs[CONFIG]["groups"] if g["name"] == group)
 
 
 def varied_groups(trials: list[FrozenTrial]) -> list[str]:
-    names = [g["name"] for g in trials[0].user_attrs["config"]["groups"]] if trials else []
+    names = [g["name"] for g in trials[0].user_attrs[CONFIG]["groups"]] if trials else []
     return [n for n in names if len({round(group_rate(t, n), 6) for t in trials}) > 1]
 
 
@@ -279,7 +280,7 @@ def user_tables(handle: StudyHandle) -> list[Table]:
             bins[rate_bin(group_rate(trial, group))].append(trial)
         rows = [[f"{low:.1f}-{low + BIN_WIDTH:.1f}", *_user_group_rows(ts, lambda t: 0, extra, best_of)[0][1:],
                  1000 * _mean(t.user_attrs["epoch_time"] for t in ts),
-                 _mean(t.user_attrs["best_epoch"] + 1 for t in ts)]
+                 _mean(t.user_attrs[BEST_EPOCH] + 1 for t in ts)]
                 for low, ts in sorted(bins.items())]
         tables.append(Table(f"rate_{group}", f"Group {group}: dropout rate vs {objective.metric}",
                             ["rate", *columns, "ms / epoch", "epochs to best"], rows,
@@ -287,11 +288,11 @@ def user_tables(handle: StudyHandle) -> list[Table]:
     grouped = [
         ("dropout", "With and without dropout", lambda t: "with dropout" if uses_dropout(t) else "without dropout", ""),
         *[(f"variant_{g['name']}", f"Group {g['name']}: variant", lambda t, n=g["name"]: next(
-            x["variant"] for x in t.user_attrs["config"]["groups"] if x["name"] == n), "variant")
-          for g in trials[0].user_attrs["config"]["groups"]],
+            x["variant"] for x in t.user_attrs[CONFIG]["groups"] if x["name"] == n), "variant")
+          for g in trials[0].user_attrs[CONFIG]["groups"]],
         *[(f"max_norm_{m['name']}", f"Max-norm {m['name']}: radius", lambda t, n=m["name"]: next(
-            x["radius"] for x in t.user_attrs["config"]["max_norm"] if x["name"] == n) or "off", "radius")
-          for m in trials[0].user_attrs["config"]["max_norm"]],
+            x["radius"] for x in t.user_attrs[CONFIG]["max_norm"] if x["name"] == n) or "off", "radius")
+          for m in trials[0].user_attrs[CONFIG]["max_norm"]],
     ]
     for key, title, by, label in grouped:
         rows = _user_group_rows(trials, by, extra, best_of)
@@ -309,13 +310,13 @@ def user_tables(handle: StudyHandle) -> list[Table]:
 def dropout_summary(trial: FrozenTrial) -> str:
     """The trial's dropout in words: variant, the rate at each placement that uses one, max-norm
     (for a user model: each group's rate and variant, each max-norm radius)."""
-    if "groups" in trial.user_attrs["config"]:
-        config = trial.user_attrs["config"]
+    if "groups" in trial.user_attrs[CONFIG]:
+        config = trial.user_attrs[CONFIG]
         groups = [f"{g['name']} {g['rate']:.2f}" + (f" {g['variant']}" if g.get("variant") else "")
                   for g in config["groups"]]
         norms = [f"max-norm {m['name']} {m['radius']:g}" for m in config["max_norm"] if m["radius"] is not None]
         return "; ".join([", ".join(groups) or "no groups", *norms])
-    config = trial.user_attrs["config"]["dropout"]
+    config = trial.user_attrs[CONFIG]["dropout"]
     rates = [f"{p} {rate(trial, p):.2f}" for p in PLACEMENTS if rate(trial, p) > 0]
     text = f"{config['variant']}: {', '.join(rates)}" if rates else "none"
     return text + (f"; max-norm {config['max_norm']:g}" if config.get("max_norm") is not None else "")
@@ -345,12 +346,12 @@ def comparison_table(handles: list[StudyHandle]) -> Table:
         without = _best_test([t for t in trials if not uses_dropout(t)])
         spec = handle.spec
         row: list[Any] = [handle.name, _data_name(spec), _model_name(spec), len(trials)]
-        if best is None or "config" not in best.user_attrs or "test_acc" not in best.user_attrs:
+        if best is None or CONFIG not in best.user_attrs or "test_acc" not in best.user_attrs:
             row += [math.nan] * 5 + ["-"]
         else:
             a = best.user_attrs
             row += [best.values[0], a["test_acc"], a["train_acc"] - a["test_acc"], 1000 * a["epoch_time"],
-                    a["best_epoch"] + 1, dropout_summary(best)]
+                    a[BEST_EPOCH] + 1, dropout_summary(best)]
         rows.append(row + [without, with_dropout, with_dropout - without])
     objectives = {h.spec.objective[0].metric for h in handles}
     objective = objectives.pop() if len(objectives) == 1 else "objective"

@@ -53,7 +53,7 @@ class UserData:
         return self.source.spec["class_path"]
 
     def fit_arguments(self, batch_size: int, seed: int) -> dict[str, Any]:
-        """What :func:`hpo.running.trial.fit_interruptible` fits on: the data module, or
+        """What :func:`hpo.running.harness.fit_interruptible` fits on: the data module, or
         ``train`` and ``val`` loaders over the datasets (training shuffled by ``seed``)."""
         if self.datamodule is not None:
             return {"datamodule": self.datamodule}

@@ -52,6 +52,44 @@ class DropoutConfig:
         return cls(hidden=(0.0,) * hidden_layers)
 
 
+#: ``-scale * alpha`` of SELU: the value alpha dropout sets dropped units to.
+ALPHA_PRIME = -1.7580993408473766
+
+
+def bernoulli_mask(keep: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A 0/1 mask shaped like ``like``, each entry 1 with probability ``keep`` (a float, or a
+    tensor that broadcasts: one rate per member of a vectorised group). Drawn as uniform numbers
+    below ``keep``: on a CPU twice as fast as ``torch.bernoulli`` of a broadcast probability
+    tensor, which took 13 % of a grouped digits study's time."""
+    return (torch.rand_like(like) < keep).to(like.dtype)
+
+
+def standard_dropout(x: torch.Tensor, p: float | torch.Tensor, training: bool) -> torch.Tensor:
+    """Srivastava et al.'s dropout (:class:`StandardDropout`) at rate ``p`` (float or broadcast tensor)."""
+    keep = 1 - p
+    return x * bernoulli_mask(keep, x) if training else x * keep
+
+
+def gaussian_dropout(x: torch.Tensor, p: float | torch.Tensor) -> torch.Tensor:
+    """Training-time multiplicative noise ``N(1, p / (1 - p))`` (:class:`GaussianDropout`)."""
+    std = (p / (1 - p)) ** 0.5
+    return x * (1 + std * torch.randn_like(x))
+
+
+def alpha_dropout(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Training-time alpha dropout (Klambauer et al., 2017) at per-member rates ``p``: the
+    formula of ``nn.AlphaDropout``, which takes one float rate only."""
+    keep = 1 - p
+    mask = bernoulli_mask(keep, x)
+    a = (keep * (1 + p * ALPHA_PRIME**2)) ** -0.5
+    return a * (x * mask + ALPHA_PRIME * (1 - mask)) - a * ALPHA_PRIME * p
+
+
+def dropconnect(weight: torch.Tensor, p: float | torch.Tensor) -> torch.Tensor:
+    """``weight`` with entries dropped at rate ``p`` and the rest scaled by ``1 / (1 - p)`` (DropConnect)."""
+    return weight * bernoulli_mask(1 - p, weight) / (1 - p)
+
+
 class StandardDropout(nn.Module):
     """Dropout as in Srivastava et al. (2014): units are dropped *without* rescaling during
     training, and at test time activations are scaled by the retention probability ``1 - p``.
@@ -65,10 +103,7 @@ class StandardDropout(nn.Module):
         self.p = p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        keep = 1.0 - self.p
-        if self.training:
-            return x * torch.bernoulli(torch.full_like(x, keep))
-        return x * keep
+        return standard_dropout(x, self.p, self.training)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -86,8 +121,7 @@ class GaussianDropout(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
-        std = (self.p / (1.0 - self.p)) ** 0.5
-        return x * (1.0 + std * torch.randn_like(x))
+        return gaussian_dropout(x, self.p)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -122,8 +156,7 @@ class DropConnectLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return super().forward(x)
-        mask = torch.empty_like(self.weight).bernoulli_(1.0 - self.p) / (1.0 - self.p)
-        return F.linear(x, self.weight * mask, self.bias)
+        return F.linear(x, dropconnect(self.weight, self.p), self.bias)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, p={self.p}"

@@ -30,15 +30,28 @@ from hpo.data.batches import Loading
 from hpo.models.module import NonFiniteLossError
 from hpo.models.user_model import SiteReport
 from hpo.running.group import SHARED_PARAMETERS, group_key, run_group
-from hpo.running.store import FAIL_REASON
-from hpo.running.study import (
+from hpo.running.harness import Precision, TrialResult
+from hpo.running.records import (
+    BEST_EPOCH,
+    CONFIG,
     DROPOUT_KEPT,
+    FAIL_REASON,
     GROUP,
-    HEARTBEAT_INTERVAL,
+    HISTORY,
     MAX_NORM_TABLE,
+    PRECISION,
+    PRUNED_REASON,
+    RETRIES,
+    RETRY_OF,
+    SEED,
     SITE_TABLE,
     SITES,
     THREADS,
+    set_trial_record,
+    site_counts,
+)
+from hpo.running.study import (
+    HEARTBEAT_INTERVAL,
     Counts,
     StudyHandle,
     abandon,
@@ -48,17 +61,14 @@ from hpo.running.study import (
     count_trials,
     heartbeat,
     requeue,
-    set_trial_record,
-    site_counts,
 )
-from hpo.running.trial import Precision, TrialResult, run_trial
+from hpo.running.trial import run_trial
 from hpo.space import TrialConfig, suggest
 from hpo.spec import ObjectiveSpec
 
 #: Unexpected errors (not NaN losses, pruning or dead workers) in this many trials in a row stop
 #: the study: the cause is then almost surely the setup, not the configurations.
 MAX_CONSECUTIVE_ERRORS = 5
-RETRIES = "retries"
 
 StopReason = Literal["budget", "timeout", "interrupted", "errors"]
 ProgressCallback = Callable[[Counts, FrozenTrial | None], None]
@@ -333,7 +343,7 @@ def run_study(
                         beat.trial_ids.add(job.trial._trial_id)
                         job.trial.set_user_attr(THREADS, backend.threads)
                         if backend.precision != "32":
-                            job.trial.set_user_attr("precision", backend.precision)
+                            job.trial.set_user_attr(PRECISION, backend.precision)
                 for jobs in groups:
                     counts, _ = progress()
                     if listener is not None:
@@ -376,8 +386,8 @@ def _ask(study: optuna.Study, spec: Any, study_seed: int) -> TrialJob:
     trial = study.ask()
     claim(study, trial)
     config = suggest(trial, spec, seed=trial_seed(study_seed, trial.number), baseline=baseline_of(trial))
-    trial.set_user_attr("seed", config.seed)
-    trial.set_user_attr("config", config.to_dict())
+    trial.set_user_attr(SEED, config.seed)
+    trial.set_user_attr(CONFIG, config.to_dict())
     return TrialJob(trial, config, group=trial.number)
 
 
@@ -416,16 +426,16 @@ def _tell(study: optuna.Study, job: TrialJob, outcome: Outcome, max_retries: int
         study.tell(trial, outcome.result.values)
         return
     if job.history:
-        trial.set_user_attr("history", job.history)
+        trial.set_user_attr(HISTORY, job.history)
     if outcome.kind == "pruned":
-        trial.set_user_attr("pruned_reason", outcome.reason)
+        trial.set_user_attr(PRUNED_REASON, outcome.reason)
         study.tell(trial, state=TrialState.PRUNED)
         return
     trial.set_user_attr(FAIL_REASON, outcome.reason)
     study.tell(trial, state=TrialState.FAIL)
     retries = int(trial.user_attrs.get(RETRIES, 0))
     if outcome.kind == "lost" and retries < max_retries:
-        requeue(study, trial.params, trial.user_attrs, **{RETRIES: retries + 1, "retry_of": trial.number})
+        requeue(study, trial.params, trial.user_attrs, **{RETRIES: retries + 1, RETRY_OF: trial.number})
 
 
 def _record(trial: optuna.Trial, result: TrialResult) -> None:
@@ -433,8 +443,8 @@ def _record(trial: optuna.Trial, result: TrialResult) -> None:
     the best epoch and the per-epoch history."""
     for key, value in result.summary.items():
         trial.set_user_attr(key, value)
-    trial.set_user_attr("best_epoch", result.best_epoch)
-    trial.set_user_attr("history", result.history)
+    trial.set_user_attr(BEST_EPOCH, result.best_epoch)
+    trial.set_user_attr(HISTORY, result.history)
 
 
 def _record_sites(trial: optuna.Trial, report: SiteReport) -> None:

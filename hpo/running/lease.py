@@ -40,6 +40,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from hpo.errors import HpoError
+from hpo.running.records import LEASE_TABLE
 from hpo.running.store import engine_options, redact
 from hpo.running.study import pid_alive
 
@@ -50,7 +51,7 @@ STALE_AFTER_S = 30.0
 
 _metadata = MetaData()
 LEASES = Table(
-    "hpo_driver_leases", _metadata,
+    LEASE_TABLE, _metadata,
     Column("study_name", String(512), primary_key=True),
     Column("token", String(64), nullable=False),
     Column("host", String(255), nullable=False),

@@ -20,7 +20,7 @@ import torch
 
 from hpo.data import Split, Splits
 from hpo.data.batches import split_bytes
-from hpo.running.trial import Precision
+from hpo.running.harness import Precision
 from hpo.space import TrialConfig
 from hpo.spec import ObjectiveSpec
 

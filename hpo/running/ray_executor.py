@@ -31,7 +31,8 @@ from hpo.data.batches import Loading
 from hpo.errors import HpoError, describe
 from hpo.output import ray_logging_level
 from hpo.running.executor import EpochCallback, Outcome, TrialJob, execute_group
-from hpo.running.trial import Precision
+from hpo.running.harness import Precision
+from hpo.running.records import WORKER
 from hpo.spec import ObjectiveSpec
 
 #: The resource Ray gives the head node only (``ray._common.constants.HEAD_NODE_RESOURCE_NAME``).
@@ -225,7 +226,7 @@ class RayBackend:
         gpus_per_trial: Ray ``num_gpus`` of each trial; fractions pack trials onto a GPU
             (0.25: four trials per GPU). Above 0 each trial trains on its GPU.
         loading: How batches reach the device (:func:`hpo.data.batches.make_loaders`).
-        precision: How training arithmetic runs (:data:`hpo.running.trial.Precision`).
+        precision: How training arithmetic runs (:data:`hpo.running.harness.Precision`).
     """
 
     def __init__(
@@ -297,7 +298,7 @@ class RayBackend:
         and send back whether each trial should stop."""
         for number, worker in started:
             if number in self._jobs:
-                self._jobs[number].trial.set_user_attr("worker", worker)
+                self._jobs[number].trial.set_user_attr(WORKER, worker)
         if self.on_epoch is not None:
             for number, entry in epochs:
                 self.on_epoch(number, entry)

@@ -22,12 +22,10 @@ from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from hpo.errors import StoreError, first_line
+from hpo.running.records import ABANDONED, FAIL_REASON
 
 DEFAULT_STORAGE = "sqlite:///hpo.db"
 STORAGE_ENV = "HPO_STORAGE"
-#: User attributes of a failed trial: why it failed, and that it was abandoned (it then counts
-#: against no budget).
-FAIL_REASON, ABANDONED = "fail_reason", "abandoned"
 
 
 def storage_url(url: str | None = None) -> str:

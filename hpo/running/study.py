@@ -2,8 +2,9 @@
 
 The store is Optuna's RDB storage, so any SQLAlchemy URL works (``sqlite:///hpo.db``, the
 default, or ``postgresql://…``) and every study opens with Optuna's own API and CLI. What Optuna
-does not keep (the spec, the trial budget, the seed) is kept as study user attributes, so
-``hpo resume NAME`` needs nothing but the name.
+does not keep (the spec, the trial budget, the seed) is kept as study attributes, so
+``hpo resume NAME`` needs nothing but the name; :mod:`hpo.running.records` names every attribute
+hpo stores and reads them back.
 
 Budget: a study's ``trials`` budget counts *finished* trials: complete, pruned and failed ones.
 Trials abandoned because the driver stopped (Ctrl-C, a killed process) do not count; their
@@ -24,44 +25,49 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from hpo.errors import StoreError
+from hpo.params import optuna_params, with_numeric_choices
 from hpo.running.pruning import make_pruner
-from hpo.params import Baseline, optuna_params, trial_values, with_numeric_choices
-from hpo.running.store import ABANDONED, fail_as_abandoned, open_storage, redact, storage_url
+
+# The store's schema lives in hpo.running.records; the names below are re-exported for the modules
+# that import them from here.
+from hpo.running.records import (  # noqa: F401
+    BASELINE,
+    BASELINE_FIXED,
+    BUDGET,
+    CODE_DIR,
+    DRIVER,
+    DROPOUT_KEPT,
+    GROUP,
+    GROUP_SIZE,
+    HEARTBEAT,
+    MAX_NORM_TABLE,
+    NUMERIC_CHOICES,
+    SITE_TABLE,
+    SITES,
+    SPEC,
+    SPEC_SOURCE,
+    STUDY_SEED,
+    THREADS,
+    TRIAL_METRICS,
+    baseline_attrs,
+    baseline_of,
+    is_abandoned,
+    max_norm_table,
+    set_study_record,
+    set_trial_record,
+    site_counts,
+    site_table,
+    spec_text,
+    study_record,
+    trial_settings,
+)
+from hpo.running.store import fail_as_abandoned, open_storage, redact, storage_url
 from hpo.spec import SamplerSpec, Spec, parse_spec
 
 #: Seconds between heartbeats of a running trial, and silence after which another driver may
 #: declare it abandoned.
 HEARTBEAT_INTERVAL = 30.0
 HEARTBEAT_GRACE = 120.0
-
-_SPEC, _SPEC_SOURCE, _BUDGET, _SEED = "hpo:spec", "hpo:spec_source", "hpo:trials", "hpo:seed"
-#: How the study searches numeric choices (``sampler.numeric_choices``); absent in studies stored
-#: before the option, which searched them as categories.
-_NUMERIC_CHOICES = "hpo:numeric_choices"
-_GROUP_SIZE = "hpo:group_size"
-_CODE_DIR = "hpo:code_dir"
-_OWNER, _HEARTBEAT = "hpo:driver", "hpo:heartbeat"
-BASELINE = "baseline"
-#: A baseline trial's values that its spec's ranges exclude, applied without being suggested
-#: (:class:`hpo.params.Baseline`); absent when there are none.
-BASELINE_FIXED = "baseline_fixed"
-#: Where a user model's trial set to drop nowhere still drops (functional dropout no site holds).
-DROPOUT_KEPT = "dropout_kept"
-#: A user model's trial keeps its resolved site table (path, kind, group, rate, variant, rate as
-#: built) and the layers max-norm held as these system attributes (:func:`site_table`), and how
-#: many sites each group drives as the user attribute ``sites``, e.g. ``{"hidden": 12, "input": 1}``.
-SITE_TABLE, MAX_NORM_TABLE, SITES = "hpo:sites", "hpo:max_norm_layers", "sites"
-#: Where hpo before its compact form kept the whole tables, as user attributes: still read.
-_OLD_SITES, _OLD_MAX_NORM = "sites", "max_norm_layers"
-#: The torch thread count a trial trained with: a re-run (``hpo sync``, ``evaluate``, ``retrain``)
-#: uses it too, since the count changes float rounding.
-THREADS = "threads"
-#: A member of a vectorised group keeps ``{"first": number of the group's first trial, "size": K}``.
-GROUP = "group"
-#: Eval-mode metrics and counts a finished trial keeps as user attributes (reports, exports,
-#: MLflow read them).
-TRIAL_METRICS = ("train_acc", "val_acc", "test_acc", "train_loss", "val_loss", "test_loss", "gap",
-                 "best_epoch", "epochs", "epoch_time")
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -112,13 +118,13 @@ class StudyHandle:
     @property
     def code_dir(self) -> str | None:
         """The folder of the user's code, for a study of a user model (absolute, as submitted)."""
-        return self.study.user_attrs.get(_CODE_DIR)
+        return self.study.user_attrs.get(CODE_DIR)
 
     @property
     def group_size(self) -> int | None:
         """Trials per vectorised group the study was submitted with (``None`` before it was kept):
         ``hpo resume`` goes on with it unless told otherwise."""
-        size = self.study.user_attrs.get(_GROUP_SIZE)
+        size = self.study.user_attrs.get(GROUP_SIZE)
         return None if size is None else int(size)
 
 
@@ -153,14 +159,14 @@ def create_study(
         sampler=make_sampler(spec.sampler, seed),
         pruner=make_pruner(spec.active_pruner),
     )
-    for key, value in {_SPEC_SOURCE: spec_source, _BUDGET: budget, _SEED: seed,
-                       _NUMERIC_CHOICES: spec.sampler.numeric_choices}.items():
+    for key, value in {SPEC_SOURCE: spec_source, BUDGET: budget, STUDY_SEED: seed,
+                       NUMERIC_CHOICES: spec.sampler.numeric_choices}.items():
         study.set_user_attr(key, value)
-    set_study_record(study, _SPEC, spec_text)
+    set_study_record(study, SPEC, spec_text)
     if code_dir is not None:
-        study.set_user_attr(_CODE_DIR, code_dir)
+        study.set_user_attr(CODE_DIR, code_dir)
     if group_size is not None:
-        study.set_user_attr(_GROUP_SIZE, group_size)
+        study.set_user_attr(GROUP_SIZE, group_size)
     for values, user_attrs in first_trials:
         study.enqueue_trial(optuna_params(spec, values), user_attrs=user_attrs)
     handle = StudyHandle(study, spec, budget, seed, url)
@@ -193,9 +199,9 @@ def load_study(name: str, storage: str | None = None) -> StudyHandle:
     if text is None:
         raise StoreError(f"study {name!r} was not created by hpo (it has no stored search space)")
     spec = parse_spec(text, source=f"study {name!r}")
-    numeric = attrs.get(_NUMERIC_CHOICES, "categorical")
+    numeric = attrs.get(NUMERIC_CHOICES, "categorical")
     spec = with_numeric_choices(spec, numeric)
-    seed = int(attrs.get(_SEED, 0))
+    seed = int(attrs.get(STUDY_SEED, 0))
     n_done = len(plain.get_trials(deepcopy=False))
     study = optuna.load_study(
         study_name=name,
@@ -203,73 +209,12 @@ def load_study(name: str, storage: str | None = None) -> StudyHandle:
         sampler=make_sampler(spec.sampler, seed + n_done),
         pruner=make_pruner(spec.active_pruner),
     )
-    return StudyHandle(study, spec, int(attrs.get(_BUDGET, spec.budget.trials)), seed, url)
-
-
-# Records hpo reads back but a person rarely reads (the spec's YAML, a user model's site table)
-# are Optuna *system* attributes: Optuna's CLI (`optuna studies`, `optuna trials`) and
-# optuna-dashboard list every user attribute in full and no system attribute.
-
-
-def set_study_record(study: optuna.Study, key: str, value: Any) -> None:
-    study._storage.set_study_system_attr(study._study_id, key, value)
-
-
-def study_record(study: optuna.Study, key: str) -> Any:
-    return study._storage.get_study_system_attrs(study._study_id).get(key)
-
-
-def set_trial_record(trial: optuna.Trial, key: str, value: Any) -> None:
-    trial.study._storage.set_trial_system_attr(trial._trial_id, key, value)
-
-
-def spec_text(study: optuna.Study) -> str | None:
-    """The YAML the study was submitted with (``None``: not an hpo study). Studies stored before
-    it moved to a system attribute keep it as a user attribute."""
-    return study_record(study, _SPEC) or study.user_attrs.get(_SPEC)
-
-
-def site_table(trial: FrozenTrial) -> list[dict[str, Any]] | None:
-    """A user model's trial's resolved site table (path, kind, group, rate, variant, rate as
-    built); ``None`` for a built-in network's trial or one that never built its model."""
-    table = trial.system_attrs.get(SITE_TABLE)
-    if table is None and isinstance(trial.user_attrs.get(_OLD_SITES), list):
-        table = trial.user_attrs[_OLD_SITES]
-    return table
-
-
-def max_norm_table(trial: FrozenTrial) -> list[dict[str, Any]]:
-    """The layers max-norm held in a user model's trial, with their radii."""
-    return trial.system_attrs.get(MAX_NORM_TABLE) or trial.user_attrs.get(_OLD_MAX_NORM) or []
-
-
-def site_counts(table: list[dict[str, Any]]) -> dict[str, int]:
-    """How many sites of a site table each group drives (``(unmatched)``: sites no group holds)."""
-    return dict(Counter(site["group"] or "(unmatched)" for site in table))
-
-
-def baseline_attrs(baseline: Baseline) -> dict[str, Any]:
-    """The user attributes a queued baseline trial carries."""
-    return {BASELINE: baseline.kind, **({BASELINE_FIXED: baseline.fixed} if baseline.fixed else {})}
-
-
-def baseline_of(trial: FrozenTrial | optuna.Trial) -> Baseline | None:
-    """The baseline ``trial`` is, from its user attributes (``None``: an ordinary trial)."""
-    attrs = trial.user_attrs
-    if BASELINE not in attrs:
-        return None
-    return Baseline(attrs[BASELINE], dict(attrs.get(BASELINE_FIXED) or {}))
-
-
-def trial_settings(spec: Spec, trial: FrozenTrial | optuna.Trial) -> dict[str, Any]:
-    """``trial``'s searched values as the spec writes them (:func:`~hpo.params.trial_values`),
-    with the baseline values it trained with unsuggested: what reports, exports and MLflow show."""
-    return {**trial_values(spec, trial.params), **(trial.user_attrs.get(BASELINE_FIXED) or {})}
+    return StudyHandle(study, spec, int(attrs.get(BUDGET, spec.budget.trials)), seed, url)
 
 
 def set_budget(handle: StudyHandle, trials: int) -> None:
     """Change the study's budget of finished trials (``hpo resume --trials``)."""
-    handle.study.set_user_attr(_BUDGET, trials)
+    handle.study.set_user_attr(BUDGET, trials)
     handle.budget = trials
 
 
@@ -287,10 +232,6 @@ def best_trials(study: optuna.Study) -> list[FrozenTrial]:
         return study.best_trials
     best = best_trial(study)
     return [] if best is None else [best]
-
-
-def is_abandoned(trial: FrozenTrial) -> bool:
-    return trial.state == TrialState.FAIL and bool(trial.user_attrs.get(ABANDONED))
 
 
 @dataclass(frozen=True)
@@ -326,19 +267,19 @@ def driver_identity() -> dict[str, Any]:
 def claim(study: optuna.Study, trial: optuna.Trial) -> None:
     """Mark ``trial`` as run by this process, so another driver can tell when it is orphaned."""
     storage = study._storage
-    storage.set_trial_system_attr(trial._trial_id, _OWNER, driver_identity())
+    storage.set_trial_system_attr(trial._trial_id, DRIVER, driver_identity())
     heartbeat(study, trial._trial_id)
 
 
 def heartbeat(study: optuna.Study, trial_id: int) -> None:
-    study._storage.set_trial_system_attr(trial_id, _HEARTBEAT, time.time())
+    study._storage.set_trial_system_attr(trial_id, HEARTBEAT, time.time())
 
 
 def _orphaned(trial: FrozenTrial, now: float) -> bool:
-    owner = trial.system_attrs.get(_OWNER)
+    owner = trial.system_attrs.get(DRIVER)
     if owner and owner.get("host") == socket.gethostname():
         return owner.get("pid") == os.getpid() or not pid_alive(int(owner["pid"]))
-    last = trial.system_attrs.get(_HEARTBEAT)
+    last = trial.system_attrs.get(HEARTBEAT)
     return last is None or now - float(last) > HEARTBEAT_GRACE
 
 
@@ -376,7 +317,7 @@ def reconcile(study: optuna.Study, *, leased: bool = False) -> list[int]:
     orphans = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
                if leased or _orphaned(t, now)]
     for t in orphans:
-        owner = t.system_attrs.get(_OWNER, {})
+        owner = t.system_attrs.get(DRIVER, {})
         abandon(
             study, t._trial_id, t.params, t.user_attrs,
             f"abandoned: driver {owner.get('host', '?')}:{owner.get('pid', '?')} stopped during the trial",

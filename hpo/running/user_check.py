@@ -24,8 +24,9 @@ from hpo.models.groups import assign, constrained_layers, matches, unmatched_sit
 from hpo.models.sites import SiteTable
 from hpo.models.user_model import BuiltModel, UserTrialConfig, build, probed
 from hpo.params import names_dropout, optuna_params, searched_parameters
-from hpo.running.trial import TrialResult
-from hpo.running.user_trial import MissingMetricError, example_batch, run_user_trial
+from hpo.running.harness import TrialResult
+from hpo.running.trial import run_trial
+from hpo.running.user_trial import MissingMetricError, example_batch
 from hpo.space import centre, centre_config, on_grid, suggest
 from hpo.spec import METRICS, Choice, FloatRange, Spec
 from hpo.user_code import UserCodeError, is_object, locate
@@ -308,7 +309,7 @@ def check_user_model(spec: Spec, data: TrialData, accelerator: str = "cpu") -> C
         raise UserCodeError(key, problem)
     once = replace(config, train=replace(config.train, epochs=1, early_stopping=None))
     try:
-        result = run_user_trial(once, _head(data), spec.objective, accelerator=accelerator, batches=1)
+        result = run_trial(once, _head(data), spec.objective, accelerator=accelerator, batches=1)
     except MissingMetricError as exc:
         raise UserCodeError("objective", str(exc)) from exc
     except Exception as exc:  # noqa: BLE001 - the user's training code

@@ -1,44 +1,34 @@
 """One trial of the user's own model (the check before a study of one is
 :mod:`hpo.running.user_check`).
 
-The model is built for the trial (:func:`hpo.models.user_model.build`), trained by Lightning with
-the same callbacks as a built-in network's trial (best epoch, per-epoch listener, early stopping,
-Optuna's pruning callback) plus max-norm on the chosen layers, and measured: a plain network on
-every split as hpo measures its own, a ``LightningModule`` by the metrics it logs (and its own
-``test_step`` when there is test data).
+The model is built for the trial (:func:`hpo.models.user_model.build`), trained in the same
+harness as a built-in network's trial (:mod:`hpo.running.harness`) plus max-norm on the chosen
+layers, and measured: a plain network on every split as hpo measures its own, a
+``LightningModule`` by the metrics it logs (and its own ``test_step`` when there is test data).
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 import time
-from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback, EarlyStopping
-from torch.nn import functional as F
+from lightning.pytorch.callbacks import Callback
 
 from hpo.data import Splits, TrialData
 from hpo.data.batches import Loading, make_loaders
 from hpo.data.user import EXAMPLE_SIZE
-from hpo.models.module import inputs_to, logits_of, split_batch
-from hpo.models.user_model import BuiltModel, MaxNormCallback, SiteReport, UserTrialConfig, build
-from hpo.running.trial import (
+from hpo.models.user_model import BuiltModel, MaxNormCallback, UserTrialConfig, build
+from hpo.running.harness import (
     EVAL_BATCH,
-    BestEpoch,
-    EpochListener,
-    Precision,
+    Fitted,
+    Prepared,
     TrialResult,
-    cpu_state,
+    evaluate_batches,
     evaluate_splits,
-    fit_interruptible,
-    matmul_precision,
-    quiet_lightning,
     selection_objective,
-    trainer,
 )
 from hpo.spec import ObjectiveSpec
 
@@ -112,24 +102,6 @@ def _fit_data(data: TrialData, batch_size: int, seed: int, device: torch.device,
     return data.fit_arguments(batch_size, seed)
 
 
-@torch.inference_mode()
-def evaluate_batches(net: torch.nn.Module, batches: Any, limit: int | None = None) -> tuple[float, float]:
-    """Eval-mode mean cross-entropy and accuracy of a classifier over a loader's batches (the
-    first ``limit`` of them)."""
-    net.eval()
-    device = next(net.parameters()).device
-    loss, correct, count = 0.0, 0, 0
-    for batch in itertools.islice(batches, limit):
-        args, kwargs, y = split_batch(batch)
-        args, kwargs = inputs_to(device, args, kwargs)
-        y = y.to(device)
-        logits = logits_of(net(*args, **kwargs))
-        loss += float(F.cross_entropy(logits, y, reduction="sum"))
-        correct += int((logits.argmax(-1) == y).sum())
-        count += len(y)
-    return loss / max(count, 1), correct / max(count, 1)
-
-
 def _classifier_summary(net: torch.nn.Module, data: TrialData, limit: int | None = None) -> dict[str, float]:
     """Eval-mode loss and accuracy of a plain network on every split (the first ``limit``
     batches of each), and the gap."""
@@ -169,72 +141,47 @@ def _lightning_summary(fitter: pl.Trainer, built: BuiltModel, data: TrialData) -
     return {k: v for result in results for k, v in _scalars(result).items()}
 
 
-def run_user_trial(
-    config: UserTrialConfig,
-    data: TrialData,
-    objectives: list[ObjectiveSpec],
-    *,
-    pruning_trial: Any | None = None,
-    accelerator: str = "auto",
-    on_epoch: Callable[[dict[str, float]], None] | None = None,
-    keep_last: bool = False,
-    loading: Loading = "auto",
-    precision: Precision = "32",
-    batches: int | None = None,
-    on_built: Callable[[SiteReport], None] | None = None,
-) -> TrialResult:
-    """Train the user's model for one trial and measure it (the arguments are those of
-    :func:`hpo.running.trial.run_trial`; ``batches`` limits each epoch, for the check).
+class UserTrial:
+    """The user-model kind of trial (:class:`~hpo.running.trial.TrialKind`). A plain network is
+    measured on every split as hpo measures its own; a ``LightningModule`` by the metrics it
+    logs (and its own ``test_step`` when there is test data). Measuring raises
+    :class:`MissingMetricError` when an objective is not logged."""
 
-    Raises ``optuna.TrialPruned`` when pruned, :class:`MissingMetricError` when an objective is
-    not logged, and whatever the user's code raises.
-    """
-    quiet_lightning()
-    pl.seed_everything(config.seed, workers=True, verbose=False)
-    built = build(config, example_batch(data))
-    report = built.report()
-    if on_built is not None:
-        on_built(report)
-    selection = _selection(objectives, built.lightning)
-    maximize = selection.direction == "maximize"
-    recorder = MetricHistory([o.metric for o in objectives if o.metric != "epoch_time"]) if built.lightning else None
-    history = recorder.entries if recorder is not None else built.module.history
-    best = BestEpoch(selection.metric, maximize, history, built.network)
-    callbacks: list[Callback] = ([recorder] if recorder is not None else []) + [best]
-    if on_epoch is not None:
-        callbacks.append(EpochListener(on_epoch, history))
-    if built.constrained:
-        callbacks.append(MaxNormCallback(built.constrained))
-    if config.train.early_stopping:
-        callbacks.append(EarlyStopping(selection.metric, patience=config.train.early_stopping,
-                                       mode="max" if maximize else "min"))
-    if pruning_trial is not None:
-        from optuna_integration import PyTorchLightningPruningCallback
+    def network(self, config: UserTrialConfig, data: TrialData) -> torch.nn.Module:
+        return build(config, example_batch(data)).network
 
-        callbacks.append(PyTorchLightningPruningCallback(pruning_trial, monitor=selection.metric))
+    def prepare(self, config: UserTrialConfig, data: TrialData, objectives: list[ObjectiveSpec]) -> Prepared:
+        built = build(config, example_batch(data))
+        logged = [o.metric for o in objectives if o.metric != "epoch_time"]
+        recorder = MetricHistory(logged) if built.lightning else None
+        history = recorder.entries if recorder is not None else built.module.history
+        return Prepared(
+            built.module, built.network, history, _selection(objectives, built.lightning),
+            before=[recorder] if recorder is not None else [],
+            after=[MaxNormCallback(built.constrained)] if built.constrained else [],
+            sites=built.report(), built=built,
+        )
 
-    fitter = trainer(accelerator, config.train.epochs, precision, callbacks, batches=batches)
-    fit_data = _fit_data(data, config.train.batch_size, config.seed, fitter.strategy.root_device, loading)
-    with matmul_precision(precision):
-        fit_interruptible(fitter, built.module, **fit_data)
-    if not history:
-        raise RuntimeError("training ended before its first validation epoch")
-    if keep_last:
-        best.epoch, best.state = len(history) - 1, cpu_state(built.network)
-    elif best.state is not None:
-        built.network.load_state_dict(best.state)
+    def fit_data(self, config: UserTrialConfig, data: TrialData, device: torch.device,
+                 loading: Loading) -> dict[str, Any]:
+        return _fit_data(data, config.train.batch_size, config.seed, device, loading)
 
-    if built.lightning:
-        summary = _lightning_summary(fitter, built, data)
-    else:
-        summary = _classifier_summary(built.network, data, batches)
-    summary["epochs"] = len(history)
-    summary["epoch_time"] = sum(h["epoch_time"] for h in history) / len(history)
-    at_best = {**history[best.epoch], **{k: summary[k] for k in ("gap", "epoch_time") if k in summary}}
-    missing = [o.metric for o in objectives if o.metric not in at_best]
-    if missing:
-        raise MissingMetricError(f"the model did not log {', '.join(map(repr, missing))} in epoch {best.epoch}")
-    return TrialResult(
-        values=[at_best[o.metric] for o in objectives], best_epoch=best.epoch, history=history, summary=summary,
-        state=best.state, sites=report,
-    )
+    def measure(self, prepared: Prepared, fitted: Fitted, data: TrialData, objectives: list[ObjectiveSpec],
+                batches: int | None = None) -> TrialResult:
+        built: BuiltModel = prepared.built
+        history = prepared.history
+        if built.lightning:
+            summary = _lightning_summary(fitted.trainer, built, data)
+        else:
+            summary = _classifier_summary(built.network, data, batches)
+        summary["epochs"] = len(history)
+        summary["epoch_time"] = sum(h["epoch_time"] for h in history) / len(history)
+        at_best = {**history[fitted.best_epoch], **{k: summary[k] for k in ("gap", "epoch_time") if k in summary}}
+        missing = [o.metric for o in objectives if o.metric not in at_best]
+        if missing:
+            raise MissingMetricError(
+                f"the model did not log {', '.join(map(repr, missing))} in epoch {fitted.best_epoch}")
+        return TrialResult(
+            values=[at_best[o.metric] for o in objectives], best_epoch=fitted.best_epoch, history=history,
+            summary=summary, state=fitted.state, sites=prepared.sites,
+        )

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from hpo.running.store import redact
 from hpo.running.study import StudyHandle
-from hpo.tracking.runs import BEST_MODEL_TAG, NUMBER_TAG, PARENT_ATTR, Tracking, _log, client
+from hpo.tracking.runs import BEST_MODEL_TAG, NUMBER_TAG, PARENT_ATTR, Tracking, client, log_to_run
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -26,17 +26,10 @@ def trained_network(config: Any, state: dict[str, Any], data: TrialData) -> Any:
     masks depend on timing."""
     import torch
 
-    from hpo.models.nets import build_net
-    from hpo.space import TrialConfig
+    from hpo.running.trial import build_network
 
     with torch.random.fork_rng():
-        if isinstance(config, TrialConfig):
-            net = build_net(config.net, config.dropout, data.input_shape, data.num_classes)
-        else:
-            from hpo.models.user_model import build
-            from hpo.running.user_trial import example_batch
-
-            net = build(config, example_batch(data)).network
+        net = build_network(config, data)
     net.load_state_dict(state)
     return net.eval()
 
@@ -110,7 +103,7 @@ def attach_best_model(mlflow_client: MlflowClient, uri: str, parent_id: str, run
     point the study run's ``hpo.best_model`` tag at the model."""
     log_model(uri, run_id, net, example, code_dir)
     mlflow_client.set_terminated(run_id, status="FINISHED", end_time=end_ms)
-    _log(mlflow_client, parent_id, tags={BEST_MODEL_TAG: f"runs:/{run_id}/model"})
+    log_to_run(mlflow_client, parent_id, tags={BEST_MODEL_TAG: f"runs:/{run_id}/model"})
 
 
 def model_uri(handle: StudyHandle, settings: Tracking, number: int) -> str | None:
@@ -119,13 +112,14 @@ def model_uri(handle: StudyHandle, settings: Tracking, number: int) -> str | Non
     if not settings.enabled or known.get("uri") != redact(settings.resolved_uri):
         return None
     try:
-        return _best_model_of(client(settings), known["run_id"], number)
+        return best_model_of(client(settings), known["run_id"], number)
     except Exception:  # noqa: BLE001 - no model to load: the caller trains the trial again
         return None
 
 
-def _best_model_of(mlflow_client: MlflowClient, parent_id: str, number: int) -> str | None:
-    """The study run's ``hpo.best_model`` when it is trial ``number``'s model, else ``None``."""
+def best_model_of(mlflow_client: MlflowClient, parent_id: str, number: int) -> str | None:
+    """The model URI (``runs:/…/model``) the study run ``parent_id`` names as its best model
+    (its ``hpo.best_model`` tag) when that is trial ``number``'s model, else ``None``."""
     uri = mlflow_client.get_run(parent_id).data.tags.get(BEST_MODEL_TAG, "")
     run_id = uri.removeprefix("runs:/").split("/")[0]
     if run_id and mlflow_client.get_run(run_id).data.tags.get(NUMBER_TAG) == str(number):

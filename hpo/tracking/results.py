@@ -19,10 +19,10 @@ from hpo.tracking.runs import (
     STUDY_TAG,
     Tracking,
     TrackingError,
-    _log,
     client,
     ensure_parent_run,
     epoch_metrics,
+    log_to_run,
     trial_params,
 )
 
@@ -83,10 +83,10 @@ def log_retrained(handle: StudyHandle, settings: Tracking, retrained: Any, data:
             PARENT_TAG: parent_id, STUDY_TAG: handle.name, ROLE_TAG: "retrain", NUMBER_TAG: str(trial.number),
             "mlflow.runName": f"retrain-trial-{trial.number:03d}"})
         now = int(time.time() * 1000)
-        _log(mlflow_client, run.info.run_id, params={**trial_params(trial, handle.spec), "epochs": str(retrained.epochs),
-                                                     "data": "train+val"},
-             metrics=retrained.test,
-             metric_list=[m for entry in retrained.result.history for m in epoch_metrics(entry, now)])
+        log_to_run(mlflow_client, run.info.run_id,
+                   params={**trial_params(trial, handle.spec), "epochs": str(retrained.epochs), "data": "train+val"},
+                   metrics=retrained.test,
+                   metric_list=[m for entry in retrained.result.history for m in epoch_metrics(entry, now)])
         log_model(settings.resolved_uri, run.info.run_id,
                   trained_network(retrained.config, retrained.result.state, data), model_example(data), handle.code_dir)
         mlflow_client.set_terminated(run.info.run_id)

@@ -22,18 +22,24 @@ from typing import TYPE_CHECKING, Any
 from optuna.trial import FrozenTrial, TrialState
 
 from hpo.errors import HpoError
-from hpo.running.store import ABANDONED, FAIL_REASON, redact, sqlite_path
-from hpo.running.study import (
+from hpo.running.records import (
+    ABANDONED,
     BASELINE,
     DROPOUT_KEPT,
+    FAIL_REASON,
+    HISTORY,
+    MLFLOW_PARENT,
+    PRUNED_REASON,
+    SEED,
+    SPEC_SOURCE,
     TRIAL_METRICS,
-    Counts,
-    StudyHandle,
     max_norm_table,
     site_table,
     spec_text,
     trial_settings,
 )
+from hpo.running.store import redact, sqlite_path
+from hpo.running.study import Counts, StudyHandle
 from hpo.spec import Spec
 from hpo.tracking import view
 
@@ -45,8 +51,8 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 TRACKING_ENV = "MLFLOW_TRACKING_URI"
 ARTIFACTS_DIR = "mlartifacts"
 
-#: Study user attribute holding the parent run: ``{"uri": …, "experiment_id": …, "run_id": …}``.
-PARENT_ATTR = "hpo:mlflow"
+#: Study user attribute holding the parent run (:data:`hpo.running.records.MLFLOW_PARENT`).
+PARENT_ATTR = MLFLOW_PARENT
 STUDY_TAG, ROLE_TAG, NUMBER_TAG, STATE_TAG = "hpo.study", "hpo.role", "hpo.trial_number", "hpo.state"
 BEST_MODEL_TAG = "hpo.best_model"
 PARENT_TAG = "mlflow.parentRunId"
@@ -160,7 +166,7 @@ def run_params(params: dict[str, Any], seed: Any = None) -> dict[str, str]:
 def trial_params(trial: FrozenTrial, spec: Spec) -> dict[str, str]:
     """``trial``'s parameters as the values they stand for, a baseline's fixed values with them
     (:func:`hpo.running.study.trial_settings`), and its seed, as MLflow parameters."""
-    return run_params(trial_settings(spec, trial), trial.user_attrs.get("seed"))
+    return run_params(trial_settings(spec, trial), trial.user_attrs.get(SEED))
 
 
 def run_tags(number: int, study_name: str, parent_id: str, state: str) -> dict[str, str]:
@@ -172,7 +178,7 @@ def run_tags(number: int, study_name: str, parent_id: str, state: str) -> dict[s
 def trial_history(trial: FrozenTrial) -> list[dict[str, float]]:
     """Per-epoch metrics as stored; for trials stored without them, the intermediate values
     Optuna kept (the selection metric), named ``objective``."""
-    history = trial.user_attrs.get("history")
+    history = trial.user_attrs.get(HISTORY)
     if history:
         return list(history)
     return [{"epoch": step, "objective": value} for step, value in sorted(trial.intermediate_values.items())]
@@ -186,7 +192,7 @@ def trial_record(trial: FrozenTrial, study_name: str, parent_id: str, objectives
     tags = run_tags(trial.number, study_name, parent_id, state)
     if attrs.get(BASELINE):
         tags["hpo.baseline"] = str(attrs[BASELINE])
-    reason = attrs.get(FAIL_REASON) or attrs.get("pruned_reason")
+    reason = attrs.get(FAIL_REASON) or attrs.get(PRUNED_REASON)
     if reason and state != "complete":
         tags["hpo.reason"] = str(reason)[:_MAX_VALUE]
     metrics: dict[str, float] = {}
@@ -230,7 +236,8 @@ def study_metrics(counts: Counts, best: list[FrozenTrial], objectives: list[str]
     return {k: float(v) for k, v in metrics.items()}
 
 
-def _objectives(handle: StudyHandle) -> list[str]:
+def objective_names(handle: StudyHandle) -> list[str]:
+    """The metric names of the study's objectives, in the spec's order (``val/acc``, …)."""
     return [o.metric for o in handle.spec.objective]
 
 
@@ -314,10 +321,10 @@ def ensure_parent_run(mlflow_client: MlflowClient, handle: StudyHandle, settings
         "objectives": ", ".join(f"{o.metric} ({o.direction})" for o in spec.objective),
         "data": getattr(spec.data, "dataset", None) or spec.data.class_path,
         "arch" if not spec.user_model else "model": getattr(spec.model, "arch", None) or spec.model.class_path,
-        "spec_source": handle.study.user_attrs.get("hpo:spec_source", ""),
+        "spec_source": handle.study.user_attrs.get(SPEC_SOURCE, ""),
     }
-    _log(mlflow_client, run_id, params={k: str(v) for k, v in params.items()},
-         metrics={"budget": float(handle.budget)})
+    log_to_run(mlflow_client, run_id, params={k: str(v) for k, v in params.items()},
+               metrics={"budget": float(handle.budget)})
     mlflow_client.log_text(run_id, spec_text(handle.study) or "", "spec.yaml")
     handle.study.set_user_attr(PARENT_ATTR, {"uri": redact(uri), "experiment_id": experiment_id, "run_id": run_id})
     if not running:
@@ -340,10 +347,12 @@ def write_view(mlflow_client: MlflowClient, experiment_id: str, handle: StudyHan
     return key
 
 
-def _log(mlflow_client: MlflowClient, run_id: str, *, params: dict[str, str] | None = None,
-         metrics: dict[str, float] | None = None, tags: dict[str, str] | None = None,
-         metric_list: list[Any] = (), step: int = 0) -> None:
-    """One ``log_batch`` call (split at MLflow's 1000-entry limit) for everything given."""
+def log_to_run(mlflow_client: MlflowClient, run_id: str, *, params: dict[str, str] | None = None,
+               metrics: dict[str, float] | None = None, tags: dict[str, str] | None = None,
+               metric_list: list[Any] = (), step: int = 0) -> None:
+    """Log ``params``, ``metrics`` (at ``step``, timestamped now), ready-made ``metric_list``
+    entries and ``tags`` to run ``run_id`` in one ``log_batch`` call (split at MLflow's
+    1000-entry limit); values longer than MLflow keeps are cut."""
     from mlflow.entities import Metric, Param, RunTag
 
     now = int(time.time() * 1000)
@@ -377,7 +386,7 @@ def write_trial_run(mlflow_client: MlflowClient, experiment_id: str, record: Tri
         if int(entry.get("epoch", 0)) not in logged_steps:
             metric_list += epoch_metrics(entry, start)
     params = {k: v for k, v in record.params.items() if k not in logged_params}
-    _log(mlflow_client, run_id, params=params, metrics=record.metrics, tags=record.tags, metric_list=metric_list)
+    log_to_run(mlflow_client, run_id, params=params, metrics=record.metrics, tags=record.tags, metric_list=metric_list)
     if record.sites is not None:
         mlflow_client.log_dict(run_id, record.sites, SITES_ARTIFACT)
     if record.status not in ("RUNNING", "SCHEDULED"):

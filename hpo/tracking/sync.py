@@ -15,7 +15,7 @@ from hpo.errors import HpoError, describe
 from hpo.running.store import redact
 from hpo.running.study import StudyHandle, best_trial, best_trials, count_trials
 from hpo.spec import EPOCH_METRICS
-from hpo.tracking.models import _best_model_of, attach_best_model
+from hpo.tracking.models import attach_best_model, best_model_of
 from hpo.tracking.runs import (
     NUMBER_TAG,
     PARENT_TAG,
@@ -23,10 +23,10 @@ from hpo.tracking.runs import (
     STATE_TAG,
     Tracking,
     TrackingError,
-    _log,
-    _objectives,
     client,
     ensure_parent_run,
+    log_to_run,
+    objective_names,
     study_metrics,
     trial_record,
     write_trial_run,
@@ -88,7 +88,7 @@ def sync(handle: StudyHandle, settings: Tracking = Tracking(),
                 existing.setdefault(int(run.data.tags[NUMBER_TAG]), []).append(run)
         created = completed = removed = unchanged = 0
         run_ids: dict[int, str] = {}
-        objectives = _objectives(handle)
+        objectives = objective_names(handle)
         trials = handle.study.get_trials(deepcopy=False)
         for trial in trials:
             runs = sorted(existing.get(trial.number, []), key=_completeness, reverse=True)
@@ -111,14 +111,14 @@ def sync(handle: StudyHandle, settings: Tracking = Tracking(),
                 unchanged += 1
             run_ids[trial.number] = run_id
         best = best_trial(handle.study) if len(handle.study.directions) == 1 else None
-        if rerun is not None and best is not None and not _best_model_of(mlflow_client, parent_id, best.number):
+        if rerun is not None and best is not None and not best_model_of(mlflow_client, parent_id, best.number):
             net, example, model_values = rerun(best)
             attach_best_model(mlflow_client, settings.resolved_uri, parent_id, run_ids[best.number], net, example,
                               trial_record(best, handle.name, parent_id, objectives, handle.spec).end_ms, handle.code_dir)
             model_trial = best.number
         counts = count_trials(trials)
-        _log(mlflow_client, parent_id, step=counts.finished,
-             metrics=study_metrics(counts, best_trials(handle.study), objectives, handle.budget))
+        log_to_run(mlflow_client, parent_id, step=counts.finished,
+                   metrics=study_metrics(counts, best_trials(handle.study), objectives, handle.budget))
         if counts.running == 0:
             mlflow_client.set_terminated(parent_id, status="FINISHED" if counts.finished >= handle.budget else "KILLED")
     except HpoError:

@@ -23,11 +23,11 @@ from hpo.tracking.models import attach_best_model, model_example, trained_networ
 from hpo.tracking.runs import (
     STATE_TAG,
     Tracking,
-    _log,
-    _objectives,
     client,
     ensure_parent_run,
     epoch_metrics,
+    log_to_run,
+    objective_names,
     run_params,
     run_tags,
     study_metrics,
@@ -102,7 +102,7 @@ class Tracker:
         self.model_interval = MODEL_INTERVAL_S if model_interval is None else model_interval
         self._model: _PendingModel | None = None
         self._model_logged_at = time.monotonic()
-        self.objectives = _objectives(handle)
+        self.objectives = objective_names(handle)
         self.failed: str | None = None
         self.experiment_id = self.parent_id = ""
         self._client: MlflowClient | None = None
@@ -119,7 +119,7 @@ class Tracker:
         study's parent run (a new SQLite store takes seconds of schema migrations), so the first
         trials train meanwhile; nothing here waits on MLflow."""
         # Imported here, before any trial: it loads pytorch_lightning, which re-points
-        # Lightning's loggers; each trial then quiets them again (hpo.running.trial.quiet_lightning).
+        # Lightning's loggers; each trial then quiets them again (hpo.running.harness.quiet_lightning).
         import mlflow.pytorch  # noqa: F401
 
         self._put("open")
@@ -219,7 +219,7 @@ class Tracker:
         state = self._run(number)
         state.run_id = run.info.run_id
         logged = run_params(params, seed)
-        _log(self._client, state.run_id, params=logged)
+        log_to_run(self._client, state.run_id, params=logged)
         state.params = tuple(logged)
 
     def _on_epoch(self, number: int, entry: dict[str, float], at: float) -> None:
@@ -238,15 +238,15 @@ class Tracker:
         for state in self._runs.values():
             if state.pending and state.run_id and now - state.pending_since >= self.metrics_lag:
                 pending, state.pending = state.pending, []
-                _log(self._client, state.run_id, metric_list=pending)
+                log_to_run(self._client, state.run_id, metric_list=pending)
                 state.sent.update(m.step for m in pending)
 
     def _log_totals(self) -> None:
         """The study run's totals and best values, as of the last trial that finished."""
         if self._totals is not None:
             (counts, best), self._totals = self._totals, None
-            _log(self._client, self.parent_id, step=counts.finished,
-                 metrics=study_metrics(counts, best, self.objectives, self.handle.budget))
+            log_to_run(self._client, self.parent_id, step=counts.finished,
+                       metrics=study_metrics(counts, best, self.objectives, self.handle.budget))
 
     def _on_finished(self, trial: FrozenTrial, model: Any, counts: Counts, best: list[FrozenTrial]) -> None:
         state = self._runs.pop(trial.number, _RunState())
@@ -274,11 +274,11 @@ class Tracker:
         self._totals = None
         for state in self._runs.values():
             if state.run_id:
-                _log(self._client, state.run_id, metric_list=state.pending, tags={STATE_TAG: "abandoned"})
+                log_to_run(self._client, state.run_id, metric_list=state.pending, tags={STATE_TAG: "abandoned"})
                 self._client.set_terminated(state.run_id, status="KILLED")
         self._runs.clear()
-        _log(self._client, self.parent_id, step=counts.finished,
-             metrics=study_metrics(counts, best, self.objectives, self.handle.budget))
+        log_to_run(self._client, self.parent_id, step=counts.finished,
+                   metrics=study_metrics(counts, best, self.objectives, self.handle.budget))
         status = {"budget": "FINISHED", "timeout": "FINISHED", "interrupted": "KILLED"}.get(stopped, "FAILED")
         self._client.set_terminated(self.parent_id, status=status)
 
