@@ -1,6 +1,6 @@
 """The ``hpo`` command line: a thin layer over :mod:`hpo.api` (its read side,
 :mod:`hpo.queries`, for the verbs that only read the store) and :mod:`hpo.running.study`; what it
-prints is built in :mod:`hpo.output`.
+prints is built in :mod:`hpo.printing`.
 
 Bad input (an invalid search space, unreadable data, an unreachable store, an unknown study)
 ends with one line on stderr and exit code 2. Verbs that only read the store never import torch,
@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Callable, TypeVar
 import optuna
 import typer
 
-from hpo import __version__, output, queries
+from hpo import __version__, printing, queries
 from hpo.analysis.export import to_csv, to_json, trial_rows
 from hpo.errors import HpoError, StoreError
 from hpo.output import VERBOSE_ENV
@@ -510,7 +510,7 @@ def evaluate_uncertainty(
                       f"{result.dropout_modules} modules)", highlight=False, soft_wrap=True)
     for line in result.switch.unsampled:
         _warn(f"MC dropout cannot sample {line}")
-    output.print_uncertainty(console, result)
+    printing.print_uncertainty(console, result)
 
 
 @app.command()
@@ -599,7 +599,7 @@ def ui(
 @_user_errors
 def status(study: StudyName, storage: Storage = None) -> None:
     """Trial counts against the budget, the best value, and running or failed trials."""
-    output.print_status(console, queries.status(study, storage))
+    printing.print_status(console, queries.status(study, storage))
 
 
 @app.command()
@@ -614,14 +614,14 @@ def best(
     if not front:
         errors.print(f"error: study {study!r} has no complete trial yet")
         raise typer.Exit(1)
-    output.print_best(console, front, as_json)
+    printing.print_best(console, front, as_json)
 
 
 @app.command("list")
 @_user_errors
 def list_studies(storage: Storage = None) -> None:
     """Every study in the store, with its trial counts and best value."""
-    output.print_studies(console, queries.studies(storage), _shown(storage))
+    printing.print_studies(console, queries.studies(storage), _shown(storage))
 
 
 @app.command()
@@ -639,7 +639,7 @@ def delete(
                 raise StoreError("refusing to delete without confirmation: pass --yes")
             typer.confirm(f"delete study {study!r} and its {n} trials?", abort=True)
 
-    output.print_deleted(console, study, queries.delete(study, storage, confirm=confirm))
+    printing.print_deleted(console, study, queries.delete(study, storage, confirm=confirm))
 
 
 @app.command()
@@ -684,7 +684,7 @@ def _report_run(handle: StudyHandle, summary: RunSummary) -> None:
     best = best_trial(handle.study)
     if best is not None:
         console.print("best configuration:")
-        output.print_trial(console, StoredTrial.of(best, handle.spec))
+        printing.print_trial(console, StoredTrial.of(best, handle.spec))
         if not handle.spec.multi_objective:
             _compare_with_baseline(handle, best)
     if summary.stopped in ("budget", "timeout") and best is not None:
@@ -703,7 +703,7 @@ def _print_address(handle: StudyHandle) -> None:
 
     planned = planned_address(handle)
     if planned is not None:
-        output.print_address(console, *planned)
+        printing.print_address(console, *planned)
 
 
 def _compare_with_baseline(handle: StudyHandle, best: optuna.trial.FrozenTrial) -> None:
