@@ -86,7 +86,7 @@ def score_batches(bench: FCNet, studies: list[list[tuple]], size: int, grouped: 
     for configs in studies:
         seen = set()
         for start in range(0, len(configs) - size + 1, size):
-            members = configs[start:start + size]
+            members = configs[start : start + size]
             shape = tuple(members[0][i] for i in shape_at)
             if start >= STARTUP_TRIALS:
                 spreads.append(spread(bench, members, searched))
@@ -97,8 +97,14 @@ def score_batches(bench: FCNet, studies: list[list[tuple]], size: int, grouped: 
             seen.add(shape)
     if not grouped:
         return BatchScores(len(spreads), float(np.mean(spreads)))
-    return BatchScores(len(spreads), float(np.mean(spreads)), float(np.mean(repeats)), float(np.median(ranks)),
-                       len(best), float(np.mean(found)))
+    return BatchScores(
+        len(spreads),
+        float(np.mean(spreads)),
+        float(np.mean(repeats)),
+        float(np.median(ranks)),
+        len(best),
+        float(np.mean(found)),
+    )
 
 
 def arms() -> list[Arm]:
@@ -140,8 +146,11 @@ def main() -> None:
                 size = max(arm.k, arm.group)
                 s = score_batches(bench, list(pool.map(_study, jobs, chunksize=1)), size, arm.group > 1)
                 rank = "-" if s.shape_rank is None else f"{s.shape_rank:.0f} of {s.shapes}"
-                print(f"| {bench.name} | {arm.label} | {s.batches} | {s.spread:.2f} | {_cell(s.repeats, '.2f')} "
-                      f"| {rank} | {_cell(s.found_its_best, '.2f')} |", flush=True)
+                print(
+                    f"| {bench.name} | {arm.label} | {s.batches} | {s.spread:.2f} | {_cell(s.repeats, '.2f')} "
+                    f"| {rank} | {_cell(s.found_its_best, '.2f')} |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

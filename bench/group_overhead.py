@@ -50,8 +50,14 @@ def random_splits(examples: int, seed: int = 0) -> Splits:
     def split(n: int) -> Split:
         return Split(torch.randn(n, 784, generator=g), torch.randint(0, 10, (n,), generator=g))
 
-    return Splits(train=split(examples), val=split(examples // 6), test=split(examples // 6),
-                  input_shape=(784,), num_classes=10, name="random")
+    return Splits(
+        train=split(examples),
+        val=split(examples // 6),
+        test=split(examples // 6),
+        input_shape=(784,),
+        num_classes=10,
+        name="random",
+    )
 
 
 def sync(device: torch.device) -> None:
@@ -73,7 +79,7 @@ def bare(k: int, data: Splits, units: int, epochs: int, device: torch.device, pr
         start = time.perf_counter()
         order = torch.randperm(len(y), device=device)
         for begin in range(0, len(y), BATCH):
-            idx = order[begin:begin + BATCH]
+            idx = order[begin : begin + BATCH]
             h, target = x[idx].expand(k, -1, -1), y[idx]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
                 for i, (w, b) in enumerate(zip(weights, biases)):
@@ -96,15 +102,23 @@ def grouped(k: int, data: Splits, units: int, epochs: int, accelerator: str, pre
         TrialConfig(
             net=NetConfig(units=(units,) * 3),
             dropout=DropoutConfig(input=RATES[0], hidden=(RATES[1],) * 3, max_norm=MAX_NORM),
-            train=TrainConfig(optimizer="sgd", lr=0.01 * (1 + m / k), momentum=MOMENTUM, epochs=epochs, batch_size=BATCH),
+            train=TrainConfig(
+                optimizer="sgd", lr=0.01 * (1 + m / k), momentum=MOMENTUM, epochs=epochs, batch_size=BATCH
+            ),
             seed=m,
         )
         for m in range(k)
     ]
     last: list[float] = []
     start = time.perf_counter()
-    run_group(configs, data, [ObjectiveSpec(metric="val/acc", direction="maximize")], accelerator=accelerator,
-              precision=precision, on_epoch=lambda member, entry: last.append(entry["epoch_time"]) if member == 0 else None)
+    run_group(
+        configs,
+        data,
+        [ObjectiveSpec(metric="val/acc", direction="maximize")],
+        accelerator=accelerator,
+        precision=precision,
+        on_epoch=lambda member, entry: last.append(entry["epoch_time"]) if member == 0 else None,
+    )
     return last[-1], time.perf_counter() - start
 
 
@@ -115,7 +129,9 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=50_000, help="training images per epoch")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--precision", default="32", choices=PRECISIONS, help="training arithmetic")
-    parser.add_argument("--small", action="store_true", help="CPU size: K = 1, 4, 16; 3x256 units; 5,000 images; 2 epochs")
+    parser.add_argument(
+        "--small", action="store_true", help="CPU size: K = 1, 4, 16; 3x256 units; 5,000 images; 2 epochs"
+    )
     args = parser.parse_args()
     if args.small:
         args.sizes, args.units, args.examples, args.epochs = [1, 4, 16], 256, 5000, 2
@@ -123,8 +139,10 @@ def main() -> None:
     device = torch.device("cuda" if cuda else "cpu")
     data = random_splits(args.examples)
     what = torch.cuda.get_device_name(0) if cuda else f"CPU, {torch.get_num_threads()} threads"
-    print(f"{what}, torch {torch.__version__}; MLP 784-{args.units}x3-10, batch {BATCH}, "
-          f"{args.examples:,} images, {args.epochs} epochs, precision {args.precision}")
+    print(
+        f"{what}, torch {torch.__version__}; MLP 784-{args.units}x3-10, batch {BATCH}, "
+        f"{args.examples:,} images, {args.epochs} epochs, precision {args.precision}"
+    )
     print()
     print("| K | bare: s/model-epoch | run_group: s/model-epoch | overhead | run_group wall / (K x epochs) |")
     print("|---|---|---|---|---|")
@@ -132,8 +150,10 @@ def main() -> None:
         with matmul_precision(args.precision):
             floor = bare(k, data, args.units, args.epochs, device, args.precision) / k
         epoch, wall = grouped(k, data, args.units, args.epochs, "gpu" if cuda else "cpu", args.precision)
-        print(f"| {k} | {floor:.4f} | {epoch / k:.4f} | {epoch / k / floor:.2f}x | {wall / (k * args.epochs):.4f} |",
-              flush=True)
+        print(
+            f"| {k} | {floor:.4f} | {epoch / k:.4f} | {epoch / k / floor:.2f}x | {wall / (k * args.epochs):.4f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

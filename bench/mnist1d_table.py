@@ -94,8 +94,14 @@ def run_seed(job: Job) -> dict[str, Any]:
 
     started = time.perf_counter()
     handle, _ = submit(
-        space, trials=len(configs), study_name=f"mnist1d-table-seed{job.seed}", storage=job.storage,
-        seed=job.seed, baselines=False, on_start=queue, on_note=lambda _: None,
+        space,
+        trials=len(configs),
+        study_name=f"mnist1d-table-seed{job.seed}",
+        storage=job.storage,
+        seed=job.seed,
+        baselines=False,
+        on_start=queue,
+        on_note=lambda _: None,
         execution=Execution(executor="local", group_size=job.group_size, cpus_per_trial=job.threads),
         tracking=Tracking(enabled=False),
     )
@@ -116,8 +122,16 @@ def run_seed(job: Job) -> dict[str, Any]:
     return {"seed": job.seed, "rows": [rows[c] for c in configs], "seconds": time.perf_counter() - started}
 
 
-def build(space: Path, seeds: list[int], *, jobs: int, group_size: int, epochs: int | None = None,
-          limit: int | None = None, store: Path | None = None) -> dict[str, Any]:
+def build(
+    space: Path,
+    seeds: list[int],
+    *,
+    jobs: int,
+    group_size: int,
+    epochs: int | None = None,
+    limit: int | None = None,
+    store: Path | None = None,
+) -> dict[str, Any]:
     """Run one study per seed (``jobs`` at a time, each in its own process with its share of the
     cores) and gather them into the table."""
     spec = load_spec(space)
@@ -126,16 +140,20 @@ def build(space: Path, seeds: list[int], *, jobs: int, group_size: int, epochs: 
     folder = store or Path(tempfile.mkdtemp(prefix="mnist1d-table-"))
     folder.mkdir(parents=True, exist_ok=True)
     threads = max(1.0, _cores() / min(jobs, len(seeds)))
-    work = [Job(space, seed, f"sqlite:///{folder / f'seed{seed}.db'}", epochs, limit, group_size, threads)
-            for seed in seeds]
+    work = [
+        Job(space, seed, f"sqlite:///{folder / f'seed{seed}.db'}", epochs, limit, group_size, threads) for seed in seeds
+    ]
     started = time.perf_counter()
     results = []
     with ProcessPoolExecutor(max_workers=jobs) as pool:
         for result in pool.map(run_seed, work):
             results.append(result)
-            print(f"seed {result['seed']}: {len(configs)} trials in {result['seconds']:.0f} s, "
-                  f"{time.perf_counter() - started:.0f} s since the start",
-                  file=sys.stderr, flush=True)
+            print(
+                f"seed {result['seed']}: {len(configs)} trials in {result['seconds']:.0f} s, "
+                f"{time.perf_counter() - started:.0f} s since the start",
+                file=sys.stderr,
+                flush=True,
+            )
     by_seed = sorted(results, key=lambda r: r["seed"])
     fields = ["value", "test_acc", *CURVES]
     return {
@@ -163,7 +181,9 @@ def write(table: dict[str, Any], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--space", type=Path, default=SPACE, help="a search space whose searched values are all choices")
+    parser.add_argument(
+        "--space", type=Path, default=SPACE, help="a search space whose searched values are all choices"
+    )
     parser.add_argument("--seeds", type=int, default=4, help="studies, seeded 0, 1, ...")
     parser.add_argument("--jobs", type=int, default=2, help="studies at once, each with its share of the cores")
     parser.add_argument("--group-size", type=int, default=20, help="trials per vectorised group")
@@ -172,13 +192,22 @@ def main() -> None:
     parser.add_argument("--store", type=Path, default=None, help="keep the studies' SQLite stores here")
     parser.add_argument("--out", type=Path, default=TABLE)
     args = parser.parse_args()
-    table = build(args.space, list(range(args.seeds)), jobs=args.jobs, group_size=args.group_size,
-                  epochs=args.epochs, limit=args.limit, store=args.store)
+    table = build(
+        args.space,
+        list(range(args.seeds)),
+        jobs=args.jobs,
+        group_size=args.group_size,
+        epochs=args.epochs,
+        limit=args.limit,
+        store=args.store,
+    )
     write(table, args.out)
     n = len(table["configs"])
-    print(f"| configurations | seeds | epochs | trials | build |\n|---|---|---|---|---|\n"
-          f"| {n} | {len(table['seeds'])} | {table['epochs']} | {n * len(table['seeds'])} "
-          f"| {table['build_seconds'] / 60:.1f} min |")
+    print(
+        f"| configurations | seeds | epochs | trials | build |\n|---|---|---|---|---|\n"
+        f"| {n} | {len(table['seeds'])} | {table['epochs']} | {n * len(table['seeds'])} "
+        f"| {table['build_seconds'] / 60:.1f} min |"
+    )
     print(f"wrote {args.out}", file=sys.stderr)
 
 

@@ -34,11 +34,15 @@ def run(mode: str, workers: int, trials: int, epochs: int, folder: Path) -> dict
         start = time.perf_counter()
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, logging_level="warning")
         ray_start = time.perf_counter() - start
-    execution = api.Execution(executor="local" if mode == "in-process" else "ray", workers=workers,
-                              cpus_per_trial=1, accelerator="cpu", group_size=1)
+    execution = api.Execution(
+        executor="local" if mode == "in-process" else "ray",
+        workers=workers,
+        cpus_per_trial=1,
+        accelerator="cpu",
+        group_size=1,
+    )
     start = time.perf_counter()
-    _, summary = api.submit(space, trials=trials, storage=url, execution=execution,
-                            tracking=Tracking(enabled=False))
+    _, summary = api.submit(space, trials=trials, storage=url, execution=execution, tracking=Tracking(enabled=False))
     wall = time.perf_counter() - start
     if mode == "ray":
         ray.shutdown()
@@ -57,16 +61,20 @@ def main() -> None:
         rows.append(run("in-process", 1, args.trials, args.epochs, Path(tmp)))
         rows += [run("ray", w, args.trials, args.epochs, Path(tmp)) for w in args.workers]
     ray_one = next((r["wall"] for r in rows if r["mode"] == "ray" and r["workers"] == 1), None)
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}; "
-          f"{args.trials} trials x {args.epochs} epochs, digits MLP 2x256, batch 32")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}; "
+        f"{args.trials} trials x {args.epochs} epochs, digits MLP 2x256, batch 32"
+    )
     print()
     print("| executor | workers | study wall (s) | trials/min | speed-up vs 1 Ray worker | Ray start (s) |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         speedup = f"{ray_one / r['wall']:.2f}x" if ray_one and r["mode"] == "ray" else "-"
         ray_start = f"{r['ray_start']:.1f}" if r["mode"] == "ray" else "-"
-        print(f"| {r['mode']} | {r['workers']} | {r['wall']:.1f} | {60 * args.trials / r['wall']:.1f} | "
-              f"{speedup} | {ray_start} |")
+        print(
+            f"| {r['mode']} | {r['workers']} | {r['wall']:.1f} | {60 * args.trials / r['wall']:.1f} | "
+            f"{speedup} | {ray_start} |"
+        )
 
 
 if __name__ == "__main__":

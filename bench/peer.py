@@ -63,9 +63,16 @@ def peer(trials: int, epochs: int, workers: int) -> dict:
             super().__init__()
             units = config["units"]
             self.net = nn.Sequential(
-                nn.Flatten(), nn.Dropout(config["input_rate"]), nn.Linear(64, units), nn.ReLU(),
-                nn.Dropout(config["hidden_rate"]), nn.Linear(units, units), nn.ReLU(), nn.Dropout(config["hidden_rate"]),
-                nn.Linear(units, 10))
+                nn.Flatten(),
+                nn.Dropout(config["input_rate"]),
+                nn.Linear(64, units),
+                nn.ReLU(),
+                nn.Dropout(config["hidden_rate"]),
+                nn.Linear(units, units),
+                nn.ReLU(),
+                nn.Dropout(config["hidden_rate"]),
+                nn.Linear(units, 10),
+            )
             self.lr, self.max_norm = config["lr"], config["max_norm"]
 
         def training_step(self, batch, batch_idx):
@@ -92,10 +99,15 @@ def peer(trials: int, epochs: int, workers: int) -> dict:
         model = DropoutMLP(config)
         train = DataLoader(TensorDataset(data.train.x, data.train.y), batch_size=64, shuffle=True)
         val = DataLoader(TensorDataset(data.val.x, data.val.y), batch_size=512)
-        trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", enable_progress_bar=False, logger=False,
-                             enable_checkpointing=False, enable_model_summary=False,
-                             callbacks=[TuneReportCallback({"val_acc": "val_acc", "val_loss": "val_loss"},
-                                                           on="validation_end")])
+        trainer = pl.Trainer(
+            max_epochs=epochs,
+            accelerator="cpu",
+            enable_progress_bar=False,
+            logger=False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            callbacks=[TuneReportCallback({"val_acc": "val_acc", "val_loss": "val_loss"}, on="validation_end")],
+        )
         trainer.fit(model, train, val)
         model.eval()
         with torch.no_grad():
@@ -103,19 +115,26 @@ def peer(trials: int, epochs: int, workers: int) -> dict:
         tune.report({"val_acc": float(trainer.callback_metrics["val_acc"]), "test_acc": test_acc})
 
     param_space = {
-        "units": tune.lograndint(32, 257), "input_rate": tune.uniform(0.0, 0.5), "hidden_rate": tune.uniform(0.0, 0.7),
-        "max_norm": tune.choice([None, 2.0, 3.0, 4.0]), "lr": tune.loguniform(0.01, 0.3),
+        "units": tune.lograndint(32, 257),
+        "input_rate": tune.uniform(0.0, 0.5),
+        "hidden_rate": tune.uniform(0.0, 0.7),
+        "max_norm": tune.choice([None, 2.0, 3.0, 4.0]),
+        "lr": tune.loguniform(0.01, 0.3),
     }
     import ray
 
     data = load_data(DataSpec())
     start = time.perf_counter()
-    ray.init(num_cpus=len(os.sched_getaffinity(0)), include_dashboard=False, log_to_driver=False,
-             logging_level="error")
+    ray.init(num_cpus=len(os.sched_getaffinity(0)), include_dashboard=False, log_to_driver=False, logging_level="error")
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(train_digits, data=data), {"cpu": 1}),
-        tune_config=tune.TuneConfig(metric="val_acc", mode="max", num_samples=trials, max_concurrent_trials=workers,
-                                    search_alg=OptunaSearch(sampler=TPESampler(seed=0))),
+        tune_config=tune.TuneConfig(
+            metric="val_acc",
+            mode="max",
+            num_samples=trials,
+            max_concurrent_trials=workers,
+            search_alg=OptunaSearch(sampler=TPESampler(seed=0)),
+        ),
         param_space=param_space,
         run_config=tune.RunConfig(storage_path=tempfile.mkdtemp(prefix="peer-"), verbose=0),
     )
@@ -164,8 +183,15 @@ def hpo_mode(name: str, trials: int, epochs: int, workdir: Path, mlflow_store: P
 #: process, groups of 5); "MLflow on": mirrored into an embedded MLflow store, as the CLI does
 #: unless ``--no-tracking``: one that exists, or ("new store") one MLflow first creates (its schema
 #: migrations, once per store).
-MODES = ["ray tune peer", "hpo default", "hpo default, MLflow on", "hpo default, MLflow on, new store",
-         "in-process, one trial at a time", "2 Ray workers", "2 Ray workers, MLflow on"]
+MODES = [
+    "ray tune peer",
+    "hpo default",
+    "hpo default, MLflow on",
+    "hpo default, MLflow on, new store",
+    "in-process, one trial at a time",
+    "2 Ray workers",
+    "2 Ray workers, MLflow on",
+]
 
 
 def run_mode(mode: str, trials: int, epochs: int, folder: Path) -> dict:
@@ -198,21 +224,38 @@ def main() -> None:
         for mode in dict.fromkeys(args.modes):
             # Each mode in a fresh process, so none runs in a heap another filled (after the
             # peer's Ray Tune imports and run, the same hpo study took about 1 s longer).
-            done = subprocess.run([sys.executable, __file__, "--one", mode, "--trials", str(args.trials),
-                                   "--epochs", str(args.epochs), "--folder", folder],
-                                  capture_output=True, text=True)
+            done = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--one",
+                    mode,
+                    "--trials",
+                    str(args.trials),
+                    "--epochs",
+                    str(args.epochs),
+                    "--folder",
+                    folder,
+                ],
+                capture_output=True,
+                text=True,
+            )
             if done.returncode != 0:
                 sys.exit(f"{mode} failed:\n{done.stderr[-3000:]}")
             rows[mode] = json.loads(done.stdout.strip().splitlines()[-1])
     peer_wall = rows.get("ray tune peer", {}).get("wall")
-    print(f"{platform.machine()}, {len(os.sched_getaffinity(0))} usable CPUs; digits MLP, {args.trials} trials x "
-          f"{args.epochs} epochs, TPE, no pruning; one run each, each in a fresh process")
+    print(
+        f"{platform.machine()}, {len(os.sched_getaffinity(0))} usable CPUs; digits MLP, {args.trials} trials x "
+        f"{args.epochs} epochs, TPE, no pruning; one run each, each in a fresh process"
+    )
     print("| run | wall (s) | trials / min | vs peer | best val acc | its test acc |")
     print("|---|---|---|---|---|---|")
     for mode, r in rows.items():
         speed = f"{peer_wall / r['wall']:.1f}x" if peer_wall else "-"
-        print(f"| {mode} | {r['wall']:.1f} | {60 * r['trials'] / r['wall']:.1f} | {speed} | {r['val']:.4f} | "
-              f"{r['test']:.4f} |")
+        print(
+            f"| {mode} | {r['wall']:.1f} | {60 * r['trials'] / r['wall']:.1f} | {speed} | {r['val']:.4f} | "
+            f"{r['test']:.4f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -142,8 +142,9 @@ class LCBench:
 
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = options.inter_op_num_threads = 1
-        session = onnxruntime.InferenceSession(str(LCBENCH_DIR / "model.onnx"), options,
-                                               providers=["CPUExecutionProvider"])
+        session = onnxruntime.InferenceSession(
+            str(LCBENCH_DIR / "model.onnx"), options, providers=["CPUExecutionProvider"]
+        )
         code = json.loads((LCBENCH_DIR / "encoding.json").read_text())["OpenML_task_id"][self.task]
         return session, code
 
@@ -185,16 +186,18 @@ class LCBench:
         def log_uniform(low: float, high: float) -> np.ndarray:
             return np.exp(rng.uniform(np.log(low), np.log(high), n))
 
-        rows = np.column_stack([
-            np.full(n, 52),
-            np.round(log_uniform(16, 512)),
-            log_uniform(1e-4, 1e-1),
-            rng.uniform(0.1, 0.99, n),
-            rng.uniform(1e-5, 1e-1, n),
-            rng.integers(1, 6, n),
-            np.round(log_uniform(64, 1024)),
-            rng.uniform(0.0, 1.0, n),
-        ])
+        rows = np.column_stack(
+            [
+                np.full(n, 52),
+                np.round(log_uniform(16, 512)),
+                log_uniform(1e-4, 1e-1),
+                rng.uniform(0.1, 0.99, n),
+                rng.uniform(1e-5, 1e-1, n),
+                rng.integers(1, 6, n),
+                np.round(log_uniform(64, 1024)),
+                rng.uniform(0.0, 1.0, n),
+            ]
+        )
         return 100 - np.concatenate([self._accuracy(part) for part in np.array_split(rows, 20)])
 
 
@@ -287,8 +290,9 @@ def random_trials_to_reach(scores: np.ndarray, target: float, q: float = 0.5, li
     return float(_draws_needed(share, q, limit))
 
 
-def random_trials_interval(scores: np.ndarray, found: np.ndarray, level: float = 0.9, resamples: int = 2000,
-                           seed: int = 0) -> tuple[float, float]:
+def random_trials_interval(
+    scores: np.ndarray, found: np.ndarray, level: float = 0.9, resamples: int = 2000, seed: int = 0
+) -> tuple[float, float]:
     """A bootstrap ``level`` interval of :func:`random_trials_to_reach` for the median of ``found``
     (an arm's best score per seed): the seeds are resampled with replacement. Random search's
     curve is flat near the optimum, so a small shift of the median moves this count a lot; the

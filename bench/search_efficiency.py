@@ -135,8 +135,12 @@ def parallel_arms(ks: tuple[int, ...] = (1, 2, 8, 32)) -> list[Arm]:
     """The default TPE with ``k`` concurrent trials (numeric choices as ``hpo submit --workers
     k`` settles ``auto``: by position below 8, as categories from 8), with and without the
     constant liar; and 8 with numeric choices by position."""
-    arms = [Arm(f"tpe k={k}{'' if liar else ', no liar'}", DEFAULT.sampler, NONE, k=k, liar=liar)
-            for k in ks for liar in (True, False) if k > 1 or liar]
+    arms = [
+        Arm(f"tpe k={k}{'' if liar else ', no liar'}", DEFAULT.sampler, NONE, k=k, liar=liar)
+        for k in ks
+        for liar in (True, False)
+        if k > 1 or liar
+    ]
     return arms + [Arm("tpe k=8, numeric choices ordered", ORDERED, NONE, k=8)] * (8 in ks)
 
 
@@ -158,8 +162,10 @@ def pruner_arms(epochs: int = 52) -> list[Arm]:
     tpe, median = DEFAULT.sampler, epochs_spec(epochs).active_pruner
     return [
         Arm("tpe + median (hpo default)", tpe, median),
-        *[Arm(f"tpe + median, {w} warm-up epochs", tpe, median.model_copy(update={"n_warmup_steps": w}))
-          for w in (2, epochs // 2)],
+        *[
+            Arm(f"tpe + median, {w} warm-up epochs", tpe, median.model_copy(update={"n_warmup_steps": w}))
+            for w in (2, epochs // 2)
+        ],
         Arm("tpe + hyperband", tpe, PrunerSpec(name="hyperband")),
         Arm("tpe, no pruner", tpe, NONE),
         Arm("random + median", SamplerSpec(name="random"), median),
@@ -173,8 +179,10 @@ def gp_arms(epochs: int = 52) -> list[Arm]:
     (none: it learns from complete trials only, ``hpo.spec.UNPRUNED_SAMPLERS``) and with the
     median pruner anyway."""
     gp = Spec.model_validate({"sampler": {"name": "gp"}, "training": {"epochs": epochs}})
-    return [Arm("gp (hpo default: no pruner)", gp.sampler, gp.active_pruner),
-            Arm("gp + median", gp.sampler, epochs_spec(epochs).active_pruner)]
+    return [
+        Arm("gp (hpo default: no pruner)", gp.sampler, gp.active_pruner),
+        Arm("gp + median", gp.sampler, epochs_spec(epochs).active_pruner),
+    ]
 
 
 def lcbench_sampler_arms(epochs: int = 52) -> list[Arm]:
@@ -184,8 +192,10 @@ def lcbench_sampler_arms(epochs: int = 52) -> list[Arm]:
     arms = [pruner_arms(epochs)[0]]
     for name in ("cmaes", "qmc"):
         spec = Spec.model_validate({"sampler": {"name": name}, "training": {"epochs": epochs}})
-        arms += [Arm(f"{name} + {spec.active_pruner.name} (hpo default for {name})", spec.sampler, spec.active_pruner),
-                 Arm(f"{name}, no pruner", spec.sampler, NONE)]
+        arms += [
+            Arm(f"{name} + {spec.active_pruner.name} (hpo default for {name})", spec.sampler, spec.active_pruner),
+            Arm(f"{name}, no pruner", spec.sampler, NONE),
+        ]
     return arms + [Arm("cmaes + hyperband", arms[1].sampler, PrunerSpec(name="hyperband"))]
 
 
@@ -194,8 +204,11 @@ def mnist1d_arms(epochs: int) -> list[Arm]:
     (input and hidden rates) searched as categories, as before ``sampler.numeric_choices``, and
     with univariate densities."""
     arms = pruner_arms(epochs)
-    return [*arms, Arm("tpe + median, numeric choices categorical", CATEGORICAL, arms[0].pruner),
-            Arm("tpe independent + median", UNIVARIATE, arms[0].pruner)]
+    return [
+        *arms,
+        Arm("tpe + median, numeric choices categorical", CATEGORICAL, arms[0].pruner),
+        Arm("tpe independent + median", UNIVARIATE, arms[0].pruner),
+    ]
 
 
 def fifth_of_trials(n: int) -> int:
@@ -218,8 +231,7 @@ def tpe_setting_arms() -> list[Arm]:
         Arm("tpe + median, prior weight 2", tpe, median, tpe=(("prior_weight", 2.0),)),
         Arm("tpe + median, best fifth as good", tpe, median, tpe=(("gamma", fifth_of_trials),)),
         Arm("tpe independent + median", UNIVARIATE, median),
-        *[Arm(f"tpe + median, {n} startup", tpe.model_copy(update={"n_startup_trials": n}), median)
-          for n in (5, 20)],
+        *[Arm(f"tpe + median, {n} startup", tpe.model_copy(update={"n_startup_trials": n}), median) for n in (5, 20)],
     ]
 
 
@@ -233,8 +245,7 @@ class Run:
     ask_seconds: float
 
 
-def run_study(bench: Bench, arm: Arm, seed: int, *, trials: int | None = None,
-              epochs: int | None = None) -> Run:
+def run_study(bench: Bench, arm: Arm, seed: int, *, trials: int | None = None, epochs: int | None = None) -> Run:
     """Run ``arm`` on ``bench`` until ``trials`` trials have finished or ``epochs`` epochs are
     spent (a trial that does not finish its epochs within that budget is abandoned)."""
     sampler, pruner = arm.build(seed)
@@ -366,15 +377,22 @@ def summarise(results: dict, trials: int) -> dict:
                 regret = (scores - low) / (high - low)
             median, q1, q3 = quartiles(regret)
             rows[label] = {
-                "median": median, "q1": q1, "q3": q3, "mean": float(np.mean(regret)),
+                "median": median,
+                "q1": q1,
+                "q3": q3,
+                "mean": float(np.mean(regret)),
                 "random_trials": random_trials_to_reach(reference, float(np.median(scores))),
                 "random_trials_90": random_trials_interval(reference, scores),
                 "ask_ms": 1000 * float(np.mean([r["ask_seconds"] for r in runs])),
                 "seeds": len(runs),
                 "trials": float(np.mean([len(r["best"]) for r in runs])),
             }
-        summary[name] = {"optimum": float(low), "worst": float(high), "arms": rows,
-                         **({"budget_epochs": budget(results, name), "epochs": bench.epochs} if bench.epochs else {})}
+        summary[name] = {
+            "optimum": float(low),
+            "worst": float(high),
+            "arms": rows,
+            **({"budget_epochs": budget(results, name), "epochs": bench.epochs} if bench.epochs else {}),
+        }
     return summary
 
 
@@ -407,18 +425,22 @@ def _ratio(value: float | None) -> str:
 
 
 def _print_fcnet(summary: dict, trials: int) -> None:
-    print(f"\nFCNet: regret of the best validation MSE after {trials} trials (median [q1, q3] over seeds); "
-          "random search's exact trials to match the median, and that over the arm's trials, with its bootstrap "
-          "90 % interval over the seeds")
+    print(
+        f"\nFCNet: regret of the best validation MSE after {trials} trials (median [q1, q3] over seeds); "
+        "random search's exact trials to match the median, and that over the arm's trials, with its bootstrap "
+        "90 % interval over the seeds"
+    )
     print("| benchmark | arm | seeds | median regret | q1 | q3 | random needs | speed-up | 90 % interval | ask ms |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, cell in summary.items():
         if not name.startswith("fcnet"):
             continue
         for label, row in cell["arms"].items():
-            print(f"| {name} | {label} | {row['seeds']} | {row['median']:.3g} | {row['q1']:.3g} | {row['q3']:.3g} "
-                  f"| {row['random_trials']:.0f} | {row['random_trials'] / trials:.1f}x "
-                  f"| {_interval(row.get('random_trials_90'), trials)} | {row['ask_ms']:.1f} |")
+            print(
+                f"| {name} | {label} | {row['seeds']} | {row['median']:.3g} | {row['q1']:.3g} | {row['q3']:.3g} "
+                f"| {row['random_trials']:.0f} | {row['random_trials'] / trials:.1f}x "
+                f"| {_interval(row.get('random_trials_90'), trials)} | {row['ask_ms']:.1f} |"
+            )
 
 
 def _interval(bounds: list[float] | None, trials: int) -> str:
@@ -435,18 +457,24 @@ def print_tables(summary: dict, parallel: dict, trials: int) -> None:
             continue
         first = next(iter(cells.values()))
         epochs, per_trial = first["budget_epochs"], first["epochs"]
-        print(f"\n{title}: normalised regret after {epochs} epochs ({epochs // per_trial} full evaluations), "
-              "mean and median [q1, q3] over seeds; random search's exact full evaluations to match the median")
+        print(
+            f"\n{title}: normalised regret after {epochs} epochs ({epochs // per_trial} full evaluations), "
+            "mean and median [q1, q3] over seeds; random search's exact full evaluations to match the median"
+        )
         print("| benchmark | arm | seeds | trials | mean | median | q1 | q3 | random needs | ask ms |")
         print("|---|---|---|---|---|---|---|---|---|---|")
         for name, cell in cells.items():
             for label, row in cell["arms"].items():
-                print(f"| {name} | {label} | {row['seeds']} | {row['trials']:.0f} | {row['mean']:.3f} "
-                      f"| {row['median']:.3f} | {row['q1']:.3f} | {row['q3']:.3f} | {row['random_trials']:.0f} "
-                      f"| {row['ask_ms']:.1f} |")
+                print(
+                    f"| {name} | {label} | {row['seeds']} | {row['trials']:.0f} | {row['mean']:.3f} "
+                    f"| {row['median']:.3f} | {row['q1']:.3f} | {row['q3']:.3f} | {row['random_trials']:.0f} "
+                    f"| {row['ask_ms']:.1f} |"
+                )
     if parallel:
-        print(f"\nParallel: trials the default needs with k concurrent trials (or in vectorised groups) to reach "
-              f"its sequential median at {trials}, over {trials}")
+        print(
+            f"\nParallel: trials the default needs with k concurrent trials (or in vectorised groups) to reach "
+            f"its sequential median at {trials}, over {trials}"
+        )
         labels = list(dict.fromkeys(label for cells in parallel.values() for label in cells))
         print("| benchmark | " + " | ".join(labels) + " |")
         print("|---|" + "---|" * len(labels))
@@ -471,8 +499,9 @@ def plot(results: dict, summary: dict, trials: int, folder: Path) -> list[Path]:
     }
     written = []
     for figure, (family, shown) in figures.items():
-        names = [n for n in results["runs"] if n.startswith(family)
-                 and any(shown(label) for label in results["runs"][n])]
+        names = [
+            n for n in results["runs"] if n.startswith(family) and any(shown(label) for label in results["runs"][n])
+        ]
         if not names:
             continue
         fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.6), squeeze=False)
@@ -490,7 +519,7 @@ def plot(results: dict, summary: dict, trials: int, folder: Path) -> list[Path]:
                     curves = (np.array([[best_after_epochs([r], b)[0] for b in x] for r in runs]) - low) / (high - low)
                     x = x / bench.epochs
                 q1, median, q3 = quantiles(curves, [0.25, 0.5, 0.75], axis=0)
-                line, = ax.plot(x, median, label=label)
+                (line,) = ax.plot(x, median, label=label)
                 ax.fill_between(x, q1, q3, color=line.get_color(), alpha=0.15)
             if family == "fcnet":
                 ax.axvline(trials, color="grey", lw=0.5)
@@ -514,21 +543,37 @@ def plot(results: dict, summary: dict, trials: int, folder: Path) -> list[Path]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", nargs="+", default=["fcnet", "parallel", "lcbench", "mnist1d"],
-                        choices=["fcnet", "parallel", "lcbench", "mnist1d", "tpe-settings", "lcbench-gp",
-                                 "lcbench-samplers"])
+    parser.add_argument(
+        "--suite",
+        nargs="+",
+        default=["fcnet", "parallel", "lcbench", "mnist1d"],
+        choices=["fcnet", "parallel", "lcbench", "mnist1d", "tpe-settings", "lcbench-gp", "lcbench-samplers"],
+    )
     parser.add_argument("--seeds", type=int, default=50)
-    parser.add_argument("--first-seed", type=int, default=0,
-                        help="seeds run are first-seed ... first-seed + seeds - 1: another set repeats nothing")
+    parser.add_argument(
+        "--first-seed",
+        type=int,
+        default=0,
+        help="seeds run are first-seed ... first-seed + seeds - 1: another set repeats nothing",
+    )
     parser.add_argument("--gp-seeds", type=int, default=None, help="seeds for the GP arms (slow): default --seeds")
     parser.add_argument("--trials", type=int, default=50, help="FCNet budget in trials")
-    parser.add_argument("--curve-trials", type=int, default=None,
-                        help="FCNet trials run per study, for the curves and the parallel cost (default 2 x --trials; "
-                             "GP, whose asks grow slow, runs --trials)")
-    parser.add_argument("--full-evaluations", type=int, default=LCBENCH_FULL_EVALUATIONS,
-                        help="LCBench budget, in 52-epoch evaluations")
-    parser.add_argument("--mnist1d-evaluations", type=int, default=MNIST1D_FULL_EVALUATIONS,
-                        help="MNIST-1D table budget, in evaluations of the table's epochs")
+    parser.add_argument(
+        "--curve-trials",
+        type=int,
+        default=None,
+        help="FCNet trials run per study, for the curves and the parallel cost (default 2 x --trials; "
+        "GP, whose asks grow slow, runs --trials)",
+    )
+    parser.add_argument(
+        "--full-evaluations", type=int, default=LCBENCH_FULL_EVALUATIONS, help="LCBench budget, in 52-epoch evaluations"
+    )
+    parser.add_argument(
+        "--mnist1d-evaluations",
+        type=int,
+        default=MNIST1D_FULL_EVALUATIONS,
+        help="MNIST-1D table budget, in evaluations of the table's epochs",
+    )
     parser.add_argument("--datasets", nargs="+", default=None, help="FCNet data sets (prefixes: naval ...)")
     parser.add_argument("--tasks", nargs="+", default=list(LCBENCH_TASKS), help="LCBench OpenML tasks")
     parser.add_argument("--arms", nargs="+", default=None, help="only the arms with these labels")
@@ -553,35 +598,53 @@ def main() -> None:
                     results["runs"].setdefault(name, {}).setdefault(label, []).extend(runs)
     else:
         jobs, seed_range = [], range(args.first_seed, args.first_seed + args.seeds)
-        fcnet_arms = (sampler_arms() if "fcnet" in args.suite else []) + \
-            (parallel_arms() + group_arms() if "parallel" in args.suite else [])
+        fcnet_arms = (sampler_arms() if "fcnet" in args.suite else []) + (
+            parallel_arms() + group_arms() if "parallel" in args.suite else []
+        )
         for arm in fcnet_arms:
             if args.arms and arm.label not in args.arms:
                 continue
             gp = arm.sampler.name == "gp"
             seeds = args.gp_seeds if gp and args.gp_seeds else args.seeds
-            jobs += [(f"fcnet/{d}", arm, s, args.trials if gp else curve_trials, None)
-                     for d in datasets for s in range(args.first_seed, args.first_seed + seeds)]
+            jobs += [
+                (f"fcnet/{d}", arm, s, args.trials if gp else curve_trials, None)
+                for d in datasets
+                for s in range(args.first_seed, args.first_seed + seeds)
+            ]
         gp_seeds = range(args.first_seed, args.first_seed + (args.gp_seeds or args.seeds))
-        lcbench_suites = {"lcbench": (pruner_arms, seed_range),
-                          "tpe-settings": (tpe_setting_arms, seed_range),
-                          "lcbench-gp": (gp_arms, gp_seeds),
-                          "lcbench-samplers": (lcbench_sampler_arms, seed_range)}
+        lcbench_suites = {
+            "lcbench": (pruner_arms, seed_range),
+            "tpe-settings": (tpe_setting_arms, seed_range),
+            "lcbench-gp": (gp_arms, gp_seeds),
+            "lcbench-samplers": (lcbench_sampler_arms, seed_range),
+        }
         for suite, (arms, seeds) in lcbench_suites.items():
             if suite in args.suite:
-                jobs += [(f"lcbench/{t}", arm, s, None, budgets["lcbench"]) for arm in arms()
-                         if not args.arms or arm.label in args.arms for t in args.tasks for s in seeds]
+                jobs += [
+                    (f"lcbench/{t}", arm, s, None, budgets["lcbench"])
+                    for arm in arms()
+                    if not args.arms or arm.label in args.arms
+                    for t in args.tasks
+                    for s in seeds
+                ]
         if "mnist1d" in args.suite:
-            jobs += [("mnist1d/table", arm, s, None, budgets["mnist1d"]) for arm in mnist1d_arms(MNIST1DTable().epochs)
-                     if not args.arms or arm.label in args.arms for s in seed_range]
+            jobs += [
+                ("mnist1d/table", arm, s, None, budgets["mnist1d"])
+                for arm in mnist1d_arms(MNIST1DTable().epochs)
+                if not args.arms or arm.label in args.arms
+                for s in seed_range
+            ]
         results = {"runs": {}, "budgets": budgets}
         started = time.perf_counter()
         with ProcessPoolExecutor(max_workers=args.jobs) as pool:
             for done, (name, label, seed, run) in enumerate(pool.map(_job, jobs, chunksize=1), 1):
                 results["runs"].setdefault(name, {}).setdefault(label, []).append(run)
                 if done % max(len(jobs) // 40, 1) == 0 or done == len(jobs):
-                    print(f"{done}/{len(jobs)} studies, {time.perf_counter() - started:.0f} s", file=sys.stderr,
-                          flush=True)
+                    print(
+                        f"{done}/{len(jobs)} studies, {time.perf_counter() - started:.0f} s",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                     if args.save:  # what is done so far survives a stopped run
                         args.save.write_text(json.dumps(results))
     summary = summarise(results, args.trials)
@@ -589,8 +652,9 @@ def main() -> None:
     print_tables(summary, parallel, args.trials)
     if args.report:
         args.report.mkdir(parents=True, exist_ok=True)
-        (args.report / "summary.json").write_text(json.dumps({"summary": summary, "parallel": parallel,
-                                                             "trials": args.trials}, indent=1))
+        (args.report / "summary.json").write_text(
+            json.dumps({"summary": summary, "parallel": parallel, "trials": args.trials}, indent=1)
+        )
         for path in plot(results, summary, args.trials, args.report):
             print(f"wrote {path}", file=sys.stderr)
 

@@ -51,21 +51,30 @@ def main() -> None:
     args = parser.parse_args()
     cores = len(os.sched_getaffinity(0))
     counts = sorted({1, 2, cores} & set(range(1, cores + 1)))
-    print(f"{platform.machine()}, {cores} usable CPUs, torch {torch.__version__}; MLP {args.inputs}-W-W-10, "
-          f"{args.seconds:g} s per cell")
-    print("| width | batch | MFLOP / step | " + " | ".join(f"ms / step, {n} thread{'s' if n > 1 else ''}"
-                                                         for n in counts) + " | fastest |")
+    print(
+        f"{platform.machine()}, {cores} usable CPUs, torch {torch.__version__}; MLP {args.inputs}-W-W-10, "
+        f"{args.seconds:g} s per cell"
+    )
+    print(
+        "| width | batch | MFLOP / step | "
+        + " | ".join(f"ms / step, {n} thread{'s' if n > 1 else ''}" for n in counts)
+        + " | fastest |"
+    )
     print("|---" * (4 + len(counts)) + "|")
     for width in args.widths:
         for batch in args.batch:
-            model = nn.Sequential(nn.Linear(args.inputs, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
-                                  nn.Linear(width, 10))
+            model = nn.Sequential(
+                nn.Linear(args.inputs, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10)
+            )
             x, y = torch.randn(batch, args.inputs), torch.randint(0, 10, (batch,))
             flops = step_flops(model, lambda m: nn.functional.cross_entropy(m(x), y))
             times = [ms_per_step(model, x, y, n, args.seconds) for n in counts]
             fastest = counts[times.index(min(times))]
-            print(f"| {width} | {batch} | {flops / 1e6:.1f} | " + " | ".join(f"{t:.3f}" for t in times)
-                  + f" | {fastest} |")
+            print(
+                f"| {width} | {batch} | {flops / 1e6:.1f} | "
+                + " | ".join(f"{t:.3f}" for t in times)
+                + f" | {fastest} |"
+            )
 
 
 if __name__ == "__main__":

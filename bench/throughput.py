@@ -53,7 +53,7 @@ def synthetic_mnist(path: Path, train: int, test: int, seed: int = 0) -> Path:
         y = rng.integers(0, 10, n)
         which = rng.integers(0, 3, n)
         dx, dy = rng.integers(0, 3, n), rng.integers(0, 3, n)
-        x = np.stack([protos[c, k, i:i + 28, j:j + 28] for c, k, i, j in zip(y, which, dx, dy)])
+        x = np.stack([protos[c, k, i : i + 28, j : j + 28] for c, k, i, j in zip(y, which, dx, dy)])
         x = x * rng.uniform(0.6, 1.4, (n, 1, 1)) + rng.normal(scale=0.55, size=x.shape)
         return x.reshape(n, 784).astype(np.float32), y
 
@@ -77,13 +77,22 @@ def execution(mode: str, args: argparse.Namespace):
     from hpo.api import Execution
 
     if mode == "packed":
-        gpus = 0.0 if args.accelerator == "cpu" else (
-            args.gpus_per_trial if args.gpus_per_trial == "auto" else float(args.gpus_per_trial))
-        return Execution(executor="ray", workers=args.workers, cpus_per_trial=1, gpus_per_trial=gpus,
-                         precision=args.precision)
+        gpus = (
+            0.0
+            if args.accelerator == "cpu"
+            else (args.gpus_per_trial if args.gpus_per_trial == "auto" else float(args.gpus_per_trial))
+        )
+        return Execution(
+            executor="ray", workers=args.workers, cpus_per_trial=1, gpus_per_trial=gpus, precision=args.precision
+        )
     loading = "dataloader" if mode == "dataloader" else "resident"
-    return Execution(executor="local", accelerator=args.accelerator, loading=loading, precision=args.precision,
-                     group_size=args.group_size if mode == "groups" else 1)
+    return Execution(
+        executor="local",
+        accelerator=args.accelerator,
+        loading=loading,
+        precision=args.precision,
+        group_size=args.group_size if mode == "groups" else 1,
+    )
 
 
 def run(mode: str, space: Path, folder: Path, trials: int, args: argparse.Namespace) -> dict:
@@ -101,9 +110,13 @@ def run(mode: str, space: Path, folder: Path, trials: int, args: argparse.Namesp
     notes: list[str] = []
     start = time.perf_counter()
     handle, summary = api.submit(
-        space, trials=trials, storage=f"sqlite:///{folder / f'{mode}.db'}", study_name=mode,
+        space,
+        trials=trials,
+        storage=f"sqlite:///{folder / f'{mode}.db'}",
+        study_name=mode,
         execution=execution(mode, args),
-        tracking=Tracking(enabled=False), on_note=notes.append,
+        tracking=Tracking(enabled=False),
+        on_note=notes.append,
     )
     wall = time.perf_counter() - start
     if mode == "packed":
@@ -111,9 +124,17 @@ def run(mode: str, space: Path, folder: Path, trials: int, args: argparse.Namesp
     assert summary.counts.finished == trials, summary
     best = best_trial(handle.study)
     epochs = sum(len(t.user_attrs.get("history", [])) for t in handle.study.get_trials(deepcopy=False))
-    return {"mode": mode, "wall": wall, "trials": trials, "ray_start": ray_start, "notes": notes,
-            "val": best.value, "test": best.user_attrs["test_acc"], "failed": summary.counts.failed,
-            "model_epochs": epochs}
+    return {
+        "mode": mode,
+        "wall": wall,
+        "trials": trials,
+        "ray_start": ray_start,
+        "notes": notes,
+        "val": best.value,
+        "test": best.user_attrs["test_acc"],
+        "failed": summary.counts.failed,
+        "model_epochs": epochs,
+    }
 
 
 def machine(accelerator: str) -> str:
@@ -125,10 +146,14 @@ def machine(accelerator: str) -> str:
 
 
 def describe(args: argparse.Namespace) -> str:
-    trials = f"{args.trials} trials" + (f" ({args.baseline_trials} in dataloader/resident)" if args.baseline_trials else "")
-    return (f"machine: {machine(args.accelerator)}; {trials} x {args.epochs} epochs, MLP 784-{args.units}x3-10, "
-            f"batch 128, {args.examples:,} synthetic images, precision {args.precision}; groups of {args.group_size}, "
-            f"{args.workers} packed trials at once")
+    trials = f"{args.trials} trials" + (
+        f" ({args.baseline_trials} in dataloader/resident)" if args.baseline_trials else ""
+    )
+    return (
+        f"machine: {machine(args.accelerator)}; {trials} x {args.epochs} epochs, MLP 784-{args.units}x3-10, "
+        f"batch 128, {args.examples:,} synthetic images, precision {args.precision}; groups of {args.group_size}, "
+        f"{args.workers} packed trials at once"
+    )
 
 
 def print_table(rows: list[dict], headers: list[str]) -> None:
@@ -140,14 +165,18 @@ def print_table(rows: list[dict], headers: list[str]) -> None:
     for header in dict.fromkeys(headers):
         print(header)
     print()
-    print("| mode | trials | study wall (s) | trials/min | s per model-epoch | vs (a) | diverged | best val acc | its test acc |")
+    print(
+        "| mode | trials | study wall (s) | trials/min | s per model-epoch | vs (a) | diverged | best val acc | its test acc |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         rate = 60 * r["trials"] / r["wall"]
         speedup = f"{rate / (60 * baseline['trials'] / baseline['wall']):.1f}x" if baseline else "-"
-        print(f"| {r['mode']} | {r['trials']} | {r['wall']:.1f} | {rate:.1f} | "
-              f"{r['wall'] / max(r['model_epochs'], 1):.3f} | {speedup} | {r['failed']} | {r['val']:.4f} | "
-              f"{r['test']:.4f} |")
+        print(
+            f"| {r['mode']} | {r['trials']} | {r['wall']:.1f} | {rate:.1f} | "
+            f"{r['wall'] / max(r['model_epochs'], 1):.3f} | {speedup} | {r['failed']} | {r['val']:.4f} | "
+            f"{r['test']:.4f} |"
+        )
     for r in rows:
         if r["ray_start"]:
             print(f"\n{r['mode']}: Ray start-up {r['ray_start']:.1f} s, not counted. " + " ".join(r["notes"]))
@@ -156,8 +185,12 @@ def print_table(rows: list[dict], headers: list[str]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=32, help="budget of every mode")
-    parser.add_argument("--baseline-trials", type=int, default=0,
-                        help="a smaller budget for the one-at-a-time modes (dataloader, resident), to fit a time limit")
+    parser.add_argument(
+        "--baseline-trials",
+        type=int,
+        default=0,
+        help="a smaller budget for the one-at-a-time modes (dataloader, resident), to fit a time limit",
+    )
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--units", type=int, default=1024, help="width of the 3 hidden layers")
     parser.add_argument("--examples", type=int, default=60_000, help="training + validation images")
@@ -165,13 +198,23 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=8, help="trials at once in packed mode")
     parser.add_argument("--gpus-per-trial", default="auto", help="packed mode on a GPU: a fraction or auto")
     parser.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "gpu"])
-    parser.add_argument("--precision", default="32", choices=["32", "tf32", "bf16"], help="training arithmetic of every mode")
+    parser.add_argument(
+        "--precision", default="32", choices=["32", "tf32", "bf16"], help="training arithmetic of every mode"
+    )
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
-    parser.add_argument("--small", action="store_true",
-                        help="CPU smoke size: defaults of 8 trials x 2 epochs, 3x128 units, 6,000 images, groups of 4, 2 workers")
+    parser.add_argument(
+        "--small",
+        action="store_true",
+        help="CPU smoke size: defaults of 8 trials x 2 epochs, 3x128 units, 6,000 images, groups of 4, 2 workers",
+    )
     parser.add_argument("--save", type=Path, help="also write the rows to this JSON file, for --table")
-    parser.add_argument("--table", type=Path, nargs="+", metavar="JSON",
-                        help="run nothing: print one table from the rows of earlier --save runs")
+    parser.add_argument(
+        "--table",
+        type=Path,
+        nargs="+",
+        metavar="JSON",
+        help="run nothing: print one table from the rows of earlier --save runs",
+    )
     args = parser.parse_args()
     if args.small:  # smaller defaults; options given on the command line still win
         parser.set_defaults(trials=8, epochs=2, units=128, examples=6000, group_size=4, workers=2)

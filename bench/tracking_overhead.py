@@ -34,8 +34,16 @@ def _count_calls() -> collections.Counter:
     from mlflow import MlflowClient
 
     calls: collections.Counter = collections.Counter()
-    for name in ("create_run", "log_batch", "set_terminated", "log_text", "update_run", "get_run",
-                 "create_experiment", "get_experiment_by_name"):
+    for name in (
+        "create_run",
+        "log_batch",
+        "set_terminated",
+        "log_text",
+        "update_run",
+        "get_run",
+        "create_experiment",
+        "get_experiment_by_name",
+    ):
         original = getattr(MlflowClient, name)
 
         def counted(self, *args, __original=original, __name=name, **kwargs):
@@ -55,7 +63,11 @@ def run(mode: str, uri: str | None, trials: int, epochs: int, workdir: Path, cal
     calls.clear()
     start = time.perf_counter()
     _, summary = api.submit(
-        spec, trials=trials, study_name=mode, storage=f"sqlite:///{workdir / f'study-{uuid.uuid4().hex}.db'}", seed=0,
+        spec,
+        trials=trials,
+        study_name=mode,
+        storage=f"sqlite:///{workdir / f'study-{uuid.uuid4().hex}.db'}",
+        seed=0,
         execution=api.Execution(accelerator="cpu", group_size=1),
         tracking=Tracking(enabled=uri is not None, uri=uri),
     )
@@ -80,9 +92,13 @@ def main() -> None:
         embedded = f"sqlite:///{workdir / 'mlflow.db'}"
         MlflowClient(embedded).search_experiments()  # create the store before timing
         port = free_port()
-        server = subprocess.Popen(server_command(f"sqlite:///{workdir / 'server.db'}", "127.0.0.1", port),
-                                  cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                  start_new_session=True)
+        server = subprocess.Popen(
+            server_command(f"sqlite:///{workdir / 'server.db'}", "127.0.0.1", port),
+            cwd=workdir,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         url = f"http://127.0.0.1:{port}"
         try:
             while not healthy(url):
@@ -90,20 +106,27 @@ def main() -> None:
             calls = _count_calls()
             run("warm-up", None, 2, 1, workdir, calls)  # first-use imports and compilation
             modes = [("off", None), ("embedded", embedded), ("server", url)]
-            runs = [run(mode, uri, args.trials, args.epochs, workdir, calls)
-                    for _ in range(args.repeats) for mode, uri in modes]
+            runs = [
+                run(mode, uri, args.trials, args.epochs, workdir, calls)
+                for _ in range(args.repeats)
+                for mode, uri in modes
+            ]
             rows = [min((r for r in runs if r["mode"] == mode), key=lambda r: r["wall"]) for mode, _ in modes]
         finally:
             stop(server)
 
     base = rows[0]["wall"] / args.trials
-    print(f"\n{args.trials} trials x {args.epochs} epochs, best of {args.repeats}, digits MLP 2x128, in-process, "
-          f"{platform.machine()}, {os.cpu_count()} CPUs\n")
+    print(
+        f"\n{args.trials} trials x {args.epochs} epochs, best of {args.repeats}, digits MLP 2x128, in-process, "
+        f"{platform.machine()}, {os.cpu_count()} CPUs\n"
+    )
     print(f"{'tracking':<10} {'wall s':>8} {'s / trial':>10} {'overhead / trial':>17} {'calls / trial':>14}")
     for row in rows:
         per_trial = row["wall"] / args.trials
-        print(f"{row['mode']:<10} {row['wall']:>8.1f} {per_trial:>10.3f} "
-              f"{per_trial - base:>+15.3f} s {row['calls'] / args.trials:>14.1f}")
+        print(
+            f"{row['mode']:<10} {row['wall']:>8.1f} {per_trial:>10.3f} "
+            f"{per_trial - base:>+15.3f} s {row['calls'] / args.trials:>14.1f}"
+        )
 
 
 if __name__ == "__main__":

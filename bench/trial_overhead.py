@@ -59,34 +59,52 @@ def main() -> None:
     spent: collections.Counter = collections.Counter()
     calls: collections.Counter = collections.Counter()
     for owner, name, label in (
-        (optuna.Study, "ask", "ask (sampler)"), (executor, "claim", "claim (owner, heartbeat)"),
-        (optuna.Trial, "set_user_attr", "user attributes"), (executor, "_record", "tell: stored metrics"),
-        (optuna.Study, "tell", "tell: study.tell"), (optuna.Trial, "report", "epoch reports"),
-        (optuna.Trial, "should_prune", "pruning decisions"), (executor, "count_trials", "trial counts"),
-        (executor, "best_trials", "best trials"), (executor, "run_trial", "run_trial"),
+        (optuna.Study, "ask", "ask (sampler)"),
+        (executor, "claim", "claim (owner, heartbeat)"),
+        (optuna.Trial, "set_user_attr", "user attributes"),
+        (executor, "_record", "tell: stored metrics"),
+        (optuna.Study, "tell", "tell: study.tell"),
+        (optuna.Trial, "report", "epoch reports"),
+        (optuna.Trial, "should_prune", "pruning decisions"),
+        (executor, "count_trials", "trial counts"),
+        (executor, "best_trials", "best trials"),
+        (executor, "run_trial", "run_trial"),
     ):
         _timed(owner, name, label, spent, calls)
     with tempfile.TemporaryDirectory() as folder:
         spec = Path(folder) / "space.yaml"
-        spec.write_text(fixed_work_space(units=256, batch_size=32, epochs=args.epochs).replace(
-            "pruner: {name: none}", "pruner: {name: median, n_startup_trials: 1000}"))
+        spec.write_text(
+            fixed_work_space(units=256, batch_size=32, epochs=args.epochs).replace(
+                "pruner: {name: none}", "pruner: {name: median, n_startup_trials: 1000}"
+            )
+        )
         start = time.perf_counter()
-        api.submit(spec, trials=args.trials, storage=f"sqlite:///{folder}/hpo.db", seed=0,
-                   execution=api.Execution(accelerator="cpu", group_size=1),
-                   tracking=Tracking(enabled=args.tracking, uri=f"sqlite:///{folder}/mlflow.db"))
+        api.submit(
+            spec,
+            trials=args.trials,
+            storage=f"sqlite:///{folder}/hpo.db",
+            seed=0,
+            execution=api.Execution(accelerator="cpu", group_size=1),
+            tracking=Tracking(enabled=args.tracking, uri=f"sqlite:///{folder}/mlflow.db"),
+        )
         wall = time.perf_counter() - start
     n = args.trials
     spent["user attributes"] -= spent["tell: stored metrics"]  # _record's writes are its own row
     training = spent.pop("run_trial") - spent["epoch reports"] - spent["pruning decisions"]
     per_trial = wall / n
-    print(f"{platform.machine()}, {len(os.sched_getaffinity(0))} usable CPUs; {n} in-process trials x {args.epochs} "
-          f"epochs (digits MLP 2x256, batch 32), median pruner never pruning, tracking "
-          f"{'on' if args.tracking else 'off'}; {per_trial:.3f} s per trial")
+    print(
+        f"{platform.machine()}, {len(os.sched_getaffinity(0))} usable CPUs; {n} in-process trials x {args.epochs} "
+        f"epochs (digits MLP 2x256, batch 32), median pruner never pruning, tracking "
+        f"{'on' if args.tracking else 'off'}; {per_trial:.3f} s per trial"
+    )
     print("| part | ms / trial | % of a trial | calls |")
     print("|---|---|---|---|")
     setup = wall - training - sum(spent.values())
-    rows = [("training (fit and measurement)", training, n), *[(k, v, calls[k]) for k, v in spent.most_common()],
-            ("study set-up (data, store, thread choice) and the rest, over the trials", setup, 1)]
+    rows = [
+        ("training (fit and measurement)", training, n),
+        *[(k, v, calls[k]) for k, v in spent.most_common()],
+        ("study set-up (data, store, thread choice) and the rest, over the trials", setup, 1),
+    ]
     for label, seconds, count in rows:
         print(f"| {label} | {1000 * seconds / n:.1f} | {100 * seconds / n / per_trial:.1f} | {count} |")
     per = sum(spent.values()) / n

@@ -75,13 +75,17 @@ def main() -> None:
             measured = trial(text, args.epochs)
             best[name] = min(best.get(name, measured), measured)
     base = best["built-in mlp"]
-    print(f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"digits MLP 2x128, {args.epochs} epochs, fastest of {args.repeats}")
+    print(
+        f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"digits MLP 2x128, {args.epochs} epochs, fastest of {args.repeats}"
+    )
     print("| network | epoch (s) | trial / epoch (s) | vs built-in, epoch | vs built-in, trial | val/acc |")
     print("|---|---|---|---|---|---|")
     for name, (epoch, per_epoch, acc) in best.items():
-        print(f"| {name} | {epoch:.4f} | {per_epoch:.4f} | {epoch / base[0] - 1:+.1%} | {per_epoch / base[1] - 1:+.1%} "
-              f"| {acc:.4f} |")
+        print(
+            f"| {name} | {epoch:.4f} | {per_epoch:.4f} | {epoch / base[0] - 1:+.1%} | {per_epoch / base[1] - 1:+.1%} "
+            f"| {acc:.4f} |"
+        )
 
 
 if __name__ == "__main__":

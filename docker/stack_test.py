@@ -66,8 +66,19 @@ events_logger = "file"
 """
 #: Packages pinned in the image to this host's versions: Ray's client needs the same Ray (and
 #: Python minor) on both sides; the rest keeps host and cluster reading the same stores alike.
-PINNED = ("ray", "grpcio", "optuna", "optuna-integration", "mlflow", "mlflow-skinny", "sqlalchemy", "lightning",
-          "numpy", "scikit-learn", "pydantic")
+PINNED = (
+    "ray",
+    "grpcio",
+    "optuna",
+    "optuna-integration",
+    "mlflow",
+    "mlflow-skinny",
+    "sqlalchemy",
+    "lightning",
+    "numpy",
+    "scikit-learn",
+    "pydantic",
+)
 SPEC = """\
 name: {name}
 description: The stack test's study (digits MLP, {epochs} epochs a trial).
@@ -97,9 +108,12 @@ class Stack:
 
     @property
     def env(self) -> dict[str, str]:
-        return {**os.environ, "CONTAINERS_CONF": str(self.work / "containers.conf"),
-                "CONTAINERS_STORAGE_CONF": str(self.work / "storage.conf"),
-                "DOCKER_HOST": f"unix://{self.work / 'podman.sock'}"}
+        return {
+            **os.environ,
+            "CONTAINERS_CONF": str(self.work / "containers.conf"),
+            "CONTAINERS_STORAGE_CONF": str(self.work / "storage.conf"),
+            "DOCKER_HOST": f"unix://{self.work / 'podman.sock'}",
+        }
 
     @property
     def storage(self) -> str:
@@ -110,8 +124,15 @@ class Stack:
         return f"http://{BIND}:5000"
 
     def run(self, *cmd: str | Path, check: bool = True, timeout: float = 900, **kw) -> subprocess.CompletedProcess:
-        out = subprocess.run([str(c) for c in cmd], env=kw.pop("env", self.env), text=True, capture_output=True,
-                             timeout=timeout, check=False, **kw)
+        out = subprocess.run(
+            [str(c) for c in cmd],
+            env=kw.pop("env", self.env),
+            text=True,
+            capture_output=True,
+            timeout=timeout,
+            check=False,
+            **kw,
+        )
         if check and out.returncode != 0:
             raise StackError(f"{' '.join(map(str, cmd[:4]))} … exited {out.returncode}: {tail(out)}")
         return out
@@ -120,8 +141,18 @@ class Stack:
         return self.run("podman", *args, **kw)
 
     def compose_argv(self, *args: str) -> list[str]:
-        return ["docker-compose", "--project-name", PROJECT, "--project-directory", str(DOCKER),
-                "--env-file", str(self.work / "stack.env"), "-f", str(DOCKER / "compose.yaml"), *args]
+        return [
+            "docker-compose",
+            "--project-name",
+            PROJECT,
+            "--project-directory",
+            str(DOCKER),
+            "--env-file",
+            str(self.work / "stack.env"),
+            "-f",
+            str(DOCKER / "compose.yaml"),
+            *args,
+        ]
 
     def compose(self, *args: str, **kw) -> subprocess.CompletedProcess:
         return self.run(*self.compose_argv(*args), **kw)
@@ -129,13 +160,15 @@ class Stack:
     def compose_popen(self, *args: str, log: Path) -> subprocess.Popen:
         """``docker-compose ARGS`` in the background, its output in ``log``."""
         with open(log, "w") as out:
-            return subprocess.Popen(self.compose_argv(*args), env=self.env, text=True, stdout=out,
-                                    stderr=subprocess.STDOUT)
+            return subprocess.Popen(
+                self.compose_argv(*args), env=self.env, text=True, stdout=out, stderr=subprocess.STDOUT
+            )
 
     def containers(self, *filters: str, fields: str = "{{.Names}}") -> list[str]:
         """``fields`` of the compose project's containers (and ``filters``), a line each."""
-        return self.podman("ps", "--filter", f"label=com.docker.compose.project={PROJECT}", *filters,
-                           "--format", fields, check=False).stdout.splitlines()
+        return self.podman(
+            "ps", "--filter", f"label=com.docker.compose.project={PROJECT}", *filters, "--format", fields, check=False
+        ).stdout.splitlines()
 
     def hpo(self, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
         """The hpo CLI of this host, pointed at the stack's published ports."""
@@ -144,8 +177,18 @@ class Stack:
 
     def in_cluster(self, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
         """``hpo ARGS`` in a fresh container of the compose file's ``hpo`` service."""
-        return self.compose("run", "--rm", "-T", "-v", f"{self.work / 'specs'}:/specs:ro", "hpo", "hpo", *args,
-                            check=check, timeout=timeout)
+        return self.compose(
+            "run",
+            "--rm",
+            "-T",
+            "-v",
+            f"{self.work / 'specs'}:/specs:ro",
+            "hpo",
+            "hpo",
+            *args,
+            check=check,
+            timeout=timeout,
+        )
 
     def container(self, service: str, index: int = 1) -> str:
         return f"{PROJECT}_{service}_{index}"
@@ -179,6 +222,7 @@ def wait_for(what: str, check, timeout: float, every: float = 2.0):
 
 # -- podman ---------------------------------------------------------------------------------
 
+
 def start_podman(stack: Stack) -> None:
     """podman with this machine's settings (../shared/CONTAINERS.md), its store under ``work``,
     and its Docker-compatible API on a socket for docker-compose; health checks run by a loop
@@ -186,15 +230,20 @@ def start_podman(stack: Stack) -> None:
     stack.work.mkdir(parents=True, exist_ok=True)
     (stack.work / "containers.conf").write_text(CONTAINERS_CONF)
     (stack.work / "storage.conf").write_text(
-        f'[storage]\ndriver = "overlay"\ngraphroot = "{stack.work / "storage"}"\nrunroot = "{stack.work / "run"}"\n')
+        f'[storage]\ndriver = "overlay"\ngraphroot = "{stack.work / "storage"}"\nrunroot = "{stack.work / "run"}"\n'
+    )
     sock, pid = stack.work / "podman.sock", stack.work / "podman-service.pid"
     if pid.exists():
         with contextlib.suppress(ProcessLookupError, ValueError):
             os.kill(int(pid.read_text()), signal.SIGTERM)
     sock.unlink(missing_ok=True)
     with open(stack.work / "podman-service.log", "w") as log:
-        stack.service = subprocess.Popen(["podman", "system", "service", "--time=0", f"unix://{sock}"], env=stack.env,
-                                         stdout=subprocess.DEVNULL, stderr=log)
+        stack.service = subprocess.Popen(
+            ["podman", "system", "service", "--time=0", f"unix://{sock}"],
+            env=stack.env,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
     pid.write_text(str(stack.service.pid))
     wait_for("podman's API socket", sock.exists, 30, every=0.2)
     threading.Thread(target=_health_checks, args=(stack,), daemon=True).start()
@@ -208,41 +257,97 @@ def _health_checks(stack: Stack) -> None:
 
 def build_images(stack: Stack, host_python: str) -> None:
     """The four images, each skipped when already in the store (``--keep-images`` runs)."""
+
     def have(image: str) -> bool:
         return stack.podman("image", "exists", image, check=False).returncode == 0
 
     mounts = ["-v", f"{CA_BUNDLE}:{CA_BUNDLE}:ro"] if CA_BUNDLE.exists() else []
     if not have(DEBIAN):
         tar = stack.work / "debian.tar"
-        stack.run("mmdebstrap", "--quiet", "--format=tar", "--variant=minbase",
-                  "--include=python3,python3-venv,python3-pip,ca-certificates", "bookworm", tar)
+        stack.run(
+            "mmdebstrap",
+            "--quiet",
+            "--format=tar",
+            "--variant=minbase",
+            "--include=python3,python3-venv,python3-pip,ca-certificates",
+            "bookworm",
+            tar,
+        )
         stack.podman("import", "--change", 'CMD ["/bin/bash"]', tar, DEBIAN)
         tar.unlink()
     if not have(PYTHON):
         wheels = sorted(TORCH_WHEELS.glob("torch-2.*+cpu-cp311-*.whl")) if TORCH_WHEELS.is_dir() else []
-        torch = ["--build-arg", f"TORCH=/wheels/{wheels[-1].name}", "-v", f"{TORCH_WHEELS}:/wheels:ro"] if wheels else []
-        stack.podman("build", "-q", *mounts, *torch, "--build-arg", f"DEBIAN={DEBIAN}", "-f",
-                     DOCKER / "offline/python.Containerfile", "-t", PYTHON, DOCKER / "offline")
+        torch = (
+            ["--build-arg", f"TORCH=/wheels/{wheels[-1].name}", "-v", f"{TORCH_WHEELS}:/wheels:ro"] if wheels else []
+        )
+        stack.podman(
+            "build",
+            "-q",
+            *mounts,
+            *torch,
+            "--build-arg",
+            f"DEBIAN={DEBIAN}",
+            "-f",
+            DOCKER / "offline/python.Containerfile",
+            "-t",
+            PYTHON,
+            DOCKER / "offline",
+        )
     if not have(POSTGRES):
-        stack.podman("build", "-q", "--build-arg", f"DEBIAN={DEBIAN}", "-f", DOCKER / "offline/postgres.Containerfile",
-                     "-t", POSTGRES, DOCKER / "offline")
+        stack.podman(
+            "build",
+            "-q",
+            "--build-arg",
+            f"DEBIAN={DEBIAN}",
+            "-f",
+            DOCKER / "offline/postgres.Containerfile",
+            "-t",
+            POSTGRES,
+            DOCKER / "offline",
+        )
     constraints = stack.work / "constraints.txt"
     freeze = stack.run(host_python, "-m", "pip", "freeze", env=os.environ).stdout.splitlines()
-    constraints.write_text("".join(f"{line}\n" for line in freeze
-                                   if line.split("==")[0].lower().split("[")[0] in PINNED))
-    stack.podman("build", "-q", *mounts, "-v", f"{constraints}:/constraints.txt:ro", "--build-arg", f"BASE={PYTHON}",
-                 "--build-arg", "EXTRAS=cluster", "--build-arg", "CONSTRAINTS=/constraints.txt",
-                 "-f", DOCKER / "Dockerfile", "-t", IMAGE, ROOT, timeout=1800)
+    constraints.write_text(
+        "".join(f"{line}\n" for line in freeze if line.split("==")[0].lower().split("[")[0] in PINNED)
+    )
+    stack.podman(
+        "build",
+        "-q",
+        *mounts,
+        "-v",
+        f"{constraints}:/constraints.txt:ro",
+        "--build-arg",
+        f"BASE={PYTHON}",
+        "--build-arg",
+        "EXTRAS=cluster",
+        "--build-arg",
+        "CONSTRAINTS=/constraints.txt",
+        "-f",
+        DOCKER / "Dockerfile",
+        "-t",
+        IMAGE,
+        ROOT,
+        timeout=1800,
+    )
 
 
 def write_env(stack: Stack, **extra: str) -> None:
-    values = {"POSTGRES_USER": "hpo", "POSTGRES_PASSWORD": stack.password, "POSTGRES_BIND": BIND,
-              "MLFLOW_BIND": BIND, "RAY_BIND": BIND, "HPO_IMAGE": IMAGE, "POSTGRES_IMAGE": POSTGRES,
-              # docker-compose 1.29 rejects a numeric count given through a variable; podman
-              # ignores NVIDIA reservations anyway (no GPU here).
-              "GPUS_PER_WORKER": "all", "DATA_DIR": str(stack.work / "data"),
-              "MLFLOW_ALLOWED_HOSTS": f"{BIND},{BIND}:5000", "MLFLOW_ALLOWED_ORIGINS": f"http://{BIND}:5000",
-              **extra}
+    values = {
+        "POSTGRES_USER": "hpo",
+        "POSTGRES_PASSWORD": stack.password,
+        "POSTGRES_BIND": BIND,
+        "MLFLOW_BIND": BIND,
+        "RAY_BIND": BIND,
+        "HPO_IMAGE": IMAGE,
+        "POSTGRES_IMAGE": POSTGRES,
+        # docker-compose 1.29 rejects a numeric count given through a variable; podman
+        # ignores NVIDIA reservations anyway (no GPU here).
+        "GPUS_PER_WORKER": "all",
+        "DATA_DIR": str(stack.work / "data"),
+        "MLFLOW_ALLOWED_HOSTS": f"{BIND},{BIND}:5000",
+        "MLFLOW_ALLOWED_ORIGINS": f"http://{BIND}:5000",
+        **extra,
+    }
     (stack.work / "data").mkdir(exist_ok=True)
     (stack.work / "stack.env").write_text("".join(f"{k}={v}\n" for k, v in values.items()))
 
@@ -254,6 +359,7 @@ def up(stack: Stack) -> None:
 
 def wait_healthy(stack: Stack, timeout: float = 240) -> None:
     """Until the five services report healthy and both Ray workers joined the head."""
+
     def all_healthy() -> bool:
         services = [row for row in stack.containers(fields="{{.Names}} {{.Status}}") if "_hpo_run_" not in row]
         return len(services) == 5 and all("(healthy)" in row for row in services)
@@ -263,8 +369,9 @@ def wait_healthy(stack: Stack, timeout: float = 240) -> None:
 
 
 def _ray_nodes(stack: Stack) -> int:
-    out = stack.podman("exec", stack.container("ray-head"), "ray", "status", "--address=localhost:6379",
-                       check=False, timeout=60).stdout
+    out = stack.podman(
+        "exec", stack.container("ray-head"), "ray", "status", "--address=localhost:6379", check=False, timeout=60
+    ).stdout
     return len(re.findall(r"^\s*1 node_", out, flags=re.MULTILINE))  # the head and each worker
 
 
@@ -276,6 +383,7 @@ def write_spec(stack: Stack, name: str, trials: int, epochs: int) -> Path:
 
 
 # -- what the checks read ----------------------------------------------------------------------
+
 
 def study_trials(stack: Stack, name: str) -> list:
     import optuna
@@ -292,8 +400,10 @@ def assert_budget(stack: Stack, name: str, budget: int, seen: str = "") -> list:
     trials = study_trials(stack, name)
     counts = count_trials(trials)
     if counts.finished != budget or counts.running:
-        raise StackError(f"study {name}: {counts}, expected exactly {budget} finished and none running"
-                         + (f" ({seen})" if seen else ""))
+        raise StackError(
+            f"study {name}: {counts}, expected exactly {budget} finished and none running"
+            + (f" ({seen})" if seen else "")
+        )
     return trials
 
 
@@ -319,8 +429,10 @@ def assert_tracked(stack: Stack, name: str, finished: int) -> None:
     ended = {c.info.run_name: c for c in children if c.info.status in ("FINISHED", "KILLED")}
     expected = {f"trial-{t.number:03d}" for t in study_trials(stack, name) if t.state.name in ("COMPLETE", "PRUNED")}
     if len(parents) != 1 or not expected or not expected <= set(ended):
-        raise StackError(f"MLflow holds {len(parents)} parent run(s) of {name} and lacks the ended trial runs "
-                         f"{sorted(expected - set(ended))} (of {finished} finished trials)")
+        raise StackError(
+            f"MLflow holds {len(parents)} parent run(s) of {name} and lacks the ended trial runs "
+            f"{sorted(expected - set(ended))} (of {finished} finished trials)"
+        )
     run = ended[min(expected)]
     history = MlflowClient(stack.tracking).get_metric_history(run.info.run_id, "val/acc")
     if len(history) < 2:
@@ -333,9 +445,11 @@ def hosts(trials: list) -> set[str]:
 
 # -- the checks ----------------------------------------------------------------------------
 
+
 def check_doctor(stack: Stack) -> None:
-    out = stack.hpo("doctor", "--storage", stack.storage, "--tracking-uri", stack.tracking,
-                    "--ray-address", f"ray://{BIND}:10001")
+    out = stack.hpo(
+        "doctor", "--storage", stack.storage, "--tracking-uri", stack.tracking, "--ray-address", f"ray://{BIND}:10001"
+    )
     print(tail(out, 8))
 
 
@@ -372,22 +486,40 @@ def check_dashboard(stack: Stack) -> None:
     from hpo.tracking.dashboard import study_address
 
     address = study_address(stack.tracking, stack.tracking, "stack-cli").table
-    html = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                           "--no-first-run", "--virtual-time-budget=20000", "--dump-dom", address],
-                          capture_output=True, text=True, timeout=120, check=False).stdout
+    html = subprocess.run(
+        [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--no-first-run",
+            "--virtual-time-budget=20000",
+            "--dump-dom",
+            address,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    ).stdout
     page = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", re.sub(r"<style.*?</style>", " ", html, flags=re.DOTALL)))
     shown = set(re.findall(r"trial-\d{3}", page))
     if "stack-cli" not in page or len(shown) != 8:
         raise StackError(f"the MLflow dashboard at {address} rendered {len(shown)} of the 8 trial runs of stack-cli")
-    write_env(stack, MLFLOW_AUTH="1", MLFLOW_ADMIN_PASSWORD=secrets.token_hex(8), MLFLOW_SECRET_KEY=secrets.token_hex(16))
+    write_env(
+        stack, MLFLOW_AUTH="1", MLFLOW_ADMIN_PASSWORD=secrets.token_hex(8), MLFLOW_SECRET_KEY=secrets.token_hex(16)
+    )
     stack.compose("up", "-d", "--no-build", "--no-deps", "mlflow")
     try:
+
         def refused() -> bool:
             try:
                 urllib.request.urlopen(f"{stack.tracking}/api/2.0/mlflow/experiments/search?max_results=1", timeout=5)
             except urllib.error.HTTPError as exc:
                 return exc.code == 401
             return False
+
         wait_for("MLflow with MLFLOW_AUTH=1 to refuse a request without credentials (401)", refused, 120)
     finally:
         write_env(stack)
@@ -406,13 +538,31 @@ def study_running(stack: Stack, name: str, trials: int, epochs: int, after: int)
     trials finished, then waits for the driver to exit."""
     write_spec(stack, name, trials=trials, epochs=epochs)
     container = f"{PROJECT}_driver_{name}"
-    driver = stack.compose_popen("run", "--name", container, "-T", "-v", f"{stack.work / 'specs'}:/specs:ro", "hpo",
-                                 "hpo", "submit", f"/specs/{name}.yaml", "--workers", "2", "--cpus-per-trial",
-                                 worker_cpus(stack), log=stack.work / f"{name}.log")
+    driver = stack.compose_popen(
+        "run",
+        "--name",
+        container,
+        "-T",
+        "-v",
+        f"{stack.work / 'specs'}:/specs:ro",
+        "hpo",
+        "hpo",
+        "submit",
+        f"/specs/{name}.yaml",
+        "--workers",
+        "2",
+        "--cpus-per-trial",
+        worker_cpus(stack),
+        log=stack.work / f"{name}.log",
+    )
     driver.log = stack.work / f"{name}.log"
     try:
-        wait_for(f"{after} finished trials of {name}",
-                 lambda: sum(t.state.is_finished() for t in study_trials(stack, name)) >= after, 300, every=1.0)
+        wait_for(
+            f"{after} finished trials of {name}",
+            lambda: sum(t.state.is_finished() for t in study_trials(stack, name)) >= after,
+            300,
+            every=1.0,
+        )
         yield driver
         driver.wait(timeout=600)
     finally:
@@ -435,7 +585,9 @@ def container_exit(stack: Stack, container: str, fallback: int | None) -> int | 
 
 def driver_exit(driver: subprocess.Popen) -> str:
     """The driver's exit status and the line of its output that says how it ended."""
-    lines = [line.strip() for line in driver.log.read_text().splitlines() if line.strip() and not line.strip().isdigit()]
+    lines = [
+        line.strip() for line in driver.log.read_text().splitlines() if line.strip() and not line.strip().isdigit()
+    ]
     telling = [line for line in lines if line.startswith(("error", "budget reached", "stopped"))] or lines[-1:]
     return f"driver exited {driver.exit_code}" + (f": {telling[-1][:200]}" if telling else "")
 
@@ -453,9 +605,16 @@ def fault_worker_killed(stack: Stack) -> str:
     worker = stack.container("ray-worker", 1)
     host = stack.podman("inspect", "--format", "{{.Config.Hostname}}", worker).stdout.strip()
     with study_running(stack, "fault-worker", trials=FAULT_TRIALS, epochs=60, after=2) as driver:
-        wait_for(f"a trial training on {worker}", lambda: [
-            t for t in study_trials(stack, "fault-worker")
-            if t.state.name == "RUNNING" and t.user_attrs.get("worker", {}).get("host") == host], 120, every=0.5)
+        wait_for(
+            f"a trial training on {worker}",
+            lambda: [
+                t
+                for t in study_trials(stack, "fault-worker")
+                if t.state.name == "RUNNING" and t.user_attrs.get("worker", {}).get("host") == host
+            ],
+            120,
+            every=0.5,
+        )
         stack.podman("kill", worker)
         time.sleep(3)
         stack.podman("start", stack.container("ray-worker", 1), check=False)
@@ -498,8 +657,11 @@ def fault_postgres_restarted(stack: Stack) -> str:
     wait_healthy(stack)
     stack.in_cluster("sync", "fault-postgres")  # MLflow's server stores on the same PostgreSQL
     assert_tracked(stack, "fault-postgres", FAULT_TRIALS)
-    return (f"{seen}; " + ("the driver waited for the store" if waited else "the driver never noticed")
-            + "; hpo sync made MLflow whole")
+    return (
+        f"{seen}; "
+        + ("the driver waited for the store" if waited else "the driver never noticed")
+        + "; hpo sync made MLflow whole"
+    )
 
 
 def fault_driver_killed(stack: Stack) -> str:
@@ -527,17 +689,21 @@ def check_volumes(stack: Stack) -> None:
         raise StackError("MLflow holds no logged model of stack-cli (the best trial's network)")
     stack.compose("down", timeout=300)
     up(stack)
-    after = wait_for("the study store after down/up",
-                     lambda: {name: len(study_trials(stack, name)) for name in before}, 120)
+    after = wait_for(
+        "the study store after down/up", lambda: {name: len(study_trials(stack, name)) for name in before}, 120
+    )
     if after != before:
         raise StackError(f"trials before down/up {before}, after {after}")
     _, again = mlflow_runs(stack, "stack-cli")
     if len(again) != len(children):
         raise StackError(f"MLflow held {len(children)} trial runs before down/up, {len(again)} after")
-    files = download_artifacts(artifact_uri=models[0].artifact_location, dst_path=str(stack.work / "model"),
-                               tracking_uri=stack.tracking)
+    files = download_artifacts(
+        artifact_uri=models[0].artifact_location, dst_path=str(stack.work / "model"), tracking_uri=stack.tracking
+    )
     if not (Path(files) / "data" / "model.pth").is_file():
-        raise StackError(f"the logged model {models[0].model_id} lost its files in down/up: {sorted(Path(files).rglob('*'))}")
+        raise StackError(
+            f"the logged model {models[0].model_id} lost its files in down/up: {sorted(Path(files).rglob('*'))}"
+        )
     out = stack.hpo("report", "stack-cli", "--out", str(stack.work / "report"))
     print(tail(out, 3))
 
@@ -559,23 +725,34 @@ def cleanup(stack: Stack, keep_images: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--work", type=Path, default=Path("/var/tmp/hpo-stack"),
-                        help="Folder for podman's store, the socket and the specs (default: %(default)s).")
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=Path("/var/tmp/hpo-stack"),
+        help="Folder for podman's store, the socket and the specs (default: %(default)s).",
+    )
     parser.add_argument("--keep-images", action="store_true", help="Keep the built images for the next run.")
     parser.add_argument("--no-faults", action="store_true", help="Skip the fault injection.")
-    parser.add_argument("--keep-running", action="store_true",
-                        help="Leave the stack and podman's service up at the end, for a look (then run without it "
-                             "to clean up).")
+    parser.add_argument(
+        "--keep-running",
+        action="store_true",
+        help="Leave the stack and podman's service up at the end, for a look (then run without it to clean up).",
+    )
     parser.add_argument("--json", type=Path, help="Also write the phase times and fault outcomes here.")
     args = parser.parse_args(argv)
     for tool in ("podman", "mmdebstrap", "docker-compose"):
         if shutil.which(tool) is None:
-            print(f"stack test: {tool} is not installed (apt-get install podman runc mmdebstrap docker-compose)",
-                  file=sys.stderr)
+            print(
+                f"stack test: {tool} is not installed (apt-get install podman runc mmdebstrap docker-compose)",
+                file=sys.stderr,
+            )
             return 2
     if not any(Path(p).exists() for p in DNS_PLUGINS):
-        print("stack test: podman's networks need a DNS plugin for the services to find each other "
-              "(apt-get install golang-github-containernetworking-plugin-dnsname)", file=sys.stderr)
+        print(
+            "stack test: podman's networks need a DNS plugin for the services to find each other "
+            "(apt-get install golang-github-containernetworking-plugin-dnsname)",
+            file=sys.stderr,
+        )
         return 2
     stack = Stack(args.work)
     faults: dict[str, str] = {}
@@ -597,9 +774,12 @@ def main(argv: list[str] | None = None) -> int:
         with stack.phase("dashboard and auth"):
             check_dashboard(stack)
         if not args.no_faults:
-            for name, fault in [("worker killed", fault_worker_killed), ("MLflow stopped", fault_mlflow_stopped),
-                                ("PostgreSQL restarted", fault_postgres_restarted),
-                                ("driver killed", fault_driver_killed)]:
+            for name, fault in [
+                ("worker killed", fault_worker_killed),
+                ("MLflow stopped", fault_mlflow_stopped),
+                ("PostgreSQL restarted", fault_postgres_restarted),
+                ("driver killed", fault_driver_killed),
+            ]:
                 with stack.phase(f"fault: {name}"):
                     faults[name] = fault(stack)
                     print(f"   {faults[name]}")
@@ -608,17 +788,30 @@ def main(argv: list[str] | None = None) -> int:
     except (StackError, subprocess.TimeoutExpired) as exc:
         diagnosis = stack.work / "stack-failure.log"
         with contextlib.suppress(Exception):
-            diagnosis.write_text("\n".join([
-                stack.compose("ps", check=False).stdout,
-                stack.compose("logs", "--no-color", "--tail", "40", check=False).stdout,
-                stack.podman("exec", stack.container("ray-head"), "sh", "-c",
-                             "tail -n 25 /tmp/ray/session_latest/logs/ray_client_server*", check=False).stdout]))
+            diagnosis.write_text(
+                "\n".join(
+                    [
+                        stack.compose("ps", check=False).stdout,
+                        stack.compose("logs", "--no-color", "--tail", "40", check=False).stdout,
+                        stack.podman(
+                            "exec",
+                            stack.container("ray-head"),
+                            "sh",
+                            "-c",
+                            "tail -n 25 /tmp/ray/session_latest/logs/ray_client_server*",
+                            check=False,
+                        ).stdout,
+                    ]
+                )
+            )
         print(f"stack test failed: {exc}\n(the services' state and logs: {diagnosis})", file=sys.stderr)
         return 1
     finally:
         if args.keep_running:
-            print(f"left running: DOCKER_HOST={stack.env['DOCKER_HOST']} CONTAINERS_CONF={stack.env['CONTAINERS_CONF']} "
-                  f"CONTAINERS_STORAGE_CONF={stack.env['CONTAINERS_STORAGE_CONF']}; storage {stack.storage}")
+            print(
+                f"left running: DOCKER_HOST={stack.env['DOCKER_HOST']} CONTAINERS_CONF={stack.env['CONTAINERS_CONF']} "
+                f"CONTAINERS_STORAGE_CONF={stack.env['CONTAINERS_STORAGE_CONF']}; storage {stack.storage}"
+            )
         else:
             with stack.phase("clean up"):
                 cleanup(stack, args.keep_images)

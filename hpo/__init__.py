@@ -15,13 +15,21 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "submit": "hpo.api", "resume": "hpo.api",
-    "Spec": "hpo.spec", "load_spec": "hpo.spec", "parse_spec": "hpo.spec",
-    "HpoError": "hpo.errors", "SpecError": "hpo.errors", "DataError": "hpo.errors",
+    "submit": "hpo.api",
+    "resume": "hpo.api",
+    "Spec": "hpo.spec",
+    "load_spec": "hpo.spec",
+    "parse_spec": "hpo.spec",
+    "HpoError": "hpo.errors",
+    "SpecError": "hpo.errors",
+    "DataError": "hpo.errors",
     "StoreError": "hpo.errors",
-    "DataSpec": "hpo.spec", "load_data": "hpo.data",
-    "DropoutConfig": "hpo.models.dropout", "apply_max_norm": "hpo.models.dropout",
-    "create_study": "hpo.running.study", "load_study": "hpo.running.study",
+    "DataSpec": "hpo.spec",
+    "load_data": "hpo.data",
+    "DropoutConfig": "hpo.models.dropout",
+    "apply_max_norm": "hpo.models.dropout",
+    "create_study": "hpo.running.study",
+    "load_study": "hpo.running.study",
 }
 __all__ = sorted(_EXPORTS)
 
@@ -45,8 +53,9 @@ class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         return None
 
     def exec_module(self, module: Any) -> None:
-        module.__dict__.update({k: v for k, v in vars(importlib.import_module(_MOVED[module.__name__])).items()
-                                if not k.startswith("__")})
+        module.__dict__.update(
+            {k: v for k, v in vars(importlib.import_module(_MOVED[module.__name__])).items() if not k.startswith("__")}
+        )
 
 
 sys.meta_path.append(_MovedModules())

@@ -99,9 +99,7 @@ class Execution:
             raise HpoError(f"cpus-per-trial must be > 0, got {self.cpus_per_trial}")
         gpus = self.gpus_per_trial
         if gpus != "auto" and (not isinstance(gpus, (int, float)) or gpus < 0 or (gpus > 1 and gpus != int(gpus))):
-            raise HpoError(
-                f"gpus-per-trial must be 'auto', a fraction in (0, 1] or a whole number, got {gpus!r}"
-            )
+            raise HpoError(f"gpus-per-trial must be 'auto', a fraction in (0, 1] or a whole number, got {gpus!r}")
         if self.precision not in PRECISIONS:
             raise HpoError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.group_size != "auto" and (not isinstance(self.group_size, int) or self.group_size < 1):
@@ -109,15 +107,22 @@ class Execution:
         if self.max_retries < 0:
             raise HpoError(f"max-retries must be >= 0, got {self.max_retries}")
         if self.executor == "local" and (self.workers > 1 or self.gpus_per_trial == "auto" or self.gpus_per_trial > 0):
-            raise HpoError("the local executor runs one trial at a time: use --executor ray for "
-                           "--workers above 1 or --gpus-per-trial")
+            raise HpoError(
+                "the local executor runs one trial at a time: use --executor ray for "
+                "--workers above 1 or --gpus-per-trial"
+            )
 
     @property
     def uses_ray(self) -> bool:
         if self.executor != "auto":
             return self.executor == "ray"
-        return (self.workers > 1 or self.gpus_per_trial == "auto" or self.gpus_per_trial > 0 or bool(self.ray_address)
-                or bool(os.environ.get("RAY_ADDRESS")))
+        return (
+            self.workers > 1
+            or self.gpus_per_trial == "auto"
+            or self.gpus_per_trial > 0
+            or bool(self.ray_address)
+            or bool(os.environ.get("RAY_ADDRESS"))
+        )
 
 
 #: Trials per vectorised group that ``group_size="auto"`` trains for an MLP on a CPU. Measured
@@ -135,11 +140,19 @@ def settle_group_size(spec: Spec, execution: Execution) -> tuple[Execution, str 
     not when ``epoch_time`` is an objective (a member's is its group's)."""
     if execution.group_size != "auto":
         return execution, None
-    groups = (not spec.user_model and spec.model.arch == "mlp" and not execution.uses_ray
-              and _on_cpu(execution.accelerator) and all(o.metric != "epoch_time" for o in spec.objective))
+    groups = (
+        not spec.user_model
+        and spec.model.arch == "mlp"
+        and not execution.uses_ray
+        and _on_cpu(execution.accelerator)
+        and all(o.metric != "epoch_time" for o in spec.objective)
+    )
     size = AUTO_GROUP_SIZE if groups else 1
-    note = (f"trials train in vectorised groups of {size} (an MLP on a CPU; --group-size 1 trains one at a time)"
-            if size > 1 else None)
+    note = (
+        f"trials train in vectorised groups of {size} (an MLP on a CPU; --group-size 1 trains one at a time)"
+        if size > 1
+        else None
+    )
     return dataclasses.replace(execution, group_size=size), note
 
 
@@ -155,8 +168,14 @@ def _on_cpu(accelerator: str) -> bool:
 
 
 @contextlib.contextmanager
-def _backend(spec: Spec, seed: int, data: TrialData, execution: Execution,
-             on_note: Callable[[str], None] = log.info, code_dir: str | None = None) -> Iterator[Backend]:
+def _backend(
+    spec: Spec,
+    seed: int,
+    data: TrialData,
+    execution: Execution,
+    on_note: Callable[[str], None] = log.info,
+    code_dir: str | None = None,
+) -> Iterator[Backend]:
     """The backend that runs trials, opened before the study is written so that a cluster
     that cannot run them (``--gpus-per-trial auto`` without a GPU) leaves the store as it was.
     A user model's ``code_dir`` is shipped to Ray workers."""
@@ -167,8 +186,15 @@ def _backend(spec: Spec, seed: int, data: TrialData, execution: Execution,
         choice = thread_choice(spec, data, execution.cpus_per_trial, execution.group_size)
         on_note(choice.describe())
         with torch_threads(choice.threads):
-            yield LocalBackend(data, spec.objective, prune, execution.accelerator, execution.loading,
-                               execution.precision, choice.threads)
+            yield LocalBackend(
+                data,
+                spec.objective,
+                prune,
+                execution.accelerator,
+                execution.loading,
+                execution.precision,
+                choice.threads,
+            )
         return
     import ray
 
@@ -180,20 +206,28 @@ def _backend(spec: Spec, seed: int, data: TrialData, execution: Execution,
     )
 
     if spec.user_model and execution.gpus_per_trial == "auto":
-        raise HpoError("--gpus-per-trial auto measures the built-in networks; give your model's share of a GPU "
-                       "as a number (0.25: four trials per GPU)")
+        raise HpoError(
+            "--gpus-per-trial auto measures the built-in networks; give your model's share of a GPU "
+            "as a number (0.25: four trials per GPU)"
+        )
     started = connect(execution.ray_address, code_dir=code_dir if spec.user_model else None)
     try:
         if spec.user_model:
             check_workers_import(spec.model.class_path)
         gpus = execution.gpus_per_trial
         if gpus == "auto":
-            gpus, note = auto_gpus_per_trial(spec, seed, data, execution.group_size, execution.cpus_per_trial or 1.0,
-                                             execution.precision)
+            gpus, note = auto_gpus_per_trial(
+                spec, seed, data, execution.group_size, execution.cpus_per_trial or 1.0, execution.precision
+            )
             on_note(note)
         yield RayBackend(
-            data, spec.objective, prune=prune, workers=execution.workers,
-            cpus_per_trial=execution.cpus_per_trial or 1.0, gpus_per_trial=gpus, loading=execution.loading,
+            data,
+            spec.objective,
+            prune=prune,
+            workers=execution.workers,
+            cpus_per_trial=execution.cpus_per_trial or 1.0,
+            gpus_per_trial=gpus,
+            loading=execution.loading,
             precision=execution.precision,
         )
     finally:
@@ -235,8 +269,13 @@ def study_data(handle: StudyHandle) -> TrialData:
         raise SpecError(f"study {handle.name!r}", exc.key, exc.problem) from exc
 
 
-def prepare(spec: Spec, source: str | Path, code_dir: str | None, on_note: Callable[[str], None] = log.info,
-            on_warning: Callable[[str], None] = log.warning) -> TrialData:
+def prepare(
+    spec: Spec,
+    source: str | Path,
+    code_dir: str | None,
+    on_note: Callable[[str], None] = log.info,
+    on_warning: Callable[[str], None] = log.warning,
+) -> TrialData:
     """Load the data and, for a user model, check it before anything is stored: import it, build
     it at the centre of the space, match the groups to its sites and train it on one batch
     (:func:`~hpo.running.user_check.check_user_model`). Problems raise :class:`SpecError`
@@ -254,11 +293,15 @@ def prepare(spec: Spec, source: str | Path, code_dir: str | None, on_note: Calla
         raise SpecError(source, exc.key, exc.problem) from exc
     built = checked.built
     grouped = sum(1 for s in built.settings if s.group is not None)
-    layers = {path for entry in spec.dropout.max_norm.values()
-              for path, _ in constrained_layers(built.network, entry.match)}
-    on_note(f"model {spec.model.class_path}: {len(built.settings)} dropout sites, {grouped} of them in "
-            f"{len(spec.dropout.groups)} groups" + (f"; max-norm on {len(layers)} layer{'s' if len(layers) > 1 else ''}" if layers else "")
-            + " (`hpo sites` lists them)")
+    layers = {
+        path for entry in spec.dropout.max_norm.values() for path, _ in constrained_layers(built.network, entry.match)
+    }
+    on_note(
+        f"model {spec.model.class_path}: {len(built.settings)} dropout sites, {grouped} of them in "
+        f"{len(spec.dropout.groups)} groups"
+        + (f"; max-norm on {len(layers)} layer{'s' if len(layers) > 1 else ''}" if layers else "")
+        + " (`hpo sites` lists them)"
+    )
     for line in checked.warnings:
         on_warning(line)
     return data
@@ -313,13 +356,19 @@ def sites(space: str | Path, code_dir: str | Path | None = None) -> SiteReport:
         effects = argument_effects(spec, built, batch)
     except UserCodeError as exc:
         raise SpecError(path, exc.key, exc.problem) from exc
-    problems = [f"{key}: {problem}" for key, problem in site_problems(spec, built) + dead_argument_problems(spec, effects)]
+    problems = [
+        f"{key}: {problem}" for key, problem in site_problems(spec, built) + dead_argument_problems(spec, effects)
+    ]
     through = searched_through_arguments(effects)
-    problems += [f"{s.site.path}: functional dropout that no group matches keeps its rate {s.rate:g}"
-                 for s in built.settings
-                 if s.group is None and s.site.kind == "functional" and s.site.path not in through]
-    layers = {name: [p for p, _ in constrained_layers(built.network, entry.match)]
-              for name, entry in spec.dropout.max_norm.items()}
+    problems += [
+        f"{s.site.path}: functional dropout that no group matches keeps its rate {s.rate:g}"
+        for s in built.settings
+        if s.group is None and s.site.kind == "functional" and s.site.path not in through
+    ]
+    layers = {
+        name: [p for p, _ in constrained_layers(built.network, entry.match)]
+        for name, entry in spec.dropout.max_norm.items()
+    }
     return SiteReport(spec.model.class_path, built.settings, layers, site_warnings(spec, built, effects) + problems)
 
 
@@ -374,7 +423,8 @@ def submit(
         on_note(note)
     with _backend(spec, seed, data, execution, on_note, folder) as backend:
         handle = create_study(
-            spec, text,
+            spec,
+            text,
             name=study_name or spec.name,
             storage=storage,
             budget=trials or spec.budget.trials,
@@ -382,14 +432,17 @@ def submit(
             spec_source=str(path),
             code_dir=folder if spec.user_model else None,
             group_size=execution.group_size,
-            first_trials=[(baseline_params(spec, kind), baseline_attrs(Baseline(kind, baseline_fixed(spec, kind))))
-                          for kind in spec.baselines],
+            first_trials=[
+                (baseline_params(spec, kind), baseline_attrs(Baseline(kind, baseline_fixed(spec, kind))))
+                for kind in spec.baselines
+            ],
         )
         with driving(handle.storage, handle.name):
             if on_start is not None:
                 on_start(handle)
-            return handle, _run(handle, data, backend, execution, tracking, timeout or spec.budget.timeout,
-                                on_progress, on_warning)
+            return handle, _run(
+                handle, data, backend, execution, tracking, timeout or spec.budget.timeout, on_progress, on_warning
+            )
 
 
 def _settled(spec: Spec, execution: Execution, on_note: Callable[[str], None]) -> Execution:
@@ -401,11 +454,16 @@ def _settled(spec: Spec, execution: Execution, on_note: Callable[[str], None]) -
 
 def _numeric_choices_settled(spec: Spec, execution: Execution, on_note: Callable[[str], None]) -> Spec:
     settled = settle_numeric_choices(spec, execution.group_size, execution.workers)
-    if spec.sampler.numeric_choices == "auto" and settled.sampler.numeric_choices == "categorical" \
-            and ordered_choices(spec):
+    if (
+        spec.sampler.numeric_choices == "auto"
+        and settled.sampler.numeric_choices == "categorical"
+        and ordered_choices(spec)
+    ):
         why = " and ".join(asked_together(execution.group_size, execution.workers))
-        on_note(f"numeric choices are searched as categories {why} "
-                "(sampler: {numeric_choices: ordered} searches them by position)")
+        on_note(
+            f"numeric choices are searched as categories {why} "
+            "(sampler: {numeric_choices: ordered} searches them by position)"
+        )
     return settled
 
 
@@ -419,15 +477,32 @@ def pruning_note(spec: Spec) -> str | None:
         return f"trials are not pruned: {why} (pruner: {{name: median}} prunes anyway)"
     if spec.active_pruner.name == "none":
         return None
-    return (f"{why}: a configuration the {spec.active_pruner.name} pruner stops teaches it nothing and may be "
-            "proposed again (pruner: {name: none} lets every trial finish)")
+    return (
+        f"{why}: a configuration the {spec.active_pruner.name} pruner stops teaches it nothing and may be "
+        "proposed again (pruner: {name: none} lets every trial finish)"
+    )
 
 
-def _run(handle: StudyHandle, data: TrialData, backend: Backend, execution: Execution, tracking: Tracking,
-         timeout: float | None, on_progress: ProgressCallback | None, on_warning: Callable[[str], None]) -> RunSummary:
+def _run(
+    handle: StudyHandle,
+    data: TrialData,
+    backend: Backend,
+    execution: Execution,
+    tracking: Tracking,
+    timeout: float | None,
+    on_progress: ProgressCallback | None,
+    on_warning: Callable[[str], None],
+) -> RunSummary:
     with tracked(handle, tracking, data, on_warning) as tracker:
-        summary = run_study(handle, backend, timeout=timeout, max_retries=execution.max_retries,
-                            on_progress=on_progress, listener=tracker, group_size=execution.group_size)
+        summary = run_study(
+            handle,
+            backend,
+            timeout=timeout,
+            max_retries=execution.max_retries,
+            on_progress=on_progress,
+            listener=tracker,
+            group_size=execution.group_size,
+        )
         if tracker is not None:
             tracker.close(summary.stopped)
     return summary
@@ -473,5 +548,13 @@ def resume(
         if note := pruning_note(handle.spec):
             on_note(note)
         with _backend(handle.spec, handle.seed, data, execution, on_note, folder) as backend:
-            return handle, _run(handle, data, backend, execution, tracking, timeout or handle.spec.budget.timeout,
-                                on_progress, on_warning)
+            return handle, _run(
+                handle,
+                data,
+                backend,
+                execution,
+                tracking,
+                timeout or handle.spec.budget.timeout,
+                on_progress,
+                on_warning,
+            )

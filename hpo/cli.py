@@ -47,7 +47,9 @@ errors = output_console(stderr=True)
 Storage = Annotated[
     str | None,
     typer.Option(
-        "--storage", envvar=STORAGE_ENV, show_default=False,
+        "--storage",
+        envvar=STORAGE_ENV,
+        show_default=False,
         help="SQLAlchemy URL of the study store \\[default: sqlite:///hpo.db in this directory].",
     ),
 ]
@@ -82,20 +84,75 @@ class ExportFormat(str, Enum):
     json = "json"
 
 
-ExecutorOption = Annotated[Executor, typer.Option("--executor", help="local: one trial at a time in this process; ray: Ray tasks; auto: Ray when --workers > 1, --gpus-per-trial or a Ray address is given.")]
+ExecutorOption = Annotated[
+    Executor,
+    typer.Option(
+        "--executor",
+        help="local: one trial at a time in this process; ray: Ray tasks; auto: Ray when --workers > 1, --gpus-per-trial or a Ray address is given.",
+    ),
+]
 Workers = Annotated[int, typer.Option(min=1, help="Trials running at once (Ray).")]
-CpusPerTrial = Annotated[float | None, typer.Option(min=0.01, show_default=False, help="CPUs each Ray trial reserves \\[default: 1]; torch threads of in-process trials \\[default: one per 200 MFLOP of a training step, at most the cores].")]
-GpusPerTrial = Annotated[str, typer.Option(help="GPUs each Ray trial reserves; 0.25 packs four trials per GPU; auto measures one trial on a GPU and packs as many as fit.")]
-GroupSize = Annotated[str, typer.Option(help="Trials trained together as one vectorised model (MLP spaces; 32-128 fill a GPU); auto: 5 for an MLP trained in-process on a CPU, else 1.")]
+CpusPerTrial = Annotated[
+    float | None,
+    typer.Option(
+        min=0.01,
+        show_default=False,
+        help="CPUs each Ray trial reserves \\[default: 1]; torch threads of in-process trials \\[default: one per 200 MFLOP of a training step, at most the cores].",
+    ),
+]
+GpusPerTrial = Annotated[
+    str,
+    typer.Option(
+        help="GPUs each Ray trial reserves; 0.25 packs four trials per GPU; auto measures one trial on a GPU and packs as many as fit."
+    ),
+]
+GroupSize = Annotated[
+    str,
+    typer.Option(
+        help="Trials trained together as one vectorised model (MLP spaces; 32-128 fill a GPU); auto: 5 for an MLP trained in-process on a CPU, else 1."
+    ),
+]
 MaxRetries = Annotated[int, typer.Option(min=0, help="Times a configuration whose worker died is queued again.")]
-RayAddress = Annotated[str | None, typer.Option(envvar="RAY_ADDRESS", show_default=False, help="Ray cluster address \\[default: a local Ray instance when Ray is used].")]
-Timeout = Annotated[float | None, typer.Option(min=0, help="Stop starting trials after this many seconds.", show_default=False)]
+RayAddress = Annotated[
+    str | None,
+    typer.Option(
+        envvar="RAY_ADDRESS",
+        show_default=False,
+        help="Ray cluster address \\[default: a local Ray instance when Ray is used].",
+    ),
+]
+Timeout = Annotated[
+    float | None, typer.Option(min=0, help="Stop starting trials after this many seconds.", show_default=False)
+]
 AcceleratorOption = Annotated[Accelerator, typer.Option(help="Where in-process trials train.")]
-PrecisionOption = Annotated[PrecisionChoice, typer.Option("--precision", help="Training arithmetic: 32 (float32), tf32 (TensorFloat-32 matrix products on a GPU) or bf16 (bf16 mixed precision).")]
-TrackingUri = Annotated[str | None, typer.Option(envvar="MLFLOW_TRACKING_URI", show_default=False, help="MLflow tracking URI: an http(s):// server or an SQL store \\[default: sqlite:///mlflow.db in this directory].")]
-Experiment = Annotated[str | None, typer.Option(show_default=False, help="MLflow experiment \\[default: the study name].")]
-TrackingSwitch = Annotated[bool, typer.Option(help="Mirror the study into MLflow (a parent run, a nested run per trial).")]
-CodeDir = Annotated[Path | None, typer.Option(help="Folder of your model's and data's code, put on sys.path and shipped to Ray workers \\[default: the spec's code_dir, else the spec file's folder].", show_default=False)]
+PrecisionOption = Annotated[
+    PrecisionChoice,
+    typer.Option(
+        "--precision",
+        help="Training arithmetic: 32 (float32), tf32 (TensorFloat-32 matrix products on a GPU) or bf16 (bf16 mixed precision).",
+    ),
+]
+TrackingUri = Annotated[
+    str | None,
+    typer.Option(
+        envvar="MLFLOW_TRACKING_URI",
+        show_default=False,
+        help="MLflow tracking URI: an http(s):// server or an SQL store \\[default: sqlite:///mlflow.db in this directory].",
+    ),
+]
+Experiment = Annotated[
+    str | None, typer.Option(show_default=False, help="MLflow experiment \\[default: the study name].")
+]
+TrackingSwitch = Annotated[
+    bool, typer.Option(help="Mirror the study into MLflow (a parent run, a nested run per trial).")
+]
+CodeDir = Annotated[
+    Path | None,
+    typer.Option(
+        help="Folder of your model's and data's code, put on sys.path and shipped to Ray workers \\[default: the spec's code_dir, else the spec file's folder].",
+        show_default=False,
+    ),
+]
 
 #: The options ``submit`` and ``resume`` share (see :func:`_run_options`).
 _RUN_OPTIONS = [
@@ -151,7 +208,10 @@ def main(
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
     ] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", envvar=VERBOSE_ENV, help="Also show what MLflow, Ray and other libraries log.")] = False,
+    verbose: Annotated[
+        bool,
+        typer.Option("--verbose", "-v", envvar=VERBOSE_ENV, help="Also show what MLflow, Ray and other libraries log."),
+    ] = False,
 ) -> None:
     """dropout-hpo."""
     configure_output(verbose)
@@ -175,9 +235,12 @@ def _run_options(command: F) -> F:
 
         options = {name: kwargs.pop(name) for name, _, _ in _RUN_OPTIONS}
         execution = Execution(
-            options["executor"].value, options["workers"], options["cpus_per_trial"],
+            options["executor"].value,
+            options["workers"],
+            options["cpus_per_trial"],
             gpus_per_trial=_auto_or(options["gpus_per_trial"], "--gpus-per-trial", float, "a number"),
-            max_retries=options["max_retries"], ray_address=options["ray_address"],
+            max_retries=options["max_retries"],
+            ray_address=options["ray_address"],
             accelerator=options["accelerator"].value,
             group_size=_auto_or(options["group_size"], "--group-size", int, "a whole number >= 1"),
             precision=options["precision"].value,
@@ -195,12 +258,27 @@ def _run_options(command: F) -> F:
 @_run_options
 def submit(
     space: Annotated[Path, typer.Argument(help="Search-space YAML file (see search_spaces/).", show_default=False)],
-    trials: Annotated[int | None, typer.Option(min=1, help="Budget of finished trials \\[default: the spec's budget.trials].", show_default=False)] = None,
+    trials: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="Budget of finished trials \\[default: the spec's budget.trials].", show_default=False
+        ),
+    ] = None,
     timeout: Timeout = None,
-    study_name: Annotated[str | None, typer.Option(help="Study name \\[default: the spec's name].", show_default=False)] = None,
+    study_name: Annotated[
+        str | None, typer.Option(help="Study name \\[default: the spec's name].", show_default=False)
+    ] = None,
     storage: Storage = None,
-    seed: Annotated[int | None, typer.Option(help="Seed of the sampler and the trials \\[default: the spec's sampler.seed, else random].", show_default=False)] = None,
-    baselines: Annotated[bool, typer.Option(help="Run the spec's baselines (no dropout; Srivastava et al.'s recommendation) first.")] = True,
+    seed: Annotated[
+        int | None,
+        typer.Option(
+            help="Seed of the sampler and the trials \\[default: the spec's sampler.seed, else random].",
+            show_default=False,
+        ),
+    ] = None,
+    baselines: Annotated[
+        bool, typer.Option(help="Run the spec's baselines (no dropout; Srivastava et al.'s recommendation) first.")
+    ] = True,
     code_dir: CodeDir = None,
     *,
     execution: Any = None,
@@ -220,9 +298,20 @@ def submit(
             progress.begin(handle.name, handle.budget)
 
         handle, summary = api.submit(
-            space, trials=trials, timeout=timeout, study_name=study_name, storage=storage,
-            seed=seed, baselines=baselines, execution=execution, tracking=tracking,
-            on_start=start, on_progress=progress, on_warning=_warn, on_note=_note, code_dir=code_dir,
+            space,
+            trials=trials,
+            timeout=timeout,
+            study_name=study_name,
+            storage=storage,
+            seed=seed,
+            baselines=baselines,
+            execution=execution,
+            tracking=tracking,
+            on_start=start,
+            on_progress=progress,
+            on_warning=_warn,
+            on_note=_note,
+            code_dir=code_dir,
         )
     _report_run(handle, summary)
 
@@ -233,10 +322,24 @@ def submit(
 def resume(
     study: StudyName,
     storage: Storage = None,
-    trials: Annotated[int | None, typer.Option(min=1, help="New total budget of finished trials \\[default: unchanged].", show_default=False)] = None,
+    trials: Annotated[
+        int | None,
+        typer.Option(min=1, help="New total budget of finished trials \\[default: unchanged].", show_default=False),
+    ] = None,
     timeout: Timeout = None,
-    code_dir: Annotated[Path | None, typer.Option(help="Folder of your model's code \\[default: the folder the study was submitted with].", show_default=False)] = None,
-    take_over: Annotated[bool, typer.Option("--take-over", help="Run even if another driver holds the study (one known to be dead whose heartbeat is not yet 30 s old).")] = False,
+    code_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder of your model's code \\[default: the folder the study was submitted with].", show_default=False
+        ),
+    ] = None,
+    take_over: Annotated[
+        bool,
+        typer.Option(
+            "--take-over",
+            help="Run even if another driver holds the study (one known to be dead whose heartbeat is not yet 30 s old).",
+        ),
+    ] = False,
     *,
     execution: Any = None,
     tracking: Any = None,
@@ -254,8 +357,17 @@ def resume(
             progress.begin(handle.name, handle.budget)
 
         handle, summary = api.resume(
-            study, storage=storage, trials=trials, timeout=timeout, execution=execution,
-            tracking=tracking, on_start=start, on_progress=progress, on_warning=_warn, on_note=_note, code_dir=code_dir,
+            study,
+            storage=storage,
+            trials=trials,
+            timeout=timeout,
+            execution=execution,
+            tracking=tracking,
+            on_start=start,
+            on_progress=progress,
+            on_warning=_warn,
+            on_note=_note,
+            code_dir=code_dir,
             take_over=take_over,
         )
     _report_run(handle, summary)
@@ -276,22 +388,43 @@ def sites(
 
     report = api.sites(space, code_dir)
     if as_json:
-        console.print_json(data={"model": report.model, "sites": [s.to_dict() for s in report.settings],
-                                 "max_norm": report.max_norm, "warnings": report.warnings})
+        console.print_json(
+            data={
+                "model": report.model,
+                "sites": [s.to_dict() for s in report.settings],
+                "max_norm": report.max_norm,
+                "warnings": report.warnings,
+            }
+        )
         return
     grouped = sum(1 for s in report.settings if s.group)
-    console.print(f"dropout sites of {report.model}: {len(report.settings)}, {grouped} of them in groups",
-                  highlight=False, soft_wrap=True)
+    console.print(
+        f"dropout sites of {report.model}: {len(report.settings)}, {grouped} of them in groups",
+        highlight=False,
+        soft_wrap=True,
+    )
     rows = [("site", "kind", "rate", "group", "")] + [
-        (s.site.path or "(model)", s.site.kind, f"{s.site.rate:g}", s.group or "-",
-         f"(rate passed to {s.site.used_by})" if s.site.used_by else "") for s in report.settings]
+        (
+            s.site.path or "(model)",
+            s.site.kind,
+            f"{s.site.rate:g}",
+            s.group or "-",
+            f"(rate passed to {s.site.used_by})" if s.site.used_by else "",
+        )
+        for s in report.settings
+    ]
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     for row in rows:
-        console.print(("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[4]).rstrip(),
-                      markup=False, highlight=False, soft_wrap=True)
+        console.print(
+            ("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[4]).rstrip(),
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
     for name, layers in report.max_norm.items():
-        console.print(f"max-norm {name}: {', '.join(layers) or 'no Linear or Conv layer'}", highlight=False,
-                      soft_wrap=True)
+        console.print(
+            f"max-norm {name}: {', '.join(layers) or 'no Linear or Conv layer'}", highlight=False, soft_wrap=True
+        )
     for line in report.warnings:
         _warn(line)
 
@@ -314,13 +447,34 @@ def _mapping(option: str, text: str | None) -> dict[str, Any] | None:
 @app.command()
 @_user_errors
 def init(
-    model: Annotated[str, typer.Argument(help="Your model's import path (my_models.Net, torchvision.models.VisionTransformer).", show_default=False)],
-    init_args: Annotated[str | None, typer.Option(help="Its constructor arguments as a YAML mapping, e.g. '{num_classes: 10, dropout: 0.1}'.", show_default=False)] = None,
-    data: Annotated[str | None, typer.Option(help="Your data's import path: a LightningDataModule, or a function returning (train, val[, test]) datasets \\[default: --dataset].", show_default=False)] = None,
-    data_args: Annotated[str | None, typer.Option(help="The data's arguments as a YAML mapping.", show_default=False)] = None,
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="Your model's import path (my_models.Net, torchvision.models.VisionTransformer).", show_default=False
+        ),
+    ],
+    init_args: Annotated[
+        str | None,
+        typer.Option(
+            help="Its constructor arguments as a YAML mapping, e.g. '{num_classes: 10, dropout: 0.1}'.",
+            show_default=False,
+        ),
+    ] = None,
+    data: Annotated[
+        str | None,
+        typer.Option(
+            help="Your data's import path: a LightningDataModule, or a function returning (train, val[, test]) datasets \\[default: --dataset].",
+            show_default=False,
+        ),
+    ] = None,
+    data_args: Annotated[
+        str | None, typer.Option(help="The data's arguments as a YAML mapping.", show_default=False)
+    ] = None,
     dataset: Annotated[str, typer.Option(help="A built-in data set, when --data is not given.")] = "digits",
     out: Annotated[Path, typer.Option("--out", "-o", help="Search-space file to write.")] = Path("space.yaml"),
-    code_dir: Annotated[Path | None, typer.Option(help="Folder of your code \\[default: the folder of --out].", show_default=False)] = None,
+    code_dir: Annotated[
+        Path | None, typer.Option(help="Folder of your code \\[default: the folder of --out].", show_default=False)
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite --out if it exists.")] = False,
 ) -> None:
     """Write a starter search space for your own model: its dropout sites found and grouped by
@@ -328,20 +482,33 @@ def init(
     on one batch."""
     from hpo.starter import init as write_starter
 
-    _, groups = write_starter(model, out, init_args=_mapping("--init-args", init_args), data=data,
-                              data_args=_mapping("--data-args", data_args), dataset=dataset, code_dir=code_dir,
-                              overwrite=force, on_warning=_warn)
+    _, groups = write_starter(
+        model,
+        out,
+        init_args=_mapping("--init-args", init_args),
+        data=data,
+        data_args=_mapping("--data-args", data_args),
+        dataset=dataset,
+        code_dir=code_dir,
+        overwrite=force,
+        on_warning=_warn,
+    )
     sites = sum(len(g.sites) for g in groups)
-    console.print(f"wrote {out}: {_count(sites, 'dropout site')} in {_count(len(groups), 'group')} "
-                  f"({', '.join(g.name for g in groups)}); next: `hpo sites {out}`, then `hpo submit {out}`",
-                  highlight=False, soft_wrap=True)
+    console.print(
+        f"wrote {out}: {_count(sites, 'dropout site')} in {_count(len(groups), 'group')} "
+        f"({', '.join(g.name for g in groups)}); next: `hpo sites {out}`, then `hpo submit {out}`",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 def _print_tracking(handle: StudyHandle, tracking: Any) -> None:
     if tracking.enabled:
         console.print(
             f"MLflow: experiment [bold]{tracking.experiment or handle.name}[/] in "
-            f"{redact(tracking.resolved_uri)} (see it with `hpo ui`)", highlight=False, soft_wrap=True,
+            f"{redact(tracking.resolved_uri)} (see it with `hpo ui`)",
+            highlight=False,
+            soft_wrap=True,
         )
 
 
@@ -375,7 +542,12 @@ def sync(
     storage: Storage = None,
     tracking_uri: TrackingUri = None,
     experiment: Experiment = None,
-    model: Annotated[bool, typer.Option(help="Also log the best trial's network when MLflow has none, training the trial again from its configuration and seed (as long as the trial took).")] = True,
+    model: Annotated[
+        bool,
+        typer.Option(
+            help="Also log the best trial's network when MLflow has none, training the trial again from its configuration and seed (as long as the trial took)."
+        ),
+    ] = True,
     accelerator: AcceleratorOption = Accelerator.cpu,
 ) -> None:
     """Fill MLflow in from the study store: create missing trial runs, complete runs left open
@@ -391,7 +563,9 @@ def sync(
         f"synced study {study!r} to {redact(settings.resolved_uri)} (experiment {report.experiment_id}, "
         f"run {report.parent_id}): {report.created} runs created, {report.completed} completed, "
         f"{report.removed} duplicates removed, {report.unchanged} already up to date",
-        markup=False, highlight=False, soft_wrap=True,
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
     )
     if report.model_trial is not None:
         trial = handle.study.trials[report.model_trial]
@@ -402,13 +576,16 @@ def sync(
             f"best trial {trial.number}'s network was not in MLflow: trained it again and logged it "
             f"({measured}; the trial measured {stored}"
             f"{'' if same else ': not the same, so this machine or its package versions compute differently'})",
-            markup=False, highlight=False, soft_wrap=True,
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
         )
 
 
 def _rerun_for(handle: StudyHandle, accelerator: str) -> Callable[[Any], tuple[Any, Any, list[float]]]:
     """The ``rerun`` callback of :func:`hpo.tracking.sync`: the trial trained again on the
     study's data (loaded on first use), with a few validation inputs as the model's example."""
+
     def rerun(trial: Any) -> tuple[Any, Any, list[float]]:
         from hpo.analysis.best_model import rerun as rerun_trial
         from hpo.api import study_data
@@ -432,7 +609,15 @@ def report(
     study: StudyName,
     storage: Storage = None,
     format: Annotated[ReportFormat, typer.Option("--format", "-f", help="Markdown or HTML.")] = ReportFormat.md,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for the report and its PNG plots \\[default: reports/STUDY].", show_default=False)] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Folder for the report and its PNG plots \\[default: reports/STUDY].",
+            show_default=False,
+        ),
+    ] = None,
     tracking: TrackingSwitch = True,
     tracking_uri: TrackingUri = None,
 ) -> None:
@@ -446,13 +631,15 @@ def report(
     folder = out or Path("reports") / study
     command = f"hpo report {study}" + (f" --format {format.value}" if format != ReportFormat.md else "")
     built, path = reports.write(handle, folder, format.value, command)
-    console.print(f"wrote {path} ({len(built.tables)} tables, {len(built.figures)} plots)", highlight=False,
-                  soft_wrap=True)
+    console.print(
+        f"wrote {path} ({len(built.tables)} tables, {len(built.figures)} plots)", highlight=False, soft_wrap=True
+    )
     if tracking:
         settings = Tracking(uri=tracking_uri)
         run_id = log_report(handle, settings, folder)
-        console.print(f"attached to MLflow run {run_id} at {redact(settings.resolved_uri)}", highlight=False,
-                      soft_wrap=True)
+        console.print(
+            f"attached to MLflow run {run_id} at {redact(settings.resolved_uri)}", highlight=False, soft_wrap=True
+        )
 
 
 @app.command()
@@ -461,7 +648,9 @@ def compare(
     studies: Annotated[list[str], typer.Argument(help="Two or more study names (see `hpo list`).", show_default=False)],
     storage: Storage = None,
     format: Annotated[ReportFormat, typer.Option("--format", "-f", help="Markdown or HTML.")] = ReportFormat.md,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the comparison and its plot.")] = Path("reports/compare"),
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the comparison and its plot.")] = Path(
+        "reports/compare"
+    ),
 ) -> None:
     """One table across studies, e.g. MLP vs Conv1d vs LSTM on one data set: each study's best
     trial (test accuracy, train-test gap, time per epoch, its dropout) and the best test accuracy
@@ -484,7 +673,9 @@ def evaluate_uncertainty(
     study: StudyName,
     storage: Storage = None,
     mc_samples: Annotated[int, typer.Option(min=1, help="Stochastic forward passes with dropout on.")] = 50,
-    trial: Annotated[int | None, typer.Option(help="Trial to evaluate \\[default: the best].", show_default=False)] = None,
+    trial: Annotated[
+        int | None, typer.Option(help="Trial to evaluate \\[default: the best].", show_default=False)
+    ] = None,
     tracking_uri: TrackingUri = None,
     seed: Annotated[int, typer.Option(help="Seed of the dropout masks.")] = 0,
 ) -> None:
@@ -501,13 +692,18 @@ def evaluate_uncertainty(
     test = test_set(data)
     net, source = network(handle, chosen, data, model_uri(handle, Tracking(uri=tracking_uri), chosen.number))
     result = compare(net, test, mc_samples, seed)
-    console.print(f"trial {chosen.number}: {source}; test split ({len(test)} examples)", highlight=False,
-                  soft_wrap=True)
+    console.print(
+        f"trial {chosen.number}: {source}; test split ({len(test)} examples)", highlight=False, soft_wrap=True
+    )
     if result.dropout_modules == 0:
         console.print("this configuration has no active dropout: MC dropout equals the deterministic network")
     else:
-        console.print(f"MC dropout samples {len(result.switch.sampled)} dropout sites (training mode on "
-                      f"{result.dropout_modules} modules)", highlight=False, soft_wrap=True)
+        console.print(
+            f"MC dropout samples {len(result.switch.sampled)} dropout sites (training mode on "
+            f"{result.dropout_modules} modules)",
+            highlight=False,
+            soft_wrap=True,
+        )
     for line in result.switch.unsampled:
         _warn(f"MC dropout cannot sample {line}")
     printing.print_uncertainty(console, result)
@@ -518,7 +714,9 @@ def evaluate_uncertainty(
 def retrain(
     study: StudyName,
     storage: Storage = None,
-    trial: Annotated[int | None, typer.Option(help="Trial to re-train \\[default: the best].", show_default=False)] = None,
+    trial: Annotated[
+        int | None, typer.Option(help="Trial to re-train \\[default: the best].", show_default=False)
+    ] = None,
     tracking: TrackingSwitch = True,
     tracking_uri: TrackingUri = None,
     accelerator: AcceleratorOption = Accelerator.cpu,
@@ -535,11 +733,16 @@ def retrain(
     data = study_data(handle)
     retrained = retrain_trial(handle, chosen, data, accelerator.value)
     measured = ", ".join(
-        f"{name} {value:.4f}" + (f" (the trial: {chosen.user_attrs[name]:.4f})"
-                                 if isinstance(chosen.user_attrs.get(name), float) else "")
-        for name, value in retrained.test.items())
-    console.print(f"trial {chosen.number} re-trained on {retrained.examples} examples for {retrained.epochs} epochs: "
-                  f"{measured or 'no test metric logged'}", highlight=False, soft_wrap=True)
+        f"{name} {value:.4f}"
+        + (f" (the trial: {chosen.user_attrs[name]:.4f})" if isinstance(chosen.user_attrs.get(name), float) else "")
+        for name, value in retrained.test.items()
+    )
+    console.print(
+        f"trial {chosen.number} re-trained on {retrained.examples} examples for {retrained.epochs} epochs: "
+        f"{measured or 'no test metric logged'}",
+        highlight=False,
+        soft_wrap=True,
+    )
     if tracking:
         settings = Tracking(uri=tracking_uri)
         run_id = log_retrained(handle, settings, retrained, data)
@@ -561,8 +764,11 @@ def doctor(
     checks = diagnose(storage, tracking_uri, ray_address)
     for check in checks:
         mark = "[green]ok[/]" if check.ok else "[red]UNREACHABLE[/]"
-        console.print(f"{mark}  {check.service}: {check.target} - {check.detail} ({check.seconds:.1f} s)",
-                      highlight=False, soft_wrap=True)
+        console.print(
+            f"{mark}  {check.service}: {check.target} - {check.detail} ({check.seconds:.1f} s)",
+            highlight=False,
+            soft_wrap=True,
+        )
     failed = [c.service for c in checks if not c.ok]
     if failed:
         errors.print(f"error: cannot reach the {' and the '.join(failed)}", markup=False, highlight=False)
@@ -573,11 +779,32 @@ def doctor(
 @_user_errors
 def ui(
     tracking_uri: TrackingUri = None,
-    viewer: Annotated[Viewer, typer.Option(help="mlflow: the MLflow dashboard on the tracking store; optuna: optuna-dashboard on the study store (pip install 'dropout-hpo[dashboard]').")] = Viewer.mlflow,
+    viewer: Annotated[
+        Viewer,
+        typer.Option(
+            help="mlflow: the MLflow dashboard on the tracking store; optuna: optuna-dashboard on the study store (pip install 'dropout-hpo[dashboard]')."
+        ),
+    ] = Viewer.mlflow,
     storage: Storage = None,
-    host: Annotated[str, typer.Option(help="Interface to bind; anything but loopback exposes the dashboard, which has no login, to the network.")] = "127.0.0.1",
-    port: Annotated[int | None, typer.Option(min=1, max=65535, help="Port to listen on \\[default: 5000 for MLflow, 8080 for optuna-dashboard].", show_default=False)] = None,
-    study: Annotated[str | None, typer.Option(help="Study whose trials the printed address shows \\[default: the latest].", show_default=False)] = None,
+    host: Annotated[
+        str,
+        typer.Option(
+            help="Interface to bind; anything but loopback exposes the dashboard, which has no login, to the network."
+        ),
+    ] = "127.0.0.1",
+    port: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            max=65535,
+            help="Port to listen on \\[default: 5000 for MLflow, 8080 for optuna-dashboard].",
+            show_default=False,
+        ),
+    ] = None,
+    study: Annotated[
+        str | None,
+        typer.Option(help="Study whose trials the printed address shows \\[default: the latest].", show_default=False),
+    ] = None,
     open_browser: Annotated[bool, typer.Option("--open", help="Open the address in your browser.")] = False,
 ) -> None:
     """Start a dashboard and print the address of a study: MLflow's on the tracking store (the
@@ -588,11 +815,25 @@ def ui(
 
     announce = functools.partial(console.print, markup=False, highlight=False, soft_wrap=True)
     if viewer == Viewer.optuna:
-        serve_optuna(storage_url(storage), host=host, port=port or OPTUNA_PORT, study=study, open_browser=open_browser,
-                     announce=announce, warn=_warn)
+        serve_optuna(
+            storage_url(storage),
+            host=host,
+            port=port or OPTUNA_PORT,
+            study=study,
+            open_browser=open_browser,
+            announce=announce,
+            warn=_warn,
+        )
         return
-    serve(tracking_uri, host=host, port=port or DEFAULT_PORT, study=study, open_browser=open_browser,
-          announce=announce, warn=_warn)
+    serve(
+        tracking_uri,
+        host=host,
+        port=port or DEFAULT_PORT,
+        study=study,
+        open_browser=open_browser,
+        announce=announce,
+        warn=_warn,
+    )
 
 
 @app.command()
@@ -648,7 +889,9 @@ def export(
     study: StudyName,
     storage: Storage = None,
     format: Annotated[ExportFormat, typer.Option("--format", "-f", help="Output format.")] = ExportFormat.csv,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="File to write \\[default: stdout].", show_default=False)] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="File to write \\[default: stdout].", show_default=False)
+    ] = None,
 ) -> None:
     """Every trial as CSV or JSON: state, objective values, parameters and metrics."""
     handle = load_study(study, storage)
@@ -673,13 +916,15 @@ def _report_run(handle: StudyHandle, summary: RunSummary) -> None:
     after an interrupt."""
     c = summary.counts
     why = {
-        "budget": "budget reached", "timeout": "timeout reached",
+        "budget": "budget reached",
+        "timeout": "timeout reached",
         "interrupted": f"interrupted; run `hpo resume {handle.name}` to continue",
         "errors": summary.message,
     }[summary.stopped]
     console.print(
-        f"{why}: {c.finished}/{handle.budget} finished ({c.complete} complete, {c.pruned} pruned, "
-        f"{c.failed} failed)", markup=False, highlight=False,
+        f"{why}: {c.finished}/{handle.budget} finished ({c.complete} complete, {c.pruned} pruned, {c.failed} failed)",
+        markup=False,
+        highlight=False,
     )
     best = best_trial(handle.study)
     if best is not None:
@@ -689,8 +934,12 @@ def _report_run(handle: StudyHandle, summary: RunSummary) -> None:
             _compare_with_baseline(handle, best)
     if summary.stopped in ("budget", "timeout") and best is not None:
         storage = "" if handle.storage == storage_url(None) else f" --storage {redact(handle.storage)}"
-        console.print(f"next: `hpo report {handle.name}{storage}` writes the dropout tables and plots",
-                      markup=False, highlight=False, soft_wrap=True)
+        console.print(
+            f"next: `hpo report {handle.name}{storage}` writes the dropout tables and plots",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
         _print_address(handle)
     if _EXIT_CODES[summary.stopped]:
         raise typer.Exit(_EXIT_CODES[summary.stopped])
@@ -708,8 +957,8 @@ def _print_address(handle: StudyHandle) -> None:
 
 def _compare_with_baseline(handle: StudyHandle, best: optuna.trial.FrozenTrial) -> None:
     baseline = next(
-        (t for t in handle.study.get_trials(deepcopy=False)
-         if t.user_attrs.get(BASELINE) == "no_dropout" and t.values), None,
+        (t for t in handle.study.get_trials(deepcopy=False) if t.user_attrs.get(BASELINE) == "no_dropout" and t.values),
+        None,
     )
     if baseline is None:
         return

@@ -20,7 +20,9 @@ class Suggester(Protocol):
     """What :func:`hpo.space.suggest` needs from a trial: ``optuna.Trial`` and
     ``optuna.trial.FixedTrial`` both qualify."""
 
-    def suggest_float(self, name: str, low: float, high: float, *, step: float | None = None, log: bool = False) -> float: ...  # noqa: E501
+    def suggest_float(
+        self, name: str, low: float, high: float, *, step: float | None = None, log: bool = False
+    ) -> float: ...  # noqa: E501
     def suggest_int(self, name: str, low: int, high: int, *, step: int = 1, log: bool = False) -> int: ...  # noqa: E501
     def suggest_categorical(self, name: str, choices: Any) -> Any: ...
 
@@ -39,7 +41,9 @@ class OrderedChoices:
     def __init__(self, trial: Suggester) -> None:
         self.trial = trial
 
-    def suggest_float(self, name: str, low: float, high: float, *, step: float | None = None, log: bool = False) -> float:  # noqa: E501
+    def suggest_float(
+        self, name: str, low: float, high: float, *, step: float | None = None, log: bool = False
+    ) -> float:  # noqa: E501
         return self.trial.suggest_float(name, low, high, step=step, log=log)
 
     def suggest_int(self, name: str, low: int, high: int, *, step: int = 1, log: bool = False) -> int:
@@ -76,8 +80,12 @@ class WithFixed:
         self.asked.add(name)
         return self.fixed[name]
 
-    def suggest_float(self, name: str, low: float, high: float, *, step: float | None = None, log: bool = False) -> float:  # noqa: E501
-        return self._fixed(name) if name in self.fixed else self.trial.suggest_float(name, low, high, step=step, log=log)
+    def suggest_float(
+        self, name: str, low: float, high: float, *, step: float | None = None, log: bool = False
+    ) -> float:  # noqa: E501
+        return (
+            self._fixed(name) if name in self.fixed else self.trial.suggest_float(name, low, high, step=step, log=log)
+        )
 
     def suggest_int(self, name: str, low: int, high: int, *, step: int = 1, log: bool = False) -> int:
         return self._fixed(name) if name in self.fixed else self.trial.suggest_int(name, low, high, step=step, log=log)
@@ -156,7 +164,9 @@ def searched_parameters(spec: Spec) -> dict[str, Any]:
                     params[f"{section}.{key}.enabled"] = field.enabled
                 if is_searched(field.rate):
                     layers = spec.model.layers if field.per_layer else None
-                    names = [f"{section}.{key}.rate.{i}" for i in range(layers)] if layers else [f"{section}.{key}.rate"]
+                    names = (
+                        [f"{section}.{key}.rate.{i}" for i in range(layers)] if layers else [f"{section}.{key}.rate"]
+                    )
                     params.update(dict.fromkeys(names, field.rate))
             elif is_searched(field):
                 params[f"{section}.{key}"] = field
@@ -166,10 +176,20 @@ def searched_parameters(spec: Spec) -> dict[str, Any]:
 def _user_dropout_parameters(spec: Spec) -> dict[str, Any]:
     params: dict[str, Any] = {}
     for name, group in spec.dropout.groups.items():
-        params.update({f"dropout.groups.{name}.{key}": v for key, v in (("rate", group.rate), ("variant", group.variant))
-                       if is_searched(v)})
-    params.update({f"dropout.max_norm.{name}.radius": m.radius for name, m in spec.dropout.max_norm.items()
-                   if is_searched(m.radius)})
+        params.update(
+            {
+                f"dropout.groups.{name}.{key}": v
+                for key, v in (("rate", group.rate), ("variant", group.variant))
+                if is_searched(v)
+            }
+        )
+    params.update(
+        {
+            f"dropout.max_norm.{name}.radius": m.radius
+            for name, m in spec.dropout.max_norm.items()
+            if is_searched(m.radius)
+        }
+    )
     return params
 
 
@@ -181,8 +201,11 @@ def ordered_choices(spec: Spec) -> dict[str, list[Any]]:
     """The parameters ``spec`` searches by position, each with its sorted values."""
     if spec.sampler.numeric_choices == "categorical":
         return {}
-    return {name: sorted(s.choice) for name, s in searched_parameters(spec).items()
-            if isinstance(s, Choice) and is_ordered(s.choice)}
+    return {
+        name: sorted(s.choice)
+        for name, s in searched_parameters(spec).items()
+        if isinstance(s, Choice) and is_ordered(s.choice)
+    }
 
 
 def trial_values(spec: Spec, params: dict[str, Any]) -> dict[str, Any]:

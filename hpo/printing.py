@@ -38,8 +38,7 @@ def print_best(console: Console, trials: list[StoredTrial], as_json: bool = Fals
     """``hpo best``: the best trial, or each trial of the Pareto front, as tables or as JSON
     (one object; a list for a multi-objective study)."""
     if as_json:
-        rows = [{"number": t.number, "values": t.objectives, "params": t.settings, "config": t.config}
-                for t in trials]
+        rows = [{"number": t.number, "values": t.objectives, "params": t.settings, "config": t.config} for t in trials]
         console.print_json(data=rows if len(trials[0].objectives) > 1 else rows[0])
         return
     for t in trials:
@@ -49,8 +48,13 @@ def print_best(console: Console, trials: list[StoredTrial], as_json: bool = Fals
 def print_address(console: Console, address: str | None, served_by_ui: bool) -> None:
     """Where the study's trials are in MLflow (nothing before the study reached MLflow)."""
     if address is not None:
-        console.print(f"MLflow{' (served by `hpo ui`)' if served_by_ui else ''}: the trials, best first, with their "
-                      f"dropout parameters: {address}", markup=False, highlight=False, soft_wrap=True)
+        console.print(
+            f"MLflow{' (served by `hpo ui`)' if served_by_ui else ''}: the trials, best first, with their "
+            f"dropout parameters: {address}",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 def print_status(console: Console, status: StudyStatus) -> None:
@@ -63,8 +67,7 @@ def print_status(console: Console, status: StudyStatus) -> None:
         f"{counts.pruned}, failed {counts.failed}; running {counts.running}, waiting "
         f"{counts.waiting}, abandoned {counts.abandoned}"
     )
-    console.print(f"best: {_values(best.values) if best else '-'}"
-                  + (f" (trial {best.number})" if best else ""))
+    console.print(f"best: {_values(best.values) if best else '-'}" + (f" (trial {best.number})" if best else ""))
     print_address(console, status.mlflow_address, status.served_by_ui)
     for t in status.failures:
         console.print(f"  trial {t.number}: {t.fail_reason}", markup=False, highlight=False)
@@ -78,8 +81,11 @@ def print_studies(console: Console, studies: list[StudySummary], storage: str) -
     table = Table("study", "created", "finished", "budget", "running", "best")
     for s in studies:
         table.add_row(
-            s.name, f"{s.created:%Y-%m-%d %H:%M}" if s.created else "-",
-            str(s.counts.finished), "-" if s.budget is None else str(s.budget), str(s.counts.running),
+            s.name,
+            f"{s.created:%Y-%m-%d %H:%M}" if s.created else "-",
+            str(s.counts.finished),
+            "-" if s.budget is None else str(s.budget),
+            str(s.counts.running),
             _values(s.best.values if s.best else None),
         )
     console.print(table)
@@ -96,7 +102,9 @@ def print_uncertainty(console: Console, result: Any) -> None:
     table = Table()
     for column in ("", "accuracy", "NLL (nats)", "ECE"):
         table.add_column(column)
-    for name, scores in (("deterministic (eval mode)", result.deterministic),
-                         (f"MC dropout, {result.samples} passes", result.mc)):
+    for name, scores in (
+        ("deterministic (eval mode)", result.deterministic),
+        (f"MC dropout, {result.samples} passes", result.mc),
+    ):
         table.add_row(name, f"{scores.accuracy:.4f}", f"{scores.nll:.4f}", f"{scores.ece:.4f}")
     console.print(table)

@@ -68,13 +68,18 @@ def studies(storage: str | None = None) -> list[StudySummary]:
     ``sqlite:///hpo.db``), oldest first, with its trial counts and best trial."""
     rdb = open_storage(storage)
     found = []
-    for s in sorted(optuna.get_all_study_summaries(rdb, include_best_trial=False),
-                    key=lambda s: s.datetime_start or 0):
+    for s in sorted(optuna.get_all_study_summaries(rdb, include_best_trial=False), key=lambda s: s.datetime_start or 0):
         study = optuna.load_study(study_name=s.study_name, storage=rdb)
         best = best_trial(study)
-        found.append(StudySummary(s.study_name, s.datetime_start, s.user_attrs.get(BUDGET),
-                                  count_trials(study.get_trials(deepcopy=False)),
-                                  None if best is None else StoredTrial.of(best)))
+        found.append(
+            StudySummary(
+                s.study_name,
+                s.datetime_start,
+                s.user_attrs.get(BUDGET),
+                count_trials(study.get_trials(deepcopy=False)),
+                None if best is None else StoredTrial.of(best),
+            )
+        )
     return found
 
 
@@ -88,10 +93,14 @@ def status(study: str, storage: str | None = None) -> StudyStatus:
     best = best_trial(handle.study)
     planned = planned_address(handle)
     return StudyStatus(
-        name=handle.name, storage=redact(handle.storage), budget=handle.budget, counts=count_trials(trials),
+        name=handle.name,
+        storage=redact(handle.storage),
+        budget=handle.budget,
+        counts=count_trials(trials),
         best=None if best is None else StoredTrial.of(best, handle.spec),
         failures=[StoredTrial.of(t) for t in trials if t.user_attrs.get(FAIL_REASON)],
-        mlflow_address=None if planned is None else planned[0], served_by_ui=bool(planned and planned[1]),
+        mlflow_address=None if planned is None else planned[0],
+        served_by_ui=bool(planned and planned[1]),
     )
 
 

@@ -148,13 +148,24 @@ def suggest_user(trial: Suggester, spec: Spec, seed: int, zero_sites: bool = Fal
         rate = value(trial, f"dropout.groups.{name}.rate", g.rate)
         variant = None if g.variant is None else value(trial, f"dropout.groups.{name}.variant", g.variant)
         groups.append(Group(name, tuple(g.match), 0.0 if zero_sites else rate, variant))
-    max_norm = tuple(MaxNormSetting(name, tuple(m.match), value(trial, f"dropout.max_norm.{name}.radius", m.radius))
-                     for name, m in d.max_norm.items())
+    max_norm = tuple(
+        MaxNormSetting(name, tuple(m.match), value(trial, f"dropout.max_norm.{name}.radius", m.radius))
+        for name, m in d.max_norm.items()
+    )
     if zero_sites:
         max_norm = tuple(replace(entry, radius=None) for entry in max_norm)
-    model = {"class_path": spec.model.class_path, "init_args": _resolved(spec.model.init_args, trial, "model.init_args")}
-    return UserTrialConfig(model=model, groups=tuple(groups), unmatched="zero" if zero_sites else d.unmatched,
-                           max_norm=max_norm, train=_training(trial, spec), seed=seed)
+    model = {
+        "class_path": spec.model.class_path,
+        "init_args": _resolved(spec.model.init_args, trial, "model.init_args"),
+    }
+    return UserTrialConfig(
+        model=model,
+        groups=tuple(groups),
+        unmatched="zero" if zero_sites else d.unmatched,
+        max_norm=max_norm,
+        train=_training(trial, spec),
+        seed=seed,
+    )
 
 
 def centre_config(spec: Spec) -> TrialConfig | UserTrialConfig:
@@ -205,8 +216,11 @@ def _outside(spec: Spec, kind: str) -> dict[str, Any]:
     """A baseline's targets that the spec's ranges exclude (variants aside: at rate 0 every
     variant drops nothing)."""
     searched = searched_parameters(spec)
-    return {name: target for name, target in _baseline_targets(spec, kind).items()
-            if not _contains(searched[name], target) and not name.endswith("variant")}
+    return {
+        name: target
+        for name, target in _baseline_targets(spec, kind).items()
+        if not _contains(searched[name], target) and not name.endswith("variant")
+    }
 
 
 def baseline_params(spec: Spec, kind: str) -> dict[str, Any]:
@@ -217,8 +231,11 @@ def baseline_params(spec: Spec, kind: str) -> dict[str, Any]:
     baselines differ only in dropout."""
     outside = _outside(spec, kind)
     targets = _baseline_targets(spec, kind)
-    return {name: targets[name] if name in targets and _contains(searchable, targets[name]) else centre(searchable)
-            for name, searchable in searched_parameters(spec).items() if name not in outside}
+    return {
+        name: targets[name] if name in targets and _contains(searchable, targets[name]) else centre(searchable)
+        for name, searchable in searched_parameters(spec).items()
+        if name not in outside
+    }
 
 
 def baseline_fixed(spec: Spec, kind: str) -> dict[str, Any]:

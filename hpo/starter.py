@@ -38,7 +38,7 @@ def group_names(patterns: list[str]) -> list[str]:
     depth = [2 if len(p) > 1 and p[-1].lower() in _GENERIC else 1 for p in parts]
 
     def name(i: int) -> str:
-        return re.sub(r"\W+", "_", "_".join(parts[i][-depth[i]:])).strip("_") or "sites"
+        return re.sub(r"\W+", "_", "_".join(parts[i][-depth[i] :])).strip("_") or "sites"
 
     for _ in range(max(len(p) for p in parts) if parts else 0):
         names = [name(i) for i in range(len(patterns))]
@@ -73,8 +73,10 @@ def starter_groups(sites: list[Site]) -> list[StarterGroup]:
         if site.acts:
             by_pattern.setdefault(block_pattern(site.path), []).append(site)
     names = group_names(list(by_pattern))
-    return [StarterGroup(name, pattern, tuple(members))
-            for name, (pattern, members) in zip(names, by_pattern.items(), strict=True)]
+    return [
+        StarterGroup(name, pattern, tuple(members))
+        for name, (pattern, members) in zip(names, by_pattern.items(), strict=True)
+    ]
 
 
 def dropout_arguments(model: dict[str, Any]) -> list[str]:
@@ -88,16 +90,22 @@ def dropout_arguments(model: dict[str, Any]) -> list[str]:
     from hpo.user_code import locate
 
     found = []
-    nested = [(f"{k}.init_args.", v["class_path"]) for k, v in (model.get("init_args") or {}).items()
-              if isinstance(v, dict) and "class_path" in v]
+    nested = [
+        (f"{k}.init_args.", v["class_path"])
+        for k, v in (model.get("init_args") or {}).items()
+        if isinstance(v, dict) and "class_path" in v
+    ]
     targets = [("", model["class_path"]), *nested]
     for prefix, class_path in targets:
         try:
             parameters = inspect.signature(locate(class_path)).parameters
         except (HpoError, TypeError, ValueError):
             continue
-        found += [f"{prefix}{name}" for name, p in parameters.items()
-                  if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and names_dropout(name)]
+        found += [
+            f"{prefix}{name}"
+            for name, p in parameters.items()
+            if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and names_dropout(name)
+        ]
     return found
 
 
@@ -114,8 +122,10 @@ def _choose_objective(logged: list[str]) -> tuple[str, str]:
     for name in val:
         if default_direction(name):
             return name, default_direction(name)
-    raise HpoError(f"the model logs no metric whose name says whether it is better high or low ({', '.join(logged)}): "
-                   "log a val_loss or val_acc, or write the objective yourself")
+    raise HpoError(
+        f"the model logs no metric whose name says whether it is better high or low ({', '.join(logged)}): "
+        "log a val_loss or val_acc, or write the objective yourself"
+    )
 
 
 @dataclass(frozen=True)
@@ -137,8 +147,15 @@ def _max_norm_hint(layers: tuple[str, ...]) -> str:
     return hint + (f" by path, e.g. {', '.join(others)}" if others else "")
 
 
-def render(model: dict[str, Any], data: dict[str, Any], groups: list[StarterGroup], objective: tuple[str, str],
-           lightning: bool, name: str, findings: Findings = Findings()) -> str:
+def render(
+    model: dict[str, Any],
+    data: dict[str, Any],
+    groups: list[StarterGroup],
+    objective: tuple[str, str],
+    lightning: bool,
+    name: str,
+    findings: Findings = Findings(),
+) -> str:
     """The starter spec's YAML, with comments saying what each group holds, what was left out
     and what else could be searched."""
     dump = json.dumps  # JSON is YAML, on one line
@@ -155,17 +172,23 @@ def render(model: dict[str, Any], data: dict[str, Any], groups: list[StarterGrou
         lines.append(f"  init_args: {dump(model['init_args'])}")
     if findings.arguments:
         example = next((a for a in findings.arguments if "path" in a or "depth" in a), findings.arguments[0])
-        lines += [f"  # arguments named for dropout: {', '.join(findings.arguments)}.",
-                  f"  # Searching one (e.g. {example}: {{low: 0.0, high: 0.3}}) keeps the model's own rule for its",
-                  "  # sites; a group over the same sites overrides it, so search one or the other."]
+        lines += [
+            f"  # arguments named for dropout: {', '.join(findings.arguments)}.",
+            f"  # Searching one (e.g. {example}: {{low: 0.0, high: 0.3}}) keeps the model's own rule for its",
+            "  # sites; a group over the same sites overrides it, so search one or the other.",
+        ]
     lines.append("data: " + dump(data))
     lines += ["dropout:", "  groups:"]
     for group in groups:
         kinds = sorted({s.kind for s in group.sites})
         built = sorted({round(s.rate, 4) for s in group.sites})
-        lines.append(f"    # {len(group.sites)} site{'s' if len(group.sites) > 1 else ''} ({', '.join(kinds)}), "
-                     f"built with rate {', '.join(f'{r:g}' for r in built)}")
-        lines.append(f"    {group.name}: {{match: {dump(group.pattern)}, rate: {{low: {RATE_RANGE[0]}, high: {RATE_RANGE[1]}}}}}")
+        lines.append(
+            f"    # {len(group.sites)} site{'s' if len(group.sites) > 1 else ''} ({', '.join(kinds)}), "
+            f"built with rate {', '.join(f'{r:g}' for r in built)}"
+        )
+        lines.append(
+            f"    {group.name}: {{match: {dump(group.pattern)}, rate: {{low: {RATE_RANGE[0]}, high: {RATE_RANGE[1]}}}}}"
+        )
     for site in findings.idle:
         lines.append(f"    # not searched: {site.path} ({site.notes[0]})")
     lines += ["  unmatched: keep", _max_norm_hint(findings.layers)]
@@ -183,10 +206,19 @@ def render(model: dict[str, Any], data: dict[str, Any], groups: list[StarterGrou
     return "\n".join(lines) + "\n"
 
 
-def init(model: str, out: Path, *, init_args: dict[str, Any] | None = None, data: str | None = None,
-         data_args: dict[str, Any] | None = None, dataset: str = "digits", code_dir: Path | None = None,
-         overwrite: bool = False, check: Callable[[Path], Any] | None = None,
-         on_warning: Callable[[str], None] | None = None) -> tuple[str, list[StarterGroup]]:
+def init(
+    model: str,
+    out: Path,
+    *,
+    init_args: dict[str, Any] | None = None,
+    data: str | None = None,
+    data_args: dict[str, Any] | None = None,
+    dataset: str = "digits",
+    code_dir: Path | None = None,
+    overwrite: bool = False,
+    check: Callable[[Path], Any] | None = None,
+    on_warning: Callable[[str], None] | None = None,
+) -> tuple[str, list[StarterGroup]]:
     """Write a starter search space for ``model`` (an import path) at ``out`` and return its text
     and groups. ``data`` (an import path) or a built-in ``dataset`` gives the batch the sites are
     probed on. ``check`` (``hpo.api.prepare`` of the written file, its warnings to
@@ -205,27 +237,34 @@ def init(model: str, out: Path, *, init_args: dict[str, Any] | None = None, data
         raise HpoError(f"{out} exists: choose another --out, or pass --force to overwrite it")
     folder = (code_dir or out.parent).resolve()
     model_spec = {"class_path": model, **({"init_args": init_args} if init_args else {})}
-    data_spec: dict[str, Any] = ({"class_path": data, **({"init_args": data_args} if data_args else {})}
-                                 if data else {"dataset": dataset})
+    data_spec: dict[str, Any] = (
+        {"class_path": data, **({"init_args": data_args} if data_args else {})} if data else {"dataset": dataset}
+    )
     name = re.sub(r"[^A-Za-z0-9_.\-]+", "-", model.rsplit(".", 1)[-1]).lower()
     draft = parse_spec(yaml.safe_dump({"name": name, "model": model_spec, "data": data_spec}), source="hpo init")
     add_code_dir(folder)
     loaded = load_trial_data(draft, str(folder))
     built = build_checked(suggest(FixedTrial({}), draft, seed=0), example_batch(loaded))
     if not built.table.sites:
-        raise HpoError(f"{model} has no dropout site: no dropout module, no attention or recurrent dropout, no "
-                       "stochastic depth, and no dropout call in a training step")
+        raise HpoError(
+            f"{model} has no dropout site: no dropout module, no attention or recurrent dropout, no "
+            "stochastic depth, and no dropout call in a training step"
+        )
     groups = starter_groups(list(built.table.sites))
     idle = tuple(s for s in built.table.sites if not s.acts)
     if not groups:
-        raise HpoError(f"{model} has no dropout site a training step uses: "
-                       + "; ".join(f"{s.path}: {s.notes[0]}" for s in idle))
-    findings = Findings(idle, tuple(path for path, _ in constrained_layers(built.network, ["**"])),
-                        tuple(dropout_arguments(model_spec)))
+        raise HpoError(
+            f"{model} has no dropout site a training step uses: " + "; ".join(f"{s.path}: {s.notes[0]}" for s in idle)
+        )
+    findings = Findings(
+        idle, tuple(path for path, _ in constrained_layers(built.network, ["**"])), tuple(dropout_arguments(model_spec))
+    )
     objective = _choose_objective(_logged_metrics(draft, loaded)) if built.lightning else ("val/acc", "maximize")
     text = render(model_spec, data_spec, groups, objective, built.lightning, name, findings)
     if folder != out.parent.resolve():
-        text = text.replace(f"name: {name}\n", f"name: {name}\ncode_dir: {os.path.relpath(folder, out.parent.resolve())}\n")
+        text = text.replace(
+            f"name: {name}\n", f"name: {name}\ncode_dir: {os.path.relpath(folder, out.parent.resolve())}\n"
+        )
     out.write_text(text)
     try:
         if check is None:

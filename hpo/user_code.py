@@ -48,14 +48,19 @@ def locate(class_path: str, key: str = "class_path") -> Any:
     if not module_name or not name:
         raise UserCodeError(key, f"{class_path!r} is not an import path (package.module.Name)")
     if module_name == "__main__":
-        raise UserCodeError(key, f"{class_path!r} is defined in __main__, which Ray workers and a model loaded "
-                                 "from MLflow cannot import: move it into a module file beside the search space")
+        raise UserCodeError(
+            key,
+            f"{class_path!r} is defined in __main__, which Ray workers and a model loaded "
+            "from MLflow cannot import: move it into a module file beside the search space",
+        )
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         missing = exc.name or module_name
-        raise UserCodeError(key, f"cannot import {module_name!r}: no module named {missing!r} (is the code directory "
-                                 "right? see --code-dir)") from exc
+        raise UserCodeError(
+            key,
+            f"cannot import {module_name!r}: no module named {missing!r} (is the code directory right? see --code-dir)",
+        ) from exc
     except Exception as exc:  # noqa: BLE001 - the user's module raised while importing
         raise UserCodeError(key, f"importing {module_name!r} raised {type(exc).__name__}: {_first(exc)}") from exc
     try:
@@ -129,8 +134,9 @@ def instantiate(value: Any, key: str) -> Any:
     try:
         return target(**arguments)
     except TypeError as exc:
-        if re.search(r"unexpected keyword argument|missing \d+ required|required (keyword|positional) argument",
-                     str(exc)):
+        if re.search(
+            r"unexpected keyword argument|missing \d+ required|required (keyword|positional) argument", str(exc)
+        ):
             raise UserCodeError(f"{key}.init_args", f"{_first(exc)}; it takes: {_parameters(target, exc)}") from exc
         raise UserCodeError(key, f"{value['class_path']}(…) raised TypeError: {_first(exc)}") from exc
     except Exception as exc:  # noqa: BLE001 - the user's constructor raised
@@ -165,8 +171,10 @@ def said_once() -> Iterator[None]:
     """Warnings and log lines the user's code gives while it runs inside this block, each shown
     once per process: a model is built for every trial and probed, and a third-party warning
     (PyTorch's one-layer RNN dropout, a tokenizer's token ids) is news only the first time."""
-    loggers = [logging.getLogger(), *(logger for logger in logging.root.manager.loggerDict.values()
-                                      if isinstance(logger, logging.Logger))]
+    loggers = [
+        logging.getLogger(),
+        *(logger for logger in logging.root.manager.loggerDict.values() if isinstance(logger, logging.Logger)),
+    ]
     handlers = {handler for logger in loggers for handler in logger.handlers}
     for handler in handlers:
         handler.addFilter(_FIRST_LOG)

@@ -51,9 +51,16 @@ MIXED_SPEC = (
 )
 
 
-def mlp_config(seed: int = 1, *, units: int = 32, variant: str = "inverted",
-               rates: tuple[float, float] = (0.0, 0.0), max_norm: float | None = None, epochs: int = 4,
-               **train) -> TrialConfig:
+def mlp_config(
+    seed: int = 1,
+    *,
+    units: int = 32,
+    variant: str = "inverted",
+    rates: tuple[float, float] = (0.0, 0.0),
+    max_norm: float | None = None,
+    epochs: int = 4,
+    **train,
+) -> TrialConfig:
     """A one-hidden-layer MLP trial configuration for digits: ``rates`` are the input and hidden
     drop rates; ``train`` overrides TrainConfig fields (lr 0.05, batch 128 unless given)."""
     return TrialConfig(
@@ -106,9 +113,9 @@ def postgres_database():
     yield create
     for name in names:
         with admin.connect() as conn:
-            conn.execute(sqlalchemy.text(
-                f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"
-            ))
+            conn.execute(
+                sqlalchemy.text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'")
+            )
             conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}"'))
     admin.dispose()
 
@@ -195,8 +202,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def poll_trials(url: str, predicate, *, study: str = "tiny", timeout: float = 180,
-                process: subprocess.Popen | None = None):
+def poll_trials(
+    url: str, predicate, *, study: str = "tiny", timeout: float = 180, process: subprocess.Popen | None = None
+):
     """Poll a study ``process`` (another process) is writing until ``predicate(trials)`` is
     truthy; return it. Fails at once, with the process's output, if the process ends first."""
     deadline = time.monotonic() + timeout
@@ -212,8 +220,10 @@ def poll_trials(url: str, predicate, *, study: str = "tiny", timeout: float = 18
                 return found
             if process is not None and process.poll() is not None:
                 output = process.communicate()[0] if process.stdout is not None else ""
-                raise AssertionError(f"the process writing study {study!r} ended (exit {process.returncode}) "
-                                     f"before the expected state:\n{output}")
+                raise AssertionError(
+                    f"the process writing study {study!r} ended (exit {process.returncode}) "
+                    f"before the expected state:\n{output}"
+                )
             time.sleep(0.2)
     finally:
         storage.engine.dispose()

@@ -35,8 +35,9 @@ def test_resident_batches_equal_a_shuffling_dataloaders_epoch_after_epoch_as_lig
     """Lightning reads ``len(loader)`` batches an epoch: the sampler's trailing permutation is
     drawn only when a partial last batch makes the batch sampler resume it."""
     split = _split(n)
-    loader = DataLoader(TensorDataset(split.x, split.y), batch_size=5, shuffle=True,
-                        generator=torch.Generator().manual_seed(7))
+    loader = DataLoader(
+        TensorDataset(split.x, split.y), batch_size=5, shuffle=True, generator=torch.Generator().manual_seed(7)
+    )
     resident = ResidentBatches(split, 5, "cpu", torch.Generator().manual_seed(7))
     assert len(resident) == len(loader) == -(-n // 5)
     for _ in range(3):
@@ -66,14 +67,17 @@ def test_group_batches_give_each_member_its_solo_order():
             assert x.shape == (2, len(y[0]), 3)
             assert [y[k].tolist() for k in range(2)] == [m[1].tolist() for m in members]
     group.keep([1])
-    (x, y), = [next(iter(group))]
+    ((x, y),) = [next(iter(group))]
     assert y.shape[0] == 1
 
 
 @pytest.mark.parametrize("train_size", [None, 1000], ids=["partial-last-batch", "full-last-batch"])
 def test_a_trial_computes_the_same_with_resident_data_as_with_a_dataloader(digits, train_size):
-    data = digits if train_size is None else dataclasses.replace(
-        digits, train=Split(digits.train.x[:train_size], digits.train.y[:train_size]))
+    data = (
+        digits
+        if train_size is None
+        else dataclasses.replace(digits, train=Split(digits.train.x[:train_size], digits.train.y[:train_size]))
+    )
     spec = parse_spec(TINY_SPEC)
     config = suggest(FixedTrial(baseline_params(spec, "recommended")), spec, seed=5)
     config = dataclasses.replace(config, train=dataclasses.replace(config.train, epochs=3, batch_size=100))
@@ -86,7 +90,9 @@ def test_a_trial_computes_the_same_with_resident_data_as_with_a_dataloader(digit
 
 def test_data_in_host_memory_is_always_resident_and_auto_uses_it(digits):
     assert fits_on_device(digits, torch.device("cpu"))
-    assert split_bytes(digits) == sum(t.nelement() * t.element_size() for s in (digits.train, digits.val) for t in (s.x, s.y))
+    assert split_bytes(digits) == sum(
+        t.nelement() * t.element_size() for s in (digits.train, digits.val) for t in (s.x, s.y)
+    )
     train, val = make_loaders(digits, 64, 512, seed=0, device=torch.device("cpu"))
     assert isinstance(train, ResidentBatches) and isinstance(val, ResidentBatches)
     train, _ = make_loaders(digits, 64, 512, seed=0, device=torch.device("cpu"), loading="dataloader")

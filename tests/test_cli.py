@@ -28,14 +28,43 @@ def study_db(tmp_path_factory) -> str:
     folder = tmp_path_factory.mktemp("cli")
     (folder / "space.yaml").write_text(TINY_SPEC)
     url = f"sqlite:///{folder / 'hpo.db'}"
-    result = runner.invoke(app, ["submit", str(folder / "space.yaml"), "--trials", "4",
-                                 "--storage", url, "--accelerator", "cpu", "--seed", "5"])
+    result = runner.invoke(
+        app,
+        [
+            "submit",
+            str(folder / "space.yaml"),
+            "--trials",
+            "4",
+            "--storage",
+            url,
+            "--accelerator",
+            "cpu",
+            "--seed",
+            "5",
+        ],
+    )
     assert result.exit_code == 0, result.output
     return url
 
 
-VERBS = ["submit", "resume", "status", "best", "list", "delete", "export", "sync", "ui", "report", "compare",
-         "evaluate", "retrain", "doctor", "sites", "init"]
+VERBS = [
+    "submit",
+    "resume",
+    "status",
+    "best",
+    "list",
+    "delete",
+    "export",
+    "sync",
+    "ui",
+    "report",
+    "compare",
+    "evaluate",
+    "retrain",
+    "doctor",
+    "sites",
+    "init",
+]
 
 
 @pytest.mark.parametrize("verb", VERBS)
@@ -50,8 +79,10 @@ def test_every_verb_is_tested_for_help():
 
 @pytest.mark.parametrize("verb", ["status", "list", "ui", "doctor", "sync", "report", "compare", "sites", "init"])
 def test_verbs_that_need_no_training_do_not_import_torch(verb):
-    code = ("import sys; from typer.testing import CliRunner; from hpo.cli import app; "
-            f"CliRunner().invoke(app, ['{verb}', '--help']); print('torch' in sys.modules)")
+    code = (
+        "import sys; from typer.testing import CliRunner; from hpo.cli import app; "
+        f"CliRunner().invoke(app, ['{verb}', '--help']); print('torch' in sys.modules)"
+    )
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
 
 
@@ -117,8 +148,12 @@ def test_submitting_an_existing_study_name_is_refused(study_db, write_spec):
 
 
 def test_delete_needs_confirmation_then_removes_the_study(write_spec, sqlite_url):
-    assert runner.invoke(app, ["submit", str(write_spec()), "--trials", "1", "--storage", sqlite_url,
-                               "--accelerator", "cpu"]).exit_code == 0
+    assert (
+        runner.invoke(
+            app, ["submit", str(write_spec()), "--trials", "1", "--storage", sqlite_url, "--accelerator", "cpu"]
+        ).exit_code
+        == 0
+    )
     refused = runner.invoke(app, ["delete", "tiny", "--storage", sqlite_url])
     assert refused.exit_code == 2 and "--yes" in refused.stderr
     assert runner.invoke(app, ["delete", "tiny", "--storage", sqlite_url, "--yes"]).exit_code == 0
@@ -133,13 +168,13 @@ SLOW_SPEC = TINY_SPEC.replace("epochs: 3", "epochs: 30").replace(
 
 
 def _hpo(*args: str, cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "hpo", *args], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "hpo", *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def _two_finished_one_running(trials):
-    return (sum(t.state.is_finished() for t in trials) >= 2
-            and any(t.state == TrialState.RUNNING for t in trials))
+    return sum(t.state.is_finished() for t in trials) >= 2 and any(t.state == TrialState.RUNNING for t in trials)
 
 
 def _freeze_mid_trial(driver: subprocess.Popen, url: str) -> None:
@@ -161,8 +196,19 @@ def test_a_stopped_driver_loses_no_trial_and_resume_completes_the_budget(tmp_pat
     url = f"sqlite:///{tmp_path / 'hpo.db'}"
     # One trial at a time: a group's members are told one by one, so "two finished, one
     # running" would also hold between two tells, with no trial training.
-    driver = _hpo("submit", "space.yaml", "--trials", "6", "--storage", url, "--accelerator", "cpu",
-                  "--group-size", "1", cwd=tmp_path)
+    driver = _hpo(
+        "submit",
+        "space.yaml",
+        "--trials",
+        "6",
+        "--storage",
+        url,
+        "--accelerator",
+        "cpu",
+        "--group-size",
+        "1",
+        cwd=tmp_path,
+    )
     _freeze_mid_trial(driver, url)
     driver.send_signal(how)
     driver.send_signal(signal.SIGCONT)
@@ -178,8 +224,13 @@ def test_a_stopped_driver_loses_no_trial_and_resume_completes_the_budget(tmp_pat
         assert "hpo resume tiny" in output
         assert TrialState.RUNNING not in [t.state for t in before]
 
-    resumed = subprocess.run([sys.executable, "-m", "hpo", "resume", "tiny", "--storage", url,
-                              "--accelerator", "cpu", "--group-size", "1"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "hpo", "resume", "tiny", "--storage", url, "--accelerator", "cpu", "--group-size", "1"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     after = optuna.load_study(study_name="tiny", storage=url).trials
     assert TrialState.RUNNING not in [t.state for t in after]
@@ -199,20 +250,38 @@ def test_a_stopped_driver_loses_no_trial_and_resume_completes_the_budget(tmp_pat
 
 def test_group_size_and_gpus_per_trial_reach_the_study_from_the_command_line(tmp_path, write_spec):
     url = f"sqlite:///{tmp_path / 'g.db'}"
-    result = runner.invoke(app, ["submit", str(write_spec()), "--trials", "3", "--group-size", "3",
-                                 "--storage", url, "--no-tracking", "--gpus-per-trial", "0"])
+    result = runner.invoke(
+        app,
+        [
+            "submit",
+            str(write_spec()),
+            "--trials",
+            "3",
+            "--group-size",
+            "3",
+            "--storage",
+            url,
+            "--no-tracking",
+            "--gpus-per-trial",
+            "0",
+        ],
+    )
     assert result.exit_code == 0, result.output
     trials = optuna.load_study(study_name="tiny", storage=url).trials
     assert [t.user_attrs.get("group") for t in trials] == [{"first": 0, "size": 3}] * 3
 
 
-@pytest.mark.parametrize("option,value,message", [
-    ("--gpus-per-trial", "lots", "--gpus-per-trial must be 'auto' or a number, got 'lots'"),
-    ("--group-size", "many", "--group-size must be 'auto' or a whole number >= 1, got 'many'"),
-    ("--group-size", "0", "group-size must be 'auto' or a whole number >= 1, got 0"),
-])
-def test_an_execution_option_that_is_neither_auto_nor_a_number_is_one_line_with_exit_2(tmp_path, write_spec,
-                                                                                      option, value, message):
+@pytest.mark.parametrize(
+    "option,value,message",
+    [
+        ("--gpus-per-trial", "lots", "--gpus-per-trial must be 'auto' or a number, got 'lots'"),
+        ("--group-size", "many", "--group-size must be 'auto' or a whole number >= 1, got 'many'"),
+        ("--group-size", "0", "group-size must be 'auto' or a whole number >= 1, got 0"),
+    ],
+)
+def test_an_execution_option_that_is_neither_auto_nor_a_number_is_one_line_with_exit_2(
+    tmp_path, write_spec, option, value, message
+):
     store = tmp_path / "g.db"
     result = runner.invoke(app, ["submit", str(write_spec()), option, value, "--storage", f"sqlite:///{store}"])
     assert result.exit_code == 2

@@ -110,8 +110,13 @@ def test_missing_torchvision_files_say_where_they_were_expected(tmp_path):
 def test_npz_file_with_its_own_test_split(tmp_path):
     rng = np.random.default_rng(0)
     path = tmp_path / "data.npz"
-    np.savez(path, x=rng.normal(size=(100, 6)), y=rng.integers(0, 3, 100),
-             x_test=rng.normal(size=(30, 6)), y_test=rng.integers(0, 3, 30))
+    np.savez(
+        path,
+        x=rng.normal(size=(100, 6)),
+        y=rng.integers(0, 3, 100),
+        x_test=rng.normal(size=(30, 6)),
+        y_test=rng.integers(0, 3, 30),
+    )
     splits = load_data(DataSpec(dataset="npz", path=path))
     assert splits.input_shape == (6,) and splits.num_classes == 3 and len(splits.test) == 30
 

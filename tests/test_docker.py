@@ -40,8 +40,9 @@ def _compose_config(tmp_path: Path, env: str, flag: str) -> subprocess.Completed
     """``docker-compose config FLAG`` on the compose file with ``env`` as its .env file."""
     env_file = tmp_path / ".env"
     env_file.write_text(env)
-    return subprocess.run([COMPOSE_CLI, "--env-file", str(env_file), "-f", str(COMPOSE), "config", flag],
-                          capture_output=True, text=True)
+    return subprocess.run(
+        [COMPOSE_CLI, "--env-file", str(env_file), "-f", str(COMPOSE), "config", flag], capture_output=True, text=True
+    )
 
 
 @needs_compose
@@ -139,18 +140,37 @@ def test_the_mlflow_service_command_serves_basic_auth_on_postgresql(postgres_dat
         for db in ("mlflow", "mlflow_auth"):
             conn.execute(sqlalchemy.text(f'CREATE DATABASE "{suffix}_{db}"'))
     admin.dispose()
-    script = (_mlflow_command().replace("$$", "$")
-              .replace("@postgres:5432", f"@{url.host}:{url.port or 5432}")
-              .replace('"$db/mlflow"', f'"$db/{suffix}_mlflow"').replace("%s/mlflow_auth", f"%s/{suffix}_mlflow_auth")
-              .replace("/mlartifacts", str(tmp_path / "artifacts")).replace("--port 5000", "--port 5099")
-              .replace("--workers 2", "--workers 1").replace("127.0.0.1:5000", "127.0.0.1:5099"))
-    env = {**os.environ, "POSTGRES_USER": url.username, "POSTGRES_PASSWORD": url.password or "",
-           "MLFLOW_AUTH": "1", "MLFLOW_ADMIN_USER": "admin", "MLFLOW_AUTH_ADMIN_PASSWORD": "s3cret-for-test",
-           "MLFLOW_FLASK_SERVER_SECRET_KEY": "csrf-key-for-test", "MLFLOW_ALLOWED_HOSTS": ""}
+    script = (
+        _mlflow_command()
+        .replace("$$", "$")
+        .replace("@postgres:5432", f"@{url.host}:{url.port or 5432}")
+        .replace('"$db/mlflow"', f'"$db/{suffix}_mlflow"')
+        .replace("%s/mlflow_auth", f"%s/{suffix}_mlflow_auth")
+        .replace("/mlartifacts", str(tmp_path / "artifacts"))
+        .replace("--port 5000", "--port 5099")
+        .replace("--workers 2", "--workers 1")
+        .replace("127.0.0.1:5000", "127.0.0.1:5099")
+    )
+    env = {
+        **os.environ,
+        "POSTGRES_USER": url.username,
+        "POSTGRES_PASSWORD": url.password or "",
+        "MLFLOW_AUTH": "1",
+        "MLFLOW_ADMIN_USER": "admin",
+        "MLFLOW_AUTH_ADMIN_PASSWORD": "s3cret-for-test",
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": "csrf-key-for-test",
+        "MLFLOW_ALLOWED_HOSTS": "",
+    }
     if not url.password:  # trust auth: no password in the URL
         script = script.replace(":$POSTGRES_PASSWORD@", "@")
-    server = subprocess.Popen(["sh", "-c", script], env=env, cwd=tmp_path, start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=open(tmp_path / "server.log", "wb"))  # noqa: SIM115
+    server = subprocess.Popen(
+        ["sh", "-c", script],
+        env=env,
+        cwd=tmp_path,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "server.log", "wb"),
+    )  # noqa: SIM115
     try:
         deadline = time.monotonic() + 120
         while not healthy("http://127.0.0.1:5099"):
@@ -161,8 +181,9 @@ def test_the_mlflow_service_command_serves_basic_auth_on_postgresql(postgres_dat
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(search, timeout=10)
         assert refused.value.code == 401
-        request = urllib.request.Request(search, headers={
-            "Authorization": "Basic " + base64.b64encode(b"admin:s3cret-for-test").decode()})
+        request = urllib.request.Request(
+            search, headers={"Authorization": "Basic " + base64.b64encode(b"admin:s3cret-for-test").decode()}
+        )
         assert urllib.request.urlopen(request, timeout=10).status == 200
     finally:
         with contextlib.suppress(ProcessLookupError):
@@ -171,8 +192,16 @@ def test_the_mlflow_service_command_serves_basic_auth_on_postgresql(postgres_dat
 
 
 def test_the_mlflow_service_refuses_auth_without_an_admin_password(tmp_path):
-    env = {**os.environ, "POSTGRES_USER": "hpo", "POSTGRES_PASSWORD": "x", "MLFLOW_AUTH": "1",
-           "MLFLOW_ADMIN_USER": "admin", "MLFLOW_AUTH_ADMIN_PASSWORD": "", "MLFLOW_ALLOWED_HOSTS": ""}
-    out = subprocess.run(["sh", "-c", _mlflow_command().replace("$$", "$")], env=env, capture_output=True,
-                         text=True, timeout=30)
+    env = {
+        **os.environ,
+        "POSTGRES_USER": "hpo",
+        "POSTGRES_PASSWORD": "x",
+        "MLFLOW_AUTH": "1",
+        "MLFLOW_ADMIN_USER": "admin",
+        "MLFLOW_AUTH_ADMIN_PASSWORD": "",
+        "MLFLOW_ALLOWED_HOSTS": "",
+    }
+    out = subprocess.run(
+        ["sh", "-c", _mlflow_command().replace("$$", "$")], env=env, capture_output=True, text=True, timeout=30
+    )
     assert out.returncode == 1 and "set MLFLOW_ADMIN_PASSWORD" in out.stderr

@@ -46,9 +46,21 @@ def test_ray_address_is_a_tcp_check():
 
 def test_hpo_doctor_names_what_it_cannot_reach(sqlite_url, tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "hpo", "doctor", "--storage", sqlite_url,
-         "--tracking-uri", f"http://127.0.0.1:{free_port()}", "--ray-address", f"127.0.0.1:{free_port()}"],
-        capture_output=True, text=True, cwd=tmp_path,
+        [
+            sys.executable,
+            "-m",
+            "hpo",
+            "doctor",
+            "--storage",
+            sqlite_url,
+            "--tracking-uri",
+            f"http://127.0.0.1:{free_port()}",
+            "--ray-address",
+            f"127.0.0.1:{free_port()}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
     )
     assert out.returncode == 1
     assert out.stderr.strip() == "error: cannot reach the MLflow tracking and the Ray"

@@ -164,13 +164,18 @@ def test_max_norm_holds_after_every_optimiser_step():
 
     class Check(pl.Callback):
         def on_train_batch_end(self, trainer, pl_module, *args):
-            norms.extend(
-                float(layer.weight.detach().norm(dim=1).max()) for layer in (net[0], net[2])
-            )
+            norms.extend(float(layer.weight.detach().norm(dim=1).max()) for layer in (net[0], net[2]))
 
     data = TensorDataset(torch.randn(256, 10) * 10, torch.randint(0, 3, (256,)))
-    trainer = pl.Trainer(max_epochs=2, callbacks=[Check()], logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer = pl.Trainer(
+        max_epochs=2,
+        callbacks=[Check()],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
     trainer.fit(module, DataLoader(data, batch_size=32), DataLoader(data, batch_size=256))
     assert len(norms) == 2 * 8 * 2
     assert max(norms) <= c + 1e-4

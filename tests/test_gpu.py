@@ -67,8 +67,11 @@ def test_a_group_on_the_gpu_computes_each_members_solo_network(digits):
 
 
 def test_members_trained_on_the_gpu_follow_their_solo_gpu_runs(digits):
-    members = [mlp_config(1, units=64, epochs=3, max_norm=0.8), mlp_config(2, units=64, epochs=3, lr=0.15),
-               mlp_config(3, units=64, epochs=3, lr=0.02, max_norm=2.0)]
+    members = [
+        mlp_config(1, units=64, epochs=3, max_norm=0.8),
+        mlp_config(2, units=64, epochs=3, lr=0.15),
+        mlp_config(3, units=64, epochs=3, lr=0.02, max_norm=2.0),
+    ]
     group = run_group(members, digits, VAL_ACC, accelerator="gpu")
     for config, member in zip(members, group):
         solo = run_trial(config, digits, VAL_ACC, accelerator="gpu")
@@ -87,8 +90,13 @@ from tests.test_gpu import VAL_ACC
 configs = [mlp_config(s, units=64, epochs=3) for s in range(4)]
 print(json.dumps(dataclasses.asdict(probe(configs, load_data(DataSpec()), VAL_ACC))))
 """
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                          cwd=Path(__file__).resolve().parents[1])
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     measured = Probe(**json.loads(done.stdout.strip().splitlines()[-1]))
     assert measured.device
@@ -105,14 +113,24 @@ def test_a_study_packs_trials_onto_the_gpu_with_auto(write_spec, tmp_path):
         notes: list[str] = []
         storage = f"sqlite:///{tmp_path / 's.db'}"
         name = f"gpu-{uuid.uuid4().hex[:8]}"
-        _, summary = api.submit(write_spec(), trials=8, study_name=name, storage=storage, on_note=notes.append,
-                                tracking=Tracking(enabled=False),
-                                execution=Execution(workers=3, cpus_per_trial=1, gpus_per_trial="auto"))
+        _, summary = api.submit(
+            write_spec(),
+            trials=8,
+            study_name=name,
+            storage=storage,
+            on_note=notes.append,
+            tracking=Tracking(enabled=False),
+            execution=Execution(workers=3, cpus_per_trial=1, gpus_per_trial="auto"),
+        )
     finally:
         ray.shutdown()
     assert summary.counts.finished == 8
     assert any(note.startswith("--gpus-per-trial auto") and "per GPU" in note for note in notes), notes
     trials = optuna.load_study(study_name=name, storage=storage).trials
     assert {tuple(t.user_attrs["worker"]["gpus"]) for t in trials} == {("0",)}
-    assert any(a.datetime_start < b.datetime_complete and b.datetime_start < a.datetime_complete
-               for a in trials for b in trials if a.number < b.number), "two trials shared the GPU at once"
+    assert any(
+        a.datetime_start < b.datetime_complete and b.datetime_start < a.datetime_complete
+        for a in trials
+        for b in trials
+        if a.number < b.number
+    ), "two trials shared the GPU at once"

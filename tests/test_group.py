@@ -42,7 +42,8 @@ def test_members_without_dropout_noise_train_exactly_as_they_do_alone(digits, op
         solo = run_trial(config, digits, VAL_ACC, accelerator="cpu")
         assert isinstance(member, TrialResult)
         assert [h["val/loss"] for h in member.history] == pytest.approx(
-            [h["val/loss"] for h in solo.history], abs=tolerance)
+            [h["val/loss"] for h in solo.history], abs=tolerance
+        )
         assert member.best_epoch == solo.best_epoch
         assert member.summary["test_acc"] == pytest.approx(solo.summary["test_acc"], abs=0.01)
 
@@ -71,12 +72,20 @@ def test_with_dropout_a_member_matches_its_solo_runs_within_run_to_run_noise(dig
 
 
 def test_members_are_pruned_individually_through_their_own_optuna_trials(digits):
-    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.ThresholdPruner(lower=0.5, n_warmup_steps=1))
+    study = optuna.create_study(
+        direction="maximize", pruner=optuna.pruners.ThresholdPruner(lower=0.5, n_warmup_steps=1)
+    )
     trials = [study.ask() for _ in range(3)]
     configs = [mlp_config(1), mlp_config(2, lr=1e-7), mlp_config(3)]
     seen: list[tuple[int, int]] = []
-    results = run_group(configs, digits, VAL_ACC, pruning_trials=trials, accelerator="cpu",
-                        on_epoch=lambda k, entry: seen.append((k, entry["epoch"])))
+    results = run_group(
+        configs,
+        digits,
+        VAL_ACC,
+        pruning_trials=trials,
+        accelerator="cpu",
+        on_epoch=lambda k, entry: seen.append((k, entry["epoch"])),
+    )
     assert isinstance(results[1], MemberEnd) and results[1].kind == "pruned"
     assert results[1].reason == "Trial was pruned at epoch 1."
     assert [isinstance(r, TrialResult) for r in results] == [True, False, True]
@@ -103,15 +112,21 @@ def test_only_mlp_configurations_of_one_shape_can_share_a_group(digits):
 
 def test_a_study_with_groups_fills_its_budget_with_groups_of_one_shape(write_spec, sqlite_url):
     name = f"groups-{uuid.uuid4().hex[:8]}"
-    _, summary = api.submit(write_spec(), trials=7, study_name=name, storage=sqlite_url,
-                            execution=Execution(accelerator="cpu", group_size=3))
+    _, summary = api.submit(
+        write_spec(),
+        trials=7,
+        study_name=name,
+        storage=sqlite_url,
+        execution=Execution(accelerator="cpu", group_size=3),
+    )
     trials = optuna.load_study(study_name=name, storage=sqlite_url).trials
     assert summary.counts.finished == 7 and len(trials) == 7
     assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
     assert [t.user_attrs.get("group") for t in trials] == (
-        [{"first": 0, "size": 3}] * 3 + [{"first": 3, "size": 3}] * 3 + [None]), "the last trial ran alone"
+        [{"first": 0, "size": 3}] * 3 + [{"first": 3, "size": 3}] * 3 + [None]
+    ), "the last trial ran alone"
     for first in (0, 3):
-        members = trials[first:first + 3]
+        members = trials[first : first + 3]
         shared = [{k: v for k, v in t.params.items() if k in SHARED_PARAMETERS} for t in members]
         assert shared[0] and all(s == shared[0] for s in shared)
     assert len({t.params["training.lr"] for t in trials[3:6]}) == 3, "the sampler still chose each member's lr"
@@ -119,8 +134,14 @@ def test_a_study_with_groups_fills_its_budget_with_groups_of_one_shape(write_spe
 
 def test_group_configurations_come_from_the_spec_as_solo_ones_do():
     spec = parse_spec(TINY_SPEC)
-    params = {"model.units": 32, "dropout.variant": "gaussian", "dropout.input.enabled": False,
-              "dropout.hidden.rate": 0.3, "dropout.max_norm": None, "training.lr": 0.05}
+    params = {
+        "model.units": 32,
+        "dropout.variant": "gaussian",
+        "dropout.input.enabled": False,
+        "dropout.hidden.rate": 0.3,
+        "dropout.max_norm": None,
+        "training.lr": 0.05,
+    }
     assert group_key(suggest(FixedTrial(params), spec, seed=0)) is not None
     assert SHARED_PARAMETERS >= {"model.units", "dropout.variant"}
 
@@ -132,18 +153,24 @@ def test_invalid_group_sizes_are_refused():
         Execution(group_size="many")
 
 
-@pytest.mark.parametrize("arch,execution,size", [
-    ("mlp", Execution(accelerator="cpu"), api.AUTO_GROUP_SIZE),
-    ("mlp", Execution(accelerator="cpu", group_size=1), 1),
-    ("mlp", Execution(accelerator="cpu", group_size=8), 8),
-    ("cnn", Execution(accelerator="cpu"), 1),
-    ("mlp", Execution(accelerator="gpu"), 1),
-    ("mlp", Execution(accelerator="cpu", workers=2), 1),
-    ("mlp, timed", Execution(accelerator="cpu"), 1),
-])
+@pytest.mark.parametrize(
+    "arch,execution,size",
+    [
+        ("mlp", Execution(accelerator="cpu"), api.AUTO_GROUP_SIZE),
+        ("mlp", Execution(accelerator="cpu", group_size=1), 1),
+        ("mlp", Execution(accelerator="cpu", group_size=8), 8),
+        ("cnn", Execution(accelerator="cpu"), 1),
+        ("mlp", Execution(accelerator="gpu"), 1),
+        ("mlp", Execution(accelerator="cpu", workers=2), 1),
+        ("mlp, timed", Execution(accelerator="cpu"), 1),
+    ],
+)
 def test_auto_group_size_groups_mlps_trained_in_process_on_a_cpu(arch, execution, size):
-    spec = parse_spec(TINY_SPEC.replace("variant: {choice: [inverted, gaussian]}", "variant: inverted")
-                      .replace("arch: mlp", f"arch: {arch.split(',')[0]}"))
+    spec = parse_spec(
+        TINY_SPEC.replace("variant: {choice: [inverted, gaussian]}", "variant: inverted").replace(
+            "arch: mlp", f"arch: {arch.split(',')[0]}"
+        )
+    )
     if "timed" in arch:
         spec = spec.model_copy(update={"objective": parse_spec("objective: [val/acc, epoch_time]").objective})
     settled, note = api.settle_group_size(spec, execution)
@@ -158,10 +185,20 @@ def test_the_default_computes_what_an_explicit_group_size_does(write_spec, sqlit
     studies = {}
     for label, execution in (("auto", Execution()), ("explicit", Execution(group_size=api.AUTO_GROUP_SIZE))):
         name = f"{label}-{uuid.uuid4().hex[:8]}"
-        api.submit(write_spec(), trials=6, study_name=name, storage=sqlite_url, seed=5, baselines=False,
-                   execution=execution, on_note=notes.append)
-        studies[label] = [(t.params, t.values, t.state, t.user_attrs.get("group"))
-                          for t in optuna.load_study(study_name=name, storage=sqlite_url).trials]
+        api.submit(
+            write_spec(),
+            trials=6,
+            study_name=name,
+            storage=sqlite_url,
+            seed=5,
+            baselines=False,
+            execution=execution,
+            on_note=notes.append,
+        )
+        studies[label] = [
+            (t.params, t.values, t.state, t.user_attrs.get("group"))
+            for t in optuna.load_study(study_name=name, storage=sqlite_url).trials
+        ]
     assert studies["auto"] == studies["explicit"]
     assert studies["auto"][0][3] is not None, "the default trained a group"
     assert sum("vectorised groups of 5" in n for n in notes) == 1, "said once, for the default only"
@@ -178,8 +215,15 @@ def test_a_grouped_trial_trains_again_to_the_same_values_in_its_group(write_spec
     spec = spec.replace("sampler: {name: tpe", "sampler: {name: random").replace("epochs: 3", "epochs: 6")
     spec = spec.replace("variant: {choice: [inverted, gaussian]}", "variant: inverted")
     name = f"rerun-{uuid.uuid4().hex[:8]}"
-    api.submit(write_spec(spec), trials=10, study_name=name, storage=sqlite_url, seed=3, baselines=False,
-               execution=Execution(accelerator="cpu", group_size=5))
+    api.submit(
+        write_spec(spec),
+        trials=10,
+        study_name=name,
+        storage=sqlite_url,
+        seed=3,
+        baselines=False,
+        execution=Execution(accelerator="cpu", group_size=5),
+    )
     handle = load_study(name, sqlite_url)
     trials = handle.study.trials
     groups = {}
@@ -195,11 +239,18 @@ def test_a_grouped_trial_trains_again_to_the_same_values_in_its_group(write_spec
 
 def test_resume_goes_on_with_the_group_size_the_study_was_submitted_with(write_spec, sqlite_url):
     name = f"resume-{uuid.uuid4().hex[:8]}"
-    api.submit(write_spec(), trials=2, study_name=name, storage=sqlite_url, baselines=False,
-               execution=Execution(accelerator="cpu", group_size=1))
+    api.submit(
+        write_spec(),
+        trials=2,
+        study_name=name,
+        storage=sqlite_url,
+        baselines=False,
+        execution=Execution(accelerator="cpu", group_size=1),
+    )
     api.resume(name, storage=sqlite_url, trials=4, execution=Execution(accelerator="cpu"))
     solo = optuna.load_study(study_name=name, storage=sqlite_url).trials
     assert len(solo) == 4 and all("group" not in t.user_attrs for t in solo), "auto kept --group-size 1"
     api.resume(name, storage=sqlite_url, trials=7, execution=Execution(accelerator="cpu", group_size=3))
-    assert [t.user_attrs.get("group") for t in optuna.load_study(study_name=name, storage=sqlite_url).trials[4:]] == \
-        [{"first": 4, "size": 3}] * 3, "an explicit size wins"
+    assert [t.user_attrs.get("group") for t in optuna.load_study(study_name=name, storage=sqlite_url).trials[4:]] == [
+        {"first": 4, "size": 3}
+    ] * 3, "an explicit size wins"

@@ -157,21 +157,41 @@ def test_a_store_locked_past_the_wait_is_one_line_and_exit_2(write_spec, sqlite_
     from hpo.cli import app
 
     runner = CliRunner()
-    assert runner.invoke(app, ["submit", str(write_spec()), "--trials", "1", "--storage", sqlite_url,
-                               "--accelerator", "cpu", "--no-tracking"]).exit_code == 0
+    assert (
+        runner.invoke(
+            app,
+            [
+                "submit",
+                str(write_spec()),
+                "--trials",
+                "1",
+                "--storage",
+                sqlite_url,
+                "--accelerator",
+                "cpu",
+                "--no-tracking",
+            ],
+        ).exit_code
+        == 0
+    )
     stored = optuna.load_study(study_name="tiny", storage=sqlite_url)
     before = stored.trials, stored.user_attrs
     monkeypatch.setattr(store, "SQLITE_LOCK_WAIT_S", 0.5)
     with _write_lock_kept(sqlite_url):
-        refused = runner.invoke(app, ["resume", "tiny", "--trials", "2", "--storage", sqlite_url,
-                                      "--accelerator", "cpu", "--no-tracking"])
+        refused = runner.invoke(
+            app, ["resume", "tiny", "--trials", "2", "--storage", sqlite_url, "--accelerator", "cpu", "--no-tracking"]
+        )
     assert refused.exit_code == 2, refused.output
     line = refused.stderr.strip()
     assert line.startswith("error: the SQLite study store stayed locked") and "\n" not in line, line
     after = optuna.load_study(study_name="tiny", storage=sqlite_url)
     assert (after.trials, after.user_attrs) == before, "the refused resume changed the study"
-    assert runner.invoke(app, ["resume", "tiny", "--trials", "2", "--storage", sqlite_url, "--accelerator", "cpu",
-                               "--no-tracking"]).exit_code == 0
+    assert (
+        runner.invoke(
+            app, ["resume", "tiny", "--trials", "2", "--storage", sqlite_url, "--accelerator", "cpu", "--no-tracking"]
+        ).exit_code
+        == 0
+    )
 
 
 # Trials of about 2 s (100 epochs, no pruning) on this 2-core machine, so polls find one running.
@@ -185,8 +205,19 @@ def _running(trials) -> bool:
 
 
 def _resume(url: str, name: str, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "hpo", "resume", name, "--storage", url, "--accelerator", "cpu",
-            "--no-tracking", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "hpo",
+        "resume",
+        name,
+        "--storage",
+        url,
+        "--accelerator",
+        "cpu",
+        "--no-tracking",
+        *extra,
+    ]
 
 
 @pytest.mark.slow
@@ -196,12 +227,36 @@ def test_two_resumes_of_one_study_run_its_budget_exactly_once(tmp_path, storage_
     the exact budget."""
     (tmp_path / "space.yaml").write_text(SLOW_SPEC)
     name_url, name = storage_url, f"lease-{uuid.uuid4().hex[:8]}"
-    created = subprocess.run([sys.executable, "-m", "hpo", "submit", "space.yaml", "--trials", "1", "--storage",
-                              name_url, "--study-name", name, "--accelerator", "cpu", "--no-tracking"], cwd=tmp_path,
-                             capture_output=True, text=True, timeout=300)
+    created = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hpo",
+            "submit",
+            "space.yaml",
+            "--trials",
+            "1",
+            "--storage",
+            name_url,
+            "--study-name",
+            name,
+            "--accelerator",
+            "cpu",
+            "--no-tracking",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert created.returncode == 0, created.stdout + created.stderr
-    first = subprocess.Popen(_resume(name_url, name, "--trials", "5"), cwd=tmp_path, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
+    first = subprocess.Popen(
+        _resume(name_url, name, "--trials", "5"),
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         while True:
             poll_trials(name_url, _running, study=name, process=first)
@@ -210,12 +265,13 @@ def test_two_resumes_of_one_study_run_its_budget_exactly_once(tmp_path, storage_
             if _running(frozen):
                 break
             first.send_signal(signal.SIGCONT)
-        second = subprocess.run(_resume(name_url, name), cwd=tmp_path, capture_output=True, text=True,
-                                timeout=300)
+        second = subprocess.run(_resume(name_url, name), cwd=tmp_path, capture_output=True, text=True, timeout=300)
         assert second.returncode == 2, second.stdout + second.stderr
         line = second.stderr.strip()
         assert "\n" not in line and f":{first.pid} " in line and "--take-over" in line, line
-        assert optuna.load_study(study_name=name, storage=name_url).trials == frozen, "the refused driver changed nothing"
+        assert optuna.load_study(study_name=name, storage=name_url).trials == frozen, (
+            "the refused driver changed nothing"
+        )
     finally:
         first.send_signal(signal.SIGCONT)
     output = first.communicate(timeout=300)[0]
@@ -232,8 +288,23 @@ def test_a_study_that_a_driver_runs_cannot_be_deleted(write_spec, sqlite_url):
     from hpo.cli import app
 
     runner = CliRunner()
-    assert runner.invoke(app, ["submit", str(write_spec()), "--trials", "1", "--storage", sqlite_url,
-                               "--accelerator", "cpu", "--no-tracking"]).exit_code == 0
+    assert (
+        runner.invoke(
+            app,
+            [
+                "submit",
+                str(write_spec()),
+                "--trials",
+                "1",
+                "--storage",
+                sqlite_url,
+                "--accelerator",
+                "cpu",
+                "--no-tracking",
+            ],
+        ).exit_code
+        == 0
+    )
     before = optuna.load_study(study_name="tiny", storage=sqlite_url).trials
     lease = acquire(sqlite_url, "tiny")
     try:

@@ -30,9 +30,27 @@ from hpo.spec import PrunerSpec, SamplerSpec, load_spec
 def test_the_builder_trains_every_grid_configuration_once_per_seed_in_hpo_studies(tmp_path):
     out, stores = tmp_path / "table.json.gz", tmp_path / "stores"
     done = subprocess.run(
-        [sys.executable, str(BENCH / "mnist1d_table.py"), "--seeds", "2", "--limit", "6", "--epochs", "2",
-         "--group-size", "3", "--jobs", "1", "--out", str(out), "--store", str(stores)],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(BENCH / "mnist1d_table.py"),
+            "--seeds",
+            "2",
+            "--limit",
+            "6",
+            "--epochs",
+            "2",
+            "--group-size",
+            "3",
+            "--jobs",
+            "1",
+            "--out",
+            str(out),
+            "--store",
+            str(stores),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "| 6 | 2 | 2 | 12 |" in done.stdout
@@ -50,7 +68,9 @@ def test_the_builder_trains_every_grid_configuration_once_per_seed_in_hpo_studie
             assert 0 < table["test_acc"][i][s] < 1
     assert table["value"][0][0] != table["value"][0][1], "each seed trains other weights"
     for seed in (0, 1):
-        study = optuna.load_study(study_name=f"mnist1d-table-seed{seed}", storage=f"sqlite:///{stores / f'seed{seed}.db'}")
+        study = optuna.load_study(
+            study_name=f"mnist1d-table-seed{seed}", storage=f"sqlite:///{stores / f'seed{seed}.db'}"
+        )
         trials = study.get_trials(deepcopy=False)
         assert [t.state.name for t in trials] == ["COMPLETE"] * 6
         assert [t.user_attrs["seed"] for t in trials] == [trial_seed(seed, n) for n in range(6)]

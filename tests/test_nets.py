@@ -18,8 +18,12 @@ CASES = [(arch, variant) for arch, variants in VARIANTS_BY_ARCH.items() for vari
 
 def _dropout(arch: str, variant: str) -> DropoutConfig:
     return DropoutConfig(
-        variant=variant, input=0.2, hidden=(0.3,), max_norm=3.0,
-        conv=0.3 if arch in ("cnn", "conv1d") else 0.0, recurrent=0.3 if arch in ("lstm", "gru") else 0.0,
+        variant=variant,
+        input=0.2,
+        hidden=(0.3,),
+        max_norm=3.0,
+        conv=0.3 if arch in ("cnn", "conv1d") else 0.0,
+        recurrent=0.3 if arch in ("lstm", "gru") else 0.0,
     )
 
 
@@ -49,8 +53,12 @@ def test_dropconnect_variant_drops_weights_of_the_layers_after_each_placement():
 
 
 def test_spatial_variant_puts_channel_dropout_after_conv_blocks_only():
-    net = build_net(NetConfig(arch="cnn", units=(16,), channels=(4, 8)),
-                    DropoutConfig(variant="spatial", conv=0.2, hidden=(0.5,)), (1, 8, 8), 10)
+    net = build_net(
+        NetConfig(arch="cnn", units=(16,), channels=(4, 8)),
+        DropoutConfig(variant="spatial", conv=0.2, hidden=(0.5,)),
+        (1, 8, 8),
+        10,
+    )
     assert sum(isinstance(m, nn.Dropout2d) for m in net.features) == 2
     assert not any(isinstance(m, nn.Dropout2d) for m in net.head)
 
@@ -61,8 +69,12 @@ def test_zero_rates_build_no_dropout_layers():
 
 
 def test_conv1d_spatial_dropout_drops_whole_channels():
-    net = build_net(NetConfig(arch="conv1d", units=(16,), channels=(8,)),
-                    DropoutConfig(variant="spatial", hidden=(0.0,), conv=0.5), (40,), 10)
+    net = build_net(
+        NetConfig(arch="conv1d", units=(16,), channels=(8,)),
+        DropoutConfig(variant="spatial", hidden=(0.0,), conv=0.5),
+        (40,),
+        10,
+    )
     drop = [m for m in net.features if isinstance(m, torch.nn.Dropout1d)]
     assert len(drop) == 1
     out = drop[0].train()(torch.ones(64, 8, 20))
@@ -71,8 +83,9 @@ def test_conv1d_spatial_dropout_drops_whole_channels():
 
 
 def test_gru_with_locked_recurrent_dropout_reuses_one_mask():
-    net = build_net(NetConfig(arch="gru", units=(8,)), DropoutConfig(variant="locked", hidden=(0.0,), recurrent=0.5),
-                    (40,), 10)
+    net = build_net(
+        NetConfig(arch="gru", units=(8,)), DropoutConfig(variant="locked", hidden=(0.0,), recurrent=0.5), (40,), 10
+    )
     layer = net.layers[0]
     assert isinstance(layer.cell, torch.nn.GRUCell)
     torch.manual_seed(0)
@@ -93,8 +106,10 @@ def test_lstm_without_recurrent_dropout_uses_the_fused_kernel():
 
 def test_a_trial_learns_digits(digits):
     config = TrialConfig(
-        NetConfig(units=(64,)), DropoutConfig(input=0.1, hidden=(0.3,), max_norm=3.0),
-        TrainConfig(lr=0.05, epochs=5), seed=0,
+        NetConfig(units=(64,)),
+        DropoutConfig(input=0.1, hidden=(0.3,), max_norm=3.0),
+        TrainConfig(lr=0.05, epochs=5),
+        seed=0,
     )
     result = run_trial(config, digits, [_objective()], accelerator="cpu")
     assert result.summary["val_acc"] > 0.9

@@ -71,14 +71,29 @@ def test_auto_is_an_execution_option_that_needs_ray():
 def test_auto_without_a_gpu_is_a_one_line_error_and_writes_no_study(write_spec, tmp_path):
     store = tmp_path / "s.db"
     done = subprocess.run(
-        [sys.executable, "-m", "hpo", "submit", str(write_spec()), "--gpus-per-trial", "auto",
-         "--storage", f"sqlite:///{store}", "--no-tracking"],
-        capture_output=True, text=True, timeout=240, cwd=tmp_path,
+        [
+            sys.executable,
+            "-m",
+            "hpo",
+            "submit",
+            str(write_spec()),
+            "--gpus-per-trial",
+            "auto",
+            "--storage",
+            f"sqlite:///{store}",
+            "--no-tracking",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=tmp_path,
     )
     assert done.returncode == 2, done.stderr
     lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
-    assert lines == ["error: --gpus-per-trial auto measures a trial on a GPU, and the Ray cluster has none "
-                     "(use --gpus-per-trial 0 to train on CPUs)"]
+    assert lines == [
+        "error: --gpus-per-trial auto measures a trial on a GPU, and the Ray cluster has none "
+        "(use --gpus-per-trial 0 to train on CPUs)"
+    ]
     assert not store.exists()
 
 
@@ -98,8 +113,16 @@ def test_the_probe_trains_past_its_first_epoch_samples_only_its_measured_window_
     def on_epoch(member: int, entry: dict[str, float]) -> None:
         ends.setdefault(member, []).append(time.perf_counter())
 
-    train_measured([mlp_config(s, units=16, rates=(0.1, 0.3), epochs=1, early_stopping=1) for s in range(members)], probe_splits(digits), VAL_ACC, "cpu",
-                   lambda: reads.append(time.perf_counter()), settle=settle, measure=measure, on_epoch=on_epoch)
+    train_measured(
+        [mlp_config(s, units=16, rates=(0.1, 0.3), epochs=1, early_stopping=1) for s in range(members)],
+        probe_splits(digits),
+        VAL_ACC,
+        "cpu",
+        lambda: reads.append(time.perf_counter()),
+        settle=settle,
+        measure=measure,
+        on_epoch=on_epoch,
+    )
     first, last = ends[0][0], ends[0][-1]
     assert len(ends[0]) >= 2, "went on past the configs' single epoch"
     assert last - first >= settle + measure - 0.05, "trained until the window was over, early stopping or not"

@@ -36,10 +36,11 @@ from .conftest import TINY_SPEC
 runner = CliRunner()
 
 #: Batch size and hidden rate are lists of numbers written out of order; units has only two.
-ORDERED_SPEC = (TINY_SPEC
-                .replace("hidden: {low: 0.0, high: 0.6}", "hidden: {choice: [0.5, 0.0, 0.25]}")
-                .replace("batch_size: 128", "batch_size: {choice: [64, 16, 32]}")
-                .replace("units: {low: 16, high: 64, log: true}", "units: {choice: [32, 16]}"))
+ORDERED_SPEC = (
+    TINY_SPEC.replace("hidden: {low: 0.0, high: 0.6}", "hidden: {choice: [0.5, 0.0, 0.25]}")
+    .replace("batch_size: 128", "batch_size: {choice: [64, 16, 32]}")
+    .replace("units: {low: 16, high: 64, log: true}", "units: {choice: [32, 16]}")
+)
 CPU = Execution(accelerator="cpu", group_size=1)
 
 
@@ -60,7 +61,11 @@ def test_a_list_of_three_or_more_numbers_is_searched_by_its_position_in_the_sort
         assert isinstance(dists["model.units"], CategoricalDistribution), "two numbers stay categories"
         assert isinstance(dists["dropout.variant"], CategoricalDistribution)
         values = trial_values(spec, trial.params)
-        assert values["training.batch_size"] == config.train.batch_size == [16, 32, 64][trial.params["training.batch_size"]]
+        assert (
+            values["training.batch_size"]
+            == config.train.batch_size
+            == [16, 32, 64][trial.params["training.batch_size"]]
+        )
         assert values["model.units"] == trial.params["model.units"] == config.net.units[0]
         assert optuna_params(spec, values) == trial.params
         study.tell(trial, 0.0)
@@ -79,8 +84,14 @@ def test_numeric_choices_categorical_keeps_optuna_categories():
 
 def test_a_study_stores_positions_and_shows_values_in_export_report_and_mlflow(write_spec, tmp_path, sqlite_url):
     name, uri = f"ordered-{uuid.uuid4().hex[:8]}", f"sqlite:///{tmp_path / 'mlflow.db'}"
-    handle, summary = api.submit(write_spec(ORDERED_SPEC), trials=4, study_name=name, storage=sqlite_url,
-                                 execution=CPU, tracking=Tracking(uri=uri))
+    handle, summary = api.submit(
+        write_spec(ORDERED_SPEC),
+        trials=4,
+        study_name=name,
+        storage=sqlite_url,
+        execution=CPU,
+        tracking=Tracking(uri=uri),
+    )
     assert summary.counts.finished == 4
     trials = handle.study.get_trials(deepcopy=False)
     recommended = next(t for t in trials if t.user_attrs.get(BASELINE) == "recommended")
@@ -114,18 +125,29 @@ def test_a_study_stores_positions_and_shows_values_in_export_report_and_mlflow(w
 def test_a_study_stored_before_the_option_resumes_with_categories(write_spec, sqlite_url):
     name = f"older-{uuid.uuid4().hex[:8]}"
     old_spec = ORDERED_SPEC.replace("sampler: {name: tpe,", "sampler: {numeric_choices: categorical, name: tpe,")
-    api.submit(write_spec(old_spec), trials=3, study_name=name, storage=sqlite_url, execution=CPU,
-               tracking=Tracking(enabled=False))
+    api.submit(
+        write_spec(old_spec),
+        trials=3,
+        study_name=name,
+        storage=sqlite_url,
+        execution=CPU,
+        tracking=Tracking(enabled=False),
+    )
     # What an older hpo stored: the spec text without the option, as a user attribute, and no record of it.
     store = sqlite_url.removeprefix("sqlite:///")
     with sqlite3.connect(store) as connection:
         study_id = connection.execute("SELECT study_id FROM studies WHERE study_name = ?", (name,)).fetchone()[0]
-        connection.execute("DELETE FROM study_user_attributes WHERE study_id = ? AND key = 'hpo:numeric_choices'",
-                           (study_id,))
-        connection.execute("DELETE FROM study_system_attributes WHERE study_id = ? AND key IN ('hpo:spec', "
-                           "'study:metric_names')", (study_id,))
-        connection.execute("INSERT INTO study_user_attributes (study_id, key, value_json) VALUES (?, 'hpo:spec', ?)",
-                           (study_id, json.dumps(ORDERED_SPEC)))
+        connection.execute(
+            "DELETE FROM study_user_attributes WHERE study_id = ? AND key = 'hpo:numeric_choices'", (study_id,)
+        )
+        connection.execute(
+            "DELETE FROM study_system_attributes WHERE study_id = ? AND key IN ('hpo:spec', 'study:metric_names')",
+            (study_id,),
+        )
+        connection.execute(
+            "INSERT INTO study_user_attributes (study_id, key, value_json) VALUES (?, 'hpo:spec', ?)",
+            (study_id, json.dumps(ORDERED_SPEC)),
+        )
     handle = load_study(name, sqlite_url)
     assert handle.spec.sampler.numeric_choices == "categorical" and handle.study.metric_names is None
     _, summary = api.resume(name, storage=sqlite_url, trials=5, execution=CPU, tracking=Tracking(enabled=False))
@@ -138,8 +160,15 @@ def test_a_study_stored_before_the_option_resumes_with_categories(write_spec, sq
 
 def test_a_new_study_records_how_it_searches_numeric_choices(write_spec, sqlite_url):
     name = f"marked-{uuid.uuid4().hex[:8]}"
-    api.submit(write_spec(ORDERED_SPEC), trials=1, study_name=name, storage=sqlite_url, baselines=False,
-               execution=CPU, tracking=Tracking(enabled=False))
+    api.submit(
+        write_spec(ORDERED_SPEC),
+        trials=1,
+        study_name=name,
+        storage=sqlite_url,
+        baselines=False,
+        execution=CPU,
+        tracking=Tracking(enabled=False),
+    )
     assert optuna.load_study(study_name=name, storage=sqlite_url).user_attrs["hpo:numeric_choices"] == "ordered"
     assert load_study(name, sqlite_url).spec.sampler.numeric_choices == "ordered"
 
@@ -160,8 +189,16 @@ def test_a_study_in_vectorised_groups_searches_numeric_choices_as_categories_unl
     grouped = Execution(accelerator="cpu", group_size=3)
     notes: list[str] = []
     name = f"grouped-{uuid.uuid4().hex[:8]}"
-    handle, _ = api.submit(write_spec(ORDERED_SPEC), trials=6, study_name=name, storage=sqlite_url, baselines=False,
-                           execution=grouped, tracking=Tracking(enabled=False), on_note=notes.append)
+    handle, _ = api.submit(
+        write_spec(ORDERED_SPEC),
+        trials=6,
+        study_name=name,
+        storage=sqlite_url,
+        baselines=False,
+        execution=grouped,
+        tracking=Tracking(enabled=False),
+        on_note=notes.append,
+    )
     assert handle.spec.sampler.numeric_choices == "categorical"
     assert load_study(name, sqlite_url).spec.sampler.numeric_choices == "categorical"
     assert all(isinstance(t.distributions["training.batch_size"], CategoricalDistribution) for t in handle.study.trials)
@@ -170,8 +207,15 @@ def test_a_study_in_vectorised_groups_searches_numeric_choices_as_categories_unl
 
     name = f"grouped-{uuid.uuid4().hex[:8]}"
     text = ORDERED_SPEC.replace("sampler: {name: tpe,", "sampler: {numeric_choices: ordered, name: tpe,")
-    handle, _ = api.submit(write_spec(text), trials=6, study_name=name, storage=sqlite_url, baselines=False,
-                           execution=grouped, tracking=Tracking(enabled=False))
+    handle, _ = api.submit(
+        write_spec(text),
+        trials=6,
+        study_name=name,
+        storage=sqlite_url,
+        baselines=False,
+        execution=grouped,
+        tracking=Tracking(enabled=False),
+    )
     assert load_study(name, sqlite_url).spec.sampler.numeric_choices == "ordered"
     assert all(isinstance(t.distributions["training.batch_size"], IntDistribution) for t in handle.study.trials)
     assert all(len(sizes) == 1 for sizes in _group_batch_sizes(handle).values())
@@ -181,10 +225,18 @@ def test_auto_searches_numeric_choices_as_categories_where_trials_are_asked_whil
     """One trial at a time, and with fewer than 8 at once, by position; in groups or with 8 or
     more workers as categories, with a note saying why; a mode written in the spec is kept."""
     spec = parse_spec(ORDERED_SPEC)
-    mode = {(group, workers): settle_numeric_choices(spec, group, workers).sampler.numeric_choices
-            for group in (1, 5) for workers in (1, 7, 8, 32)}
-    assert mode == {(1, 1): "ordered", (1, 7): "ordered", (1, 8): "categorical", (1, 32): "categorical",
-                    **{(5, w): "categorical" for w in (1, 7, 8, 32)}}
+    mode = {
+        (group, workers): settle_numeric_choices(spec, group, workers).sampler.numeric_choices
+        for group in (1, 5)
+        for workers in (1, 7, 8, 32)
+    }
+    assert mode == {
+        (1, 1): "ordered",
+        (1, 7): "ordered",
+        (1, 8): "categorical",
+        (1, 32): "categorical",
+        **{(5, w): "categorical" for w in (1, 7, 8, 32)},
+    }
     assert settle_numeric_choices(with_numeric_choices(spec, "ordered"), 5, 8).sampler.numeric_choices == "ordered"
     notes: list[str] = []
     api._numeric_choices_settled(spec, Execution(workers=8, group_size=1), notes.append)

@@ -34,12 +34,23 @@ def _config(seed: int = 5):
 def test_tf32_holds_only_while_the_trial_trains(digits):
     during: list[str] = []
     before = torch.get_float32_matmul_precision()
-    run_trial(_config(), digits, VAL_ACC, accelerator="cpu", precision="tf32",
-              on_epoch=lambda entry: during.append(torch.get_float32_matmul_precision()))
+    run_trial(
+        _config(),
+        digits,
+        VAL_ACC,
+        accelerator="cpu",
+        precision="tf32",
+        on_epoch=lambda entry: during.append(torch.get_float32_matmul_precision()),
+    )
     assert during == ["high"] * 3
     assert torch.get_float32_matmul_precision() == before
-    run_trial(_config(), digits, VAL_ACC, accelerator="cpu",
-              on_epoch=lambda entry: during.append(torch.get_float32_matmul_precision()))
+    run_trial(
+        _config(),
+        digits,
+        VAL_ACC,
+        accelerator="cpu",
+        on_epoch=lambda entry: during.append(torch.get_float32_matmul_precision()),
+    )
     assert during[3:] == ["highest"] * 3, "float32 trials run at full precision whatever the process set"
 
 
@@ -66,8 +77,21 @@ def test_an_unknown_precision_is_a_one_line_error():
 
 
 def test_trials_trained_below_float32_say_so(write_spec, sqlite_url):
-    result = CliRunner().invoke(app, ["submit", str(write_spec()), "--trials", "2", "--storage", sqlite_url,
-                                      "--no-tracking", "--precision", "bf16", "--no-baselines"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "submit",
+            str(write_spec()),
+            "--trials",
+            "2",
+            "--storage",
+            sqlite_url,
+            "--no-tracking",
+            "--precision",
+            "bf16",
+            "--no-baselines",
+        ],
+    )
     assert result.exit_code == 0, result.output
     trials = optuna.load_study(study_name="tiny", storage=sqlite_url).trials
     assert [t.user_attrs.get("precision") for t in trials] == ["bf16", "bf16"]

@@ -47,7 +47,9 @@ def test_a_twelve_trial_study_with_two_workers_finishes_exactly_twelve_trials(wr
     assert len(workers) == 2, "two worker processes ran the trials"
     overlapping = any(
         a.datetime_start < b.datetime_complete and b.datetime_start < a.datetime_complete
-        for a in trials for b in trials if a.number < b.number
+        for a in trials
+        for b in trials
+        if a.number < b.number
     )
     assert overlapping, "no two trials ran at the same time"
     assert len({t.user_attrs["seed"] for t in trials}) == 12
@@ -64,8 +66,15 @@ def test_the_budget_stays_exact_after_a_resume_with_more_workers(write_spec, sql
 def test_pruners_keep_working_with_parallel_workers(write_spec, sqlite_url):
     spec = TINY_SPEC.replace("lr: {low: 0.01, high: 0.2, log: true}", "lr: {choice: [1.0e-7, 0.1]}")
     spec = spec.replace("sampler: {name: tpe", "sampler: {name: random").replace("epochs: 3", "epochs: 8")
-    api.submit(write_spec(spec), trials=12, study_name="prune", storage=sqlite_url, execution=TWO_WORKERS,
-               baselines=False, seed=3)
+    api.submit(
+        write_spec(spec),
+        trials=12,
+        study_name="prune",
+        storage=sqlite_url,
+        execution=TWO_WORKERS,
+        baselines=False,
+        seed=3,
+    )
     trials = optuna.load_study(study_name="prune", storage=sqlite_url).trials
     pruned = [t for t in trials if t.state == TrialState.PRUNED]
     assert any(t.params["training.lr"] == 1e-7 for t in pruned), "no hopeless trial was pruned"
@@ -103,8 +112,9 @@ def test_waking_the_broker_ends_a_waiting_drain_at_once():
 def test_a_trial_error_in_a_worker_fails_only_that_trial(write_spec, sqlite_url):
     spec = TINY_SPEC.replace("lr: {low: 0.01, high: 0.2, log: true}", "lr: {choice: [1.0e+12, 0.05]}")
     spec = spec.replace("max_norm: {choice: [null, 3.0]}", "max_norm: null").replace("name: tpe", "name: random")
-    _, summary = api.submit(write_spec(spec), trials=6, study_name="nan", storage=sqlite_url,
-                            execution=TWO_WORKERS, baselines=False, seed=1)
+    _, summary = api.submit(
+        write_spec(spec), trials=6, study_name="nan", storage=sqlite_url, execution=TWO_WORKERS, baselines=False, seed=1
+    )
     trials = optuna.load_study(study_name="nan", storage=sqlite_url).trials
     failed = [t for t in trials if t.state == TrialState.FAIL]
     assert summary.counts.finished == 6 and failed
@@ -114,8 +124,15 @@ def test_a_trial_error_in_a_worker_fails_only_that_trial(write_spec, sqlite_url)
 def test_vectorised_groups_run_as_ray_tasks_and_prune_members_individually(write_spec, sqlite_url):
     spec = TINY_SPEC.replace("lr: {low: 0.01, high: 0.2, log: true}", "lr: {choice: [1.0e-7, 0.1]}")
     spec = spec.replace("sampler: {name: tpe", "sampler: {name: random").replace("epochs: 3", "epochs: 6")
-    _, summary = api.submit(write_spec(spec), trials=8, study_name="groups", storage=sqlite_url, baselines=False,
-                            seed=3, execution=Execution(workers=1, executor="ray", cpus_per_trial=1, group_size=4))
+    _, summary = api.submit(
+        write_spec(spec),
+        trials=8,
+        study_name="groups",
+        storage=sqlite_url,
+        baselines=False,
+        seed=3,
+        execution=Execution(workers=1, executor="ray", cpus_per_trial=1, group_size=4),
+    )
     trials = optuna.load_study(study_name="groups", storage=sqlite_url).trials
     assert summary.counts.finished == 8 and len(trials) == 8
     assert [t.user_attrs["group"]["first"] for t in trials] == [0] * 4 + [4] * 4
@@ -132,10 +149,19 @@ def test_ray_workers_train_at_the_studys_precision(write_spec, sqlite_url):
     """The same seeded trial on a Ray worker: bf16 mixed precision changes its losses."""
     histories = {}
     for precision in ("32", "bf16"):
-        api.submit(write_spec(), trials=1, study_name=f"p{precision}", storage=sqlite_url, baselines=False, seed=4,
-                   execution=Execution(workers=1, executor="ray", cpus_per_trial=1, precision=precision))
-        trial, = optuna.load_study(study_name=f"p{precision}", storage=sqlite_url).trials
-        assert "worker" in trial.user_attrs and trial.user_attrs.get("precision") == (None if precision == "32" else "bf16")
+        api.submit(
+            write_spec(),
+            trials=1,
+            study_name=f"p{precision}",
+            storage=sqlite_url,
+            baselines=False,
+            seed=4,
+            execution=Execution(workers=1, executor="ray", cpus_per_trial=1, precision=precision),
+        )
+        (trial,) = optuna.load_study(study_name=f"p{precision}", storage=sqlite_url).trials
+        assert "worker" in trial.user_attrs and trial.user_attrs.get("precision") == (
+            None if precision == "32" else "bf16"
+        )
         histories[precision] = [h["train/loss"] for h in trial.user_attrs["history"]]
     assert len(histories["32"]) == len(histories["bf16"]) and histories["32"] != histories["bf16"]
 
@@ -157,7 +183,10 @@ def _driver(tmp_path, url, *args):
     (tmp_path / "space.yaml").write_text(SLOW_SPEC)
     return subprocess.Popen(
         [sys.executable, "-m", "hpo", "submit", "space.yaml", "--storage", url, *args],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
 
 
@@ -165,8 +194,11 @@ def _driver(tmp_path, url, *args):
 def test_killing_a_workers_process_fails_its_trial_and_the_study_still_fills_its_budget(tmp_path):
     url = f"sqlite:///{tmp_path / 'hpo.db'}"
     driver = _driver(tmp_path, url, "--trials", "6", "--workers", "2", "--max-retries", "1")
-    victim = poll_trials(url, lambda ts: next(
-        (t for t in ts if t.state == TrialState.RUNNING and "worker" in t.user_attrs), None), process=driver)
+    victim = poll_trials(
+        url,
+        lambda ts: next((t for t in ts if t.state == TrialState.RUNNING and "worker" in t.user_attrs), None),
+        process=driver,
+    )
     pid = victim.user_attrs["worker"]["pid"]
     os.kill(pid, signal.SIGKILL)
     output = driver.communicate(timeout=300)[0]
@@ -185,16 +217,22 @@ def test_killing_a_workers_process_fails_its_trial_and_the_study_still_fills_its
 def test_killing_the_driver_then_resuming_loses_no_trial_and_leaves_none_running(tmp_path):
     url = f"sqlite:///{tmp_path / 'hpo.db'}"
     driver = _driver(tmp_path, url, "--trials", "8", "--workers", "2")
-    poll_trials(url, lambda ts: len(_finished(ts)) >= 2 and sum(t.state == TrialState.RUNNING for t in ts) == 2,
-                process=driver)
+    poll_trials(
+        url, lambda ts: len(_finished(ts)) >= 2 and sum(t.state == TrialState.RUNNING for t in ts) == 2, process=driver
+    )
     driver.kill()
     driver.wait(timeout=60)
     before = optuna.load_study(study_name="tiny", storage=url).trials
     done_before = {t.number: t.values for t in _finished(before)}
     assert [t.state for t in before].count(TrialState.RUNNING) == 2
 
-    resumed = subprocess.run([sys.executable, "-m", "hpo", "resume", "tiny", "--storage", url, "--workers", "2"],
-                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "hpo", "resume", "tiny", "--storage", url, "--workers", "2"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     after = optuna.load_study(study_name="tiny", storage=url).trials
     assert TrialState.RUNNING not in [t.state for t in after]

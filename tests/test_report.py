@@ -52,8 +52,12 @@ def study(tmp_path_factory, mlflow_store):
     space = folder / "space.yaml"
     space.write_text(SPEC)
     storage = f"sqlite:///{folder / 'studies.db'}"
-    handle, _ = api.submit(space, storage=storage, execution=Execution(accelerator="cpu", group_size=1),
-                           tracking=Tracking(uri=mlflow_store))
+    handle, _ = api.submit(
+        space,
+        storage=storage,
+        execution=Execution(accelerator="cpu", group_size=1),
+        tracking=Tracking(uri=mlflow_store),
+    )
     return load_study("report", storage), folder
 
 
@@ -110,12 +114,22 @@ def test_variant_regularizer_and_max_norm_tables_group_the_stored_configs(study)
 
     def label(t):
         c = t.user_attrs["config"]
-        parts = [n for n, on in (("dropout", c["dropout"]["hidden"][0] > 0), ("L2", c["train"]["weight_decay"] > 0),
-                                 ("max-norm", c["dropout"]["max_norm"] is not None)) if on]
+        parts = [
+            n
+            for n, on in (
+                ("dropout", c["dropout"]["hidden"][0] > 0),
+                ("L2", c["train"]["weight_decay"] > 0),
+                ("max-norm", c["dropout"]["max_norm"] is not None),
+            )
+            if on
+        ]
         return " + ".join(parts) or "none"
 
-    for key, by in (("variant", lambda t: t.params["dropout.variant"]), ("regularizer", label),
-                    ("max_norm", lambda t: t.user_attrs["config"]["dropout"]["max_norm"] or "off")):
+    for key, by in (
+        ("variant", lambda t: t.params["dropout.variant"]),
+        ("regularizer", label),
+        ("max_norm", lambda t: t.user_attrs["config"]["dropout"]["max_norm"] or "off"),
+    ):
         groups = defaultdict(list)
         for t in trials:
             groups[by(t)].append(t)
@@ -154,8 +168,11 @@ def test_markdown_and_html_reports_with_non_empty_plots(study, tmp_path):
 
 def test_hpo_report_writes_the_folder_and_attaches_it_to_the_mlflow_run(study, tmp_path, mlflow_store):
     handle, folder = study
-    out = subprocess.run([sys.executable, "-m", "hpo", "report", "report", "--storage", handle.storage,
-                          "--out", str(tmp_path / "r")], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "hpo", "report", "report", "--storage", handle.storage, "--out", str(tmp_path / "r")],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "r" / "report.md").exists()
     parent = handle.study.user_attrs[PARENT_ATTR]["run_id"]
@@ -196,8 +213,11 @@ def test_expected_calibration_error_by_hand():
 
 def test_hpo_evaluate_compares_mc_dropout_with_the_deterministic_network(study):
     handle, _ = study
-    out = subprocess.run([sys.executable, "-m", "hpo", "evaluate", "report", "--storage", handle.storage,
-                          "--mc-samples", "10"], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "hpo", "evaluate", "report", "--storage", handle.storage, "--mc-samples", "10"],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr
     assert "runs:/" in out.stdout, "the network came from the MLflow model of the best trial"
     assert "deterministic (eval mode)" in out.stdout and "MC dropout, 10 passes" in out.stdout
@@ -214,21 +234,25 @@ def test_retrain_uses_train_and_validation_for_the_kept_epochs(study, digits):
 
 def test_hpo_retrain_logs_a_run_under_the_study(study, mlflow_store, digits):
     handle, _ = study
-    out = subprocess.run([sys.executable, "-m", "hpo", "retrain", "report", "--storage", handle.storage],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "hpo", "retrain", "report", "--storage", handle.storage], capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stderr
     assert f"re-trained on {len(digits.train) + len(digits.val)} examples" in out.stdout
     runs = MlflowClient(mlflow_store).search_runs(
-        [handle.study.user_attrs[PARENT_ATTR]["experiment_id"]], f"tags.`{ROLE_TAG}` = 'retrain'")
+        [handle.study.user_attrs[PARENT_ATTR]["experiment_id"]], f"tags.`{ROLE_TAG}` = 'retrain'"
+    )
     assert len(runs) == 1 and 0 < runs[0].data.metrics["test_acc"] <= 1
 
 
 def test_unknown_trial_is_a_one_line_error(study):
     handle, _ = study
-    out = subprocess.run([sys.executable, "-m", "hpo", "evaluate", "report", "--storage", handle.storage,
-                          "--trial", "999"], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "hpo", "evaluate", "report", "--storage", handle.storage, "--trial", "999"],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 2 and "no complete trial 999" in out.stderr
-
 
 
 def _uses_dropout(trial) -> bool:
@@ -243,16 +267,25 @@ def test_compare_puts_each_studys_best_trial_and_dropout_gain_in_one_table(study
 
     handle, folder = study
     other = folder / "other.yaml"
-    other.write_text(SPEC.replace("name: report", "name: other").replace("units: 32", "units: 16")
-                     .replace("baselines: [no_dropout]", "baselines: []").replace("trials: 10", "trials: 3"))
+    other.write_text(
+        SPEC.replace("name: report", "name: other")
+        .replace("units: 32", "units: 16")
+        .replace("baselines: [no_dropout]", "baselines: []")
+        .replace("trials: 10", "trials: 3")
+    )
     api.submit(other, storage=handle.storage, execution=Execution(accelerator="cpu"), tracking=Tracking(enabled=False))
-    result = CliRunner().invoke(app, ["compare", "report", "other", "--storage", handle.storage, "--out", str(tmp_path)])
+    result = CliRunner().invoke(
+        app, ["compare", "report", "other", "--storage", handle.storage, "--out", str(tmp_path)]
+    )
     assert result.exit_code == 0, result.output
     text = (tmp_path / "compare.md").read_text()
     assert text.startswith("# Dropout comparison: report vs other\n")
     assert (tmp_path / "compare.png").stat().st_size > 1000 and "![compare](compare.png)" in text
-    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
-            for line in text.splitlines() if line.startswith("| report") or line.startswith("| other")}
+    rows = {
+        line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+        for line in text.splitlines()
+        if line.startswith("| report") or line.startswith("| other")
+    }
     for name in ("report", "other"):
         s = load_study(name, handle.storage).study
         complete = s.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -272,8 +305,14 @@ def test_compare_puts_each_studys_best_trial_and_dropout_gain_in_one_table(study
     assert rows["other"][-3] == "-", "the study without a no-dropout baseline has nothing to compare with"
 
 
-@pytest.mark.parametrize("names,message", [(["report"], "two or more studies"), (["report", "report"], "named twice"),
-                                           (["report", "nope"], "no study 'nope'")])
+@pytest.mark.parametrize(
+    "names,message",
+    [
+        (["report"], "two or more studies"),
+        (["report", "report"], "named twice"),
+        (["report", "nope"], "no study 'nope'"),
+    ],
+)
 def test_compare_refuses_too_few_repeated_or_unknown_studies_in_one_line(study, tmp_path, names, message):
     from typer.testing import CliRunner
 

@@ -71,7 +71,11 @@ def test_the_speed_up_interval_is_a_bootstrap_over_seeds():
 def test_the_random_arm_matches_the_exact_random_search_curve_on_fcnet():
     """The harness's random arm (Optuna's sampler through the spec) against the table's order
     statistics: each median over seeds lies within the band that holds it with > 99.7 %."""
-    bench, arm, seeds = FCNet("naval_propulsion"), Arm("random", SamplerSpec(name="random"), PrunerSpec(name="none")), 40
+    bench, arm, seeds = (
+        FCNet("naval_propulsion"),
+        Arm("random", SamplerSpec(name="random"), PrunerSpec(name="none")),
+        40,
+    )
     bench.load()
     runs = [run_study(bench, arm, seed, trials=20) for seed in range(seeds)]
     assert all(len(r.best) == 20 and r.epochs == list(range(1, 21)) for r in runs)
@@ -127,7 +131,7 @@ def test_a_group_shares_the_first_members_shape_and_searches_the_rest():
     assert arm.searching.numeric_choices == "categorical" and group_arms()[-1].searching.numeric_choices == "ordered"
     run = run_study(bench, arm, 0, trials=12)
     assert len(run.best) == 12
-    groups = [recorded[i:i + 4] for i in range(0, 12, 4)]
+    groups = [recorded[i : i + 4] for i in range(0, 12, 4)]
     for members in groups:
         assert all({k: m[k] for k in bench.shared} == {k: members[0][k] for k in bench.shared} for m in members)
     free = {(m["dropout_1"], m["dropout_2"], m["init_lr"]) for members in groups[1:] for m in members}
@@ -148,15 +152,39 @@ def test_lcbench_curves_are_judged_by_the_pruner_within_the_epoch_budget():
 
 def test_the_bench_prints_its_tables_and_writes_its_report(tmp_path):
     done = subprocess.run(
-        [sys.executable, str(BENCH / "search_efficiency.py"), "--seeds", "2", "--gp-seeds", "1", "--trials", "8",
-         "--datasets", "naval", "--tasks", "189906", "--full-evaluations", "6", "--mnist1d-evaluations", "4", "--save", str(tmp_path / "runs.json"),
-         "--report", str(tmp_path / "report")],
-        capture_output=True, text=True, timeout=240,
+        [
+            sys.executable,
+            str(BENCH / "search_efficiency.py"),
+            "--seeds",
+            "2",
+            "--gp-seeds",
+            "1",
+            "--trials",
+            "8",
+            "--datasets",
+            "naval",
+            "--tasks",
+            "189906",
+            "--full-evaluations",
+            "6",
+            "--mnist1d-evaluations",
+            "4",
+            "--save",
+            str(tmp_path / "runs.json"),
+            "--report",
+            str(tmp_path / "report"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "RuntimeWarning" not in done.stderr, done.stderr[-2000:]
-    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in done.stdout.splitlines()
-            if line.startswith(("| fcnet", "| lcbench", "| mnist1d"))]
+    rows = [
+        [c.strip() for c in line.split("|")[1:-1]]
+        for line in done.stdout.splitlines()
+        if line.startswith(("| fcnet", "| lcbench", "| mnist1d"))
+    ]
     labels = {(r[0], r[1]) for r in rows}
     assert {("fcnet/naval", a.label) for a in sampler_arms()} <= labels
     assert {("lcbench/189906", a.label) for a in pruner_arms()} <= labels
@@ -174,11 +202,16 @@ def test_the_bench_prints_its_tables_and_writes_its_report(tmp_path):
     assert (tmp_path / "report" / "lcbench.png").stat().st_size > 10_000
     assert (tmp_path / "report" / "mnist1d.png").stat().st_size > 10_000
     assert summary["mnist1d/table"]["budget_epochs"] == 4 * 40
-    again = subprocess.run([sys.executable, str(BENCH / "search_efficiency.py"), "--trials", "8",
-                            "--load", str(tmp_path / "runs.json")], capture_output=True, text=True, timeout=120)
+    again = subprocess.run(
+        [sys.executable, str(BENCH / "search_efficiency.py"), "--trials", "8", "--load", str(tmp_path / "runs.json")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert again.returncode == 0, again.stderr[-2000:]
-    assert [line for line in again.stdout.splitlines() if line.startswith("| fcnet")] == \
-        [line for line in done.stdout.splitlines() if line.startswith("| fcnet")]
+    assert [line for line in again.stdout.splitlines() if line.startswith("| fcnet")] == [
+        line for line in done.stdout.splitlines() if line.startswith("| fcnet")
+    ]
 
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -186,30 +219,67 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 def test_the_gp_suite_runs_gp_with_and_without_the_median_pruner_on_lcbench():
     done = subprocess.run(
-        [sys.executable, str(BENCH / "search_efficiency.py"), "--suite", "lcbench-gp", "--seeds", "3", "--gp-seeds",
-         "1", "--tasks", "189906", "--full-evaluations", "3", "--jobs", "1"],
-        capture_output=True, text=True, timeout=240,
+        [
+            sys.executable,
+            str(BENCH / "search_efficiency.py"),
+            "--suite",
+            "lcbench-gp",
+            "--seeds",
+            "3",
+            "--gp-seeds",
+            "1",
+            "--tasks",
+            "189906",
+            "--full-evaluations",
+            "3",
+            "--jobs",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in done.stdout.splitlines()
-            if line.startswith("| lcbench")]
+    rows = [
+        [c.strip() for c in line.split("|")[1:-1]] for line in done.stdout.splitlines() if line.startswith("| lcbench")
+    ]
     assert [(r[0], r[1], r[2]) for r in rows] == [("lcbench/189906", a.label, "1") for a in gp_arms()]
 
 
 def test_the_sampler_suite_runs_cmaes_and_qmc_beside_the_default_on_lcbench():
     done = subprocess.run(
-        [sys.executable, str(BENCH / "search_efficiency.py"), "--suite", "lcbench-samplers", "--seeds", "2",
-         "--tasks", "189906", "--full-evaluations", "3", "--jobs", "1"],
-        capture_output=True, text=True, timeout=240,
+        [
+            sys.executable,
+            str(BENCH / "search_efficiency.py"),
+            "--suite",
+            "lcbench-samplers",
+            "--seeds",
+            "2",
+            "--tasks",
+            "189906",
+            "--full-evaluations",
+            "3",
+            "--jobs",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in done.stdout.splitlines()
-            if line.startswith("| lcbench")]
+    rows = [
+        [c.strip() for c in line.split("|")[1:-1]] for line in done.stdout.splitlines() if line.startswith("| lcbench")
+    ]
     arms = lcbench_sampler_arms()
     assert [(r[1], r[2]) for r in rows] == [(a.label, "2") for a in arms]
     assert [(a.sampler.name, a.pruner.name) for a in arms] == [
-        ("tpe", "median"), ("cmaes", "median"), ("cmaes", "none"), ("qmc", "median"), ("qmc", "none"),
-        ("cmaes", "hyperband")]
+        ("tpe", "median"),
+        ("cmaes", "median"),
+        ("cmaes", "none"),
+        ("qmc", "median"),
+        ("qmc", "none"),
+        ("cmaes", "hyperband"),
+    ]
 
 
 def test_concurrent_asks_scores_what_each_batch_chose_and_found():
@@ -242,6 +312,6 @@ def test_concurrent_asks_scores_what_each_batch_chose_and_found():
     shape = [bench.parameters.index(name) for name in bench.shared]
     assert len(configs) == 20
     for start in range(0, 20, 5):
-        assert len({tuple(c[i] for i in shape) for c in configs[start:start + 5]}) == 1
+        assert len({tuple(c[i] for i in shape) for c in configs[start : start + 5]}) == 1
     assert 0 <= score_batches(bench, [configs], 5, grouped=True).repeats <= 1
     assert {a.label for a in arms()} >= {"random k=8"} and {a.k for a in arms()} == {1, 8}

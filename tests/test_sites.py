@@ -23,11 +23,31 @@ sys.path.insert(0, str(USER_CODE))
 
 from third_party import SequenceTransformer  # noqa: E402
 
-VIT_ARGS = dict(image_size=8, patch_size=4, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32, num_classes=10,
-                dropout=0.1, attention_dropout=0.1)
-BERT_CONFIG = {"class_path": "transformers.BertConfig", "init_args": dict(
-    vocab_size=17, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-    max_position_embeddings=64, num_labels=10, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)}
+VIT_ARGS = dict(
+    image_size=8,
+    patch_size=4,
+    num_layers=2,
+    num_heads=2,
+    hidden_dim=16,
+    mlp_dim=32,
+    num_classes=10,
+    dropout=0.1,
+    attention_dropout=0.1,
+)
+BERT_CONFIG = {
+    "class_path": "transformers.BertConfig",
+    "init_args": dict(
+        vocab_size=17,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+        num_labels=10,
+        hidden_dropout_prob=0.1,
+        attention_probs_dropout_prob=0.1,
+    ),
+}
 
 
 def _kinds(table):
@@ -35,22 +55,31 @@ def _kinds(table):
 
 
 def _config(class_path, init_args, groups=(), max_norm=(), unmatched="keep"):
-    return UserTrialConfig({"class_path": class_path, "init_args": init_args}, tuple(groups), unmatched,
-                           tuple(max_norm), TrainConfig(), seed=0)
+    return UserTrialConfig(
+        {"class_path": class_path, "init_args": init_args},
+        tuple(groups),
+        unmatched,
+        tuple(max_norm),
+        TrainConfig(),
+        seed=0,
+    )
 
 
-@pytest.mark.parametrize(("pattern", "path", "expected"), [
-    ("encoder.layers.*.self_attn", "encoder.layers.3.self_attn", True),
-    ("encoder.layers.*.self_attn", "encoder.layers.3.self_attn.out_proj", False),
-    ("encoder.layers.*.self_attn", "encoder.layers.3.4.self_attn", False),
-    ("**.dropout", "bert.encoder.layer.0.output.dropout", True),
-    ("**.dropout", "dropout", True),
-    ("encoder.**", "encoder.layers.0.dropout1", True),
-    ("a.**.b", "a.b", True),
-    ("a.**.b", "ab", False),
-    ("encoder.layers.*.dropout*", "encoder.layers.0.dropout2", True),
-    ("layers.?.x", "layers.12.x", False),
-])
+@pytest.mark.parametrize(
+    ("pattern", "path", "expected"),
+    [
+        ("encoder.layers.*.self_attn", "encoder.layers.3.self_attn", True),
+        ("encoder.layers.*.self_attn", "encoder.layers.3.self_attn.out_proj", False),
+        ("encoder.layers.*.self_attn", "encoder.layers.3.4.self_attn", False),
+        ("**.dropout", "bert.encoder.layer.0.output.dropout", True),
+        ("**.dropout", "dropout", True),
+        ("encoder.**", "encoder.layers.0.dropout1", True),
+        ("a.**.b", "a.b", True),
+        ("a.**.b", "ab", False),
+        ("encoder.layers.*.dropout*", "encoder.layers.0.dropout2", True),
+        ("layers.?.x", "layers.12.x", False),
+    ],
+)
 def test_patterns_are_globs_over_whole_dotted_paths(pattern, path, expected):
     assert matches(pattern, path) is expected
 
@@ -73,7 +102,11 @@ def test_a_transformer_encoder_has_its_attention_float_and_three_dropouts_per_la
     table = probe(SequenceTransformer(), lambda m: m(torch.randn(2, 5, 1)))
     assert _kinds(table) == {
         **{f"encoder.layers.{i}.self_attn": "attention" for i in range(2)},
-        **{f"encoder.layers.{i}.{name}": "element-wise" for i in range(2) for name in ("dropout", "dropout1", "dropout2")},
+        **{
+            f"encoder.layers.{i}.{name}": "element-wise"
+            for i in range(2)
+            for name in ("dropout", "dropout1", "dropout2")
+        },
         "head_dropout": "element-wise",
     }
 
@@ -133,26 +166,40 @@ def test_the_probe_leaves_the_model_and_the_random_generator_as_they_were():
 
 
 def test_a_groups_rate_is_what_the_built_transformer_drops_at():
-    groups = [Group("attention", ("encoder.layers.*.self_attn",), 0.13),
-              Group("residual", ("encoder.layers.*.dropout1", "encoder.layers.*.dropout2"), 0.27),
-              Group("head", ("head_dropout",), 0.31, "gaussian")]
-    built = build(_config("third_party.SequenceTransformer", {}, groups, unmatched="zero"), (torch.randn(4, 5, 1), None))
+    groups = [
+        Group("attention", ("encoder.layers.*.self_attn",), 0.13),
+        Group("residual", ("encoder.layers.*.dropout1", "encoder.layers.*.dropout2"), 0.27),
+        Group("head", ("head_dropout",), 0.31, "gaussian"),
+    ]
+    built = build(
+        _config("third_party.SequenceTransformer", {}, groups, unmatched="zero"), (torch.randn(4, 5, 1), None)
+    )
     net = built.network
     assert [layer.self_attn.dropout for layer in net.encoder.layers] == [0.13, 0.13]
-    assert {layer.dropout1.p for layer in net.encoder.layers} == {layer.dropout2.p for layer in net.encoder.layers} == {0.27}
+    assert (
+        {layer.dropout1.p for layer in net.encoder.layers}
+        == {layer.dropout2.p for layer in net.encoder.layers}
+        == {0.27}
+    )
     assert [layer.dropout.p for layer in net.encoder.layers] == [0.0, 0.0], "unmatched sites zeroed"
     assert isinstance(net.head_dropout, GaussianDropout) and net.head_dropout.p == 0.31
     calls = dropout_calls(net, lambda m: m(torch.randn(4, 5, 1)))
     assert {(path, rate) for path, _, rate in calls if path.endswith("self_attn")} == {
-        ("encoder.layers.0.self_attn", 0.13), ("encoder.layers.1.self_attn", 0.13)}
+        ("encoder.layers.0.self_attn", 0.13),
+        ("encoder.layers.1.self_attn", 0.13),
+    }
     assert {rate for path, _, rate in calls if path.endswith(("dropout1", "dropout2"))} == {0.27}
 
 
 def test_a_groups_rate_is_what_bert_passes_to_sdpa():
-    groups = [Group("attention", ("bert.encoder.layer.*.attention.self.dropout",), 0.23),
-              Group("hidden", ("bert.**.output.dropout",), 0.17, "standard")]
-    built = build(_config("transformers.BertForSequenceClassification", {"config": BERT_CONFIG}, groups),
-                  (torch.randint(0, 17, (4, 64)), None))
+    groups = [
+        Group("attention", ("bert.encoder.layer.*.attention.self.dropout",), 0.23),
+        Group("hidden", ("bert.**.output.dropout",), 0.17, "standard"),
+    ]
+    built = build(
+        _config("transformers.BertForSequenceClassification", {"config": BERT_CONFIG}, groups),
+        (torch.randint(0, 17, (4, 64)), None),
+    )
     calls = dropout_calls(built.network, lambda m: m(torch.randint(0, 17, (4, 64))))
     sdpa = {(path, rate) for path, function, rate in calls if function == "scaled_dot_product_attention"}
     assert sdpa == {(f"bert.encoder.layer.{i}.attention.self", 0.23) for i in range(2)}
@@ -166,8 +213,9 @@ def test_a_groups_rate_is_what_bert_passes_to_sdpa():
 
 def test_the_vision_transformers_rates_as_built_come_from_its_searched_init_args():
     pytest.importorskip("torchvision")
-    built = build(_config("torchvision.models.VisionTransformer", {**VIT_ARGS, "dropout": 0.22}),
-                  (torch.randn(2, 3, 8, 8), None))
+    built = build(
+        _config("torchvision.models.VisionTransformer", {**VIT_ARGS, "dropout": 0.22}), (torch.randn(2, 3, 8, 8), None)
+    )
     assert {s.site.rate for s in built.settings if s.site.kind == "element-wise"} == {0.22}
     calls = dropout_calls(built.network, lambda m: m(torch.randn(2, 3, 8, 8)))
     assert {rate for _, function, rate in calls if function == "dropout"} == {0.22}
@@ -176,11 +224,21 @@ def test_the_vision_transformers_rates_as_built_come_from_its_searched_init_args
 def test_max_norm_patterns_pick_linear_and_conv_layers_only():
     net = SequenceTransformer()
     picked = [path for path, _ in constrained_layers(net, ["encoder.layers.*.linear*", "head*"])]
-    assert picked == ["encoder.layers.0.linear1", "encoder.layers.0.linear2", "encoder.layers.1.linear1",
-                      "encoder.layers.1.linear2", "head"]
-    built = build(_config("third_party.SequenceTransformer", {}, max_norm=[MaxNormSetting("ffn", ("**.linear1",), 2.0)]),
-                  (torch.randn(2, 5, 1), None))
-    assert [(p, r) for p, _, r in built.constrained] == [("encoder.layers.0.linear1", 2.0), ("encoder.layers.1.linear1", 2.0)]
+    assert picked == [
+        "encoder.layers.0.linear1",
+        "encoder.layers.0.linear2",
+        "encoder.layers.1.linear1",
+        "encoder.layers.1.linear2",
+        "head",
+    ]
+    built = build(
+        _config("third_party.SequenceTransformer", {}, max_norm=[MaxNormSetting("ffn", ("**.linear1",), 2.0)]),
+        (torch.randn(2, 5, 1), None),
+    )
+    assert [(p, r) for p, _, r in built.constrained] == [
+        ("encoder.layers.0.linear1", 2.0),
+        ("encoder.layers.1.linear1", 2.0),
+    ]
 
 
 def test_first_matching_group_wins_and_unmatched_sites_keep_their_rate():
@@ -251,14 +309,17 @@ def test_identity_advice_follows_timms_depth_rule():
     vision_transformer = pytest.importorskip("timm.models.vision_transformer")
 
     def table(rate: float):
-        vit = vision_transformer.VisionTransformer(img_size=8, patch_size=4, num_classes=10, embed_dim=16, depth=3,
-                                                   num_heads=2, drop_path_rate=rate)
+        vit = vision_transformer.VisionTransformer(
+            img_size=8, patch_size=4, num_classes=10, embed_dim=16, depth=3, num_heads=2, drop_path_rate=rate
+        )
         return probe(vit, lambda m: m(torch.randn(2, 3, 8, 8)))
 
     assert not [line for line in table(0.2).warnings() if "drop_path" in line]
     lines = table(0.0).warnings()
-    assert "blocks.*.drop_path1 (3 modules): nn.Identity where dropout would be (a rate-0 site built away); search " \
-           "the init argument that sets it, with a range above 0 at construction" in lines
+    assert (
+        "blocks.*.drop_path1 (3 modules): nn.Identity where dropout would be (a rate-0 site built away); search "
+        "the init argument that sets it, with a range above 0 at construction" in lines
+    )
 
 
 def test_a_trial_whose_group_reaches_no_used_site_fails_instead_of_storing_a_dead_rate():
@@ -271,14 +332,16 @@ def test_a_trial_whose_group_reaches_no_used_site_fails_instead_of_storing_a_dea
     groups = [Group("path", ("blocks.*.drop_path*",), 0.2)]
     batch = (torch.randn(2, 3, 8, 8), None)
     pytest.importorskip("timm")
-    built = build(_config("timm.models.vision_transformer.VisionTransformer", {**vit, "drop_path_rate": 0.1}, groups),
-                  batch)
+    built = build(
+        _config("timm.models.vision_transformer.VisionTransformer", {**vit, "drop_path_rate": 0.1}, groups), batch
+    )
     assert {s.rate for s in built.settings if s.group == "path"} == {0.2}
-    with pytest.raises(IdleRateError, match="dropout.groups.path: its rate 0.2 reaches no dropout site: its patterns "
-                                            "match none of the"):
-        build(_config("timm.models.vision_transformer.VisionTransformer", {**vit, "drop_path_rate": 0.0}, groups),
-              batch)
+    with pytest.raises(
+        IdleRateError, match="dropout.groups.path: its rate 0.2 reaches no dropout site: its patterns match none of the"
+    ):
+        build(
+            _config("timm.models.vision_transformer.VisionTransformer", {**vit, "drop_path_rate": 0.0}, groups), batch
+        )
     sys.path.insert(0, str(USER_CODE))
     with pytest.raises(IdleRateError, match="rnn: LSTM dropout acts between stacked layers only"):
-        build(_config("zoo.Recurrent", {"layers": 1}, [Group("rnn", ("rnn",), 0.3)]),
-              (torch.randn(2, 8, 8), None))
+        build(_config("zoo.Recurrent", {"layers": 1}, [Group("rnn", ("rnn",), 0.3)]), (torch.randn(2, 8, 8), None))

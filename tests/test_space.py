@@ -40,8 +40,14 @@ def test_parameters_are_named_by_their_spec_path_and_fixed_values_are_not_parame
     spec = parse_spec(SPACE)
     names = set().union(*_params_of_trials(spec))
     assert names == {
-        "model.units", "dropout.variant", "dropout.input.enabled", "dropout.input.rate",
-        "dropout.hidden.rate", "dropout.max_norm", "training.optimizer", "training.lr",
+        "model.units",
+        "dropout.variant",
+        "dropout.input.enabled",
+        "dropout.input.rate",
+        "dropout.hidden.rate",
+        "dropout.max_norm",
+        "training.optimizer",
+        "training.lr",
         "training.momentum",
     }
     assert names == set(searched_parameters(spec))
@@ -68,11 +74,22 @@ dropout: {variant: {choice: [spatial, dropblock]}, conv: 0.2, block_size: {choic
 
 def test_suggested_values_land_in_the_trial_config():
     spec = parse_spec(SPACE)
-    config = suggest(FixedTrial({
-        "model.units": 100, "dropout.variant": "gaussian", "dropout.input.enabled": True,
-        "dropout.input.rate": 0.3, "dropout.hidden.rate": 0.4, "dropout.max_norm": 3.0,
-        "training.optimizer": "adam", "training.lr": 0.01,
-    }), spec, seed=7)
+    config = suggest(
+        FixedTrial(
+            {
+                "model.units": 100,
+                "dropout.variant": "gaussian",
+                "dropout.input.enabled": True,
+                "dropout.input.rate": 0.3,
+                "dropout.hidden.rate": 0.4,
+                "dropout.max_norm": 3.0,
+                "training.optimizer": "adam",
+                "training.lr": 0.01,
+            }
+        ),
+        spec,
+        seed=7,
+    )
     assert config.dropout.variant == "gaussian" and config.dropout.input == 0.3
     assert config.dropout.hidden == (0.4, 0.4) and config.dropout.max_norm == 3.0
     assert config.net.units == (100, 100)
@@ -82,11 +99,22 @@ def test_suggested_values_land_in_the_trial_config():
 
 def test_disabled_placement_means_rate_zero():
     spec = parse_spec(SPACE)
-    config = suggest(FixedTrial({
-        "model.units": 32, "dropout.variant": "inverted", "dropout.input.enabled": False,
-        "dropout.hidden.rate": 0.5, "dropout.max_norm": None, "training.optimizer": "sgd",
-        "training.lr": 0.01, "training.momentum": 0.9,
-    }), spec, seed=0)
+    config = suggest(
+        FixedTrial(
+            {
+                "model.units": 32,
+                "dropout.variant": "inverted",
+                "dropout.input.enabled": False,
+                "dropout.hidden.rate": 0.5,
+                "dropout.max_norm": None,
+                "training.optimizer": "sgd",
+                "training.lr": 0.01,
+                "training.momentum": 0.9,
+            }
+        ),
+        spec,
+        seed=0,
+    )
     assert config.dropout.input == 0.0 and config.dropout.max_norm is None
 
 
@@ -139,8 +167,10 @@ def test_baselines_differ_only_in_dropout():
 def test_a_baseline_trains_with_values_its_ranges_exclude_without_suggesting_them():
     """A rate range above 0 and a max-norm choice without null: the no-dropout baseline still
     drops nothing and holds no norm, and the study stores no parameter its range could not give."""
-    spec = parse_spec("dropout: {hidden: {low: 0.3, high: 0.4}, max_norm: {choice: [2.0, 4.0]}}\n"
-                      "training: {lr: {low: 0.01, high: 0.1, log: true}}")
+    spec = parse_spec(
+        "dropout: {hidden: {low: 0.3, high: 0.4}, max_norm: {choice: [2.0, 4.0]}}\n"
+        "training: {lr: {low: 0.01, high: 0.1, log: true}}"
+    )
     fixed = baseline_fixed(spec, "no_dropout")
     assert fixed == {"dropout.hidden.rate": 0.0, "dropout.max_norm": None}
     params = baseline_params(spec, "no_dropout")
@@ -183,14 +213,18 @@ def test_centre_of_ranges():
 def test_the_no_dropout_baseline_overrides_the_rates_and_norms_a_spec_fixes():
     """A fixed rate or radius is not a searched value, but the no-dropout baseline is still one
     without dropout or max-norm (a built-in network and a user model alike)."""
-    builtin = parse_spec("model: {layers: 2, units: {low: 16, high: 64}}\n"
-                         "dropout: {input: {enabled: true, rate: 0.2}, hidden: 0.5, max_norm: 3.0}")
+    builtin = parse_spec(
+        "model: {layers: 2, units: {low: 16, high: 64}}\n"
+        "dropout: {input: {enabled: true, rate: 0.2}, hidden: 0.5, max_norm: 3.0}"
+    )
     config = baseline_config(builtin, "no_dropout", seed=0)
     assert config.dropout.input == 0.0 and config.dropout.hidden == (0.0, 0.0) and config.dropout.max_norm is None
     assert baseline_config(builtin, "recommended", seed=0).dropout.hidden == (0.5, 0.5)
-    user = parse_spec("model: {class_path: my_models.Net}\n"
-                      "dropout: {groups: {head: {match: head, rate: 0.3}, body: {match: 'blocks.*', rate: {low: 0.1, "
-                      "high: 0.4}}}, max_norm: {head: {match: head, radius: 3.0}}, unmatched: keep}")
+    user = parse_spec(
+        "model: {class_path: my_models.Net}\n"
+        "dropout: {groups: {head: {match: head, rate: 0.3}, body: {match: 'blocks.*', rate: {low: 0.1, "
+        "high: 0.4}}}, max_norm: {head: {match: head, radius: 3.0}}, unmatched: keep}"
+    )
     config = baseline_config(user, "no_dropout", seed=0)
     assert [(g.name, g.rate) for g in config.groups] == [("head", 0.0), ("body", 0.0)]
     assert config.unmatched == "zero" and [m.radius for m in config.max_norm] == [None]

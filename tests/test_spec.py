@@ -79,8 +79,16 @@ BAD_SPACES = {
     "range upside down": ("training: {lr: {low: 0.1, high: 0.01}}", "training.lr", "above high"),
     "log range from zero": ("training: {lr: {low: 0, high: 0.1, log: true}}", "training.lr", "low > 0"),
     "not a number": ("training: {lr: fast}", "training.lr", "'fast'"),
-    "pruning a multi-objective study": ("objective: [val/acc, gap]\npruner: {name: median}", "pruner", "multi-objective"),
-    "even DropBlock size": ("model: {arch: cnn}\ndropout: {variant: dropblock, block_size: 4}", "dropout.block_size", "odd"),
+    "pruning a multi-objective study": (
+        "objective: [val/acc, gap]\npruner: {name: median}",
+        "pruner",
+        "multi-objective",
+    ),
+    "even DropBlock size": (
+        "model: {arch: cnn}\ndropout: {variant: dropblock, block_size: 4}",
+        "dropout.block_size",
+        "odd",
+    ),
     "data without a root": ("data: {dataset: mnist}", "data", "root"),
     "invalid YAML": ("dropout: [0.5", "line", "not valid YAML"),
     "not a mapping": ("- 1\n- 2", "", "expected a mapping"),
@@ -98,10 +106,17 @@ def test_invalid_space_error_names_the_file_the_key_and_the_problem(write_spec, 
     assert "\n" not in message
 
 
-@pytest.mark.parametrize("text, key, problem", [
-    BAD_SPACES["unknown key"], BAD_SPACES["rate above 1"], BAD_SPACES["negative max-norm"],
-    BAD_SPACES["missing conv layer"], BAD_SPACES["unknown sampler"],
-], ids=["unknown key", "rate", "max-norm", "placement", "sampler"])
+@pytest.mark.parametrize(
+    "text, key, problem",
+    [
+        BAD_SPACES["unknown key"],
+        BAD_SPACES["rate above 1"],
+        BAD_SPACES["negative max-norm"],
+        BAD_SPACES["missing conv layer"],
+        BAD_SPACES["unknown sampler"],
+    ],
+    ids=["unknown key", "rate", "max-norm", "placement", "sampler"],
+)
 def test_cli_rejects_an_invalid_space_with_exit_2_and_writes_nothing(write_spec, tmp_path, text, key, problem):
     path = write_spec(text)
     db = tmp_path / "store.db"
@@ -177,29 +192,49 @@ def test_a_user_models_searched_arguments_groups_and_max_norm_are_optuna_paramet
     assert spec.objective[0].direction == "minimize"
     params = searched_parameters(spec)
     assert list(params) == [
-        "model.init_args.config.init_args.hidden_dropout_prob", "model.init_args.config.init_args.num_hidden_layers",
-        "dropout.groups.attention.rate", "dropout.groups.hidden.variant", "dropout.max_norm.head.radius"]
+        "model.init_args.config.init_args.hidden_dropout_prob",
+        "model.init_args.config.init_args.num_hidden_layers",
+        "dropout.groups.attention.rate",
+        "dropout.groups.hidden.variant",
+        "dropout.max_norm.head.radius",
+    ]
     assert params["model.init_args.config.init_args.num_hidden_layers"] == IntRange(low=1, high=4)
     assert params["model.init_args.config.init_args.hidden_dropout_prob"] == FloatRange(low=0.0, high=0.3)
     assert spec.dropout.groups["hidden"].match == ["**.output.dropout"]
 
 
-@pytest.mark.parametrize(("text", "key", "problem"), [
-    ("model: {class_path: nodots}", "model.class_path", "expected an import path"),
-    ("model: {class_path: a.Net}\ndropout: {hidden: 0.5}", "dropout.hidden", "has no placements"),
-    ("dropout: {groups: {a: {match: x, rate: 0.1}}}", "dropout.groups", "are for a model given by class_path"),
-    ("model: {class_path: a.Net}\nbaselines: [recommended]", "baselines", "'recommended' sets Srivastava"),
-    ("model: {class_path: a.Net, init_args: {w: {low: 5, high: 1}}}", "model.init_args.w", "low (5) is above high (1)"),
-    ("model: {class_path: a.Net}\ndata: {class_path: d.make, init_args: {n: {choice: [1, 2]}}}", "data.init_args.n",
-     "data arguments are fixed"),
-    ("model: {class_path: a.Net}\ndropout: {groups: {a: {match: x, rate: 1.5}}}", "dropout.groups.a.rate",
-     "a dropout rate must be in [0, 1)"),
-    ("model: {class_path: a.Net}\ndropout: {groups: {a: {match: x, rate: 0.1, variant: dropblock}}}",
-     "dropout.groups.a.variant", "Input should be"),
-    ("model: {class_path: a.Net}\nobjective: val_something", "objective.0", "cannot tell from its name"),
-    ("objective: val_f1", "objective.metric", "the built-in networks measure"),
-    ("data: {class_path: d.make}", "data.class_path", "the built-in networks train on the built-in data sets"),
-])
+@pytest.mark.parametrize(
+    ("text", "key", "problem"),
+    [
+        ("model: {class_path: nodots}", "model.class_path", "expected an import path"),
+        ("model: {class_path: a.Net}\ndropout: {hidden: 0.5}", "dropout.hidden", "has no placements"),
+        ("dropout: {groups: {a: {match: x, rate: 0.1}}}", "dropout.groups", "are for a model given by class_path"),
+        ("model: {class_path: a.Net}\nbaselines: [recommended]", "baselines", "'recommended' sets Srivastava"),
+        (
+            "model: {class_path: a.Net, init_args: {w: {low: 5, high: 1}}}",
+            "model.init_args.w",
+            "low (5) is above high (1)",
+        ),
+        (
+            "model: {class_path: a.Net}\ndata: {class_path: d.make, init_args: {n: {choice: [1, 2]}}}",
+            "data.init_args.n",
+            "data arguments are fixed",
+        ),
+        (
+            "model: {class_path: a.Net}\ndropout: {groups: {a: {match: x, rate: 1.5}}}",
+            "dropout.groups.a.rate",
+            "a dropout rate must be in [0, 1)",
+        ),
+        (
+            "model: {class_path: a.Net}\ndropout: {groups: {a: {match: x, rate: 0.1, variant: dropblock}}}",
+            "dropout.groups.a.variant",
+            "Input should be",
+        ),
+        ("model: {class_path: a.Net}\nobjective: val_something", "objective.0", "cannot tell from its name"),
+        ("objective: val_f1", "objective.metric", "the built-in networks measure"),
+        ("data: {class_path: d.make}", "data.class_path", "the built-in networks train on the built-in data sets"),
+    ],
+)
 def test_bad_user_model_sections_are_one_line_naming_the_key(text, key, problem):
     with pytest.raises(SpecError) as error:
         parse_spec(text, source="space.yaml")

@@ -99,7 +99,10 @@ def through_forwarder(postgres_database):
     url = sqlalchemy.engine.make_url(postgres_database())
     forwarder = Forwarder(url.host or "127.0.0.1", url.port or 5432)
     # The server trusts local connections: the password is there to show it is never printed.
-    yield forwarder, url.set(host="127.0.0.1", port=forwarder.port, password="sekret").render_as_string(hide_password=False)
+    yield (
+        forwarder,
+        url.set(host="127.0.0.1", port=forwarder.port, password="sekret").render_as_string(hide_password=False),
+    )
     forwarder.close()
 
 
@@ -237,5 +240,9 @@ def test_a_queued_configuration_stored_twice_by_a_lost_acknowledgement_trains_on
         trial = study.ask()
         study.tell(trial, trial.suggest_float("x", 0, 1))
     trials = optuna.load_study(study_name="queued-twice", storage=url).trials
-    assert [(t.state.name, t.params.get("x") == 0.5) for t in trials] == [("FAIL", False), ("COMPLETE", True), ("COMPLETE", False)]
+    assert [(t.state.name, t.params.get("x") == 0.5) for t in trials] == [
+        ("FAIL", False),
+        ("COMPLETE", True),
+        ("COMPLETE", False),
+    ]
     assert is_abandoned(trials[0])

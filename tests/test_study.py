@@ -85,8 +85,9 @@ def test_a_nan_loss_fails_the_trial_with_its_reason_and_the_study_goes_on(write_
     name = _name()
     spec = TINY_SPEC.replace("lr: {low: 0.01, high: 0.2, log: true}", "lr: {choice: [1.0e+12, 0.05]}")
     spec = spec.replace("sampler: {name: tpe", "sampler: {name: random")
-    _, summary = api.submit(write_spec(spec), trials=6, study_name=name, storage=storage_url,
-                            execution=CPU, baselines=False, seed=1)
+    _, summary = api.submit(
+        write_spec(spec), trials=6, study_name=name, storage=storage_url, execution=CPU, baselines=False, seed=1
+    )
     trials = optuna.load_study(study_name=name, storage=storage_url).trials
     failed = [t for t in trials if t.state == TrialState.FAIL]
     assert summary.counts.finished == 6 and summary.stopped == "budget"
@@ -98,10 +99,11 @@ def test_a_nan_loss_fails_the_trial_with_its_reason_and_the_study_goes_on(write_
 def test_hopeless_trials_are_pruned_per_epoch(write_spec, sqlite_url):
     spec = TINY_SPEC.replace("lr: {low: 0.01, high: 0.2, log: true}", "lr: {choice: [1.0e-7, 0.1]}")
     spec = spec.replace("sampler: {name: tpe", "sampler: {name: random").replace("epochs: 3", "epochs: 6")
-    api.submit(write_spec(spec), trials=10, study_name="pruned", storage=sqlite_url,
-               execution=SOLO, baselines=False, seed=3)
+    api.submit(
+        write_spec(spec), trials=10, study_name="pruned", storage=sqlite_url, execution=SOLO, baselines=False, seed=3
+    )
     trials = optuna.load_study(study_name="pruned", storage=sqlite_url).trials
-    complete_before = lambda t: sum(u.state == TrialState.COMPLETE for u in trials[:t.number])  # noqa: E731
+    complete_before = lambda t: sum(u.state == TrialState.COMPLETE for u in trials[: t.number])  # noqa: E731
     hopeless = [t for t in trials if t.params["training.lr"] == 1e-7 and complete_before(t) >= 2]
     assert hopeless, "the seed gave no hopeless trial after the pruner's startup trials"
     assert all(t.state == TrialState.PRUNED for t in hopeless)
@@ -119,11 +121,21 @@ def test_every_sampler_runs_a_study(write_spec, sqlite_url, sampler):
 def test_a_gp_study_lets_every_trial_finish_and_says_so(write_spec, sqlite_url):
     """GPSampler learns from complete trials only: by default nothing is pruned, and a spec that
     asks for a pruner anyway is told what that costs."""
-    spec = (TINY_SPEC.replace("name: tpe", "name: gp").replace("n_startup_trials: 3", "n_startup_trials: 2")
-            .replace("pruner: {name: median, n_startup_trials: 2, n_warmup_steps: 1}\n", ""))
+    spec = (
+        TINY_SPEC.replace("name: tpe", "name: gp")
+        .replace("n_startup_trials: 3", "n_startup_trials: 2")
+        .replace("pruner: {name: median, n_startup_trials: 2, n_warmup_steps: 1}\n", "")
+    )
     notes: list[str] = []
-    handle, summary = api.submit(write_spec(spec), trials=5, study_name="gp-unpruned", storage=sqlite_url,
-                                 execution=CPU, baselines=False, on_note=notes.append)
+    handle, summary = api.submit(
+        write_spec(spec),
+        trials=5,
+        study_name="gp-unpruned",
+        storage=sqlite_url,
+        execution=CPU,
+        baselines=False,
+        on_note=notes.append,
+    )
     assert isinstance(handle.study.pruner, optuna.pruners.NopPruner)
     assert summary.counts.finished == 5 and summary.counts.pruned == 0
     assert "trials are not pruned: sampler gp learns from complete trials only" in " ".join(notes), notes
@@ -134,28 +146,50 @@ def test_a_gp_study_lets_every_trial_finish_and_says_so(write_spec, sqlite_url):
 
     notes.clear()
     pruned = spec + "pruner: {name: median, n_startup_trials: 1, n_warmup_steps: 1}\n"
-    handle, _ = api.submit(write_spec(pruned), trials=1, study_name="gp-pruned", storage=sqlite_url,
-                           execution=CPU, baselines=False, on_note=notes.append)
+    handle, _ = api.submit(
+        write_spec(pruned),
+        trials=1,
+        study_name="gp-pruned",
+        storage=sqlite_url,
+        execution=CPU,
+        baselines=False,
+        on_note=notes.append,
+    )
     assert isinstance(handle.study.pruner, optuna.pruners.MedianPruner)
     assert any("the median pruner stops teaches it nothing" in n for n in notes), notes
     notes.clear()
-    api.submit(write_spec(TINY_SPEC), trials=1, study_name="tpe-pruned", storage=sqlite_url, execution=CPU,
-               baselines=False, on_note=notes.append)
+    api.submit(
+        write_spec(TINY_SPEC),
+        trials=1,
+        study_name="tpe-pruned",
+        storage=sqlite_url,
+        execution=CPU,
+        baselines=False,
+        on_note=notes.append,
+    )
     assert not any("complete trials only" in n for n in notes), notes
 
 
 def test_a_univariate_tpe_study_keeps_its_sampler_when_resumed(write_spec, sqlite_url):
-    spec = TINY_SPEC.replace("sampler: {name: tpe,", "sampler: {multivariate: false, name: tpe,").replace("epochs: 3", "epochs: 1")
+    spec = TINY_SPEC.replace("sampler: {name: tpe,", "sampler: {multivariate: false, name: tpe,").replace(
+        "epochs: 3", "epochs: 1"
+    )
     handle, _ = api.submit(write_spec(spec), trials=4, study_name="uni", storage=sqlite_url, execution=CPU)
     assert handle.study.sampler._multivariate is False
     resumed, summary = api.resume("uni", storage=sqlite_url, trials=5, execution=CPU)
     assert resumed.study.sampler._multivariate is False and summary.counts.finished == 5
-    assert api.submit(write_spec(TINY_SPEC), trials=1, study_name="multi", storage=sqlite_url,
-                      execution=CPU)[0].study.sampler._multivariate is True
+    assert (
+        api.submit(write_spec(TINY_SPEC), trials=1, study_name="multi", storage=sqlite_url, execution=CPU)[
+            0
+        ].study.sampler._multivariate
+        is True
+    )
 
 
 def test_hyperband_pruner_runs_a_study(write_spec, sqlite_url):
-    spec = TINY_SPEC.replace("pruner: {name: median, n_startup_trials: 2, n_warmup_steps: 1}", "pruner: {name: hyperband}")
+    spec = TINY_SPEC.replace(
+        "pruner: {name: median, n_startup_trials: 2, n_warmup_steps: 1}", "pruner: {name: hyperband}"
+    )
     _, summary = api.submit(write_spec(spec), trials=3, study_name="hb", storage=sqlite_url, execution=CPU)
     assert summary.counts.finished == 3
 
@@ -233,8 +267,9 @@ def test_resume_holds_the_lease_so_a_trial_of_a_driver_just_killed_elsewhere_is_
     study._storage.set_trial_system_attr(study.trials[number]._trial_id, "hpo:heartbeat", time.time())
     assert reconcile(study) == [], "without the lease, a fresh heartbeat of another host is trusted"
     abandoned = []
-    _, summary = api.resume(name, storage=storage_url, trials=2, execution=CPU,
-                            on_start=lambda handle, orphans: abandoned.extend(orphans))
+    _, summary = api.resume(
+        name, storage=storage_url, trials=2, execution=CPU, on_start=lambda handle, orphans: abandoned.extend(orphans)
+    )
     trials = optuna.load_study(study_name=name, storage=storage_url).trials
     assert abandoned == [number] and summary.counts.finished == 2
     assert not [t for t in trials if t.state == TrialState.RUNNING]
@@ -245,7 +280,9 @@ def test_optuna_cli_lists_the_trials_with_spec_parameter_names(write_spec, sqlit
     optuna_cli = os.path.join(os.path.dirname(sys.executable), "optuna")
     out = subprocess.run(
         [optuna_cli, "trials", "--storage", sqlite_url, "--study-name", "cli", "-f", "json"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     import json
 
@@ -267,8 +304,9 @@ def test_loading_an_unknown_study_lists_the_known_ones(write_spec, sqlite_url):
 def test_run_study_counts_failed_trials_against_the_budget(write_spec, sqlite_url):
     spec = TINY_SPEC.replace("lr: {low: 0.01, high: 0.2, log: true}", "lr: 1.0e+12")
     spec = spec.replace("max_norm: {choice: [null, 3.0]}", "max_norm: null")  # max-norm keeps it finite
-    handle, summary = api.submit(write_spec(spec), trials=3, study_name="nan", storage=sqlite_url,
-                                 execution=CPU, baselines=False)
+    handle, summary = api.submit(
+        write_spec(spec), trials=3, study_name="nan", storage=sqlite_url, execution=CPU, baselines=False
+    )
     assert summary.counts.failed == 3 and summary.stopped == "budget"
     assert run_study(handle, LocalBackend(None, [], False, "cpu")).counts.finished == 3, "nothing left to run"
 
@@ -323,8 +361,9 @@ def test_in_process_trials_get_one_thread_per_200_mflop_of_a_step_and_the_count_
     assert "MFLOP per training step;" in small.describe()
     notes: list[str] = []
     before = torch.get_num_threads()
-    api.submit(write_spec(), trials=1, storage=sqlite_url, execution=api.Execution(accelerator="cpu"),
-               on_note=notes.append)
+    api.submit(
+        write_spec(), trials=1, storage=sqlite_url, execution=api.Execution(accelerator="cpu"), on_note=notes.append
+    )
     assert any(n.startswith("in-process trials train with 1 torch thread") for n in notes)
     assert torch.get_num_threads() == before
 

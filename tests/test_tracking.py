@@ -51,6 +51,7 @@ from .conftest import MIXED_SPEC, TINY_SPEC, free_port, processes_with
 
 CPU = Execution(accelerator="cpu")
 
+
 class MlflowServer:
     """A real `mlflow server` process on loopback (the command `hpo ui` runs)."""
 
@@ -63,8 +64,11 @@ class MlflowServer:
     def start(self) -> MlflowServer:
         log = open(self.workdir / f"mlflow-server-{self.port}.log", "ab")  # noqa: SIM115
         self.process = subprocess.Popen(
-            server_command(self.backend_uri, "127.0.0.1", self.port), cwd=self.workdir,
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            server_command(self.backend_uri, "127.0.0.1", self.port),
+            cwd=self.workdir,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         deadline = time.monotonic() + 120
         while not healthy(self.url, timeout=1):
@@ -119,7 +123,9 @@ def _finished_trial_runs(uri: str, study: str) -> int:
     experiment = client.get_experiment_by_name(study)
     if experiment is None:
         return 0
-    runs = client.search_runs([experiment.experiment_id], f"tags.`{ROLE_TAG}` = 'trial' and attributes.status != 'RUNNING'")
+    runs = client.search_runs(
+        [experiment.experiment_id], f"tags.`{ROLE_TAG}` = 'trial' and attributes.status != 'RUNNING'"
+    )
     return len(runs)
 
 
@@ -167,8 +173,17 @@ def _check_mirrors_the_store(uri: str, storage: str, study: str) -> dict[int, ob
 def test_a_study_is_one_parent_run_with_one_nested_run_per_trial(write_spec, tmp_path, sqlite_url, digits):
     name, uri = _name(), f"sqlite:///{tmp_path / 'mlflow.db'}"
     warnings: list[str] = []
-    _, summary = api.submit(write_spec(MIXED_SPEC), trials=9, study_name=name, storage=sqlite_url, seed=4,
-                            baselines=False, execution=CPU, tracking=Tracking(uri=uri), on_warning=warnings.append)
+    _, summary = api.submit(
+        write_spec(MIXED_SPEC),
+        trials=9,
+        study_name=name,
+        storage=sqlite_url,
+        seed=4,
+        baselines=False,
+        execution=CPU,
+        tracking=Tracking(uri=uri),
+        on_warning=warnings.append,
+    )
     assert summary.stopped == "budget" and not warnings
     trials = optuna.load_study(study_name=name, storage=sqlite_url).trials
     states = {t.state for t in trials}
@@ -190,12 +205,21 @@ def test_a_study_is_one_parent_run_with_one_nested_run_per_trial(write_spec, tmp
 
 
 def test_a_short_study_logs_one_network_its_final_best_however_often_the_best_changed(
-        write_spec, tmp_path, sqlite_url, digits):
+    write_spec, tmp_path, sqlite_url, digits
+):
     """Within the tracker's model interval only the latest best trial's network is logged, at the
     end of the run; the bests it replaced end as finished runs without a model."""
     name, uri = _name(), f"sqlite:///{tmp_path / 'mlflow.db'}"
-    api.submit(write_spec(TINY_SPEC), trials=8, study_name=name, storage=sqlite_url, seed=1, baselines=False,
-               execution=Execution(accelerator="cpu", group_size=1), tracking=Tracking(uri=uri))
+    api.submit(
+        write_spec(TINY_SPEC),
+        trials=8,
+        study_name=name,
+        storage=sqlite_url,
+        seed=1,
+        baselines=False,
+        execution=Execution(accelerator="cpu", group_size=1),
+        tracking=Tracking(uri=uri),
+    )
     study = optuna.load_study(study_name=name, storage=sqlite_url)
     complete = sorted((t for t in study.trials if t.state == TrialState.COMPLETE), key=lambda t: t.datetime_complete)
     running_best = [max(t.value for t in complete[: i + 1]) for i in range(len(complete))]
@@ -217,9 +241,16 @@ def test_a_short_study_logs_one_network_its_final_best_however_often_the_best_ch
 def test_a_tracking_server_and_ray_workers_give_the_same_layout(write_spec, server_factory, sqlite_url):
     server = server_factory()
     name = _name()
-    _, summary = api.submit(write_spec(MIXED_SPEC), trials=6, study_name=name, storage=sqlite_url, seed=4,
-                            baselines=False, execution=Execution(workers=2, cpus_per_trial=1),
-                            tracking=Tracking(uri=server.url))
+    _, summary = api.submit(
+        write_spec(MIXED_SPEC),
+        trials=6,
+        study_name=name,
+        storage=sqlite_url,
+        seed=4,
+        baselines=False,
+        execution=Execution(workers=2, cpus_per_trial=1),
+        tracking=Tracking(uri=server.url),
+    )
     assert summary.counts.finished == 6
     _check_mirrors_the_store(server.url, sqlite_url, name)
 
@@ -231,8 +262,14 @@ def test_the_cluster_service_path_on_postgresql(write_spec, server_factory, post
     lands once in the store and once in MLflow."""
     server = server_factory(backend_uri=postgres_database())
     name = _name()
-    _, summary = api.submit(write_spec(), trials=8, study_name=name, storage=postgres_server_url,
-                            execution=Execution(workers=2, cpus_per_trial=1), tracking=Tracking(uri=server.url))
+    _, summary = api.submit(
+        write_spec(),
+        trials=8,
+        study_name=name,
+        storage=postgres_server_url,
+        execution=Execution(workers=2, cpus_per_trial=1),
+        tracking=Tracking(uri=server.url),
+    )
     assert summary.counts.finished == 8
     trials = optuna.load_study(study_name=name, storage=postgres_server_url).trials
     assert [t.number for t in trials] == list(range(8))
@@ -240,7 +277,9 @@ def test_the_cluster_service_path_on_postgresql(write_spec, server_factory, post
     _check_mirrors_the_store(server.url, postgres_server_url, name)
 
 
-def test_a_dead_tracking_server_costs_no_trial_and_sync_repairs_mlflow(write_spec, server_factory, sqlite_url, tmp_path):
+def test_a_dead_tracking_server_costs_no_trial_and_sync_repairs_mlflow(
+    write_spec, server_factory, sqlite_url, tmp_path
+):
     server = server_factory()
     name, warnings = _name(), []
 
@@ -253,9 +292,18 @@ def test_a_dead_tracking_server_costs_no_trial_and_sync_repairs_mlflow(write_spe
                 time.sleep(0.2)
             server.kill()
 
-    _, summary = api.submit(write_spec(MIXED_SPEC), trials=9, study_name=name, storage=sqlite_url, seed=4,
-                            baselines=False, execution=CPU, tracking=Tracking(uri=server.url, request_timeout=3),
-                            on_progress=kill_after_three, on_warning=warnings.append)
+    _, summary = api.submit(
+        write_spec(MIXED_SPEC),
+        trials=9,
+        study_name=name,
+        storage=sqlite_url,
+        seed=4,
+        baselines=False,
+        execution=CPU,
+        tracking=Tracking(uri=server.url, request_timeout=3),
+        on_progress=kill_after_three,
+        on_warning=warnings.append,
+    )
     assert summary.stopped == "budget" and summary.counts.finished == 9
     assert len(optuna.load_study(study_name=name, storage=sqlite_url).trials) == 9
     assert len(warnings) == 1 and f"hpo sync {name}" in warnings[0]
@@ -264,8 +312,13 @@ def test_a_dead_tracking_server_costs_no_trial_and_sync_repairs_mlflow(write_spe
     _, partial = _runs(server.url, name)
     assert 1 <= len(partial) < 9, "the server missed the trials after it died"
     env = {**os.environ, "MLFLOW_TRACKING_URI": server.url}
-    out = subprocess.run([sys.executable, "-m", "hpo", "sync", name, "--storage", sqlite_url],
-                         capture_output=True, text=True, env=env, cwd=tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-m", "hpo", "sync", name, "--storage", sqlite_url],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr
     assert "0 duplicates removed" in " ".join(out.stdout.split())
     _check_mirrors_the_store(server.url, sqlite_url, name)
@@ -273,16 +326,29 @@ def test_a_dead_tracking_server_costs_no_trial_and_sync_repairs_mlflow(write_spe
     best_model = _runs(server.url, name)[0].data.tags["hpo.best_model"]
     assert MlflowClient(server.url).get_run(best_model.split("/")[1]).data.tags[NUMBER_TAG] == str(best.number)
 
-    again = subprocess.run([sys.executable, "-m", "hpo", "sync", name, "--storage", sqlite_url],
-                           capture_output=True, text=True, env=env, cwd=tmp_path)
+    again = subprocess.run(
+        [sys.executable, "-m", "hpo", "sync", name, "--storage", sqlite_url],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
     assert "0 runs created, 0 completed, 0 duplicates removed, 9 already up to date" in " ".join(again.stdout.split())
 
 
 def test_sync_writes_the_same_runs_and_best_model_as_live_tracking(write_spec, tmp_path, sqlite_url, digits):
     name = _name()
     live, later = f"sqlite:///{tmp_path / 'live.db'}", f"sqlite:///{tmp_path / 'later.db'}"
-    api.submit(write_spec(MIXED_SPEC), trials=6, study_name=name, storage=sqlite_url, seed=4, baselines=False,
-               execution=CPU, tracking=Tracking(uri=live))
+    api.submit(
+        write_spec(MIXED_SPEC),
+        trials=6,
+        study_name=name,
+        storage=sqlite_url,
+        seed=4,
+        baselines=False,
+        execution=CPU,
+        tracking=Tracking(uri=live),
+    )
     handle = load_study(name, sqlite_url)
     reruns = []
 
@@ -312,17 +378,21 @@ def test_sync_writes_the_same_runs_and_best_model_as_live_tracking(write_spec, t
         other = later_runs[number]
         assert run.data.params == other.data.params
         assert run.data.metrics == other.data.metrics
-        assert {k: v for k, v in run.data.tags.items() if k.startswith("hpo.")} == \
-               {k: v for k, v in other.data.tags.items() if k.startswith("hpo.")}
+        assert {k: v for k, v in run.data.tags.items() if k.startswith("hpo.")} == {
+            k: v for k, v in other.data.tags.items() if k.startswith("hpo.")
+        }
         assert run.info.status == other.info.status
 
 
 def test_sync_trains_no_network_again_for_a_pareto_front(write_spec, tmp_path, sqlite_url):
     name = _name()
-    spec = TINY_SPEC.replace("pruner: {name: median, n_startup_trials: 2, n_warmup_steps: 1}",
-                             "pruner: {name: none}\nobjective: [val/acc, gap]")
-    handle, _ = api.submit(write_spec(spec), trials=3, study_name=name, storage=sqlite_url, execution=CPU,
-                           tracking=Tracking(enabled=False))
+    spec = TINY_SPEC.replace(
+        "pruner: {name: median, n_startup_trials: 2, n_warmup_steps: 1}",
+        "pruner: {name: none}\nobjective: [val/acc, gap]",
+    )
+    handle, _ = api.submit(
+        write_spec(spec), trials=3, study_name=name, storage=sqlite_url, execution=CPU, tracking=Tracking(enabled=False)
+    )
     assert len(handle.study.directions) == 2
 
     def rerun_best(trial):
@@ -334,12 +404,15 @@ def test_sync_trains_no_network_again_for_a_pareto_front(write_spec, tmp_path, s
 
 def test_sync_removes_duplicate_runs_of_a_trial(write_spec, tmp_path, sqlite_url):
     name, uri = _name(), f"sqlite:///{tmp_path / 'mlflow.db'}"
-    handle, _ = api.submit(write_spec(), trials=3, study_name=name, storage=sqlite_url, execution=CPU,
-                           tracking=Tracking(uri=uri))
+    handle, _ = api.submit(
+        write_spec(), trials=3, study_name=name, storage=sqlite_url, execution=CPU, tracking=Tracking(uri=uri)
+    )
     parent, children = _runs(uri, name)
     client = MlflowClient(uri)
-    client.create_run(parent.info.experiment_id, tags={PARENT_TAG: parent.info.run_id, ROLE_TAG: "trial",
-                                                       NUMBER_TAG: "1", STATE_TAG: "running"})
+    client.create_run(
+        parent.info.experiment_id,
+        tags={PARENT_TAG: parent.info.run_id, ROLE_TAG: "trial", NUMBER_TAG: "1", STATE_TAG: "running"},
+    )
     report = sync(load_study(name, sqlite_url), Tracking(uri=uri))
     assert (report.created, report.removed, report.unchanged) == (0, 1, 3)
     assert len(child_runs(client, parent.info.experiment_id, parent.info.run_id)) == 3
@@ -350,8 +423,9 @@ def test_sync_leaves_a_retrain_run_alone(write_spec, tmp_path, sqlite_url):
     duplicate of the trial's run, so sync must neither delete it nor count it."""
     name, uri = _name(), f"sqlite:///{tmp_path / 'mlflow.db'}"
     settings = Tracking(uri=uri)
-    handle, _ = api.submit(write_spec(), trials=3, study_name=name, storage=sqlite_url, execution=CPU,
-                           tracking=settings)
+    handle, _ = api.submit(
+        write_spec(), trials=3, study_name=name, storage=sqlite_url, execution=CPU, tracking=settings
+    )
     data = load_data(handle.spec.data)
     retrain_id = log_retrained(handle, settings, retrain(handle, chosen_trial(handle), data), data)
 
@@ -371,16 +445,28 @@ def test_resume_keeps_the_parent_run(write_spec, tmp_path, sqlite_url):
 
 def test_an_unreachable_tracking_server_warns_once_and_the_study_runs(write_spec, sqlite_url):
     warnings: list[str] = []
-    _, summary = api.submit(write_spec(), trials=2, study_name="unreached", storage=sqlite_url, execution=CPU,
-                            tracking=Tracking(uri=f"http://127.0.0.1:{free_port()}", request_timeout=2),
-                            on_warning=warnings.append)
+    _, summary = api.submit(
+        write_spec(),
+        trials=2,
+        study_name="unreached",
+        storage=sqlite_url,
+        execution=CPU,
+        tracking=Tracking(uri=f"http://127.0.0.1:{free_port()}", request_timeout=2),
+        on_warning=warnings.append,
+    )
     assert summary.counts.finished == 2
     assert len(warnings) == 1 and "hpo sync unreached" in warnings[0]
 
 
 def test_no_tracking_writes_no_mlflow_store(write_spec, tmp_path, sqlite_url):
-    api.submit(write_spec(), trials=1, study_name="quiet", storage=sqlite_url, execution=CPU,
-               tracking=Tracking(enabled=False, uri=f"sqlite:///{tmp_path / 'never.db'}"))
+    api.submit(
+        write_spec(),
+        trials=1,
+        study_name="quiet",
+        storage=sqlite_url,
+        execution=CPU,
+        tracking=Tracking(enabled=False, uri=f"sqlite:///{tmp_path / 'never.db'}"),
+    )
     assert not (tmp_path / "never.db").exists()
 
 
@@ -406,8 +492,14 @@ def test_tracking_batches_epoch_metrics(write_spec, tmp_path, sqlite_url, monkey
 
     monkeypatch.setattr(Client, "log_batch", counting)
     spec = TINY_SPEC.replace("epochs: 3", "epochs: 8").replace("pruner: {name: median", "pruner: {name: none")
-    api.submit(write_spec(spec), trials=3, study_name="batched", storage=sqlite_url, execution=CPU,
-               tracking=Tracking(uri=f"sqlite:///{tmp_path / 'mlflow.db'}"))
+    api.submit(
+        write_spec(spec),
+        trials=3,
+        study_name="batched",
+        storage=sqlite_url,
+        execution=CPU,
+        tracking=Tracking(uri=f"sqlite:///{tmp_path / 'mlflow.db'}"),
+    )
     numbers = 3 * 8 * 5  # trials x epochs x epoch metrics
     assert sum(calls) >= numbers
     assert len(calls) <= 3 * 6 + 6, f"{len(calls)} log_batch calls for {numbers} epoch numbers"
@@ -416,8 +508,9 @@ def test_tracking_batches_epoch_metrics(write_spec, tmp_path, sqlite_url, monkey
 def test_a_running_trials_epochs_reach_mlflow_within_the_metrics_lag(write_spec, tmp_path, sqlite_url):
     """Live curves: the epochs of a trial still running are sent once the oldest has waited the
     tracker's metrics lag, not only when the trial ends."""
-    handle, _ = api.submit(write_spec(), trials=1, study_name="live", storage=sqlite_url, execution=CPU,
-                           tracking=Tracking(enabled=False))
+    handle, _ = api.submit(
+        write_spec(), trials=1, study_name="live", storage=sqlite_url, execution=CPU, tracking=Tracking(enabled=False)
+    )
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracker = Tracker(handle, Tracking(uri=uri), metrics_lag=0.5)
     tracker.start()
@@ -444,8 +537,15 @@ def test_epochs_sent_while_running_and_at_the_end_are_each_logged_once(write_spe
     monkeypatch.setattr(tracker_module, "METRICS_LAG_S", 0.0)
     name, uri = _name(), f"sqlite:///{tmp_path / 'mlflow.db'}"
     spec = TINY_SPEC.replace("epochs: 3", "epochs: 30").replace("pruner: {name: median", "pruner: {name: none")
-    api.submit(write_spec(spec), trials=3, study_name=name, storage=sqlite_url, baselines=False,
-               execution=Execution(accelerator="cpu", group_size=1), tracking=Tracking(uri=uri))
+    api.submit(
+        write_spec(spec),
+        trials=3,
+        study_name=name,
+        storage=sqlite_url,
+        baselines=False,
+        execution=Execution(accelerator="cpu", group_size=1),
+        tracking=Tracking(uri=uri),
+    )
     _check_mirrors_the_store(uri, sqlite_url, name)
 
 
@@ -453,15 +553,22 @@ def test_the_tracker_thread_never_blocks_the_driver(write_spec, sqlite_url):
     """With a tracking server that accepts connections and never answers, every driver-side
     call returns at once and closing waits only ``flush_timeout``; the failure is then noticed
     and reported once."""
-    handle, _ = api.submit(write_spec(), trials=1, study_name="blocking", storage=sqlite_url, execution=CPU,
-                           tracking=Tracking(enabled=False))
+    handle, _ = api.submit(
+        write_spec(),
+        trials=1,
+        study_name="blocking",
+        storage=sqlite_url,
+        execution=CPU,
+        tracking=Tracking(enabled=False),
+    )
     warnings: list[str] = []
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
         silent.listen()
         port = silent.getsockname()[1]
-        tracker = Tracker(handle, Tracking(uri=f"http://127.0.0.1:{port}", request_timeout=1, flush_timeout=1),
-                          warn=warnings.append)
+        tracker = Tracker(
+            handle, Tracking(uri=f"http://127.0.0.1:{port}", request_timeout=1, flush_timeout=1), warn=warnings.append
+        )
         start = time.monotonic()
         tracker.start()
         for step in range(100):
@@ -475,16 +582,26 @@ def test_the_tracker_thread_never_blocks_the_driver(write_spec, sqlite_url):
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_hpo_ui_serves_the_embedded_store_and_stops_every_process_it_started(write_spec, tmp_path, sqlite_url, stop):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    api.submit(write_spec(), trials=1, study_name="shown", storage=sqlite_url, execution=CPU, tracking=Tracking(uri=uri))
+    api.submit(
+        write_spec(), trials=1, study_name="shown", storage=sqlite_url, execution=CPU, tracking=Tracking(uri=uri)
+    )
     port = free_port()
-    ui = subprocess.Popen([sys.executable, "-m", "hpo", "ui", "--port", str(port), "--tracking-uri", uri],
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    ui = subprocess.Popen(
+        [sys.executable, "-m", "hpo", "ui", "--port", str(port), "--tracking-uri", uri],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+    )
     try:
         line = ui.stdout.readline()
         assert f"http://127.0.0.1:{port}" in line, line + ui.stderr.read() if ui.poll() is not None else line
         assert MlflowClient(f"http://127.0.0.1:{port}").get_experiment_by_name("shown") is not None
-        busy = subprocess.run([sys.executable, "-m", "hpo", "ui", "--port", str(port), "--tracking-uri", uri],
-                              capture_output=True, text=True)
+        busy = subprocess.run(
+            [sys.executable, "-m", "hpo", "ui", "--port", str(port), "--tracking-uri", uri],
+            capture_output=True,
+            text=True,
+        )
         assert busy.returncode == 2 and f"port {port}" in busy.stderr and len(busy.stderr.strip().splitlines()) == 1
         started = [pid for pid in processes_with(f"--port {port}") if pid != ui.pid]
         assert len(started) == 2, "mlflow server and uvicorn only: no GenAI job runner"
@@ -496,15 +613,20 @@ def test_hpo_ui_serves_the_embedded_store_and_stops_every_process_it_started(wri
 
 
 def test_hpo_ui_without_a_store_is_a_one_line_error(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "hpo", "ui", "--tracking-uri", f"sqlite:///{tmp_path / 'none.db'}"],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "hpo", "ui", "--tracking-uri", f"sqlite:///{tmp_path / 'none.db'}"],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 2 and "run a study first" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
 
 
 def test_the_best_model_loads_with_mlflow_pytorch_and_predicts(write_spec, tmp_path, sqlite_url, digits):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    api.submit(write_spec(), trials=2, study_name="model", storage=sqlite_url, execution=CPU, tracking=Tracking(uri=uri))
+    api.submit(
+        write_spec(), trials=2, study_name="model", storage=sqlite_url, execution=CPU, tracking=Tracking(uri=uri)
+    )
     parent, _ = _runs(uri, "model")
     import mlflow.pyfunc
 
@@ -519,18 +641,27 @@ def test_tracking_does_not_change_what_trials_compute(write_spec, tmp_path, sqli
     global random generator, or dropout masks (and results) would depend on its timing."""
     spec = TINY_SPEC.replace("epochs: 3", "epochs: 6").replace("pruner: {name: median", "pruner: {name: none")
     values = {}
-    for name, tracking in (("tracked", Tracking(uri=f"sqlite:///{tmp_path / 'mlflow.db'}")),
-                           ("untracked", Tracking(enabled=False))):
-        api.submit(write_spec(spec), trials=6, study_name=name, storage=sqlite_url, seed=2, execution=CPU,
-                   tracking=tracking)
+    for name, tracking in (
+        ("tracked", Tracking(uri=f"sqlite:///{tmp_path / 'mlflow.db'}")),
+        ("untracked", Tracking(enabled=False)),
+    ):
+        api.submit(
+            write_spec(spec), trials=6, study_name=name, storage=sqlite_url, seed=2, execution=CPU, tracking=tracking
+        )
         values[name] = [(t.params, t.values) for t in optuna.load_study(study_name=name, storage=sqlite_url).trials]
     assert values["tracked"] == values["untracked"]
 
 
 def test_a_chosen_experiment_holds_the_study(write_spec, tmp_path, sqlite_url):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    api.submit(write_spec(), trials=1, study_name="elsewhere", storage=sqlite_url, execution=CPU,
-               tracking=Tracking(uri=uri, experiment="team-dropout"))
+    api.submit(
+        write_spec(),
+        trials=1,
+        study_name="elsewhere",
+        storage=sqlite_url,
+        execution=CPU,
+        tracking=Tracking(uri=uri, experiment="team-dropout"),
+    )
     client = MlflowClient(uri)
     assert client.get_experiment_by_name("elsewhere") is None
     runs = client.search_runs([client.get_experiment_by_name("team-dropout").experiment_id])

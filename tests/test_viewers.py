@@ -41,8 +41,10 @@ sampler: {numeric_choices: categorical, name: random}
 pruner: {name: median, n_startup_trials: 2, n_warmup_steps: 1}
 """
 
-TWO_OBJECTIVES = (TINY_SPEC.replace("pruner: {name: median, n_startup_trials: 2, n_warmup_steps: 1}", "pruner: {name: none}")
-                  + "objective:\n  - {metric: val/acc, direction: maximize}\n  - {metric: gap, direction: minimize}\n")
+TWO_OBJECTIVES = (
+    TINY_SPEC.replace("pruner: {name: median, n_startup_trials: 2, n_warmup_steps: 1}", "pruner: {name: none}")
+    + "objective:\n  - {metric: val/acc, direction: maximize}\n  - {metric: gap, direction: minimize}\n"
+)
 
 STATES = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed"}
 DASHBOARD_STATES = {TrialState.COMPLETE: "Complete", TrialState.PRUNED: "Pruned", TrialState.FAIL: "Fail"}
@@ -57,22 +59,72 @@ def stores(tmp_path_factory):
     cpu = Execution(accelerator="cpu")
     for name, text, seed, code in (("builtin", MIXED_SPEC, 4, None), ("user", USER_SPEC, 4, USER_CODE)):
         (folder / f"{name}.yaml").write_text(text)
-        api.submit(folder / f"{name}.yaml", trials=9, study_name=name, storage=storage, seed=seed, baselines=False,
-                   execution=cpu, tracking=Tracking(uri=tracking), code_dir=code)
+        api.submit(
+            folder / f"{name}.yaml",
+            trials=9,
+            study_name=name,
+            storage=storage,
+            seed=seed,
+            baselines=False,
+            execution=cpu,
+            tracking=Tracking(uri=tracking),
+            code_dir=code,
+        )
     (folder / "two.yaml").write_text(TWO_OBJECTIVES)
-    piped = subprocess.run([sys.executable, "-m", "hpo", "submit", "two.yaml", "--study-name", "two", "--trials", "4",
-                            "--storage", storage, "--tracking-uri", tracking, "--accelerator", "cpu"],
-                           cwd=folder, capture_output=True, text=True)
+    piped = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hpo",
+            "submit",
+            "two.yaml",
+            "--study-name",
+            "two",
+            "--trials",
+            "4",
+            "--storage",
+            storage,
+            "--tracking-uri",
+            tracking,
+            "--accelerator",
+            "cpu",
+        ],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+    )
     assert piped.returncode == 0, piped.stderr[-3000:]
     port = free_port()
-    ui = subprocess.Popen([sys.executable, "-m", "hpo", "ui", "--viewer", "optuna", "--storage", storage,
-                           "--port", str(port), "--study", "two"], cwd=folder, stdout=subprocess.PIPE, text=True,
-                          start_new_session=True)
+    ui = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "hpo",
+            "ui",
+            "--viewer",
+            "optuna",
+            "--storage",
+            storage,
+            "--port",
+            str(port),
+            "--study",
+            "two",
+        ],
+        cwd=folder,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         line = ui.stdout.readline()
         assert "optuna-dashboard for" in line, line
-        yield {"storage": storage, "tracking": tracking, "dashboard": f"http://127.0.0.1:{port}",
-               "printed": line, "submit": piped}
+        yield {
+            "storage": storage,
+            "tracking": tracking,
+            "dashboard": f"http://127.0.0.1:{port}",
+            "printed": line,
+            "submit": piped,
+        }
     finally:
         ui.terminate()
         ui.wait(30)
@@ -107,7 +159,8 @@ def test_every_viewer_holds_the_same_trials(stores, name):
         run, seen = runs[trial.number], shown[trial.number]
         assert run.data.tags[STATE_TAG] == STATES[trial.state] and seen["state"] == DASHBOARD_STATES[trial.state]
         assert {p["name"]: p["param_internal_value"] for p in seen["params"]} == pytest.approx(
-            {k: d.to_internal_repr(trial.params[k]) for k, d in trial.distributions.items()})
+            {k: d.to_internal_repr(trial.params[k]) for k, d in trial.distributions.items()}
+        )
         for key, value in trial.params.items():
             assert run.data.params[key] == str(value)
         if trial.state == TrialState.COMPLETE:
@@ -165,13 +218,21 @@ def test_optunas_own_listings_stay_readable(stores):
     """`optuna studies` and `optuna trials` list every user attribute in full: the spec's YAML and
     the site tables are kept out of them."""
     optuna_cli = [str(Path(sys.executable).with_name("optuna"))]
-    studies = subprocess.run([*optuna_cli, "studies", "--storage", stores["storage"], "-f", "json"],
-                             capture_output=True, text=True, check=True).stdout
+    studies = subprocess.run(
+        [*optuna_cli, "studies", "--storage", stores["storage"], "-f", "json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     listed = json.loads(studies)
     assert {s["name"] for s in listed} == {"builtin", "user", "two"}
     assert all("dropout:" not in json.dumps(s) for s in listed), "no spec YAML in the study listing"
-    trials = subprocess.run([*optuna_cli, "trials", "--study-name", "user", "--storage", stores["storage"], "-f", "json"],
-                            capture_output=True, text=True, check=True).stdout
+    trials = subprocess.run(
+        [*optuna_cli, "trials", "--study-name", "user", "--storage", stores["storage"], "-f", "json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert '"path"' not in trials, "no site table in the trial listing"
     assert all(t["user_attrs"]["sites"] == {"input": 1, "hidden": 1} for t in json.loads(trials))
 
@@ -183,8 +244,12 @@ def test_optuna_dashboard_opens_on_the_named_study(stores):
 
 def test_hpo_ui_with_optuna_dashboard_refuses_a_missing_store_and_leaves_no_file(tmp_path):
     missing = tmp_path / "nothing.db"
-    out = subprocess.run([sys.executable, "-m", "hpo", "ui", "--viewer", "optuna", "--storage", f"sqlite:///{missing}"],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "hpo", "ui", "--viewer", "optuna", "--storage", f"sqlite:///{missing}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2 and out.stderr.strip().count("\n") == 0
     assert "no study store at" in out.stderr and not missing.exists()
 
@@ -212,7 +277,7 @@ def test_each_study_has_a_preset_view_of_its_dropout_parameters(stores, name):
     experiment = client.get_experiment_by_name(name)
     state = view.read_state(experiment.tags[view.TAG_PREFIX + view.view_key(name)])
     objectives = [f"metrics.`{OBJECTIVE_PREFIX}{o}`" for o in study.metric_names]
-    assert state["selectedColumns"][:len(objectives)] == objectives and state["orderByKey"] == objectives[0]
+    assert state["selectedColumns"][: len(objectives)] == objectives and state["orderByKey"] == objectives[0]
     assert state["orderByAsc"] is False and f"'{name}'" in state["searchFilter"]
     logged = {key for run in runs.values() for key in run.data.params}
     dropout = sorted(k for k in logged if k.startswith("dropout."))

@@ -31,8 +31,15 @@ class Block(nn.Module):
 class DigitsClassifier(pl.LightningModule):
     """An MLP for 8x8 digit images with input dropout and dropout after each hidden block."""
 
-    def __init__(self, width: int = 128, blocks: int = 2, input_dropout: float = 0.2, dropout: float = 0.5,
-                 lr: float = 1e-3, weight_decay: float = 0.0) -> None:
+    def __init__(
+        self,
+        width: int = 128,
+        blocks: int = 2,
+        input_dropout: float = 0.2,
+        dropout: float = 0.5,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.input_dropout = nn.Dropout(input_dropout)

@@ -47,8 +47,12 @@ def chosen_trial(handle: StudyHandle, number: int | None = None) -> FrozenTrial:
 def trial_config(handle: StudyHandle, trial: FrozenTrial) -> TrialConfig | UserTrialConfig:
     """The configuration ``trial`` trained, rebuilt from its stored parameters, its baseline's
     fixed values and its seed."""
-    return suggest(optuna.trial.FixedTrial(trial.params, trial.number), handle.spec, seed=trial.user_attrs[SEED],
-                   baseline=baseline_of(trial))
+    return suggest(
+        optuna.trial.FixedTrial(trial.params, trial.number),
+        handle.spec,
+        seed=trial.user_attrs[SEED],
+        baseline=baseline_of(trial),
+    )
 
 
 @dataclass(frozen=True)
@@ -86,11 +90,18 @@ def rerun(handle: StudyHandle, trial: FrozenTrial, data: TrialData, accelerator:
 
 def _rerun_in_group(handle: StudyHandle, trial: FrozenTrial, data: TrialData, accelerator: str) -> TrialResult:
     first = trial.user_attrs[GROUP]["first"]
-    members = sorted((t for t in handle.study.get_trials(deepcopy=False)
-                      if (t.user_attrs.get(GROUP) or {}).get("first") == first), key=lambda t: t.number)
+    members = sorted(
+        (t for t in handle.study.get_trials(deepcopy=False) if (t.user_attrs.get(GROUP) or {}).get("first") == first),
+        key=lambda t: t.number,
+    )
     replays = [_PrunedAt(t.last_step if t.state == optuna.trial.TrialState.PRUNED else None) for t in members]
-    results = run_group([trial_config(handle, t) for t in members], data, handle.spec.objective,
-                        pruning_trials=replays, accelerator=accelerator)
+    results = run_group(
+        [trial_config(handle, t) for t in members],
+        data,
+        handle.spec.objective,
+        pruning_trials=replays,
+        accelerator=accelerator,
+    )
     return results[[t.number for t in members].index(trial.number)]
 
 
@@ -107,8 +118,9 @@ class _PrunedAt:
         return self.step is not None and self.last >= self.step
 
 
-def network(handle: StudyHandle, trial: FrozenTrial, data: TrialData, model_uri: str | None = None,
-            accelerator: str = "cpu") -> tuple[nn.Module, str]:
+def network(
+    handle: StudyHandle, trial: FrozenTrial, data: TrialData, model_uri: str | None = None, accelerator: str = "cpu"
+) -> tuple[nn.Module, str]:
     """The trained network of ``trial`` and where it came from, as a phrase: the MLflow model at
     ``model_uri`` when it loads, else a re-run of the trial (same configuration and seed)."""
     if model_uri:
@@ -171,7 +183,8 @@ def retrain(handle: StudyHandle, trial: FrozenTrial, data: TrialData, accelerato
         test = {"test_acc": acc, "test_loss": loss}
     else:
         test = {k: v for k, v in result.summary.items() if k.startswith("test")} or {
-            "test" + k[3:]: v for k, v in result.history[-1].items() if k.startswith("val")}
+            "test" + k[3:]: v for k, v in result.history[-1].items() if k.startswith("val")
+        }
     return Retrained(trial, config, epochs, result, examples, test)
 
 
@@ -189,8 +202,9 @@ def test_set(data: TrialData) -> EvalSet:
         try:
             args, kwargs, y = split_batch(batch)
         except (TypeError, ValueError) as exc:
-            raise HpoError("MC-dropout evaluation needs test batches of (inputs, labels) or mappings with "
-                           f"'labels' ({exc})") from exc
+            raise HpoError(
+                f"MC-dropout evaluation needs test batches of (inputs, labels) or mappings with 'labels' ({exc})"
+            ) from exc
         batches.append((args, kwargs))
         ys.append(y)
     return EvalSet(batches, torch.cat(ys))

@@ -25,22 +25,30 @@ def plot(report: Report, handle: StudyHandle, out: Path) -> None:
         rates = [rate(t, placement) for t in trials]
         fig, (acc, time_ax) = plt.subplots(1, 2, figsize=(10, 4))
         for key, marker in (("train_acc", "^"), ("val_acc", "o"), ("test_acc", "s")):
-            acc.scatter(rates, [t.user_attrs[key] for t in trials], marker=marker, label=key.replace("_", " "),
-                        alpha=0.7)
+            acc.scatter(
+                rates, [t.user_attrs[key] for t in trials], marker=marker, label=key.replace("_", " "), alpha=0.7
+            )
         acc.set(xlabel=f"{placement} dropout rate", ylabel="accuracy", title="accuracy (eval mode, kept epoch)")
         acc.legend()
         time_ax.scatter(rates, [1000 * t.user_attrs["epoch_time"] for t in trials], label="ms / epoch")
         time_ax.set(xlabel=f"{placement} dropout rate", ylabel="ms per training epoch", title="cost")
         epochs_ax = time_ax.twinx()
-        epochs_ax.scatter(rates, [t.user_attrs[BEST_EPOCH] + 1 for t in trials], color="tab:red", marker="x",
-                          label="epochs to best")
+        epochs_ax.scatter(
+            rates, [t.user_attrs[BEST_EPOCH] + 1 for t in trials], color="tab:red", marker="x", label="epochs to best"
+        )
         epochs_ax.set_ylabel("epochs to best", color="tab:red")
         fig.tight_layout()
         report.figures[f"rate_{placement}"] = _save(fig, out / f"rate_{placement}.png")
     if report.table("gap") is not None:
         rows = report.table("gap").rows
-        fig, ax = _paired_bars([r[0] for r in rows], {"train": [r[2] for r in rows], "test": [r[3] for r in rows]},
-                               ylabel="mean accuracy", title="train vs test accuracy", width=0.35, figsize=(5, 4))
+        fig, ax = _paired_bars(
+            [r[0] for r in rows],
+            {"train": [r[2] for r in rows], "test": [r[3] for r in rows]},
+            ylabel="mean accuracy",
+            title="train vs test accuracy",
+            width=0.35,
+            figsize=(5, 4),
+        )
         ax.set_ylim(min(r[3] for r in rows) - 0.1, 1.0)
         report.figures["gap"] = _save(fig, out / "gap.png")
     _plot_search(report, handle, out, bool(trials))
@@ -68,9 +76,12 @@ def plot_compare(report: Report, out: Path) -> None:
     """``compare.png``: each study's best test accuracy with and without dropout, from the
     comparison table (its last columns)."""
     rows = report.tables[0].rows
-    fig, _ = _paired_bars([f"{r[0]}\n({r[2]})" for r in rows], {"without dropout": [r[-3] for r in rows],
-                                                                  "with dropout": [r[-2] for r in rows]},
-                          ylabel="best test accuracy", title="best test accuracy with and without dropout")
+    fig, _ = _paired_bars(
+        [f"{r[0]}\n({r[2]})" for r in rows],
+        {"without dropout": [r[-3] for r in rows], "with dropout": [r[-2] for r in rows]},
+        ylabel="best test accuracy",
+        title="best test accuracy with and without dropout",
+    )
     report.figures["compare"] = _save(fig, out / "compare.png")
 
 
@@ -79,16 +90,25 @@ def _plot_search(report: Report, handle: StudyHandle, out: Path, any_complete: b
     target = (lambda t: t.values[0]) if handle.spec.multi_objective else None
     if any_complete:
         ax = optuna.visualization.matplotlib.plot_optimization_history(
-            handle.study, target=target, target_name=report.objective)
+            handle.study, target=target, target_name=report.objective
+        )
         report.figures["history"] = _save(ax.figure, out / "history.png")
     if report.table("importance") is not None:
         ax = optuna.visualization.matplotlib.plot_param_importances(
-            handle.study, target=target, target_name=report.objective)
+            handle.study, target=target, target_name=report.objective
+        )
         report.figures["importance"] = _save(ax.figure, out / "importance.png")
 
 
-def _paired_bars(labels: list[str], series: dict[str, list[float]], *, ylabel: str, title: str,
-                 width: float = 0.38, figsize: tuple[float, float] | None = None) -> tuple[Any, Any]:
+def _paired_bars(
+    labels: list[str],
+    series: dict[str, list[float]],
+    *,
+    ylabel: str,
+    title: str,
+    width: float = 0.38,
+    figsize: tuple[float, float] | None = None,
+) -> tuple[Any, Any]:
     """A bar chart with one group of bars per label, one bar per series (its legend entry)."""
     import matplotlib
 

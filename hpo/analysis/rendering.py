@@ -16,9 +16,16 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-_FIGURE_AFTER = {"compare": "compare", "rate_input": "rate_input", "rate_hidden": "rate_hidden",
-                 "rate_conv": "rate_conv", "rate_recurrent": "rate_recurrent", "gap": "gap", "importance": "importance",
-                 "best": "history"}
+_FIGURE_AFTER = {
+    "compare": "compare",
+    "rate_input": "rate_input",
+    "rate_hidden": "rate_hidden",
+    "rate_conv": "rate_conv",
+    "rate_recurrent": "rate_recurrent",
+    "gap": "gap",
+    "importance": "importance",
+    "best": "history",
+}
 
 
 def _figure(report: Report, key: str) -> Path | None:
@@ -32,8 +39,7 @@ def to_markdown(report: Report, command: str = "") -> str:
     if command:
         lines += [f"Made with `{command}`.", ""]
     for table in report.tables:
-        lines += [f"## {table.title}", "", "| " + " | ".join(table.columns) + " |",
-                  "|" + "---|" * len(table.columns)]
+        lines += [f"## {table.title}", "", "| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
         lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in table.rows]
         if table.note:
             lines += ["", table.note]
@@ -45,15 +51,20 @@ def to_markdown(report: Report, command: str = "") -> str:
 
 
 def to_html(report: Report, command: str = "") -> str:
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(report.study)}</title>"
-             "<style>body{font-family:sans-serif;max-width:60em;margin:auto}table{border-collapse:collapse}"
-             "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}</style></head><body>",
-             f"<h1>{html.escape(report.heading)}: {html.escape(report.study)}</h1>"]
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(report.study)}</title>"
+        "<style>body{font-family:sans-serif;max-width:60em;margin:auto}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}</style></head><body>",
+        f"<h1>{html.escape(report.heading)}: {html.escape(report.study)}</h1>",
+    ]
     if command:
         parts.append(f"<p>Made with <code>{html.escape(command)}</code>.</p>")
     for table in report.tables:
-        parts.append(f"<h2>{html.escape(table.title)}</h2><table><tr>"
-                     + "".join(f"<th>{html.escape(c)}</th>" for c in table.columns) + "</tr>")
+        parts.append(
+            f"<h2>{html.escape(table.title)}</h2><table><tr>"
+            + "".join(f"<th>{html.escape(c)}</th>" for c in table.columns)
+            + "</tr>"
+        )
         parts += ["<tr>" + "".join(f"<td>{html.escape(_cell(v))}</td>" for v in row) + "</tr>" for row in table.rows]
         parts.append("</table>")
         if table.note:

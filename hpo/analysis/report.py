@@ -42,8 +42,7 @@ def compare(handles: list[StudyHandle], out: Path, fmt: str = "md", command: str
     """Write ``compare.md`` (or ``.html``) and ``compare.png`` (best test accuracy with and
     without dropout per study) into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    report = Report(" vs ".join(h.name for h in handles), "", [comparison_table(handles)],
-                    heading="Dropout comparison")
+    report = Report(" vs ".join(h.name for h in handles), "", [comparison_table(handles)], heading="Dropout comparison")
     plot_compare(report, out)
     path = out / f"compare.{fmt}"
     path.write_text(render(report, fmt, command))

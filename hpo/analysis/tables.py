@@ -74,12 +74,16 @@ def uses_dropout(trial: FrozenTrial) -> bool:
 def regularizer(trial: FrozenTrial) -> str:
     """Which regularizers a trial used, e.g. ``dropout + max-norm`` or ``none``."""
     config = trial.user_attrs[CONFIG]
-    parts = [name for name, used in (
-        ("dropout", uses_dropout(trial)),
-        ("L1", config["train"].get("l1", 0.0) > 0),
-        ("L2", config["train"].get("weight_decay", 0.0) > 0),
-        ("max-norm", config["dropout"].get("max_norm") is not None),
-    ) if used]
+    parts = [
+        name
+        for name, used in (
+            ("dropout", uses_dropout(trial)),
+            ("L1", config["train"].get("l1", 0.0) > 0),
+            ("L2", config["train"].get("weight_decay", 0.0) > 0),
+            ("max-norm", config["dropout"].get("max_norm") is not None),
+        )
+        if used
+    ]
     return " + ".join(parts) or "none"
 
 
@@ -98,8 +102,14 @@ def _group_rows(trials: list[FrozenTrial], key: Callable[[FrozenTrial], Any]) ->
     for trial in trials:
         groups[key(trial)].append(trial)
     return [
-        [name, len(ts), _mean(t.user_attrs["val_acc"] for t in ts), max(t.user_attrs["val_acc"] for t in ts),
-         _mean(t.user_attrs["test_acc"] for t in ts), _mean(t.user_attrs["gap"] for t in ts)]
+        [
+            name,
+            len(ts),
+            _mean(t.user_attrs["val_acc"] for t in ts),
+            max(t.user_attrs["val_acc"] for t in ts),
+            _mean(t.user_attrs["test_acc"] for t in ts),
+            _mean(t.user_attrs["gap"] for t in ts),
+        ]
         for name, ts in sorted(groups.items(), key=lambda kv: str(kv[0]))
     ]
 
@@ -123,8 +133,12 @@ def rate_bin(value: float) -> float:
 def trials_table(study: optuna.Study) -> Table:
     """How many trials completed, were pruned, failed or were abandoned."""
     counts = count_trials(study.get_trials(deepcopy=False))
-    return Table("trials", "Trials", ["complete", "pruned", "failed", "abandoned"],
-                 [[counts.complete, counts.pruned, counts.failed, counts.abandoned]])
+    return Table(
+        "trials",
+        "Trials",
+        ["complete", "pruned", "failed", "abandoned"],
+        [[counts.complete, counts.pruned, counts.failed, counts.abandoned]],
+    )
 
 
 def best_table(handle: StudyHandle) -> Table:
@@ -133,8 +147,13 @@ def best_table(handle: StudyHandle) -> Table:
     rows += [[o.metric, v] for o, v in zip(handle.spec.objective, best.values, strict=True)]
     rows += [[k, best.user_attrs[k]] for k in ("test_acc", "train_acc", "gap", "epochs", "epoch_time")]
     rows += [[name, value] for name, value in trial_settings(handle.spec, best).items()]
-    return Table("best", "Best configuration", ["", "value"], rows,
-                 "Test accuracy is on the held-out test split, never used to choose.")
+    return Table(
+        "best",
+        "Best configuration",
+        ["", "value"],
+        rows,
+        "Test accuracy is on the held-out test split, never used to choose.",
+    )
 
 
 def rate_table(trials: list[FrozenTrial], placement: str) -> Table:
@@ -142,15 +161,23 @@ def rate_table(trials: list[FrozenTrial], placement: str) -> Table:
     for trial in trials:
         bins[rate_bin(rate(trial, placement))].append(trial)
     rows = [
-        [f"{low:.1f}-{low + BIN_WIDTH:.1f}", len(ts), _mean(t.user_attrs["val_acc"] for t in ts),
-         max(t.user_attrs["val_acc"] for t in ts), _mean(t.user_attrs["test_acc"] for t in ts),
-         _mean(t.user_attrs["gap"] for t in ts), 1000 * _mean(t.user_attrs["epoch_time"] for t in ts),
-         _mean(t.user_attrs[BEST_EPOCH] + 1 for t in ts)]
+        [
+            f"{low:.1f}-{low + BIN_WIDTH:.1f}",
+            len(ts),
+            _mean(t.user_attrs["val_acc"] for t in ts),
+            max(t.user_attrs["val_acc"] for t in ts),
+            _mean(t.user_attrs["test_acc"] for t in ts),
+            _mean(t.user_attrs["gap"] for t in ts),
+            1000 * _mean(t.user_attrs["epoch_time"] for t in ts),
+            _mean(t.user_attrs[BEST_EPOCH] + 1 for t in ts),
+        ]
         for low, ts in sorted(bins.items())
     ]
     return Table(
-        f"rate_{placement}", f"{placement.capitalize()} dropout rate vs accuracy, time and convergence",
-        ["rate", *_GROUP_COLUMNS, "ms / epoch", "epochs to best"], rows,
+        f"rate_{placement}",
+        f"{placement.capitalize()} dropout rate vs accuracy, time and convergence",
+        ["rate", *_GROUP_COLUMNS, "ms / epoch", "epochs to best"],
+        rows,
         "Rates binned by 0.1; epochs to best is the epoch whose weights were kept (1-based).",
     )
 
@@ -160,17 +187,27 @@ def gap_table(trials: list[FrozenTrial]) -> Table:
     for trial in trials:
         groups["with dropout" if uses_dropout(trial) else "without dropout"].append(trial)
     rows = [
-        [name, len(ts), _mean(t.user_attrs["train_acc"] for t in ts), _mean(t.user_attrs["test_acc"] for t in ts),
-         _mean(t.user_attrs["train_acc"] - t.user_attrs["test_acc"] for t in ts),
-         max(t.user_attrs["test_acc"] for t in ts)]
+        [
+            name,
+            len(ts),
+            _mean(t.user_attrs["train_acc"] for t in ts),
+            _mean(t.user_attrs["test_acc"] for t in ts),
+            _mean(t.user_attrs["train_acc"] - t.user_attrs["test_acc"] for t in ts),
+            max(t.user_attrs["test_acc"] for t in ts),
+        ]
         for name, ts in sorted(groups.items())
     ]
-    return Table("gap", "Generalisation: train vs test accuracy with and without dropout",
-                 ["", "trials", "mean train acc", "mean test acc", "mean train-test gap", "best test acc"], rows)
+    return Table(
+        "gap",
+        "Generalisation: train vs test accuracy with and without dropout",
+        ["", "trials", "mean train acc", "mean test acc", "mean train-test gap", "best test acc"],
+        rows,
+    )
 
 
-def grouped_table(key: str, title: str, trials: list[FrozenTrial], by: Callable[[FrozenTrial], Any],
-                  label: str) -> Table | None:
+def grouped_table(
+    key: str, title: str, trials: list[FrozenTrial], by: Callable[[FrozenTrial], Any], label: str
+) -> Table | None:
     rows = _group_rows(trials, by)
     return Table(key, title, [label, *_GROUP_COLUMNS], rows) if len(rows) > 1 else None
 
@@ -189,8 +226,12 @@ def importance_table(study: optuna.Study) -> Table | None:
         return None
     if len(importances) < 2:  # one parameter is trivially all of it
         return None
-    return Table("importance", "Parameter importance (fANOVA, first objective)", ["parameter", "importance"],
-                 [[k, v] for k, v in importances.items()])
+    return Table(
+        "importance",
+        "Parameter importance (fANOVA, first objective)",
+        ["parameter", "importance"],
+        [[k, v] for k, v in importances.items()],
+    )
 
 
 def study_tables(handle: StudyHandle) -> list[Table]:
@@ -204,11 +245,21 @@ def study_tables(handle: StudyHandle) -> list[Table]:
     if len({uses_dropout(t) for t in trials}) > 1:
         tables.append(gap_table(trials))
     for table in (
-        grouped_table("variant", "Dropout variant vs accuracy", trials,
-                      lambda t: t.user_attrs[CONFIG]["dropout"]["variant"], "variant"),
+        grouped_table(
+            "variant",
+            "Dropout variant vs accuracy",
+            trials,
+            lambda t: t.user_attrs[CONFIG]["dropout"]["variant"],
+            "variant",
+        ),
         grouped_table("regularizer", "Regularizer comparison", trials, regularizer, "regularizers"),
-        grouped_table("max_norm", "Max-norm constraint c vs accuracy", trials,
-                      lambda t: t.user_attrs[CONFIG]["dropout"]["max_norm"] or "off", "c"),
+        grouped_table(
+            "max_norm",
+            "Max-norm constraint c vs accuracy",
+            trials,
+            lambda t: t.user_attrs[CONFIG]["dropout"]["max_norm"] or "off",
+            "c",
+        ),
         importance_table(handle.study),
     ):
         if table is not None:
@@ -238,20 +289,37 @@ def _measured(trials: list[FrozenTrial]) -> list[str]:
     """The eval-mode metrics every trial stored (a plain network has them all; a LightningModule
     what its test_step logged)."""
     keys = [k for k in ("test_acc", "gap") if all(k in t.user_attrs for t in trials)]
-    return keys + sorted({k for t in trials for k in t.user_attrs if k.startswith("test") and k != "test_acc"
-                          and all(k in u.user_attrs for u in trials)})
+    return keys + sorted(
+        {
+            k
+            for t in trials
+            for k in t.user_attrs
+            if k.startswith("test") and k != "test_acc" and all(k in u.user_attrs for u in trials)
+        }
+    )
 
 
-def _user_group_rows(trials: list[FrozenTrial], key: Callable[[FrozenTrial], Any], extra: list[str],
-                     best: Callable[[Iterable[float]], float] = max) -> list[list[Any]]:
+def _user_group_rows(
+    trials: list[FrozenTrial],
+    key: Callable[[FrozenTrial], Any],
+    extra: list[str],
+    best: Callable[[Iterable[float]], float] = max,
+) -> list[list[Any]]:
     """Per group: trials, mean and best first objective (``best`` is ``max`` or ``min``), and
     the mean of each ``extra`` metric."""
     groups: dict[Any, list[FrozenTrial]] = defaultdict(list)
     for trial in trials:
         groups[key(trial)].append(trial)
-    return [[name, len(ts), _mean(t.values[0] for t in ts), best(t.values[0] for t in ts),
-             *[_mean(t.user_attrs[k] for t in ts) for k in extra]]
-            for name, ts in sorted(groups.items(), key=lambda kv: str(kv[0]))]
+    return [
+        [
+            name,
+            len(ts),
+            _mean(t.values[0] for t in ts),
+            best(t.values[0] for t in ts),
+            *[_mean(t.user_attrs[k] for t in ts) for k in extra],
+        ]
+        for name, ts in sorted(groups.items(), key=lambda kv: str(kv[0]))
+    ]
 
 
 def user_tables(handle: StudyHandle) -> list[Table]:
@@ -269,8 +337,15 @@ def user_tables(handle: StudyHandle) -> list[Table]:
     rows += [[o.metric, v] for o, v in zip(handle.spec.objective, best.values, strict=True)]
     rows += [[k, best.user_attrs[k]] for k in (*_measured([best]), "epochs", "epoch_time") if k in best.user_attrs]
     rows += [[name, value] for name, value in trial_settings(handle.spec, best).items()]
-    tables.append(Table("best", "Best configuration", ["", "value"], rows,
-                        "Test metrics are on the held-out test data, never used to choose."))
+    tables.append(
+        Table(
+            "best",
+            "Best configuration",
+            ["", "value"],
+            rows,
+            "Test metrics are on the held-out test data, never used to choose.",
+        )
+    )
     extra = _measured(trials)
     best_of = max if objective.direction == "maximize" else min
     columns = ["trials", f"mean {objective.metric}", f"best {objective.metric}", *[f"mean {k}" for k in extra]]
@@ -278,21 +353,46 @@ def user_tables(handle: StudyHandle) -> list[Table]:
         bins: dict[float, list[FrozenTrial]] = defaultdict(list)
         for trial in trials:
             bins[rate_bin(group_rate(trial, group))].append(trial)
-        rows = [[f"{low:.1f}-{low + BIN_WIDTH:.1f}", *_user_group_rows(ts, lambda t: 0, extra, best_of)[0][1:],
-                 1000 * _mean(t.user_attrs["epoch_time"] for t in ts),
-                 _mean(t.user_attrs[BEST_EPOCH] + 1 for t in ts)]
-                for low, ts in sorted(bins.items())]
-        tables.append(Table(f"rate_{group}", f"Group {group}: dropout rate vs {objective.metric}",
-                            ["rate", *columns, "ms / epoch", "epochs to best"], rows,
-                            "Rates binned by 0.1; epochs to best is the epoch whose weights were kept (1-based)."))
+        rows = [
+            [
+                f"{low:.1f}-{low + BIN_WIDTH:.1f}",
+                *_user_group_rows(ts, lambda t: 0, extra, best_of)[0][1:],
+                1000 * _mean(t.user_attrs["epoch_time"] for t in ts),
+                _mean(t.user_attrs[BEST_EPOCH] + 1 for t in ts),
+            ]
+            for low, ts in sorted(bins.items())
+        ]
+        tables.append(
+            Table(
+                f"rate_{group}",
+                f"Group {group}: dropout rate vs {objective.metric}",
+                ["rate", *columns, "ms / epoch", "epochs to best"],
+                rows,
+                "Rates binned by 0.1; epochs to best is the epoch whose weights were kept (1-based).",
+            )
+        )
     grouped = [
         ("dropout", "With and without dropout", lambda t: "with dropout" if uses_dropout(t) else "without dropout", ""),
-        *[(f"variant_{g['name']}", f"Group {g['name']}: variant", lambda t, n=g["name"]: next(
-            x["variant"] for x in t.user_attrs[CONFIG]["groups"] if x["name"] == n), "variant")
-          for g in trials[0].user_attrs[CONFIG]["groups"]],
-        *[(f"max_norm_{m['name']}", f"Max-norm {m['name']}: radius", lambda t, n=m["name"]: next(
-            x["radius"] for x in t.user_attrs[CONFIG]["max_norm"] if x["name"] == n) or "off", "radius")
-          for m in trials[0].user_attrs[CONFIG]["max_norm"]],
+        *[
+            (
+                f"variant_{g['name']}",
+                f"Group {g['name']}: variant",
+                lambda t, n=g["name"]: next(x["variant"] for x in t.user_attrs[CONFIG]["groups"] if x["name"] == n),
+                "variant",
+            )
+            for g in trials[0].user_attrs[CONFIG]["groups"]
+        ],
+        *[
+            (
+                f"max_norm_{m['name']}",
+                f"Max-norm {m['name']}: radius",
+                lambda t, n=m["name"]: (
+                    next(x["radius"] for x in t.user_attrs[CONFIG]["max_norm"] if x["name"] == n) or "off"
+                ),
+                "radius",
+            )
+            for m in trials[0].user_attrs[CONFIG]["max_norm"]
+        ],
     ]
     for key, title, by, label in grouped:
         rows = _user_group_rows(trials, by, extra, best_of)
@@ -312,8 +412,9 @@ def dropout_summary(trial: FrozenTrial) -> str:
     (for a user model: each group's rate and variant, each max-norm radius)."""
     if "groups" in trial.user_attrs[CONFIG]:
         config = trial.user_attrs[CONFIG]
-        groups = [f"{g['name']} {g['rate']:.2f}" + (f" {g['variant']}" if g.get("variant") else "")
-                  for g in config["groups"]]
+        groups = [
+            f"{g['name']} {g['rate']:.2f}" + (f" {g['variant']}" if g.get("variant") else "") for g in config["groups"]
+        ]
         norms = [f"max-norm {m['name']} {m['radius']:g}" for m in config["max_norm"] if m["radius"] is not None]
         return "; ".join([", ".join(groups) or "no groups", *norms])
     config = trial.user_attrs[CONFIG]["dropout"]
@@ -350,21 +451,44 @@ def comparison_table(handles: list[StudyHandle]) -> Table:
             row += [math.nan] * 5 + ["-"]
         else:
             a = best.user_attrs
-            row += [best.values[0], a["test_acc"], a["train_acc"] - a["test_acc"], 1000 * a["epoch_time"],
-                    a[BEST_EPOCH] + 1, dropout_summary(best)]
+            row += [
+                best.values[0],
+                a["test_acc"],
+                a["train_acc"] - a["test_acc"],
+                1000 * a["epoch_time"],
+                a[BEST_EPOCH] + 1,
+                dropout_summary(best),
+            ]
         rows.append(row + [without, with_dropout, with_dropout - without])
     objectives = {h.spec.objective[0].metric for h in handles}
     objective = objectives.pop() if len(objectives) == 1 else "objective"
-    notes = ["The best trial is each study's own (its first objective); test accuracy is on the held-out "
-             "test split, never used to choose. Dropout gain: best test accuracy with dropout minus without."]
+    notes = [
+        "The best trial is each study's own (its first objective); test accuracy is on the held-out "
+        "test split, never used to choose. Dropout gain: best test accuracy with dropout minus without."
+    ]
     datasets = {_data_name(h.spec) for h in handles}
     if len(datasets) > 1:
-        notes.append(f"The studies use different data sets ({', '.join(sorted(datasets))}): their accuracies "
-                     "are not comparable.")
+        notes.append(
+            f"The studies use different data sets ({', '.join(sorted(datasets))}): their accuracies are not comparable."
+        )
     return Table(
-        "compare", "Studies compared",
-        ["study", "data", "arch", "complete trials", f"best {objective}", "its test acc", "its train-test gap",
-         "its ms / epoch", "its epochs to best", "its dropout", "best test acc without dropout",
-         "best test acc with dropout", "dropout gain"],
-        rows, " ".join(notes),
+        "compare",
+        "Studies compared",
+        [
+            "study",
+            "data",
+            "arch",
+            "complete trials",
+            f"best {objective}",
+            "its test acc",
+            "its train-test gap",
+            "its ms / epoch",
+            "its epochs to best",
+            "its dropout",
+            "best test acc without dropout",
+            "best test acc with dropout",
+            "dropout gain",
+        ],
+        rows,
+        " ".join(notes),
     )

@@ -45,7 +45,7 @@ class EvalSet:
 
     @classmethod
     def of_tensor(cls, x: torch.Tensor, y: torch.Tensor, batch: int = _BATCH) -> EvalSet:
-        return cls([((x[i:i + batch],), {}) for i in range(0, len(x), batch)], y)
+        return cls([((x[i : i + batch],), {}) for i in range(0, len(x), batch)], y)
 
     def __len__(self) -> int:
         return len(self.y)
@@ -109,8 +109,11 @@ def _sampling(net: nn.Module, sites: list[Site], inputs: Inputs) -> tuple[tuple[
         calls, _ = trace(twin, _step(inputs), frozenset(sentinels), train=False)
     hit = {sentinels[c.rate] for c in calls if c.rate in sentinels}
     sampled = tuple(s.path for k, s in enumerate(sites) if k in hit)
-    unsampled = tuple(f"{s.path} ({s.kind}, rate {s.rate:g}): no traced MC pass read its rate"
-                      for k, s in enumerate(sites) if k not in hit)
+    unsampled = tuple(
+        f"{s.path} ({s.kind}, rate {s.rate:g}): no traced MC pass read its rate"
+        for k, s in enumerate(sites)
+        if k not in hit
+    )
     return sampled, unsampled
 
 

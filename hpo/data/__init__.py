@@ -7,5 +7,14 @@ from hpo.data.user import DataSource, UserData, load_user_data
 #: What a trial trains on: a built-in data set's splits, or the user's data.
 TrialData = Splits | UserData
 
-__all__ = ["DataError", "DataSource", "DataSpec", "Split", "Splits", "TrialData", "UserData", "load_data",
-           "load_user_data"]
+__all__ = [
+    "DataError",
+    "DataSource",
+    "DataSpec",
+    "Split",
+    "Splits",
+    "TrialData",
+    "UserData",
+    "load_data",
+    "load_user_data",
+]

@@ -52,8 +52,9 @@ class ResidentBatches(_OnDevice):
     permutation (8 bytes per example) is copied to the device, once per epoch.
     """
 
-    def __init__(self, split: Split, batch_size: int, device: torch.device | str,
-                 generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self, split: Split, batch_size: int, device: torch.device | str, generator: torch.Generator | None = None
+    ) -> None:
         super().__init__(split, batch_size, device)
         self.generator = generator
 
@@ -62,11 +63,11 @@ class ResidentBatches(_OnDevice):
         if self.generator is None:
             torch.empty((), dtype=torch.int64).random_()
             for start in range(0, n, self.batch_size):
-                yield self.x[start:start + self.batch_size], self.y[start:start + self.batch_size]
+                yield self.x[start : start + self.batch_size], self.y[start : start + self.batch_size]
             return
         order = epoch_order(n, self.batch_size, self.generator).to(self.x.device)
         for start in range(0, n, self.batch_size):
-            index = order[start:start + self.batch_size]
+            index = order[start : start + self.batch_size]
             yield self.x[index], self.y[index]
 
 
@@ -87,7 +88,7 @@ class GroupBatches(_OnDevice):
         n = len(self.y)
         orders = torch.stack([epoch_order(n, self.batch_size, g) for g in self.generators]).to(self.x.device)
         for start in range(0, n, self.batch_size):
-            index = orders[:, start:start + self.batch_size]
+            index = orders[:, start : start + self.batch_size]
             yield self.x[index], self.y[index]
 
 
@@ -120,7 +121,12 @@ def fits_on_device(data: Splits, device: torch.device) -> bool:
 
 
 def make_loaders(
-    data: Splits, batch_size: int, eval_batch_size: int, seed: int, device: torch.device, loading: Loading = "auto",
+    data: Splits,
+    batch_size: int,
+    eval_batch_size: int,
+    seed: int,
+    device: torch.device,
+    loading: Loading = "auto",
 ) -> tuple[ResidentBatches | DataLoader, ResidentBatches | DataLoader]:
     """Training (shuffled by ``seed``) and validation batches for one fit on ``device``.
 
@@ -131,8 +137,10 @@ def make_loaders(
     generator = torch.Generator().manual_seed(seed)
     resident = loading == "resident" or (loading == "auto" and fits_on_device(data, device))
     if resident:
-        return (ResidentBatches(data.train, batch_size, device, generator),
-                ResidentBatches(data.val, eval_batch_size, device))
+        return (
+            ResidentBatches(data.train, batch_size, device, generator),
+            ResidentBatches(data.val, eval_batch_size, device),
+        )
     return (
         DataLoader(TensorDataset(data.train.x, data.train.y), batch_size=batch_size, shuffle=True, generator=generator),
         DataLoader(TensorDataset(data.val.x, data.val.y), batch_size=eval_batch_size),

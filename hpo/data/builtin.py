@@ -72,7 +72,7 @@ def load_data(spec: DataSpec) -> Splits:
         train = train[: spec.limit]
 
     classes, y_all = np.unique(np.concatenate([y, y_test]), return_inverse=True)
-    y, y_test = y_all[: len(y)], y_all[len(y):]
+    y, y_test = y_all[: len(y)], y_all[len(y) :]
     mean, std = _statistics(x[train])
     as_split = lambda xs, ys: Split(  # noqa: E731
         torch.from_numpy(((xs - mean) / std).astype(np.float32)), torch.from_numpy(ys.astype(np.int64))
@@ -108,9 +108,7 @@ def _torchvision(name: str, root: Path | None) -> tuple[np.ndarray, ...]:
     try:
         from torchvision import datasets
     except ImportError as exc:
-        raise DataError(
-            f"dataset {name!r} needs torchvision: pip install 'dropout-hpo[vision]'"
-        ) from exc
+        raise DataError(f"dataset {name!r} needs torchvision: pip install 'dropout-hpo[vision]'") from exc
     cls = getattr(datasets, TORCHVISION_SETS[name])
     try:
         train, test = (cls(str(root), train=flag, download=False) for flag in (True, False))
@@ -138,8 +136,10 @@ def _npz(path: Path | None) -> tuple[np.ndarray | None, ...]:
     if missing:
         raise DataError(f"{path}: missing arrays {sorted(missing)} (need 'x' and 'y')")
     return (
-        arrays["x"].astype(np.float32), arrays["y"],
-        arrays.get("x_test", None), arrays.get("y_test", None),
+        arrays["x"].astype(np.float32),
+        arrays["y"],
+        arrays.get("x_test", None),
+        arrays.get("y_test", None),
     )
 
 
@@ -165,9 +165,7 @@ def _reshape(x: np.ndarray, shape: tuple[int, int, int], path: Path | None) -> n
     return x.reshape(len(x), *shape)
 
 
-def _stratified_split(
-    y: np.ndarray, fraction: float, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
+def _stratified_split(y: np.ndarray, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Indices (kept, held out) holding out ``fraction`` of each class."""
     kept, held = [], []
     for label in np.unique(y):

@@ -59,8 +59,10 @@ class UserData:
             return {"datamodule": self.datamodule}
         train, val, _ = self.datasets
         generator = torch.Generator().manual_seed(seed)
-        return {"train": DataLoader(train, batch_size=batch_size, shuffle=True, generator=generator),
-                "val": DataLoader(val, batch_size=batch_size)}
+        return {
+            "train": DataLoader(train, batch_size=batch_size, shuffle=True, generator=generator),
+            "val": DataLoader(val, batch_size=batch_size),
+        }
 
     def split_loader(self, split: str, batch_size: int = 256) -> DataLoader | None:
         """An unshuffled loader of ``train``, ``val`` or ``test`` (``None`` when there is none)."""
@@ -150,25 +152,37 @@ def _datasets(returned: Any, class_path: str) -> tuple[Any, Any, Any]:
     if isinstance(returned, Mapping):
         missing = {"train", "val"} - set(returned)
         if missing:
-            raise UserCodeError("data.class_path", f"{class_path} returned a mapping without {sorted(missing)}; "
-                                                   "expected keys train, val and optionally test")
+            raise UserCodeError(
+                "data.class_path",
+                f"{class_path} returned a mapping without {sorted(missing)}; "
+                "expected keys train, val and optionally test",
+            )
         parts = [returned["train"], returned["val"], returned.get("test")]
     elif isinstance(returned, Sequence) and not isinstance(returned, (str, bytes)) and len(returned) in (2, 3):
         parts = [*returned, None][:3]
     else:
         what = f"a {type(returned).__name__}" + (f" of {len(returned)} items" if isinstance(returned, Sequence) else "")
-        raise UserCodeError("data.class_path", f"{class_path} returned {what}; expected (train, val) or "
-                                               "(train, val, test) datasets, or a LightningDataModule class")
+        raise UserCodeError(
+            "data.class_path",
+            f"{class_path} returned {what}; expected (train, val) or "
+            "(train, val, test) datasets, or a LightningDataModule class",
+        )
     for name, part in zip(("train", "val", "test"), parts):
         if part is None and name != "test":
             raise UserCodeError("data.class_path", f"{class_path} returned no {name} dataset")
         if _is_raw(part):
-            raise UserCodeError("data.class_path", f"{class_path} returned {_raw_kind(part)} as its {name} dataset; "
-                                                   "wrap inputs and labels in a Dataset, e.g. "
-                                                   "torch.utils.data.TensorDataset(x, y)")
+            raise UserCodeError(
+                "data.class_path",
+                f"{class_path} returned {_raw_kind(part)} as its {name} dataset; "
+                "wrap inputs and labels in a Dataset, e.g. "
+                "torch.utils.data.TensorDataset(x, y)",
+            )
         if part is not None and not _is_dataset(part):
-            raise UserCodeError("data.class_path", f"{class_path} returned a {type(part).__name__} as its {name} "
-                                                   "dataset; expected a torch Dataset (with __getitem__ and __len__)")
+            raise UserCodeError(
+                "data.class_path",
+                f"{class_path} returned a {type(part).__name__} as its {name} "
+                "dataset; expected a torch Dataset (with __getitem__ and __len__)",
+            )
         if part is not None and len(part) == 0:
             raise UserCodeError("data.class_path", f"{class_path} returned an empty {name} dataset")
     return parts[0], parts[1], parts[2]
@@ -185,8 +199,11 @@ def load_user_data(source: DataSource) -> UserData:
     if isinstance(target, type) and issubclass(target, pl.LightningDataModule):
         return UserData(source, datamodule=instantiate(spec, "data"))
     if isinstance(target, type) and issubclass(target, Dataset):
-        raise UserCodeError("data.class_path", f"{spec['class_path']} is one Dataset; name a LightningDataModule, "
-                                               "or a function returning (train, val) or (train, val, test) datasets")
+        raise UserCodeError(
+            "data.class_path",
+            f"{spec['class_path']} is one Dataset; name a LightningDataModule, "
+            "or a function returning (train, val) or (train, val, test) datasets",
+        )
     returned = instantiate(spec, "data")
     if isinstance(returned, pl.LightningDataModule):
         return UserData(source, datamodule=returned)

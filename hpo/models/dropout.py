@@ -191,9 +191,7 @@ def dropout_layer(variant: str, p: float, *, features: str = "dense", block_size
         try:
             from torchvision.ops import DropBlock2d
         except ImportError as exc:  # pragma: no cover - depends on the install
-            raise ImportError(
-                "the dropblock variant needs torchvision: pip install 'dropout-hpo[vision]'"
-            ) from exc
+            raise ImportError("the dropblock variant needs torchvision: pip install 'dropout-hpo[vision]'") from exc
         return DropBlock2d(p, block_size)
     return nn.Dropout(p)
 
@@ -202,11 +200,16 @@ def variant_layer(variant: str, p: float) -> nn.Module:
     """An element-wise dropout module of ``variant`` at rate ``p`` that can stand where an
     ``nn.Dropout`` stood in a user's model: the same shapes, and a ``p`` attribute even at rate 0
     (some models read it), so never ``nn.Identity``. ``inverted`` is ``nn.Dropout`` itself."""
-    layers = {"inverted": nn.Dropout, "standard": StandardDropout, "gaussian": GaussianDropout,
-              "alpha": nn.AlphaDropout}
+    layers = {
+        "inverted": nn.Dropout,
+        "standard": StandardDropout,
+        "gaussian": GaussianDropout,
+        "alpha": nn.AlphaDropout,
+    }
     if variant not in layers:
-        raise ValueError(f"variant {variant!r} cannot replace an element-wise dropout module "
-                         f"(choose from {', '.join(layers)})")
+        raise ValueError(
+            f"variant {variant!r} cannot replace an element-wise dropout module (choose from {', '.join(layers)})"
+        )
     return layers[variant](p)
 
 

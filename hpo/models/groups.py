@@ -23,6 +23,7 @@ from hpo.models.sites import Site, SiteTable, set_rate
 #: filter (Conv).
 CONSTRAINABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
+
 def _component(text: str) -> str:
     return "".join("[^.]*" if c == "*" else "[^.]" if c == "?" else re.escape(c) for c in text)
 
@@ -71,14 +72,22 @@ class SiteSetting:
     variant: str | None
 
     def to_dict(self) -> dict[str, object]:
-        return {"path": self.site.path, "kind": self.site.kind, "group": self.group, "rate": self.rate,
-                "variant": self.variant, "built_rate": self.site.rate}
+        return {
+            "path": self.site.path,
+            "kind": self.site.kind,
+            "group": self.group,
+            "rate": self.rate,
+            "variant": self.variant,
+            "built_rate": self.site.rate,
+        }
 
 
 def assign(sites: Iterable[Site], patterns: dict[str, Sequence[str]]) -> dict[str, str | None]:
     """Site path → the first group whose patterns match it (``None``: unmatched)."""
-    return {site.path: next((name for name, pats in patterns.items() if first_match(pats, site.path)), None)
-            for site in sites}
+    return {
+        site.path: next((name for name, pats in patterns.items() if first_match(pats, site.path)), None)
+        for site in sites
+    }
 
 
 def resolve(table: SiteTable, groups: Sequence[Group], unmatched: str = "keep") -> list[SiteSetting]:
@@ -128,5 +137,6 @@ def unmatched_sites(table: SiteTable, patterns: dict[str, Sequence[str]]) -> lis
 
 def constrained_layers(model: nn.Module, patterns: Sequence[str]) -> list[tuple[str, nn.Module]]:
     """The Linear and Conv layers whose module path a pattern matches, in module order."""
-    return [(path, m) for path, m in model.named_modules()
-            if isinstance(m, CONSTRAINABLE) and first_match(patterns, path)]
+    return [
+        (path, m) for path, m in model.named_modules() if isinstance(m, CONSTRAINABLE) and first_match(patterns, path)
+    ]

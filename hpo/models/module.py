@@ -32,8 +32,10 @@ def logits_of(output: Any) -> torch.Tensor:
         return output.logits
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
         return output[0]
-    raise TypeError(f"the network returned a {type(output).__name__}; hpo trains a classifier whose forward returns "
-                    "class scores (a tensor, or an output with .logits)")
+    raise TypeError(
+        f"the network returned a {type(output).__name__}; hpo trains a classifier whose forward returns "
+        "class scores (a tensor, or an output with .logits)"
+    )
 
 
 def split_batch(batch: Any) -> tuple[tuple[Any, ...], dict[str, Any], torch.Tensor]:
@@ -48,7 +50,9 @@ def split_batch(batch: Any) -> tuple[tuple[Any, ...], dict[str, Any], torch.Tens
     return (x,), {}, y
 
 
-def inputs_to(device: torch.device, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+def inputs_to(
+    device: torch.device, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """A batch's positional and keyword model inputs with every tensor moved to ``device``."""
     move = lambda v: v.to(device) if isinstance(v, torch.Tensor) else v  # noqa: E731
     return tuple(move(a) for a in args), {k: move(v) for k, v in kwargs.items()}
@@ -95,9 +99,7 @@ class ClassifierModule(pl.LightningModule):
     each optimiser step (:func:`~hpo.models.dropout.apply_max_norm`).
     """
 
-    def __init__(
-        self, net: nn.Module, train: TrainConfig, num_classes: int, max_norm: float | None = None
-    ) -> None:
+    def __init__(self, net: nn.Module, train: TrainConfig, num_classes: int, max_norm: float | None = None) -> None:
         super().__init__()
         self.net = net
         self.train_config = train
@@ -126,9 +128,7 @@ class ClassifierModule(pl.LightningModule):
         self.train_loss.update(loss.detach())
         self.train_acc.update(logits.detach(), y)
         if self.train_config.l1 > 0:
-            loss = loss + self.train_config.l1 * sum(
-                p.abs().sum() for p in self.net.parameters() if p.ndim >= 2
-            )
+            loss = loss + self.train_config.l1 * sum(p.abs().sum() for p in self.net.parameters() if p.ndim >= 2)
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
@@ -167,6 +167,4 @@ class ClassifierModule(pl.LightningModule):
         cfg = self.train_config
         if cfg.optimizer == "adam":
             return torch.optim.Adam(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        return torch.optim.SGD(
-            self.net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-        )
+        return torch.optim.SGD(self.net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)

@@ -17,7 +17,11 @@ from hpo.models.dropout import DropoutConfig, dropout_layer, linear_layer
 from hpo.spec import Activation, Arch
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
-    "relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU, "gelu": nn.GELU, "selu": nn.SELU,
+    "relu": nn.ReLU,
+    "tanh": nn.Tanh,
+    "elu": nn.ELU,
+    "gelu": nn.GELU,
+    "selu": nn.SELU,
 }
 
 
@@ -43,9 +47,7 @@ class NetConfig:
     activation: Activation = "relu"
 
 
-def build_net(
-    net: NetConfig, dropout: DropoutConfig, input_shape: tuple[int, ...], num_classes: int
-) -> nn.Module:
+def build_net(net: NetConfig, dropout: DropoutConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """The classifier for ``net`` with ``dropout`` at its placements.
 
     ``input_shape`` excludes the batch dimension: ``(features,)`` for tabular data or
@@ -53,9 +55,7 @@ def build_net(
     steps of ``channels * width`` features).
     """
     if len(dropout.hidden) != len(net.units):
-        raise ValueError(
-            f"{len(net.units)} hidden layers but {len(dropout.hidden)} hidden dropout rates"
-        )
+        raise ValueError(f"{len(net.units)} hidden layers but {len(dropout.hidden)} hidden dropout rates")
     if net.arch == "mlp":
         return MLP(math.prod(input_shape), num_classes, net, dropout)
     if net.arch == "cnn":
@@ -118,9 +118,7 @@ class MLP(nn.Module):
 
     def __init__(self, in_features: int, num_classes: int, net: NetConfig, dropout: DropoutConfig):
         super().__init__()
-        self.layers = nn.Sequential(
-            nn.Flatten(), *_dense_stack(in_features, num_classes, net, dropout, dropout.input)
-        )
+        self.layers = nn.Sequential(nn.Flatten(), *_dense_stack(in_features, num_classes, net, dropout, dropout.input))
         if dropout.variant == "alpha":
             _init_for_selu(self)
 
@@ -138,9 +136,7 @@ class CNN(nn.Module):
     dropout]×B → flatten → dense head``. Pooling halves the map while it is at least 2 pixels;
     a DropBlock larger than a map shrinks to the largest odd size that fits."""
 
-    def __init__(
-        self, input_shape: tuple[int, ...], num_classes: int, net: NetConfig, dropout: DropoutConfig
-    ):
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, net: NetConfig, dropout: DropoutConfig):
         super().__init__()
         channels, height, width = input_shape
         blocks: list[nn.Module] = [dropout_layer(dropout.variant, dropout.input, features="maps")]
@@ -150,15 +146,11 @@ class CNN(nn.Module):
                 blocks.append(nn.MaxPool2d(2))
                 height, width = height // 2, width // 2
             fitting_block = min(dropout.block_size, _largest_odd(min(height, width)))
-            blocks.append(
-                dropout_layer(dropout.variant, dropout.conv, features="maps", block_size=fitting_block)
-            )
+            blocks.append(dropout_layer(dropout.variant, dropout.conv, features="maps", block_size=fitting_block))
             channels = out_channels
         self.features = nn.Sequential(*blocks)
         flat = channels * height * width
-        self.head = nn.Sequential(
-            nn.Flatten(), *_dense_stack(flat, num_classes, net, dropout, first_rate=0.0)
-        )
+        self.head = nn.Sequential(nn.Flatten(), *_dense_stack(flat, num_classes, net, dropout, first_rate=0.0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
@@ -171,7 +163,9 @@ class Conv1dNet(nn.Module):
 
     def __init__(self, input_shape: tuple[int, ...], num_classes: int, net: NetConfig, dropout: DropoutConfig):
         super().__init__()
-        channels, length = (1, input_shape[0]) if len(input_shape) == 1 else (input_shape[0], math.prod(input_shape[1:]))
+        channels, length = (
+            (1, input_shape[0]) if len(input_shape) == 1 else (input_shape[0], math.prod(input_shape[1:]))
+        )
         self.shape = (channels, length)
         blocks: list[nn.Module] = [dropout_layer(dropout.variant, dropout.input, features="channels")]
         for out_channels in net.channels:
@@ -236,19 +230,15 @@ class LSTMClassifier(nn.Module):
     after each stacked layer (the last one feeds the output layer).
     """
 
-    def __init__(self, in_features: int, num_classes: int, net: NetConfig, dropout: DropoutConfig,
-                 cell: str = "lstm"):
+    def __init__(self, in_features: int, num_classes: int, net: NetConfig, dropout: DropoutConfig, cell: str = "lstm"):
         super().__init__()
         locked = dropout.variant == "locked"
         self.input_dropout = dropout_layer(dropout.variant, dropout.input, features="sequence")
         sizes = (in_features, *net.units)
         self.layers = nn.ModuleList(
-            DropoutLSTMLayer(sizes[i], sizes[i + 1], dropout.recurrent, locked, cell)
-            for i in range(len(net.units))
+            DropoutLSTMLayer(sizes[i], sizes[i + 1], dropout.recurrent, locked, cell) for i in range(len(net.units))
         )
-        self.between = nn.ModuleList(
-            dropout_layer(dropout.variant, p, features="sequence") for p in dropout.hidden
-        )
+        self.between = nn.ModuleList(dropout_layer(dropout.variant, p, features="sequence") for p in dropout.hidden)
         self.output = nn.Linear(sizes[-1], num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -139,15 +139,23 @@ class SiteTable:
         of the modules in ``searched_calls`` is set by a searched constructor argument, and
         gets none."""
         lines = [f"{s.path}: {note}" for s in self.sites for note in s.notes]
-        lines += [f"{c.module or '(model)'}: {c.function}(p={c.rate:g}) is functional dropout that no site holds; "
-                  "it keeps its rate (search the init argument that sets it)" for c in self.unaccounted
-                  if c.module not in searched_calls]
-        lines += [f"{path}: layer drop {rate:g} that no torch call of a training step reads (drawn outside torch?): "
-                  "it is not a site and keeps its rate" for path, rate in self.unseen_layer_drops]
+        lines += [
+            f"{c.module or '(model)'}: {c.function}(p={c.rate:g}) is functional dropout that no site holds; "
+            "it keeps its rate (search the init argument that sets it)"
+            for c in self.unaccounted
+            if c.module not in searched_calls
+        ]
+        lines += [
+            f"{path}: layer drop {rate:g} that no torch call of a training step reads (drawn outside torch?): "
+            "it is not a site and keeps its rate"
+            for path, rate in self.unseen_layer_drops
+        ]
         lines += identity_warnings(self)
         if self.probe_error:
-            lines.append(f"the probe could not run a training step ({self.probe_error}); functional dropout, "
-                         "stochastic depth and layer drop are not checked")
+            lines.append(
+                f"the probe could not run a training step ({self.probe_error}); functional dropout, "
+                "stochastic depth and layer drop are not checked"
+            )
         return lines
 
 
@@ -173,8 +181,10 @@ def identity_warnings(table: SiteTable) -> list[str]:
     lines = []
     for pattern, paths in by_pattern.items():
         where = paths[0] if len(paths) == 1 else f"{pattern} ({len(paths)} modules)"
-        lines.append(f"{where}: nn.Identity where dropout would be (a rate-0 site built away); search the init "
-                     "argument that sets it, with a range above 0 at construction")
+        lines.append(
+            f"{where}: nn.Identity where dropout would be (a rate-0 site built away); search the init "
+            "argument that sets it, with a range above 0 at construction"
+        )
     return lines
 
 
@@ -215,8 +225,10 @@ def _walk_site(path: str, module: nn.Module) -> list[Site]:
     if isinstance(module, nn.RNNBase):
         notes = ()
         if module.num_layers == 1:
-            notes = (f"{kind_name} dropout acts between stacked layers only, and this one has 1 layer: "
-                     "its rate changes nothing",)
+            notes = (
+                f"{kind_name} dropout acts between stacked layers only, and this one has 1 layer: "
+                "its rate changes nothing",
+            )
         return [Site(path, "recurrent", path, "dropout", float(module.dropout), kind_name, notes)]
     if kind_name == "DropoutLSTMLayer":
         return [Site(path, "recurrent", path, "p", float(module.p), kind_name)]
@@ -258,9 +270,15 @@ def set_rate(model: nn.Module, site: Site, rate: float) -> None:
 
 #: Functional calls that drop, with the position and keyword of their rate.
 _RATE_ARGUMENT: dict[str, tuple[int, str]] = {
-    "dropout": (1, "p"), "dropout1d": (1, "p"), "dropout2d": (1, "p"), "dropout3d": (1, "p"),
-    "alpha_dropout": (1, "p"), "feature_alpha_dropout": (1, "p"), "feature_dropout": (1, "p"),
-    "scaled_dot_product_attention": (4, "dropout_p"), "multi_head_attention_forward": (10, "dropout_p"),
+    "dropout": (1, "p"),
+    "dropout1d": (1, "p"),
+    "dropout2d": (1, "p"),
+    "dropout3d": (1, "p"),
+    "alpha_dropout": (1, "p"),
+    "feature_alpha_dropout": (1, "p"),
+    "feature_dropout": (1, "p"),
+    "scaled_dot_product_attention": (4, "dropout_p"),
+    "multi_head_attention_forward": (10, "dropout_p"),
 }
 _RNN_KERNELS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
 
@@ -272,7 +290,7 @@ def _recorded_rate(name: str, args: tuple, kwargs: dict[str, Any]) -> float | No
         floats = [i for i, a in enumerate(args) if type(a) is float]
         if not floats:
             return None
-        train = next((a for a in args[floats[0] + 1:] if type(a) is bool), True)
+        train = next((a for a in args[floats[0] + 1 :] if type(a) is bool), True)
         return float(args[floats[0]]) if train else None
     if name not in _RATE_ARGUMENT:
         return None
@@ -351,6 +369,7 @@ def _module_stack(model: nn.Module) -> Iterator[tuple[list[str], set[str]]]:
     ran: set[str] = set()
     handles = []
     for path, module in model.named_modules():
+
         def enter(_m: nn.Module, _args: Any, path: str = path) -> None:
             stack.append(path)
             ran.add(path)
@@ -386,8 +405,9 @@ def seeded(model: nn.Module, seed: int = 0) -> Iterator[None]:
         np.random.set_state(numpy_state)
 
 
-def trace(model: nn.Module, step: Callable[[nn.Module], Any], rates: frozenset[float] = frozenset(),
-          *, train: bool = True) -> tuple[list[Call], set[str]]:
+def trace(
+    model: nn.Module, step: Callable[[nn.Module], Any], rates: frozenset[float] = frozenset(), *, train: bool = True
+) -> tuple[list[Call], set[str]]:
     """The calls one step of ``model`` makes that read a rate (every dropout call, and every call
     given one of ``rates`` or its keep probability), and the paths of the modules that ran.
     ``train`` puts the model in training mode for the step (restored after); ``False`` keeps
@@ -475,8 +495,13 @@ def probe(model: nn.Module, step: Callable[[nn.Module], Any], table: SiteTable |
             continue
         sites.append(_classified(site, calls_k, site.module in ran))
     seen = {(c.module, c.function, c.rate) for c in unaccounted}
-    return SiteTable(tuple(sites), tuple(UnaccountedCall(*key) for key in sorted(seen)), table.identities, True,
-                     unseen_layer_drops=tuple(unseen))
+    return SiteTable(
+        tuple(sites),
+        tuple(UnaccountedCall(*key) for key in sorted(seen)),
+        table.identities,
+        True,
+        unseen_layer_drops=tuple(unseen),
+    )
 
 
 def _drops(call: Call) -> bool:

@@ -123,6 +123,7 @@ def training_step_of(network: nn.Module, batch: Any) -> Any:
     """One training step on ``batch``, for the site probe: a ``LightningModule``'s own
     ``training_step`` (its forward plus whatever it does around it; falling back to a plain
     forward when that needs a trainer), or a plain forward of an ``nn.Module``."""
+
     def step(model: nn.Module) -> Any:
         args, kwargs = inputs_of(batch)
         if isinstance(model, pl.LightningModule):
@@ -139,8 +140,10 @@ def construct(config: UserTrialConfig) -> nn.Module:
     """The user's model with the trial's constructor arguments, before any site is set."""
     network = instantiate(config.model, "model")
     if not isinstance(network, nn.Module):
-        raise UserCodeError("model.class_path", f"{config.model['class_path']} built a {type(network).__name__}, "
-                                                "not a torch nn.Module or LightningModule")
+        raise UserCodeError(
+            "model.class_path",
+            f"{config.model['class_path']} built a {type(network).__name__}, not a torch nn.Module or LightningModule",
+        )
     return network
 
 
@@ -153,8 +156,11 @@ def output_classes(network: nn.Module, batch: Any) -> int:
         scores = logits_of(network(*args, **kwargs))
     network.train(was_training)
     if scores.ndim < 2:
-        raise UserCodeError("model", f"the network's output has shape {tuple(scores.shape)}; hpo trains an "
-                                     "nn.Module as a classifier, which needs (batch, classes) scores")
+        raise UserCodeError(
+            "model",
+            f"the network's output has shape {tuple(scores.shape)}; hpo trains an "
+            "nn.Module as a classifier, which needs (batch, classes) scores",
+        )
     return int(scores.shape[-1])
 
 
@@ -175,15 +181,18 @@ def _idle_problem(group: Group, members: list[Site], table: SiteTable) -> str:
     if members:
         why = "; ".join(f"{s.path}: {s.notes[0]}" for s in members[:3])
         return f"its rate {group.rate:g} reaches no dropout site a training step uses ({why})"
-    return (f"its rate {group.rate:g} reaches no dropout site: its patterns match none of the {len(table.sites)} sites "
-            "of the model built with this trial's constructor arguments (a rate-0 site built as nn.Identity is gone)")
+    return (
+        f"its rate {group.rate:g} reaches no dropout site: its patterns match none of the {len(table.sites)} sites "
+        "of the model built with this trial's constructor arguments (a rate-0 site built as nn.Identity is gone)"
+    )
 
 
 def kept_rates(table: SiteTable) -> tuple[str, ...]:
     """Where a model still drops when every site is set to 0: functional dropout no site holds,
     and layer drop read outside torch."""
-    return (tuple(f"{c.function}(p={c.rate:g}) in {c.module or '(model)'}" for c in table.unaccounted if c.rate > 0)
-            + tuple(f"{path} (layer drop {rate:g})" for path, rate in table.unseen_layer_drops))
+    return tuple(
+        f"{c.function}(p={c.rate:g}) in {c.module or '(model)'}" for c in table.unaccounted if c.rate > 0
+    ) + tuple(f"{path} (layer drop {rate:g})" for path, rate in table.unseen_layer_drops)
 
 
 def build(config: UserTrialConfig, batch: Any, *, strict: bool = True) -> BuiltModel:
@@ -200,8 +209,12 @@ def build(config: UserTrialConfig, batch: Any, *, strict: bool = True) -> BuiltM
         for group, members in idle_groups(config.groups, settings):
             raise IdleRateError(f"dropout.groups.{group.name}", _idle_problem(group, members, table))
     apply(network, settings)
-    constrained = [(path, layer, entry.radius) for entry in config.max_norm if entry.radius is not None
-                   for path, layer in constrained_layers(network, entry.patterns)]
+    constrained = [
+        (path, layer, entry.radius)
+        for entry in config.max_norm
+        if entry.radius is not None
+        for path, layer in constrained_layers(network, entry.patterns)
+    ]
     if isinstance(network, pl.LightningModule):
         module: pl.LightningModule = network
     else:
@@ -240,4 +253,3 @@ def model_inputs(batch: Any) -> Any:
     if len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor):
         return args[0]
     return None
-

@@ -36,8 +36,9 @@ class GroupMLP(nn.Module):
     inputs shared by every member, and returns ``(K, batch, classes)`` logits.
     """
 
-    def __init__(self, nets: list[nn.Module], dropouts: list[DropoutConfig], net: NetConfig,
-                 input_shape: tuple[int, ...]) -> None:
+    def __init__(
+        self, nets: list[nn.Module], dropouts: list[DropoutConfig], net: NetConfig, input_shape: tuple[int, ...]
+    ) -> None:
         """Stack ``nets`` (plain :class:`~hpo.models.nets.MLP` s of ``net``'s shape, each with its
         initial weights) with each member's dropout (``dropouts``, one variant for all)."""
         super().__init__()
@@ -91,8 +92,9 @@ class GroupMLP(nn.Module):
         keep = 1 - p
         return h * bernoulli_mask(keep, h).div_(keep)  # scaled in place: one product to save for backward
 
-    def member_state(self, k: int, weights: list[torch.Tensor] | None = None,
-                     biases: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    def member_state(
+        self, k: int, weights: list[torch.Tensor] | None = None, biases: list[torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
         """Member ``k``'s parameters as a solo :class:`~hpo.models.nets.MLP` ``state_dict`` (CPU)."""
         weights = self.weights if weights is None else weights
         biases = self.biases if biases is None else biases

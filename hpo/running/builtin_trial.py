@@ -32,6 +32,12 @@ class BuiltinTrial:
         train, val = make_loaders(data, config.train.batch_size, EVAL_BATCH, config.seed, device, loading)
         return {"train": train, "val": val}
 
-    def measure(self, prepared: Prepared, fitted: Fitted, data: Splits, objectives: list[ObjectiveSpec],
-                batches: int | None = None) -> TrialResult:
+    def measure(
+        self,
+        prepared: Prepared,
+        fitted: Fitted,
+        data: Splits,
+        objectives: list[ObjectiveSpec],
+        batches: int | None = None,
+    ) -> TrialResult:
         return measure(prepared.network, data, objectives, prepared.history, fitted.best_epoch, fitted.state)

@@ -120,8 +120,9 @@ class TrialListener(Protocol):
 
     def epoch(self, number: int, entry: dict[str, float]) -> None: ...
 
-    def trial_finished(self, job: TrialJob, trial: FrozenTrial, outcome: Outcome, counts: Counts,
-                       best: list[FrozenTrial]) -> None: ...
+    def trial_finished(
+        self, job: TrialJob, trial: FrozenTrial, outcome: Outcome, counts: Counts, best: list[FrozenTrial]
+    ) -> None: ...
 
 
 class Backend(Protocol):
@@ -152,15 +153,29 @@ def trial_seed(study_seed: int, number: int) -> int:
 
 
 def execute(
-    config: TrialConfig, data: Splits, objectives: list[ObjectiveSpec], pruning_trial: Any, accelerator: str,
-    on_epoch: Callable[[dict[str, float]], None] | None = None, loading: Loading = "auto",
+    config: TrialConfig,
+    data: Splits,
+    objectives: list[ObjectiveSpec],
+    pruning_trial: Any,
+    accelerator: str,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+    loading: Loading = "auto",
     precision: Precision = "32",
 ) -> Outcome:
     """Run one trial and classify how it ended (shared by every backend's workers)."""
     built: list[SiteReport] = []
     try:
-        result = run_trial(config, data, objectives, pruning_trial=pruning_trial, accelerator=accelerator,
-                           on_epoch=on_epoch, loading=loading, precision=precision, on_built=built.append)
+        result = run_trial(
+            config,
+            data,
+            objectives,
+            pruning_trial=pruning_trial,
+            accelerator=accelerator,
+            on_epoch=on_epoch,
+            loading=loading,
+            precision=precision,
+            on_built=built.append,
+        )
         return Outcome("complete", result=result, sites=result.sites)
     except optuna.TrialPruned as exc:
         return Outcome("pruned", reason=str(exc), sites=next(iter(built), None))
@@ -171,8 +186,13 @@ def execute(
 
 
 def execute_group(
-    configs: list[TrialConfig], data: Splits, objectives: list[ObjectiveSpec], pruning_trials: list[Any] | None,
-    accelerator: str, on_epoch: Callable[[int, dict[str, float]], None] | None = None, loading: Loading = "auto",
+    configs: list[TrialConfig],
+    data: Splits,
+    objectives: list[ObjectiveSpec],
+    pruning_trials: list[Any] | None,
+    accelerator: str,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    loading: Loading = "auto",
     precision: Precision = "32",
 ) -> list[Outcome]:
     """Train ``configs`` as one vectorised group (:func:`hpo.running.group.run_group`, always on
@@ -180,15 +200,34 @@ def execute_group(
     member with it. A single config is a solo trial, with ``loading``."""
     if len(configs) == 1:
         one = None if on_epoch is None else (lambda entry: on_epoch(0, entry))
-        return [execute(configs[0], data, objectives, pruning_trials[0] if pruning_trials else None,
-                        accelerator, on_epoch=one, loading=loading, precision=precision)]
+        return [
+            execute(
+                configs[0],
+                data,
+                objectives,
+                pruning_trials[0] if pruning_trials else None,
+                accelerator,
+                on_epoch=one,
+                loading=loading,
+                precision=precision,
+            )
+        ]
     try:
-        ends = run_group(configs, data, objectives, pruning_trials=pruning_trials,
-                         accelerator=accelerator, on_epoch=on_epoch, precision=precision)
+        ends = run_group(
+            configs,
+            data,
+            objectives,
+            pruning_trials=pruning_trials,
+            accelerator=accelerator,
+            on_epoch=on_epoch,
+            precision=precision,
+        )
     except Exception as exc:
         return [Outcome("error", reason=_describe(exc))] * len(configs)
-    return [Outcome("complete", result=end) if isinstance(end, TrialResult) else Outcome(end.kind, reason=end.reason)
-            for end in ends]
+    return [
+        Outcome("complete", result=end) if isinstance(end, TrialResult) else Outcome(end.kind, reason=end.reason)
+        for end in ends
+    ]
 
 
 def _describe(exc: BaseException) -> str:
@@ -204,8 +243,16 @@ class LocalBackend:
 
     slots = 1
 
-    def __init__(self, data: Splits, objectives: list[ObjectiveSpec], prune: bool, accelerator: str,
-                 loading: Loading = "auto", precision: Precision = "32", threads: int | None = None) -> None:
+    def __init__(
+        self,
+        data: Splits,
+        objectives: list[ObjectiveSpec],
+        prune: bool,
+        accelerator: str,
+        loading: Loading = "auto",
+        precision: Precision = "32",
+        threads: int | None = None,
+    ) -> None:
         import torch
 
         self.data, self.objectives, self.prune, self.accelerator = data, objectives, prune, accelerator
@@ -216,10 +263,14 @@ class LocalBackend:
 
     def start(self, jobs: list[TrialJob]) -> None:
         outcomes = execute_group(
-            [job.config for job in jobs], self.data, self.objectives,
-            [job.trial for job in jobs] if self.prune else None, self.accelerator,
+            [job.config for job in jobs],
+            self.data,
+            self.objectives,
+            [job.trial for job in jobs] if self.prune else None,
+            self.accelerator,
             on_epoch=None if self.on_epoch is None else lambda k, entry: self.on_epoch(jobs[k].trial.number, entry),
-            loading=self.loading, precision=self.precision,
+            loading=self.loading,
+            precision=self.precision,
         )
         self._done.extend(zip(jobs, outcomes))
 
@@ -263,8 +314,9 @@ def deferred_interrupts() -> Iterator[None]:
         yield
         return
     received: list[int] = []
-    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum))
-                for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {
+        s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)
+    }
     try:
         yield
     finally:
@@ -332,9 +384,12 @@ def run_study(
         stopped: StopReason = "budget"
         while True:
             timed_out = deadline is not None and time.monotonic() >= deadline
-            while (len({job.group for job in running.values()}) < backend.slots
-                   and counts.finished + len(running) < handle.budget
-                   and not timed_out and errors_in_a_row < MAX_CONSECUTIVE_ERRORS):
+            while (
+                len({job.group for job in running.values()}) < backend.slots
+                and counts.finished + len(running) < handle.budget
+                and not timed_out
+                and errors_in_a_row < MAX_CONSECUTIVE_ERRORS
+            ):
                 size = min(group_size, handle.budget - counts.finished - len(running))
                 with deferred_interrupts():
                     groups = _ask_group(study, spec, handle.seed, size)
@@ -367,16 +422,22 @@ def run_study(
                         errors_in_a_row = 0
                     counts, best = progress()
                     if listener is not None:
-                        listener.trial_finished(job, study._storage.get_trial(job.trial._trial_id), outcome, counts,
-                                                best)
+                        listener.trial_finished(
+                            job, study._storage.get_trial(job.trial._trial_id), outcome, counts, best
+                        )
         message = f"{errors_in_a_row} trials in a row failed; last: {last_error}" if stopped == "errors" else ""
         return RunSummary(counts, stopped, message)
     except KeyboardInterrupt:
         backend.cancel(running.values())
         for job in running.values():
             if study._storage.get_trial(job.trial._trial_id).state == TrialState.RUNNING:
-                abandon(study, job.trial._trial_id, job.trial.params, job.trial.user_attrs,
-                        "abandoned: interrupted by the user (Ctrl-C)")
+                abandon(
+                    study,
+                    job.trial._trial_id,
+                    job.trial.params,
+                    job.trial.user_attrs,
+                    "abandoned: interrupted by the user (Ctrl-C)",
+                )
         return RunSummary(count_trials(study.get_trials(deepcopy=False)), "interrupted")
     finally:
         beat.stop()

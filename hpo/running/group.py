@@ -51,10 +51,18 @@ from hpo.spec import ObjectiveSpec
 
 #: The parameters whose values fix a group's shape (:func:`group_key`): a driver asks a group's
 #: first trial as usual and the others with these fixed to the first's values.
-SHARED_PARAMETERS = frozenset({
-    "model.layers", "model.units", "model.activation", "model.couple_width", "dropout.variant",
-    "training.optimizer", "training.momentum", "training.batch_size",
-})
+SHARED_PARAMETERS = frozenset(
+    {
+        "model.layers",
+        "model.units",
+        "model.activation",
+        "model.couple_width",
+        "dropout.variant",
+        "training.optimizer",
+        "training.momentum",
+        "training.batch_size",
+    }
+)
 
 #: What a member's epoch handler says: go on, or the trial was pruned.
 EpochHandler = Callable[[int, dict[str, float]], bool]
@@ -106,8 +114,14 @@ class GroupModule(pl.LightningModule):
     position in the original group) and returns whether the member was pruned.
     """
 
-    def __init__(self, configs: list[TrialConfig], data: Splits, selection: ObjectiveSpec,
-                 on_member_epoch: EpochHandler, batches: GroupBatches) -> None:
+    def __init__(
+        self,
+        configs: list[TrialConfig],
+        data: Splits,
+        selection: ObjectiveSpec,
+        on_member_epoch: EpochHandler,
+        batches: GroupBatches,
+    ) -> None:
         super().__init__()
         self.automatic_optimization = False
         self.net = group_net(configs, data)
@@ -117,9 +131,9 @@ class GroupModule(pl.LightningModule):
         self.register_buffer("lr", torch.tensor([x.lr for x in t]))
         self.register_buffer("weight_decay", torch.tensor([x.weight_decay for x in t]))
         self.register_buffer("l1", torch.tensor([x.l1 for x in t]))
-        self.register_buffer("max_norm", torch.tensor(
-            [math.inf if c.dropout.max_norm is None else c.dropout.max_norm for c in configs]
-        ))
+        self.register_buffer(
+            "max_norm", torch.tensor([math.inf if c.dropout.max_norm is None else c.dropout.max_norm for c in configs])
+        )
         self.uses_l1 = any(x.l1 > 0 for x in t)
         self.uses_weight_decay = any(x.weight_decay > 0 for x in t)
         self.uses_max_norm = any(c.dropout.max_norm is not None for c in configs)
@@ -139,7 +153,7 @@ class GroupModule(pl.LightningModule):
         k = self.net.size
         self._train = torch.zeros(3, k, device=self.device)  # loss sum, correct, examples
         self._batches = 0
-        self._val = torch.zeros(4, k, device=self.device)    # batch-mean loss sum, correct, examples, batches
+        self._val = torch.zeros(4, k, device=self.device)  # batch-mean loss sum, correct, examples, batches
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
@@ -219,21 +233,26 @@ class GroupModule(pl.LightningModule):
                 "epoch_time": self._epoch_time,
             }
             if not math.isfinite(entry["train/loss"]):
-                self.ends[k] = MemberEnd("nan", f"NonFiniteLossError: training loss became {entry['train/loss']} "
-                                                f"in epoch {self.current_epoch}", history=self.histories[k])
+                self.ends[k] = MemberEnd(
+                    "nan",
+                    f"NonFiniteLossError: training loss became {entry['train/loss']} in epoch {self.current_epoch}",
+                    history=self.histories[k],
+                )
                 leaving.append(pos)
                 continue
             self.histories[k].append(entry)
             if self.on_member_epoch(k, entry):
-                self.ends[k] = MemberEnd("pruned", f"Trial was pruned at epoch {self.current_epoch}.",
-                                         history=self.histories[k])
+                self.ends[k] = MemberEnd(
+                    "pruned", f"Trial was pruned at epoch {self.current_epoch}.", history=self.histories[k]
+                )
                 leaving.append(pos)
                 continue
             if self._improved(k, entry[self.monitor]):
                 self.best_value[k], self.best_epoch[k], self.waited[k] = entry[self.monitor], self.current_epoch, 0
                 with torch.no_grad():
-                    for best, now in zip([*self.best_weights, *self.best_biases],
-                                         [*self.net.weights, *self.net.biases]):
+                    for best, now in zip(
+                        [*self.best_weights, *self.best_biases], [*self.net.weights, *self.net.biases]
+                    ):
                         best[pos] = now[pos]
             else:
                 self.waited[k] += 1
@@ -251,8 +270,12 @@ class GroupModule(pl.LightningModule):
         return best is None or (value > best if self.maximize else value < best)
 
     def _complete(self, k: int, pos: int) -> MemberEnd:
-        return MemberEnd("complete", best_epoch=self.best_epoch[k], history=self.histories[k],
-                         state=self.net.member_state(pos, self.best_weights, self.best_biases))
+        return MemberEnd(
+            "complete",
+            best_epoch=self.best_epoch[k],
+            history=self.histories[k],
+            state=self.net.member_state(pos, self.best_weights, self.best_biases),
+        )
 
     def compact(self, keep: list[int]) -> None:
         """Go on with the members at positions ``keep``: stacked parameters, their optimiser
@@ -332,11 +355,12 @@ def run_group(
     return [_result(module.ends[k], configs[k], data, objectives) for k in range(len(configs))]
 
 
-def _result(end: MemberEnd, config: TrialConfig, data: Splits, objectives: list[ObjectiveSpec]) -> TrialResult | MemberEnd:
+def _result(
+    end: MemberEnd, config: TrialConfig, data: Splits, objectives: list[ObjectiveSpec]
+) -> TrialResult | MemberEnd:
     """A completed member measured as :func:`hpo.running.trial.run_trial` measures a solo trial."""
     if end.kind != "complete":
         return end
     net = build_net(config.net, config.dropout, data.input_shape, data.num_classes)
     net.load_state_dict(end.state)
     return measure(net, data, objectives, end.history, end.best_epoch, end.state)
-

@@ -40,17 +40,29 @@ Precision = Literal["32", "tf32", "bf16"]
 PRECISIONS: tuple[Precision, ...] = get_args(Precision)
 
 
-def trainer(accelerator: str, epochs: int, precision: Precision = "32",
-            callbacks: list[Callback] | None = None, batches: int | None = None) -> pl.Trainer:
+def trainer(
+    accelerator: str,
+    epochs: int,
+    precision: Precision = "32",
+    callbacks: list[Callback] | None = None,
+    batches: int | None = None,
+) -> pl.Trainer:
     """The Lightning trainer of one trial or group: one device, no logger, checkpoints, progress
     bar or sanity check (a study runs hundreds of fits; dropout-hpo records what it needs).
     ``batches`` limits each epoch's training and validation batches (the check before a study)."""
     limits = {} if batches is None else {f"limit_{stage}_batches": batches for stage in ("train", "val", "test")}
     return pl.Trainer(
-        accelerator=accelerator, devices=1, max_epochs=epochs, callbacks=callbacks,
+        accelerator=accelerator,
+        devices=1,
+        max_epochs=epochs,
+        callbacks=callbacks,
         precision="bf16-mixed" if precision == "bf16" else "32-true",
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, **limits,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        **limits,
     )
 
 
@@ -174,10 +186,18 @@ class Fitted:
     state: dict[str, torch.Tensor] | None
 
 
-def fit(prepared: Prepared, train: TrainConfig, fit_data: Callable[[torch.device], dict[str, Any]], *,
-        pruning_trial: Any | None = None, accelerator: str = "auto",
-        on_epoch: Callable[[dict[str, float]], None] | None = None, keep_last: bool = False,
-        precision: Precision = "32", batches: int | None = None) -> Fitted:
+def fit(
+    prepared: Prepared,
+    train: TrainConfig,
+    fit_data: Callable[[torch.device], dict[str, Any]],
+    *,
+    pruning_trial: Any | None = None,
+    accelerator: str = "auto",
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+    keep_last: bool = False,
+    precision: Precision = "32",
+    batches: int | None = None,
+) -> Fitted:
     """Train ``prepared`` as every kind of trial trains, and leave the kept weights in its network.
 
     The callbacks run in this order: the kind's ``before``, best-epoch keeping, ``on_epoch``, the
@@ -194,8 +214,9 @@ def fit(prepared: Prepared, train: TrainConfig, fit_data: Callable[[torch.device
         callbacks.append(EpochListener(on_epoch, prepared.history))
     callbacks += prepared.after
     if train.early_stopping:
-        callbacks.append(EarlyStopping(selection.metric, patience=train.early_stopping,
-                                       mode="max" if maximize else "min"))
+        callbacks.append(
+            EarlyStopping(selection.metric, patience=train.early_stopping, mode="max" if maximize else "min")
+        )
     if pruning_trial is not None:
         from optuna_integration import PyTorchLightningPruningCallback
 
@@ -213,8 +234,14 @@ def fit(prepared: Prepared, train: TrainConfig, fit_data: Callable[[torch.device
     return Fitted(fitter, best.epoch, best.state)
 
 
-def measure(net: torch.nn.Module, data: Splits, objectives: list[ObjectiveSpec], history: list[dict[str, float]],
-            best_epoch: int, state: dict[str, torch.Tensor] | None) -> TrialResult:
+def measure(
+    net: torch.nn.Module,
+    data: Splits,
+    objectives: list[ObjectiveSpec],
+    history: list[dict[str, float]],
+    best_epoch: int,
+    state: dict[str, torch.Tensor] | None,
+) -> TrialResult:
     """The result of a trial whose ``net`` holds the kept weights: eval-mode metrics of every
     split, and the objectives at ``best_epoch`` of ``history`` (shared by solo and grouped trials)."""
     summary = evaluate_splits(net, data)
@@ -230,8 +257,13 @@ def measure(net: torch.nn.Module, data: Splits, objectives: list[ObjectiveSpec],
     )
 
 
-def fit_interruptible(trainer: pl.Trainer, module: pl.LightningModule, train: Iterable | None = None,
-                      val: Iterable | None = None, **data: Any) -> None:
+def fit_interruptible(
+    trainer: pl.Trainer,
+    module: pl.LightningModule,
+    train: Iterable | None = None,
+    val: Iterable | None = None,
+    **data: Any,
+) -> None:
     """``trainer.fit`` that lets Ctrl-C through: Lightning turns it into ``sys.exit(1)`` and
     leaves SIGINT ignored; here it becomes ``KeyboardInterrupt`` again, handler restored.
     ``data`` may name a ``datamodule`` instead of the loaders."""
@@ -253,8 +285,8 @@ def evaluate(net: torch.nn.Module, split: Split) -> tuple[float, float]:
     device = next(net.parameters()).device
     loss, correct = 0.0, 0
     for start in range(0, len(split), EVAL_BATCH):
-        x = split.x[start:start + EVAL_BATCH].to(device)
-        y = split.y[start:start + EVAL_BATCH].to(device)
+        x = split.x[start : start + EVAL_BATCH].to(device)
+        y = split.y[start : start + EVAL_BATCH].to(device)
         logits = logits_of(net(x))
         loss += float(F.cross_entropy(logits, y, reduction="sum"))
         correct += int((logits.argmax(1) == y).sum())
@@ -295,4 +327,3 @@ def evaluate_batches(net: torch.nn.Module, batches: Any, limit: int | None = Non
         correct += int((logits.argmax(-1) == y).sum())
         count += len(y)
     return loss / max(count, 1), correct / max(count, 1)
-

@@ -51,7 +51,8 @@ STALE_AFTER_S = 30.0
 
 _metadata = MetaData()
 LEASES = Table(
-    LEASE_TABLE, _metadata,
+    LEASE_TABLE,
+    _metadata,
     Column("study_name", String(512), primary_key=True),
     Column("token", String(64), nullable=False),
     Column("host", String(255), nullable=False),
@@ -96,8 +97,11 @@ class DriverLease:
         while not self._stop.wait(every):
             # A store that is briefly down: the next beat retries.
             with contextlib.suppress(Exception), self.engine.begin() as db:
-                db.execute(update(LEASES).where(LEASES.c.study_name == self.study_name,
-                                                LEASES.c.token == self.token).values(heartbeat=time.time()))
+                db.execute(
+                    update(LEASES)
+                    .where(LEASES.c.study_name == self.study_name, LEASES.c.token == self.token)
+                    .values(heartbeat=time.time())
+                )
 
     def release(self) -> None:
         """Stop the heartbeat and delete the row, if it is still this driver's."""
@@ -125,8 +129,14 @@ def holder(engine: Engine, study_name: str) -> Holder | None:
     return None if row is None else Holder(row.token, row.host, row.pid, row.heartbeat)
 
 
-def acquire(url: str, study_name: str, *, take_over: bool = False, stale_after: float = STALE_AFTER_S,
-            heartbeat_s: float = HEARTBEAT_S) -> DriverLease:
+def acquire(
+    url: str,
+    study_name: str,
+    *,
+    take_over: bool = False,
+    stale_after: float = STALE_AFTER_S,
+    heartbeat_s: float = HEARTBEAT_S,
+) -> DriverLease:
     """Take study ``study_name``'s lease in the store at ``url``, or raise :class:`StudyBusy`
     naming the driver that holds it. A stale lease (or any, with ``take_over``) is replaced
     only if it has not changed since it was read, so two drivers taking over at once cannot
@@ -139,8 +149,9 @@ def acquire(url: str, study_name: str, *, take_over: bool = False, stale_after: 
         raise
 
 
-def _acquire(engine: Engine, url: str, study_name: str, take_over: bool, stale_after: float,
-             heartbeat_s: float) -> DriverLease:
+def _acquire(
+    engine: Engine, url: str, study_name: str, take_over: bool, stale_after: float, heartbeat_s: float
+) -> DriverLease:
     create_table(engine)
     token = uuid.uuid4().hex
     mine = {"token": token, "host": socket.gethostname(), "pid": os.getpid()}
@@ -169,10 +180,14 @@ def _acquire(engine: Engine, url: str, study_name: str, take_over: bool, stale_a
         if current is None:
             continue  # released between the insert and the read
         with engine.begin() as db:
-            taken = db.execute(
-                update(LEASES).where(LEASES.c.study_name == study_name, LEASES.c.token == current.token)
-                .values(heartbeat=time.time(), **mine)
-            ).rowcount == 1
+            taken = (
+                db.execute(
+                    update(LEASES)
+                    .where(LEASES.c.study_name == study_name, LEASES.c.token == current.token)
+                    .values(heartbeat=time.time(), **mine)
+                ).rowcount
+                == 1
+            )
         if taken:
             return DriverLease(engine, study_name, token, heartbeat_s)
         break

@@ -84,7 +84,9 @@ def gpu_fraction(trials: int) -> float:
     return math.floor(10_000 / trials) / 10_000
 
 
-def probe(configs: list[TrialConfig], data: Splits, objectives: list[ObjectiveSpec], precision: Precision = "32") -> Probe:
+def probe(
+    configs: list[TrialConfig], data: Splits, objectives: list[ObjectiveSpec], precision: Precision = "32"
+) -> Probe:
     """Train ``configs`` (one trial, or a vectorised group) on this process's GPU 0 for a few
     seconds and measure it. Runs where the trials will run: in a Ray task holding one whole GPU,
     so that the GPU's used memory grows by this process's footprint alone.
@@ -98,8 +100,14 @@ def probe(configs: list[TrialConfig], data: Splits, objectives: list[ObjectiveSp
     short = probe_splits(data)
     unseen_bytes = split_bytes(data) - split_bytes(short)  # resident in real trials, not in the probe
     samples: list[float] = []
-    seconds = train_measured(configs, short, objectives, "gpu",
-                             lambda: samples.append(torch.cuda.utilization(device) / 100), precision=precision)
+    seconds = train_measured(
+        configs,
+        short,
+        objectives,
+        "gpu",
+        lambda: samples.append(torch.cuda.utilization(device) / 100),
+        precision=precision,
+    )
     peak_extra = torch.cuda.max_memory_reserved(device) - torch.cuda.memory_reserved(device)
     grown = torch.cuda.device_memory_used(device) - used_before
     footprint = grown + peak_extra if fresh and grown > 0 else torch.cuda.max_memory_reserved(device) + CONTEXT_BYTES
@@ -118,9 +126,12 @@ def probe_splits(data: Splits) -> Splits:
     n = min(len(data.train), PROBE_EXAMPLES)
     n_val = max(1, round(len(data.val) * n / len(data.train)))
     return Splits(
-        train=Split(data.train.x[:n], data.train.y[:n]), val=Split(data.val.x[:n_val], data.val.y[:n_val]),
+        train=Split(data.train.x[:n], data.train.y[:n]),
+        val=Split(data.val.x[:n_val], data.val.y[:n_val]),
         test=Split(data.test.x[:1], data.test.y[:1]),
-        input_shape=data.input_shape, num_classes=data.num_classes, name=data.name,
+        input_shape=data.input_shape,
+        num_classes=data.num_classes,
+        name=data.name,
     )
 
 
@@ -153,11 +164,18 @@ class _Window:
         return self.settle <= time.perf_counter() - self.first_epoch_end < self.settle + self.measure
 
 
-def train_measured(configs: list[TrialConfig], data: Splits, objectives: list[ObjectiveSpec], accelerator: str,
-                   sample: Callable[[], None], *, settle: float = SETTLE_SECONDS,
-                   measure: float = MEASURE_SECONDS,
-                   on_epoch: Callable[[int, dict[str, float]], None] | None = None,
-                   precision: Precision = "32") -> float:
+def train_measured(
+    configs: list[TrialConfig],
+    data: Splits,
+    objectives: list[ObjectiveSpec],
+    accelerator: str,
+    sample: Callable[[], None],
+    *,
+    settle: float = SETTLE_SECONDS,
+    measure: float = MEASURE_SECONDS,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    precision: Precision = "32",
+) -> float:
     """Train ``configs`` as one group (or one trial) until ``measure`` seconds of steady state
     have passed after the first epoch and ``settle``, calling ``sample()`` every
     :data:`SAMPLE_SECONDS` in that window (``on_epoch`` as in
@@ -165,8 +183,10 @@ def train_measured(configs: list[TrialConfig], data: Splits, objectives: list[Ob
     ``RuntimeError`` if the trial fails or diverges."""
     from hpo.running.executor import execute_group
 
-    configs = [dataclasses.replace(c, train=dataclasses.replace(c.train, epochs=PROBE_MAX_EPOCHS, early_stopping=None))
-               for c in configs]
+    configs = [
+        dataclasses.replace(c, train=dataclasses.replace(c.train, epochs=PROBE_MAX_EPOCHS, early_stopping=None))
+        for c in configs
+    ]
     window = _Window(settle, measure)
     stop = threading.Event()
 
@@ -179,8 +199,9 @@ def train_measured(configs: list[TrialConfig], data: Splits, objectives: list[Ob
     started = time.perf_counter()
     thread.start()
     try:
-        outcomes = execute_group(configs, data, objectives, [window] * len(configs), accelerator, on_epoch=on_epoch,
-                                 precision=precision)
+        outcomes = execute_group(
+            configs, data, objectives, [window] * len(configs), accelerator, on_epoch=on_epoch, precision=precision
+        )
     finally:
         stop.set()
         thread.join()

@@ -28,9 +28,7 @@ def make_pruner(spec: PrunerSpec) -> optuna.pruners.BasePruner:
     if spec.name == "median":
         return SettledMedianPruner(n_startup_trials=spec.n_startup_trials, n_warmup_steps=spec.n_warmup_steps)
     if spec.name == "hyperband":
-        return optuna.pruners.HyperbandPruner(
-            min_resource=spec.min_resource, reduction_factor=spec.reduction_factor
-        )
+        return optuna.pruners.HyperbandPruner(min_resource=spec.min_resource, reduction_factor=spec.reduction_factor)
     return optuna.pruners.NopPruner()
 
 
@@ -39,8 +37,14 @@ class SettledMedianPruner(optuna.pruners.MedianPruner):
     and then at most once per ``refresh_s`` seconds (see the module), and not at all for an epoch
     inside the warm-up, where the median pruner never prunes."""
 
-    def __init__(self, n_startup_trials: int = 5, n_warmup_steps: int = 0, *args: Any, refresh_s: float = REFRESH_S,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self,
+        n_startup_trials: int = 5,
+        n_warmup_steps: int = 0,
+        *args: Any,
+        refresh_s: float = REFRESH_S,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(n_startup_trials, n_warmup_steps, *args, **kwargs)
         self.warmup_steps = n_warmup_steps  # MedianPruner keeps its own only as a private attribute
         self._refresh_s = refresh_s

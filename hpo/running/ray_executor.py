@@ -44,15 +44,33 @@ DECISION_TIMEOUT = 120.0
 CLIENT_ATTEMPTS = 3
 
 _LOST = (
-    ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError, ray.exceptions.OutOfMemoryError,
-    ray.exceptions.LocalRayletDiedError, ray.exceptions.TaskCancelledError, ray.exceptions.ObjectLostError,
+    ray.exceptions.WorkerCrashedError,
+    ray.exceptions.NodeDiedError,
+    ray.exceptions.OutOfMemoryError,
+    ray.exceptions.LocalRayletDiedError,
+    ray.exceptions.TaskCancelledError,
+    ray.exceptions.ObjectLostError,
 )
 
 
 #: Left out when a user's code folder is shipped to Ray workers: stores, artifacts and
 #: environments that often sit beside a search space.
-CODE_EXCLUDES = ["*.db", "*.db-journal", "*.db-wal", "mlartifacts/", "mlruns/", "reports/", ".git/", ".venv/",
-                 "venv/", "__pycache__/", "*.ckpt", "*.pt", "*.pth", "lightning_logs/"]
+CODE_EXCLUDES = [
+    "*.db",
+    "*.db-journal",
+    "*.db-wal",
+    "mlartifacts/",
+    "mlruns/",
+    "reports/",
+    ".git/",
+    ".venv/",
+    "venv/",
+    "__pycache__/",
+    "*.ckpt",
+    "*.pt",
+    "*.pth",
+    "lightning_logs/",
+]
 
 
 def connect(address: str | None = None, *, num_cpus: int | None = None, code_dir: str | None = None) -> bool:
@@ -67,8 +85,10 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, code_dir
         try:
             import grpc  # noqa: F401
         except ImportError:
-            raise HpoError(f"{address} is a Ray client address, and Ray's client is not installed: "
-                           "pip install 'dropout-hpo[cluster]'") from None
+            raise HpoError(
+                f"{address} is a Ray client address, and Ray's client is not installed: "
+                "pip install 'dropout-hpo[cluster]'"
+            ) from None
     runtime_env = {"working_dir": code_dir, "excludes": CODE_EXCLUDES} if code_dir else None
     try:
         for attempt in range(1, CLIENT_ATTEMPTS + 1):
@@ -86,17 +106,27 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, code_dir
             except ConnectionAbortedError as exc:
                 if "Initialization failure from server" not in str(exc) or attempt == CLIENT_ATTEMPTS:
                     raise
-                print(f"Ray's client server at {address} failed to start this session's server (a known Ray "
-                      f"race, ray-project/ray#63202); connecting again ({attempt + 1}/{CLIENT_ATTEMPTS})",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"Ray's client server at {address} failed to start this session's server (a known Ray "
+                    f"race, ray-project/ray#63202); connecting again ({attempt + 1}/{CLIENT_ATTEMPTS})",
+                    file=sys.stderr,
+                    flush=True,
+                )
     except ConnectionError as exc:
-        hint = "" if address and address.startswith("ray://") else (
-            "; a machine that is not a Ray node reaches the cluster through Ray's client: --ray-address ray://HEAD:10001")
+        hint = (
+            ""
+            if address and address.startswith("ray://")
+            else (
+                "; a machine that is not a Ray node reaches the cluster through Ray's client: --ray-address ray://HEAD:10001"
+            )
+        )
         raise HpoError(f"cannot reach the Ray cluster at {address} ({describe(exc)}){hint}") from None
     except Exception as exc:
         if code_dir and ("working_dir" in str(exc).lower() or "package" in str(exc).lower()):
-            raise HpoError(f"cannot ship the code folder {code_dir} to Ray workers ({describe(exc)}); point "
-                           "--code-dir at a folder holding only your code") from exc
+            raise HpoError(
+                f"cannot ship the code folder {code_dir} to Ray workers ({describe(exc)}); point "
+                "--code-dir at a folder holding only your code"
+            ) from exc
         raise
     return True
 
@@ -118,8 +148,10 @@ def check_workers_import(class_path: str) -> None:
     import the user's model."""
     why = ray.get(_importable.remote(class_path))
     if why:
-        raise HpoError(f"Ray workers cannot import {class_path} ({why}): Ray was started without your code; "
-                       "start it with ray.init(runtime_env={'working_dir': CODE_DIR}) or let hpo start it")
+        raise HpoError(
+            f"Ray workers cannot import {class_path} ({why}): Ray was started without your code; "
+            "start it with ray.init(runtime_env={'working_dir': CODE_DIR}) or let hpo start it"
+        )
 
 
 @ray.remote(num_cpus=0)
@@ -197,13 +229,28 @@ class RemoteTrial:
 
 def _worker_info(cpus: float) -> dict[str, Any]:
     gpu_ids = ray.get_gpu_ids()
-    return {"host": socket.gethostname(), "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()[:12],
-            "gpus": [str(g) for g in gpu_ids], "cpus": cpus}
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "node": ray.get_runtime_context().get_node_id()[:12],
+        "gpus": [str(g) for g in gpu_ids],
+        "cpus": cpus,
+    }
 
 
 @ray.remote(max_retries=0)
-def _run_remote(configs, data: Splits, objectives, broker, numbers: list[int], prune: bool, accelerator: str,
-                cpus: float, loading: str, precision: str) -> list[Outcome]:
+def _run_remote(
+    configs,
+    data: Splits,
+    objectives,
+    broker,
+    numbers: list[int],
+    prune: bool,
+    accelerator: str,
+    cpus: float,
+    loading: str,
+    precision: str,
+) -> list[Outcome]:
     """One trial, or a vectorised group of trials (``numbers``, one per config)."""
     import torch
 
@@ -211,10 +258,16 @@ def _run_remote(configs, data: Splits, objectives, broker, numbers: list[int], p
     worker = _worker_info(cpus)
     for number in numbers:
         ray.get(broker.started.remote(number, worker))
-    return execute_group(configs, data, objectives,
-                         [RemoteTrial(broker, number) for number in numbers] if prune else None, accelerator,
-                         on_epoch=lambda k, entry: ray.get(broker.epoch.remote(numbers[k], entry)), loading=loading,
-                         precision=precision)
+    return execute_group(
+        configs,
+        data,
+        objectives,
+        [RemoteTrial(broker, number) for number in numbers] if prune else None,
+        accelerator,
+        on_epoch=lambda k, entry: ray.get(broker.epoch.remote(numbers[k], entry)),
+        loading=loading,
+        precision=precision,
+    )
 
 
 class RayBackend:
@@ -261,8 +314,16 @@ class RayBackend:
 
     def start(self, jobs: list[TrialJob]) -> None:
         ref = _run_remote.options(**self._options).remote(
-            [job.config for job in jobs], self._data_ref, self.objectives, self._broker,
-            [job.trial.number for job in jobs], self.prune, self.accelerator, self.cpus, self.loading, self.precision,
+            [job.config for job in jobs],
+            self._data_ref,
+            self.objectives,
+            self._broker,
+            [job.trial.number for job in jobs],
+            self.prune,
+            self.accelerator,
+            self.cpus,
+            self.loading,
+            self.precision,
         )
         self._tasks[ref] = jobs
         for job in jobs:
@@ -292,8 +353,12 @@ class RayBackend:
             done.extend(zip(jobs, self._outcomes(ref, len(jobs))))
         return done
 
-    def _answer(self, reports: list[tuple[int, int, float]], started: list[tuple[int, dict[str, Any]]],
-                epochs: list[tuple[int, dict[str, float]]]) -> None:
+    def _answer(
+        self,
+        reports: list[tuple[int, int, float]],
+        started: list[tuple[int, dict[str, Any]]],
+        epochs: list[tuple[int, dict[str, float]]],
+    ) -> None:
         """Record where trials run; pass epochs on; report workers' selection metric to Optuna
         and send back whether each trial should stop."""
         for number, worker in started:
@@ -338,8 +403,9 @@ def _probe_remote(configs, data: Splits, objectives, precision: str):
     return probe(configs, data, objectives, precision)
 
 
-def auto_gpus_per_trial(spec: Any, seed: int, data: Splits, group_size: int, cpus_per_trial: float,
-                        precision: Precision = "32") -> tuple[float, str]:
+def auto_gpus_per_trial(
+    spec: Any, seed: int, data: Splits, group_size: int, cpus_per_trial: float, precision: Precision = "32"
+) -> tuple[float, str]:
     """``--gpus-per-trial auto``: probe one representative trial (the spec's ``recommended``
     baseline, or a group of ``group_size`` of them) alone on a whole GPU of the cluster, at the
     study's ``precision``, and return Ray's ``num_gpus`` per trial and a line saying what was
@@ -351,8 +417,10 @@ def auto_gpus_per_trial(spec: Any, seed: int, data: Splits, group_size: int, cpu
     resources = ray.cluster_resources()
     gpus = resources.get("GPU", 0)
     if gpus < 1:
-        raise HpoError("--gpus-per-trial auto measures a trial on a GPU, and the Ray cluster has none "
-                       "(use --gpus-per-trial 0 to train on CPUs)")
+        raise HpoError(
+            "--gpus-per-trial auto measures a trial on a GPU, and the Ray cluster has none "
+            "(use --gpus-per-trial 0 to train on CPUs)"
+        )
     config = baseline_config(spec, "recommended", seed)
     members = group_size if group_key(config) is not None else 1
     configs = [dataclasses.replace(config, seed=config.seed + k) for k in range(members)]
@@ -363,7 +431,9 @@ def auto_gpus_per_trial(spec: Any, seed: int, data: Splits, group_size: int, cpu
     per_gpu = trials_per_gpu(measured, resources.get("CPU", 1) / gpus, cpus_per_trial)
     fraction = gpu_fraction(per_gpu)
     what = f"a group of {members} trials" if members > 1 else "one trial"
-    note = (f"--gpus-per-trial auto: {what} alone on a {measured.device} used "
-            f"{measured.footprint_bytes / 2**20:,.0f} MiB of {measured.total_bytes / 2**30:,.0f} GiB and kept it "
-            f"busy {measured.utilization:.0%} of the time → {per_gpu} per GPU (--gpus-per-trial {fraction:g})")
+    note = (
+        f"--gpus-per-trial auto: {what} alone on a {measured.device} used "
+        f"{measured.footprint_bytes / 2**20:,.0f} MiB of {measured.total_bytes / 2**30:,.0f} GiB and kept it "
+        f"busy {measured.utilization:.0%} of the time → {per_gpu} per GPU (--gpus-per-trial {fraction:g})"
+    )
     return fraction, note

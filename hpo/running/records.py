@@ -81,8 +81,18 @@ BEST_EPOCH = "best_epoch"
 #: Eval-mode metrics and counts a finished trial keeps (accuracies and losses of each split,
 #: ``gap`` = train - test accuracy, ``best_epoch``, ``epochs`` run, ``epoch_time`` in seconds).
 #: Reports, exports and MLflow read them.
-TRIAL_METRICS = ("train_acc", "val_acc", "test_acc", "train_loss", "val_loss", "test_loss", "gap",
-                 BEST_EPOCH, "epochs", "epoch_time")
+TRIAL_METRICS = (
+    "train_acc",
+    "val_acc",
+    "test_acc",
+    "train_loss",
+    "val_loss",
+    "test_loss",
+    "gap",
+    BEST_EPOCH,
+    "epochs",
+    "epoch_time",
+)
 #: Why the pruner stopped the trial, e.g. ``"pruned at epoch 3: …"`` (str).
 PRUNED_REASON = "pruned_reason"
 #: Why the trial failed (str): the error, or why it was abandoned.
@@ -259,7 +269,8 @@ class StoredTrial:
             number=trial.number,
             state=trial.state,
             values=None if trial.values is None else list(trial.values),
-            objectives={} if spec is None or trial.values is None
+            objectives={}
+            if spec is None or trial.values is None
             else dict(zip([o.metric for o in spec.objective], trial.values)),
             params=dict(trial.params),
             settings={} if spec is None else trial_settings(spec, trial),

@@ -56,7 +56,8 @@ def lock_kept(exc: BaseException) -> StoreError | None:
             return StoreError(
                 f"the SQLite study store stayed locked for {SQLITE_LOCK_WAIT_S:.0f} s: another process holds its "
                 "write lock (an hpo driver suspended with Ctrl-Z, or a long write); finished trials are stored, "
-                "try again once that process goes on or ends")
+                "try again once that process goes on or ends"
+            )
         chain.add(id(seen))
         seen = seen.__cause__ or seen.__context__
     return None
@@ -72,7 +73,8 @@ def connection_lost(exc: BaseException) -> bool:
     as opposed to a statement the database refused."""
     cause = exc.__cause__ if isinstance(exc, optuna.exceptions.StorageInternalError) else exc
     return isinstance(cause, sqlalchemy.exc.OperationalError) or (
-        isinstance(cause, sqlalchemy.exc.DBAPIError) and cause.connection_invalidated)
+        isinstance(cause, sqlalchemy.exc.DBAPIError) and cause.connection_invalidated
+    )
 
 
 def _patient(method: Any) -> Any:
@@ -96,27 +98,34 @@ def _patient(method: Any) -> Any:
                 now = time.monotonic()
                 if deadline is None:
                     deadline = now + STORE_PATIENCE_S
-                    print(f"the study store {redact(self.url)} stopped answering, retrying for up to "
-                          f"{STORE_PATIENCE_S:.0f} s: {first_line(exc.__cause__ or exc)}", file=sys.stderr, flush=True)
+                    print(
+                        f"the study store {redact(self.url)} stopped answering, retrying for up to "
+                        f"{STORE_PATIENCE_S:.0f} s: {first_line(exc.__cause__ or exc)}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                 if now >= deadline:
                     raise StoreError(
                         f"the study store {redact(self.url)} has not answered for {STORE_PATIENCE_S:.0f} s "
                         "(finished trials are stored: `hpo resume` continues the study once it is back): "
-                        f"{first_line(exc.__cause__ or exc)}") from exc
+                        f"{first_line(exc.__cause__ or exc)}"
+                    ) from exc
                 time.sleep(delay)
                 delay = min(2 * delay, 5.0)
                 continue
             if result is False and (found := stored()) is not _NOT_STORED:
                 return found
             return result
+
     return call
 
 
 _NOT_STORED = object()
 
 
-def _state_stored(storage: RDBStorage, started: datetime, trial_id: int, state: TrialState,
-                  values: Sequence[float] | None = None) -> Any:
+def _state_stored(
+    storage: RDBStorage, started: datetime, trial_id: int, state: TrialState, values: Sequence[float] | None = None
+) -> Any:
     """``set_trial_state_values`` retried: its first commit landed if the trial holds that state
     and those values (and, when it was taken from the queue to run, started after the call
     began; the retry is then refused as if another process had taken it)."""
@@ -128,8 +137,12 @@ def _state_stored(storage: RDBStorage, started: datetime, trial_id: int, state: 
     return True
 
 
-def _study_stored(storage: RDBStorage, _started: datetime, directions: Sequence[optuna.study.StudyDirection],
-                  study_name: str | None = None) -> Any:
+def _study_stored(
+    storage: RDBStorage,
+    _started: datetime,
+    directions: Sequence[optuna.study.StudyDirection],
+    study_name: str | None = None,
+) -> Any:
     """``create_new_study`` retried: its first commit landed if a study of that name exists with
     those directions and nothing in it yet (the retry is refused as a duplicate name)."""
     if study_name is None:
@@ -138,8 +151,12 @@ def _study_stored(storage: RDBStorage, _started: datetime, directions: Sequence[
         study_id = storage.get_study_id_from_name(study_name)
     except KeyError:
         return _NOT_STORED
-    fresh = (list(storage.get_study_directions(study_id)) == list(directions) and not storage.get_n_trials(study_id)
-             and not storage.get_study_user_attrs(study_id) and not storage.get_study_system_attrs(study_id))
+    fresh = (
+        list(storage.get_study_directions(study_id)) == list(directions)
+        and not storage.get_n_trials(study_id)
+        and not storage.get_study_user_attrs(study_id)
+        and not storage.get_study_system_attrs(study_id)
+    )
     return study_id if fresh else _NOT_STORED
 
 
@@ -171,10 +188,15 @@ def _created_once(create: Any) -> Any:
                 trial = self.get_trial(self.get_trial_id_from_study_id_trial_number(study_id, number))
                 if not _a_copy(trial, template_trial, started):
                     break
-                fail_as_abandoned(self, trial._trial_id, f"abandoned: a copy of trial {created.number}, made when "
-                                  "the study store lost the acknowledgement of its creation")
+                fail_as_abandoned(
+                    self,
+                    trial._trial_id,
+                    f"abandoned: a copy of trial {created.number}, made when "
+                    "the study store lost the acknowledgement of its creation",
+                )
                 number -= 1
         return created
+
     return call
 
 
@@ -183,11 +205,20 @@ def _a_copy(trial: FrozenTrial, template: FrozenTrial | None, started: datetime)
     untouched since: a RUNNING trial with nothing set, started since, or the template's state,
     parameters and attributes."""
     if template is None:
-        return (trial.state == TrialState.RUNNING and trial.datetime_start is not None and trial.datetime_start >= started
-                and not (trial.params or trial.user_attrs or trial.system_attrs or trial.intermediate_values))
-    return (trial.state == template.state and trial.params == template.params and trial.values == template.values
-            and trial.user_attrs == template.user_attrs and trial.system_attrs == template.system_attrs
-            and trial.intermediate_values == template.intermediate_values)
+        return (
+            trial.state == TrialState.RUNNING
+            and trial.datetime_start is not None
+            and trial.datetime_start >= started
+            and not (trial.params or trial.user_attrs or trial.system_attrs or trial.intermediate_values)
+        )
+    return (
+        trial.state == template.state
+        and trial.params == template.params
+        and trial.values == template.values
+        and trial.user_attrs == template.user_attrs
+        and trial.system_attrs == template.system_attrs
+        and trial.intermediate_values == template.intermediate_values
+    )
 
 
 class PatientRDBStorage(RDBStorage):
@@ -225,13 +256,36 @@ class PatientRDBStorage(RDBStorage):
 #: the private ones directly. A name Optuna renames is skipped here, so that the service still
 #: imports, and fails tests/test_store_outage.py.
 PATIENT_CALLS = (
-    "create_new_study", "delete_study", "set_study_user_attr", "set_study_system_attr", "get_study_id_from_name",
-    "get_study_name_from_id", "get_study_directions", "get_study_user_attrs", "get_study_system_attrs",
-    "get_all_studies", "create_new_trial", "set_trial_param", "get_trial_id_from_study_id_trial_number",
-    "get_trial_number_from_id", "get_trial_param", "set_trial_state_values", "set_trial_intermediate_value",
-    "set_trial_user_attr", "set_trial_system_attr", "get_trial", "get_all_trials", "get_n_trials", "get_best_trial",
-    "record_heartbeat", "get_failed_trial_callback",
-    "_get_trials", "_get_stale_trial_ids", "_create_new_trial", "_set_trial_param", "_get_best_trial_id",
+    "create_new_study",
+    "delete_study",
+    "set_study_user_attr",
+    "set_study_system_attr",
+    "get_study_id_from_name",
+    "get_study_name_from_id",
+    "get_study_directions",
+    "get_study_user_attrs",
+    "get_study_system_attrs",
+    "get_all_studies",
+    "create_new_trial",
+    "set_trial_param",
+    "get_trial_id_from_study_id_trial_number",
+    "get_trial_number_from_id",
+    "get_trial_param",
+    "set_trial_state_values",
+    "set_trial_intermediate_value",
+    "set_trial_user_attr",
+    "set_trial_system_attr",
+    "get_trial",
+    "get_all_trials",
+    "get_n_trials",
+    "get_best_trial",
+    "record_heartbeat",
+    "get_failed_trial_callback",
+    "_get_trials",
+    "_get_stale_trial_ids",
+    "_create_new_trial",
+    "_set_trial_param",
+    "_get_best_trial_id",
 )
 for _name in PATIENT_CALLS:
     if hasattr(RDBStorage, _name):
@@ -245,7 +299,9 @@ def open_storage(url: str | None = None) -> RDBStorage:
     cannot be reached."""
     url = storage_url(url)
     try:
-        storage = (RDBStorage if url.startswith("sqlite") else PatientRDBStorage)(url, engine_kwargs=engine_options(url))
+        storage = (RDBStorage if url.startswith("sqlite") else PatientRDBStorage)(
+            url, engine_kwargs=engine_options(url)
+        )
     except Exception as exc:  # SQLAlchemy raises many types for a bad URL or server
         raise StoreError(f"cannot open study store {redact(url)}: {first_line(exc) or type(exc).__name__}") from exc
     if url.startswith("sqlite"):

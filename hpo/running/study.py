@@ -75,8 +75,12 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 
 def tpe_options(spec: SamplerSpec) -> dict[str, Any]:
     """``TPESampler``'s settings for a spec's ``sampler:`` section, the seed aside."""
-    return {"multivariate": spec.multivariate, "group": spec.multivariate, "constant_liar": True,
-            **_startup(spec, default=10)}
+    return {
+        "multivariate": spec.multivariate,
+        "group": spec.multivariate,
+        "constant_liar": True,
+        **_startup(spec, default=10),
+    }
 
 
 SAMPLERS = {
@@ -84,7 +88,9 @@ SAMPLERS = {
     "gp": lambda s, seed: optuna.samplers.GPSampler(seed=seed, **_startup(s, default=10)),
     "random": lambda s, seed: optuna.samplers.RandomSampler(seed=seed),
     "cmaes": lambda s, seed: optuna.samplers.CmaEsSampler(
-        seed=seed, warn_independent_sampling=False, **_startup(s, default=1),
+        seed=seed,
+        warn_independent_sampling=False,
+        **_startup(s, default=1),
     ),
     "qmc": lambda s, seed: optuna.samplers.QMCSampler(seed=seed, warn_independent_sampling=False),
 }
@@ -159,8 +165,12 @@ def create_study(
         sampler=make_sampler(spec.sampler, seed),
         pruner=make_pruner(spec.active_pruner),
     )
-    for key, value in {SPEC_SOURCE: spec_source, BUDGET: budget, STUDY_SEED: seed,
-                       NUMERIC_CHOICES: spec.sampler.numeric_choices}.items():
+    for key, value in {
+        SPEC_SOURCE: spec_source,
+        BUDGET: budget,
+        STUDY_SEED: seed,
+        NUMERIC_CHOICES: spec.sampler.numeric_choices,
+    }.items():
         study.set_user_attr(key, value)
     set_study_record(study, SPEC, spec_text)
     if code_dir is not None:
@@ -251,12 +261,14 @@ class Counts:
 
 
 def count_trials(trials: list[FrozenTrial]) -> Counts:
-    states = Counter(
-        "abandoned" if is_abandoned(t) else t.state.name.lower() for t in trials
-    )
+    states = Counter("abandoned" if is_abandoned(t) else t.state.name.lower() for t in trials)
     return Counts(
-        complete=states["complete"], pruned=states["pruned"], failed=states["fail"],
-        abandoned=states["abandoned"], running=states["running"], waiting=states["waiting"],
+        complete=states["complete"],
+        pruned=states["pruned"],
+        failed=states["fail"],
+        abandoned=states["abandoned"],
+        running=states["running"],
+        waiting=states["waiting"],
     )
 
 
@@ -294,7 +306,9 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def abandon(study: optuna.Study, trial_id: int, params: dict[str, Any], user_attrs: dict[str, Any], reason: str) -> None:
+def abandon(
+    study: optuna.Study, trial_id: int, params: dict[str, Any], user_attrs: dict[str, Any], reason: str
+) -> None:
     """Fail a trial its driver could not finish, record why, and queue its configuration again
     (the abandoned trial does not count against the budget)."""
     fail_as_abandoned(study._storage, trial_id, reason)
@@ -314,12 +328,14 @@ def reconcile(study: optuna.Study, *, leased: bool = False) -> list[int]:
     RUNNING trial is an orphan, however fresh its heartbeat (a driver container killed a moment
     ago, then taken over). Returns their numbers."""
     now = time.time()
-    orphans = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-               if leased or _orphaned(t, now)]
+    orphans = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if leased or _orphaned(t, now)]
     for t in orphans:
         owner = t.system_attrs.get(DRIVER, {})
         abandon(
-            study, t._trial_id, t.params, t.user_attrs,
+            study,
+            t._trial_id,
+            t.params,
+            t.user_attrs,
             f"abandoned: driver {owner.get('host', '?')}:{owner.get('pid', '?')} stopped during the trial",
         )
     return [t.number for t in orphans]

@@ -104,11 +104,15 @@ class ThreadChoice:
 
     def describe(self) -> str:
         if self.flops is None:
-            return f"in-process trials train with {self.threads} torch thread{'s' * (self.threads > 1)} (--cpus-per-trial)"
+            return (
+                f"in-process trials train with {self.threads} torch thread{'s' * (self.threads > 1)} (--cpus-per-trial)"
+            )
         step = "training step" if self.group_size == 1 else f"training step of a group of {self.group_size}"
-        return (f"in-process trials train with {self.threads} torch thread{'s' * (self.threads > 1)} of {self.cores} "
-                f"cores ({self.flops / 1e6:,.0f} MFLOP per {step}; one thread per "
-                f"{MIN_FLOPS_PER_THREAD / 1e6:,.0f} MFLOP; --cpus-per-trial to choose)")
+        return (
+            f"in-process trials train with {self.threads} torch thread{'s' * (self.threads > 1)} of {self.cores} "
+            f"cores ({self.flops / 1e6:,.0f} MFLOP per {step}; one thread per "
+            f"{MIN_FLOPS_PER_THREAD / 1e6:,.0f} MFLOP; --cpus-per-trial to choose)"
+        )
 
 
 def centre_step_flops(spec: Any, data: Any, group_size: int = 1) -> float:

@@ -43,8 +43,14 @@ class TrialKind(Protocol):
         """``trainer.fit``'s data arguments (loaders or a ``datamodule``) on ``device``."""
         ...
 
-    def measure(self, prepared: Prepared, fitted: Fitted, data: TrialData, objectives: list[ObjectiveSpec],
-                batches: int | None = None) -> TrialResult:
+    def measure(
+        self,
+        prepared: Prepared,
+        fitted: Fitted,
+        data: TrialData,
+        objectives: list[ObjectiveSpec],
+        batches: int | None = None,
+    ) -> TrialResult:
         """The result of a fit whose network holds the kept weights."""
         ...
 
@@ -97,7 +103,15 @@ def run_trial(
     prepared = kind.prepare(config, data, objectives)
     if on_built is not None and prepared.sites is not None:
         on_built(prepared.sites)
-    fitted = fit(prepared, config.train, lambda device: kind.fit_data(config, data, device, loading),
-                 pruning_trial=pruning_trial, accelerator=accelerator, on_epoch=on_epoch, keep_last=keep_last,
-                 precision=precision, batches=batches)
+    fitted = fit(
+        prepared,
+        config.train,
+        lambda device: kind.fit_data(config, data, device, loading),
+        pruning_trial=pruning_trial,
+        accelerator=accelerator,
+        on_epoch=on_epoch,
+        keep_last=keep_last,
+        precision=precision,
+        batches=batches,
+    )
     return kind.measure(prepared, fitted, data, objectives, batches)

@@ -92,32 +92,52 @@ def site_problems(spec: Spec, built: BuiltModel) -> list[tuple[str, str]]:
     d, table = spec.dropout, built.table
     paths = [s.path for s in table.sites]
     if not paths:
-        return [("model", f"{spec.model.class_path} has no dropout site: no dropout module, no attention or recurrent "
-                          "dropout, no stochastic depth, and no dropout call in a training step")]
+        return [
+            (
+                "model",
+                f"{spec.model.class_path} has no dropout site: no dropout module, no attention or recurrent "
+                "dropout, no stochastic depth, and no dropout call in a training step",
+            )
+        ]
     problems = []
     for name, group in d.groups.items():
         for pattern in group.match:
             if not any(matches(pattern, path) for path in paths):
-                problems.append((f"dropout.groups.{name}.match", f"{pattern!r} matches no dropout site (sites: "
-                                 f"{_listing(paths)})"))
+                problems.append(
+                    (f"dropout.groups.{name}.match", f"{pattern!r} matches no dropout site (sites: {_listing(paths)})")
+                )
         members = [s for s in built.settings if s.group == name]
         if members and not any(s.site.acts for s in members):
-            problems.append((f"dropout.groups.{name}", "its rate reaches no dropout site a training step uses ("
-                             + "; ".join(f"{s.site.path}: {s.site.notes[0]}" for s in members[:3]) + ")"))
+            problems.append(
+                (
+                    f"dropout.groups.{name}",
+                    "its rate reaches no dropout site a training step uses ("
+                    + "; ".join(f"{s.site.path}: {s.site.notes[0]}" for s in members[:3])
+                    + ")",
+                )
+            )
         if group.variant is not None and members and not any(s.site.takes_variant for s in members):
-            problems.append((f"dropout.groups.{name}.variant", "no site of this group is an element-wise dropout "
-                             "module a variant can replace (its sites: " + _listing([s.site.path for s in members])
-                             + "); search its rate only"))
+            problems.append(
+                (
+                    f"dropout.groups.{name}.variant",
+                    "no site of this group is an element-wise dropout "
+                    "module a variant can replace (its sites: "
+                    + _listing([s.site.path for s in members])
+                    + "); search its rate only",
+                )
+            )
     if d.unmatched == "refuse":
         left = unmatched_sites(table, {n: g.match for n, g in d.groups.items()})
         if left:
-            problems.append(("dropout.unmatched", f"refuse, and these sites match no group: "
-                             f"{_listing([s.path for s in left])}"))
+            problems.append(
+                ("dropout.unmatched", f"refuse, and these sites match no group: {_listing([s.path for s in left])}")
+            )
     layers = [path for path, _ in constrained_layers(built.network, ["**"])]
     for name, entry in d.max_norm.items():
         if not constrained_layers(built.network, entry.match):
-            problems.append((f"dropout.max_norm.{name}.match", "matches no Linear or Conv layer (layers: "
-                             f"{_listing(layers)})"))
+            problems.append(
+                (f"dropout.max_norm.{name}.match", f"matches no Linear or Conv layer (layers: {_listing(layers)})")
+            )
     return problems
 
 
@@ -126,17 +146,31 @@ def training_problems(spec: Spec, built: BuiltModel, data: TrialData) -> list[tu
     problems = []
     given = spec.training.model_fields_set
     if built.lightning:
-        problems += [(f"training.{name}", "a LightningModule trains with its own configure_optimizers: set this "
-                      "through its init_args instead") for name in _OPTIMISATION if name in given]
+        problems += [
+            (
+                f"training.{name}",
+                "a LightningModule trains with its own configure_optimizers: set this through its init_args instead",
+            )
+            for name in _OPTIMISATION
+            if name in given
+        ]
     else:
         for i, objective in enumerate(spec.objective):
             if objective.metric not in METRICS:
-                problems.append((f"objective.{i}.metric" if spec.multi_objective else "objective.metric",
-                                 f"an nn.Module is trained by hpo, which measures {', '.join(METRICS)}; got "
-                                 f"{objective.metric!r} (a LightningModule is judged on what it logs)"))
+                problems.append(
+                    (
+                        f"objective.{i}.metric" if spec.multi_objective else "objective.metric",
+                        f"an nn.Module is trained by hpo, which measures {', '.join(METRICS)}; got "
+                        f"{objective.metric!r} (a LightningModule is judged on what it logs)",
+                    )
+                )
     if isinstance(data, UserData) and data.datamodule is not None and "batch_size" in given:
-        problems.append(("training.batch_size", "the LightningDataModule makes its own batches: set its batch size "
-                         "in data.init_args"))
+        problems.append(
+            (
+                "training.batch_size",
+                "the LightningDataModule makes its own batches: set its batch size in data.init_args",
+            )
+        )
     return problems
 
 
@@ -186,7 +220,8 @@ def undefined_config_keys(spec: Spec) -> dict[str, str]:
                 found[f"{key}.init_args.{name}"] = (
                     f"{target.__name__} defines no {name!r}: it stores it, and the model reads it nowhere, so the "
                     f"sampler would search a dimension that changes nothing (its dropout settings: "
-                    f"{', '.join(drops) or 'none'})")
+                    f"{', '.join(drops) or 'none'})"
+                )
     return found
 
 
@@ -250,10 +285,15 @@ def dead_argument_problems(spec: Spec, effects: list[ArgumentEffect]) -> list[tu
         if e.name in undefined:
             problems.append((e.name, undefined[e.name]))
         elif names_dropout(e.name):
-            problems.append((e.name, f"searched, but the model drops the same built with {e.values[0]:g} and "
-                                     f"{e.values[1]:g}: no dropout site's rate moves with it, so the sampler would "
-                                     "search a dimension that changes nothing (fix its value, or search the sites "
-                                     "with a group)"))
+            problems.append(
+                (
+                    e.name,
+                    f"searched, but the model drops the same built with {e.values[0]:g} and "
+                    f"{e.values[1]:g}: no dropout site's rate moves with it, so the sampler would "
+                    "search a dimension that changes nothing (fix its value, or search the sites "
+                    "with a group)",
+                )
+            )
     return problems
 
 
@@ -270,9 +310,11 @@ def site_warnings(spec: Spec, built: BuiltModel, effects: list[ArgumentEffect]) 
                 by_group.setdefault(owners[path], []).append(path)
         for group, paths in by_group.items():
             every = len(paths) == len(effect.sites) and not effect.calls
-            lines.append(f"dropout.groups.{group} sets the rate of {len(paths)} site{'s' if len(paths) > 1 else ''} "
-                         f"that {effect.name} also sets ({_listing(paths, 3)}); the group's rate wins there"
-                         + (f", so {effect.name} changes nothing: fix it, or drop the group" if every else ""))
+            lines.append(
+                f"dropout.groups.{group} sets the rate of {len(paths)} site{'s' if len(paths) > 1 else ''} "
+                f"that {effect.name} also sets ({_listing(paths, 3)}); the group's rate wins there"
+                + (f", so {effect.name} changes nothing: fix it, or drop the group" if every else "")
+            )
     return lines
 
 
@@ -289,8 +331,9 @@ def build_checked(config: UserTrialConfig, batch: Any, *, strict: bool = True) -
     except UserCodeError:
         raise
     except Exception as exc:  # noqa: BLE001 - the user's forward
-        raise UserCodeError("model", f"a forward pass on the first batch raised {type(exc).__name__}: "
-                                     f"{first_line(exc)}") from exc
+        raise UserCodeError(
+            "model", f"a forward pass on the first batch raised {type(exc).__name__}: {first_line(exc)}"
+        ) from exc
 
 
 def check_user_model(spec: Spec, data: TrialData, accelerator: str = "cpu") -> CheckResult:
@@ -313,6 +356,7 @@ def check_user_model(spec: Spec, data: TrialData, accelerator: str = "cpu") -> C
     except MissingMetricError as exc:
         raise UserCodeError("objective", str(exc)) from exc
     except Exception as exc:  # noqa: BLE001 - the user's training code
-        raise UserCodeError("model", f"training on the first batch raised {type(exc).__name__}: "
-                                     f"{first_line(exc)}") from exc
+        raise UserCodeError(
+            "model", f"training on the first batch raised {type(exc).__name__}: {first_line(exc)}"
+        ) from exc
     return CheckResult(built, result, effects, site_warnings(spec, built, effects))

@@ -85,7 +85,8 @@ class MetricHistory(Callback):
             logged = sorted(k for k in entry if k not in ("epoch", "epoch_time"))
             raise MissingMetricError(
                 f"the model logged no {' or '.join(map(repr, missing))} in its first validation epoch (it logged: "
-                f"{', '.join(logged) or 'nothing'}; log it with self.log in validation_step)")
+                f"{', '.join(logged) or 'nothing'}; log it with self.log in validation_step)"
+            )
         self.entries.append(entry)
 
 
@@ -126,8 +127,10 @@ def _lightning_summary(fitter: pl.Trainer, built: BuiltModel, data: TrialData) -
     if not _overrides(built.module, "test_step"):
         return {}
     if isinstance(data, Splits):
-        loader: Any = [(data.test.x[i:i + EVAL_BATCH], data.test.y[i:i + EVAL_BATCH])
-                       for i in range(0, len(data.test), EVAL_BATCH)]
+        loader: Any = [
+            (data.test.x[i : i + EVAL_BATCH], data.test.y[i : i + EVAL_BATCH])
+            for i in range(0, len(data.test), EVAL_BATCH)
+        ]
         results = fitter.test(built.module, dataloaders=loader, verbose=False)
     elif data.datamodule is not None:
         if not _overrides(data.datamodule, "test_dataloader"):
@@ -156,18 +159,29 @@ class UserTrial:
         recorder = MetricHistory(logged) if built.lightning else None
         history = recorder.entries if recorder is not None else built.module.history
         return Prepared(
-            built.module, built.network, history, _selection(objectives, built.lightning),
+            built.module,
+            built.network,
+            history,
+            _selection(objectives, built.lightning),
             before=[recorder] if recorder is not None else [],
             after=[MaxNormCallback(built.constrained)] if built.constrained else [],
-            sites=built.report(), built=built,
+            sites=built.report(),
+            built=built,
         )
 
-    def fit_data(self, config: UserTrialConfig, data: TrialData, device: torch.device,
-                 loading: Loading) -> dict[str, Any]:
+    def fit_data(
+        self, config: UserTrialConfig, data: TrialData, device: torch.device, loading: Loading
+    ) -> dict[str, Any]:
         return _fit_data(data, config.train.batch_size, config.seed, device, loading)
 
-    def measure(self, prepared: Prepared, fitted: Fitted, data: TrialData, objectives: list[ObjectiveSpec],
-                batches: int | None = None) -> TrialResult:
+    def measure(
+        self,
+        prepared: Prepared,
+        fitted: Fitted,
+        data: TrialData,
+        objectives: list[ObjectiveSpec],
+        batches: int | None = None,
+    ) -> TrialResult:
         built: BuiltModel = prepared.built
         history = prepared.history
         if built.lightning:
@@ -180,8 +194,13 @@ class UserTrial:
         missing = [o.metric for o in objectives if o.metric not in at_best]
         if missing:
             raise MissingMetricError(
-                f"the model did not log {', '.join(map(repr, missing))} in epoch {fitted.best_epoch}")
+                f"the model did not log {', '.join(map(repr, missing))} in epoch {fitted.best_epoch}"
+            )
         return TrialResult(
-            values=[at_best[o.metric] for o in objectives], best_epoch=fitted.best_epoch, history=history,
-            summary=summary, state=fitted.state, sites=prepared.sites,
+            values=[at_best[o.metric] for o in objectives],
+            best_epoch=fitted.best_epoch,
+            history=history,
+            summary=summary,
+            state=fitted.state,
+            sites=prepared.sites,
         )

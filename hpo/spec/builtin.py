@@ -12,9 +12,7 @@ from hpo.spec.values import MaxNorm, PositiveInt, Rate, SearchBool, SearchInt, _
 
 Arch = Literal["mlp", "cnn", "conv1d", "lstm", "gru"]
 Activation = Literal["relu", "tanh", "elu", "gelu", "selu"]
-Variant = Literal[
-    "inverted", "standard", "spatial", "alpha", "gaussian", "dropconnect", "locked", "dropblock"
-]
+Variant = Literal["inverted", "standard", "spatial", "alpha", "gaussian", "dropconnect", "locked", "dropblock"]
 VARIANTS: tuple[str, ...] = Variant.__args__  # type: ignore[attr-defined]
 
 #: Dropout variants each architecture can build; a spec choosing another one is rejected.
@@ -124,4 +122,3 @@ class ModelSpec(_Strict):
     channels: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [16, 32])
     activation: _searchable(Activation, None) = "relu"
     couple_width: SearchBool = False
-

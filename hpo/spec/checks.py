@@ -21,12 +21,24 @@ def mismatched_sections(raw: dict[str, Any]) -> list[tuple[str, str]]:
     if not isinstance(dropout, dict):
         return []
     if _by_class_path(raw.get("model")) == "user":
-        return [(f"dropout.{key}", "a model given by class_path has no placements: name its dropout sites in "
-                 "dropout.groups (`hpo sites` lists them)") for key in _PLACEMENT_KEYS if key in dropout]
+        return [
+            (
+                f"dropout.{key}",
+                "a model given by class_path has no placements: name its dropout sites in "
+                "dropout.groups (`hpo sites` lists them)",
+            )
+            for key in _PLACEMENT_KEYS
+            if key in dropout
+        ]
     if "groups" in dropout or "unmatched" in dropout:
         key = "groups" if "groups" in dropout else "unmatched"
-        return [(f"dropout.{key}", "groups of dropout sites are for a model given by class_path; a built-in "
-                 "network's dropout is set by placement (input, hidden, conv, recurrent)")]
+        return [
+            (
+                f"dropout.{key}",
+                "groups of dropout sites are for a model given by class_path; a built-in "
+                "network's dropout is set by placement (input, hidden, conv, recurrent)",
+            )
+        ]
     return []
 
 
@@ -52,34 +64,51 @@ def _builtin_inconsistencies(spec: Spec) -> list[tuple[str, str]]:
     arch = spec.model.arch
     problems = []
     if isinstance(spec.data, UserDataSpec):
-        problems.append(("data.class_path", "the built-in networks train on the built-in data sets: give "
-                         "model.class_path for your own model, or dataset: npz or csv for your own arrays"))
+        problems.append(
+            (
+                "data.class_path",
+                "the built-in networks train on the built-in data sets: give "
+                "model.class_path for your own model, or dataset: npz or csv for your own arrays",
+            )
+        )
     for placement in ("input", "hidden", "conv", "recurrent"):
         if getattr(spec.dropout, placement) is not None and placement not in PLACEMENTS_BY_ARCH[arch]:
-            problems.append((
-                f"dropout.{placement}",
-                f"the {arch} has no {placement} layer to drop (placements: "
-                f"{', '.join(PLACEMENTS_BY_ARCH[arch])})",
-            ))
+            problems.append(
+                (
+                    f"dropout.{placement}",
+                    f"the {arch} has no {placement} layer to drop (placements: {', '.join(PLACEMENTS_BY_ARCH[arch])})",
+                )
+            )
     for variant in candidates(spec.dropout.variant):
         if variant not in VARIANTS_BY_ARCH[arch]:
-            problems.append((
-                "dropout.variant",
-                f"variant {variant!r} is not available for the {arch} (choose from "
-                f"{', '.join(VARIANTS_BY_ARCH[arch])})",
-            ))
+            problems.append(
+                (
+                    "dropout.variant",
+                    f"variant {variant!r} is not available for the {arch} (choose from "
+                    f"{', '.join(VARIANTS_BY_ARCH[arch])})",
+                )
+            )
     if spec.dropout.hidden is not None and spec.dropout.hidden.per_layer and is_searched(spec.model.layers):
         problems.append(("dropout.hidden.per_layer", "needs a fixed model.layers"))
     for i, objective in enumerate(spec.objective):
         if objective.metric not in METRICS:
-            problems.append((f"objective.{i}.metric" if spec.multi_objective else "objective.metric",
-                             f"the built-in networks measure {', '.join(METRICS)}; got {objective.metric!r}"))
+            problems.append(
+                (
+                    f"objective.{i}.metric" if spec.multi_objective else "objective.metric",
+                    f"the built-in networks measure {', '.join(METRICS)}; got {objective.metric!r}",
+                )
+            )
     return problems
 
 
 def _user_model_inconsistencies(spec: Spec) -> list[tuple[str, str]]:
     problems = []
     if "recommended" in spec.baselines:
-        problems.append(("baselines", "'recommended' sets Srivastava et al.'s rates by placement, which a model "
-                         "given by class_path does not have; use no_dropout"))
+        problems.append(
+            (
+                "baselines",
+                "'recommended' sets Srivastava et al.'s rates by placement, which a model "
+                "given by class_path does not have; use no_dropout",
+            )
+        )
     return problems

@@ -38,8 +38,22 @@ Metric = Literal["val/acc", "val/loss", "train/acc", "train/loss", "gap", "epoch
 METRICS: tuple[str, ...] = Metric.__args__  # type: ignore[attr-defined]
 Direction = Literal["maximize", "minimize"]
 _MINIMISED_WORDS = ("gap", "loss", "err", "mse", "mae", "rmse", "nll", "perplexity", "ppl", "time", "ece", "brier")
-_MAXIMISED_WORDS = ("acc", "f1", "auc", "auroc", "precision", "recall", "iou", "dice", "map", "score", "r2",
-                    "correlation", "bleu", "rouge")
+_MAXIMISED_WORDS = (
+    "acc",
+    "f1",
+    "auc",
+    "auroc",
+    "precision",
+    "recall",
+    "iou",
+    "dice",
+    "map",
+    "score",
+    "r2",
+    "correlation",
+    "bleu",
+    "rouge",
+)
 
 
 def default_direction(metric: str) -> Direction | None:
@@ -73,8 +87,10 @@ class ObjectiveSpec(_Strict):
         if self.direction is None:
             direction = default_direction(self.metric)
             if direction is None:
-                raise ValueError(f"cannot tell from its name whether {self.metric!r} is better high or low: "
-                                 "add direction: maximize or minimize")
+                raise ValueError(
+                    f"cannot tell from its name whether {self.metric!r} is better high or low: "
+                    "add direction: maximize or minimize"
+                )
             object.__setattr__(self, "direction", direction)
         return self
 
@@ -177,12 +193,17 @@ class Spec(_Strict):
     name: str | None = Field(None, min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
     description: str = ""
     code_dir: Path | None = None
-    data: Annotated[Union[Annotated[DataSpec, Tag("builtin")], Annotated[UserDataSpec, Tag("user")]],
-                    Discriminator(_by_class_path)] = Field(default_factory=DataSpec)
-    model: Annotated[Union[Annotated[ModelSpec, Tag("builtin")], Annotated[UserModelSpec, Tag("user")]],
-                     Discriminator(_by_class_path)] = Field(default_factory=ModelSpec)
-    dropout: Annotated[Union[Annotated[DropoutSpec, Tag("builtin")], Annotated[SiteGroupsSpec, Tag("user")]],
-                       Discriminator(_dropout_kind)] = Field(default_factory=DropoutSpec)
+    data: Annotated[
+        Union[Annotated[DataSpec, Tag("builtin")], Annotated[UserDataSpec, Tag("user")]], Discriminator(_by_class_path)
+    ] = Field(default_factory=DataSpec)
+    model: Annotated[
+        Union[Annotated[ModelSpec, Tag("builtin")], Annotated[UserModelSpec, Tag("user")]],
+        Discriminator(_by_class_path),
+    ] = Field(default_factory=ModelSpec)
+    dropout: Annotated[
+        Union[Annotated[DropoutSpec, Tag("builtin")], Annotated[SiteGroupsSpec, Tag("user")]],
+        Discriminator(_dropout_kind),
+    ] = Field(default_factory=DropoutSpec)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     objective: list[ObjectiveSpec] = Field(default_factory=lambda: [ObjectiveSpec()], min_length=1)
     sampler: SamplerSpec = Field(default_factory=SamplerSpec)

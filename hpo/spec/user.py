@@ -14,8 +14,9 @@ from hpo.spec.values import Choice, FloatRange, IntRange, MaxNorm, Rate, _search
 
 def _import_path(value: str) -> str:
     if not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+", value):
-        raise ValueError(f"expected an import path such as my_models.Net or torchvision.models.VisionTransformer, "
-                         f"got {value!r}")
+        raise ValueError(
+            f"expected an import path such as my_models.Net or torchvision.models.VisionTransformer, got {value!r}"
+        )
     return value
 
 
@@ -35,8 +36,9 @@ def _search_value(value: dict[str, Any], key: str) -> Any:
     try:
         if set(value) == {"choice"}:
             return Choice[Any].model_validate(value)
-        ints = all(isinstance(value.get(k), int) and not isinstance(value.get(k), bool)
-                   for k in ("low", "high")) and isinstance(value.get("step", 1), int)
+        ints = all(
+            isinstance(value.get(k), int) and not isinstance(value.get(k), bool) for k in ("low", "high")
+        ) and isinstance(value.get("step", 1), int)
         return (IntRange if ints else FloatRange).model_validate(value)
     except ValidationError as exc:
         error = exc.errors()[0]
@@ -45,8 +47,9 @@ def _search_value(value: dict[str, Any], key: str) -> Any:
 
 
 def is_search_mapping(value: Any) -> bool:
-    return isinstance(value, dict) and (set(value) == {"choice"} or (
-        {"low", "high"} <= set(value) and set(value) <= {"low", "high", "log", "step"}))
+    return isinstance(value, dict) and (
+        set(value) == {"choice"} or ({"low", "high"} <= set(value) and set(value) <= {"low", "high", "log", "step"})
+    )
 
 
 def parse_arguments(value: Any, key: str) -> Any:

@@ -105,6 +105,4 @@ Rate = Annotated[SearchFloat, _check(lambda v: 0 <= v < 1, "a dropout rate must 
 Positive = Annotated[SearchFloat, _check(lambda v: v > 0, "must be > 0")]
 NonNegative = Annotated[SearchFloat, _check(lambda v: v >= 0, "must be >= 0")]
 PositiveInt = Annotated[SearchInt, _check(lambda v: v >= 1, "must be >= 1")]
-MaxNorm = Annotated[
-    _searchable(float | None, FloatRange), _check(lambda v: v > 0, "max-norm c must be > 0")
-]
+MaxNorm = Annotated[_searchable(float | None, FloatRange), _check(lambda v: v > 0, "max-norm c must be > 0")]

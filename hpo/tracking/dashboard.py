@@ -44,8 +44,20 @@ DEFAULT_PORT, OPTUNA_PORT = 5000, 8080
 
 def server_command(uri: str, host: str, port: int) -> list[str]:
     """The ``mlflow server`` command serving tracking store ``uri`` with one worker process."""
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
-               "--host", host, "--port", str(port), "--workers", "1"]
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     if (artifacts := artifacts_dir(uri)) is not None:
         command += ["--artifacts-destination", str(artifacts)]
     return command
@@ -83,8 +95,9 @@ class StudyAddress:
     charts: str | None = None
 
 
-def runs_address(base: str, experiment_id: str, study: str, objective: str, direction: str,
-                 has_view: bool = True) -> StudyAddress:
+def runs_address(
+    base: str, experiment_id: str, study: str, objective: str, direction: str, has_view: bool = True
+) -> StudyAddress:
     """The address of a study's trial runs in the dashboard at ``base``: with the study's preset
     view where its experiment has one (``has_view``) that the installed MLflow reads, else the
     runs table filtered to trial runs (so they are not folded under the study's run) and sorted
@@ -100,8 +113,10 @@ def runs_address(base: str, experiment_id: str, study: str, objective: str, dire
     # browser's last choice, else GenAI; no tag or server setting decides it.
     query = {"workflowType": "machine_learning", "searchFilter": f"tags.`{ROLE_TAG}` = 'trial'"}
     if objective:
-        query |= {"orderByKey": f"metrics.`{OBJECTIVE_PREFIX}{objective}`",
-                  "orderByAsc": "true" if direction == "minimize" else "false"}
+        query |= {
+            "orderByKey": f"metrics.`{OBJECTIVE_PREFIX}{objective}`",
+            "orderByAsc": "true" if direction == "minimize" else "false",
+        }
     return StudyAddress(study, page + urllib.parse.urlencode(query, quote_via=urllib.parse.quote))
 
 
@@ -116,8 +131,16 @@ def study_address(uri: str, base: str, study: str | None = None) -> StudyAddress
 
     client = MlflowClient(uri)
     experiments = client.search_experiments()
-    runs = client.search_runs([e.experiment_id for e in experiments], filter_string=f"tags.`{ROLE_TAG}` = 'study'",
-                              order_by=["attributes.start_time DESC"], max_results=1000) if experiments else []
+    runs = (
+        client.search_runs(
+            [e.experiment_id for e in experiments],
+            filter_string=f"tags.`{ROLE_TAG}` = 'study'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1000,
+        )
+        if experiments
+        else []
+    )
     if study is not None:
         runs = [r for r in runs if r.data.tags.get(STUDY_TAG) == study]
         if not runs:
@@ -128,8 +151,14 @@ def study_address(uri: str, base: str, study: str | None = None) -> StudyAddress
     name = run.data.tags.get(STUDY_TAG, run.info.run_name)
     metric, _, direction = run.data.params.get("objectives", "").split(",")[0].partition(" (")
     tags = client.get_experiment(run.info.experiment_id).tags
-    return runs_address(base, run.info.experiment_id, name, metric.strip(), direction.rstrip(")"),
-                        has_view=view.TAG_PREFIX + view.view_key(name) in tags)
+    return runs_address(
+        base,
+        run.info.experiment_id,
+        name,
+        metric.strip(),
+        direction.rstrip(")"),
+        has_view=view.TAG_PREFIX + view.view_key(name) in tags,
+    )
 
 
 def _about_view(found: StudyAddress, announce: Callable[[str], None]) -> None:
@@ -141,8 +170,10 @@ def _about_view(found: StudyAddress, announce: Callable[[str], None]) -> None:
         announce(f"its dropout parameters against the objective, as charts: {found.charts}")
     elif not view.supported():
         checked = ", ".join(f"{major}.{minor}" for major, minor in view.CHECKED)
-        announce(f"(no preset columns or charts: the view is written for MLflow {checked}, and this is MLflow "
-                 f"{metadata.version('mlflow')})")
+        announce(
+            f"(no preset columns or charts: the view is written for MLflow {checked}, and this is MLflow "
+            f"{metadata.version('mlflow')})"
+        )
 
 
 def planned_address(handle: StudyHandle) -> tuple[str, bool] | None:
@@ -157,8 +188,9 @@ def planned_address(handle: StudyHandle) -> tuple[str, bool] | None:
     uri = str(parent.get("uri", ""))
     base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else f"http://127.0.0.1:{DEFAULT_PORT}"
     first = handle.spec.objective[0]
-    return runs_address(base, parent["experiment_id"], handle.name, first.metric, first.direction).table, \
-        not uri.startswith(("http://", "https://"))
+    return runs_address(
+        base, parent["experiment_id"], handle.name, first.metric, first.direction
+    ).table, not uri.startswith(("http://", "https://"))
 
 
 def server_environment() -> dict[str, str]:
@@ -167,9 +199,16 @@ def server_environment() -> dict[str, str]:
     return {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
-def serve(uri: str | None, *, host: str = "127.0.0.1", port: int = DEFAULT_PORT, study: str | None = None,
-          open_browser: bool = False, announce: Callable[[str], None] = print,
-          warn: Callable[[str], None] = print) -> None:
+def serve(
+    uri: str | None,
+    *,
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_PORT,
+    study: str | None = None,
+    open_browser: bool = False,
+    announce: Callable[[str], None] = print,
+    warn: Callable[[str], None] = print,
+) -> None:
     """Run the dashboard for tracking store ``uri`` (default: ``$MLFLOW_TRACKING_URI``, else
     ``sqlite:///mlflow.db``) until Ctrl-C or SIGTERM, and print the address of a study's trials
     (:func:`study_address`); for a tracking server, just say where it is. Every process the
@@ -185,8 +224,13 @@ def serve(uri: str | None, *, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
         return
     if (db := sqlite_path(uri)) is not None and not db.exists():
         raise HpoError(f"no MLflow store at {uri}: run a study first (`hpo submit …`) or pass --tracking-uri")
-    url = _bound(host, port, warn, "the dashboard has no login and anyone who can reach this host can read and "
-                 "delete runs; use 127.0.0.1 and an SSH tunnel, or the basic-auth server in docker/")
+    url = _bound(
+        host,
+        port,
+        warn,
+        "the dashboard has no login and anyone who can reach this host can read and "
+        "delete runs; use 127.0.0.1 and an SSH tunnel, or the basic-auth server in docker/",
+    )
     found = study_address(uri, url, study)
     address = found.table if found else url
 
@@ -196,8 +240,14 @@ def serve(uri: str | None, *, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
             announce(f"(study {found.study}: its trials, best first; all experiments at {url})")
             _about_view(found, announce)
 
-    _run_server(server_command(uri, host, port), lambda: healthy(url, timeout=1.0), "mlflow server", url,
-                server_environment(), on_up)
+    _run_server(
+        server_command(uri, host, port),
+        lambda: healthy(url, timeout=1.0),
+        "mlflow server",
+        url,
+        server_environment(),
+        on_up,
+    )
 
 
 def optuna_dashboard_command(storage: str, host: str, port: int) -> list[str]:
@@ -206,8 +256,9 @@ def optuna_dashboard_command(storage: str, host: str, port: int) -> list[str]:
     beside = Path(sys.executable).with_name("optuna-dashboard")
     script = str(beside) if beside.exists() else shutil.which("optuna-dashboard")
     if script is None:
-        raise HpoError("optuna-dashboard is not installed: pip install 'dropout-hpo[dashboard]' "
-                       "(or pip install optuna-dashboard)")
+        raise HpoError(
+            "optuna-dashboard is not installed: pip install 'dropout-hpo[dashboard]' (or pip install optuna-dashboard)"
+        )
     return [script, storage, "--host", host, "--port", str(port), "--server", "wsgiref"]
 
 
@@ -219,28 +270,48 @@ def optuna_study_path(storage: str, study: str | None) -> str:
     rdb = open_storage(storage)
     names = [s.study_name for s in rdb.get_all_studies()]
     if study is not None and study not in names:
-        raise HpoError(f"no study {study!r} in {redact(storage)}"
-                       + (f" (studies: {', '.join(sorted(names))})" if names else " (the store has no studies)"))
+        raise HpoError(
+            f"no study {study!r} in {redact(storage)}"
+            + (f" (studies: {', '.join(sorted(names))})" if names else " (the store has no studies)")
+        )
     ids = {name: rdb.get_study_id_from_name(name) for name in ([study] if study else names)}
     return f"/dashboard/studies/{max(ids.values())}" if ids else "/dashboard"
 
 
-def serve_optuna(storage: str, *, host: str = "127.0.0.1", port: int = OPTUNA_PORT, study: str | None = None,
-                 open_browser: bool = False, announce: Callable[[str], None] = print,
-                 warn: Callable[[str], None] = print) -> None:
+def serve_optuna(
+    storage: str,
+    *,
+    host: str = "127.0.0.1",
+    port: int = OPTUNA_PORT,
+    study: str | None = None,
+    open_browser: bool = False,
+    announce: Callable[[str], None] = print,
+    warn: Callable[[str], None] = print,
+) -> None:
     """Run optuna-dashboard on study store ``storage`` until Ctrl-C or SIGTERM and print the
     address of a study's page. A ``sqlite:///`` store must exist first: optuna-dashboard would
     leave an empty file behind and exit with "no such table"."""
     command = optuna_dashboard_command(storage, host, port)
     if (db := sqlite_path(storage)) is not None and not db.is_file():
         raise HpoError(f"no study store at {storage}: run a study first (`hpo submit …`) or pass --storage")
-    url = _bound(host, port, warn, "optuna-dashboard has no login and anyone who can reach this host can read, "
-                 "annotate and delete studies; use 127.0.0.1 and an SSH tunnel")
+    url = _bound(
+        host,
+        port,
+        warn,
+        "optuna-dashboard has no login and anyone who can reach this host can read, "
+        "annotate and delete studies; use 127.0.0.1 and an SSH tunnel",
+    )
     address = url + optuna_study_path(storage, study)
-    _run_server(command, lambda: _answers(f"{url}/api/meta"),
-                "optuna-dashboard", url, os.environ.copy(),
-                on_up=lambda: _opened(f"optuna-dashboard for {redact(storage)}: {address}  (Ctrl-C to stop)",
-                                      address, open_browser, announce))
+    _run_server(
+        command,
+        lambda: _answers(f"{url}/api/meta"),
+        "optuna-dashboard",
+        url,
+        os.environ.copy(),
+        on_up=lambda: _opened(
+            f"optuna-dashboard for {redact(storage)}: {address}  (Ctrl-C to stop)", address, open_browser, announce
+        ),
+    )
 
 
 def _bound(host: str, port: int, warn: Callable[[str], None], exposed: str) -> str:
@@ -267,8 +338,9 @@ def _answers(url: str, timeout: float = 1.0) -> bool:
         return False
 
 
-def _run_server(command: list[str], up: Callable[[], bool], what: str, url: str, env: dict[str, str],
-                on_up: Callable[[], None]) -> None:
+def _run_server(
+    command: list[str], up: Callable[[], bool], what: str, url: str, env: dict[str, str], on_up: Callable[[], None]
+) -> None:
     """Start ``command`` in its own session (its output kept in a temporary log), wait until
     ``up``, call ``on_up``, then wait for Ctrl-C or SIGTERM; every process it started is gone when
     this returns."""

@@ -55,8 +55,11 @@ def code_paths(code_dir: str | None) -> list[str] | None:
     if code_dir is None:
         return None
     folder = Path(code_dir)
-    found = [str(p) for p in sorted(folder.iterdir())
-             if (p.suffix == ".py" and p.is_file()) or (p.is_dir() and (p / "__init__.py").is_file())]
+    found = [
+        str(p)
+        for p in sorted(folder.iterdir())
+        if (p.suffix == ".py" and p.is_file()) or (p.is_dir() and (p / "__init__.py").is_file())
+    ]
     return found or None
 
 
@@ -90,14 +93,26 @@ def log_model(uri: str, run_id: str, net: Any, example: Any, code_dir: str | Non
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run(run_id=run_id):
         mlflow.pytorch.log_model(
-            net, name="model", input_example=example, signature=signature,
-            serialization_format="pickle", code_paths=code_paths(code_dir),
+            net,
+            name="model",
+            input_example=example,
+            signature=signature,
+            serialization_format="pickle",
+            code_paths=code_paths(code_dir),
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "dropout-hpo"],
         )
 
 
-def attach_best_model(mlflow_client: MlflowClient, uri: str, parent_id: str, run_id: str, net: Any, example: Any,
-                      end_ms: int | None, code_dir: str | None = None) -> None:
+def attach_best_model(
+    mlflow_client: MlflowClient,
+    uri: str,
+    parent_id: str,
+    run_id: str,
+    net: Any,
+    example: Any,
+    end_ms: int | None,
+    code_dir: str | None = None,
+) -> None:
     """Log a best trial's network (with the user's code in ``code_dir``) into its (complete)
     run, close the run again at the trial's own end time (``end_ms``; logging reopens it), and
     point the study run's ``hpo.best_model`` tag at the model."""
@@ -125,5 +140,3 @@ def best_model_of(mlflow_client: MlflowClient, parent_id: str, number: int) -> s
     if run_id and mlflow_client.get_run(run_id).data.tags.get(NUMBER_TAG) == str(number):
         return uri
     return None
-
-

@@ -50,7 +50,8 @@ def log_report(handle: StudyHandle, settings: Tracking, folder: Path) -> str:
             mlflow_client.set_experiment_tag(experiment_id, NOTE_TAG, study_note(handle.name, experiment_id, parent_id))
     except Exception as exc:
         raise TrackingError(
-            f"cannot log the report to MLflow at {redact(settings.resolved_uri)}: {describe(exc)}") from exc
+            f"cannot log the report to MLflow at {redact(settings.resolved_uri)}: {describe(exc)}"
+        ) from exc
     return parent_id
 
 
@@ -60,15 +61,20 @@ def report_note(study: str, run_id: str, plots: list[str]) -> str:
     host name)."""
     images = "\n\n".join(
         f"![{name}](get-artifact?path={urllib.parse.quote(f'{REPORT_ARTIFACTS}/{name}', safe='')}&run_uuid={run_id})"
-        for name in plots)
-    return (f"**Report of study `{study}`** (`hpo report {study}`): its tables are in `{REPORT_ARTIFACTS}/` under "
-            f"Artifacts, its plots below.\n\n{images}")
+        for name in plots
+    )
+    return (
+        f"**Report of study `{study}`** (`hpo report {study}`): its tables are in `{REPORT_ARTIFACTS}/` under "
+        f"Artifacts, its plots below.\n\n{images}"
+    )
 
 
 def study_note(study: str, experiment_id: str, run_id: str) -> str:
     """The experiment's description, which heads its runs page: where the study's report is."""
-    return (f"dropout-hpo study **{study}**: its report (dropout tables and plots) is attached to "
-            f"[the study's run](#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning).")
+    return (
+        f"dropout-hpo study **{study}**: its report (dropout tables and plots) is attached to "
+        f"[the study's run](#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning)."
+    )
 
 
 def log_retrained(handle: StudyHandle, settings: Tracking, retrained: Any, data: TrialData) -> str:
@@ -79,18 +85,34 @@ def log_retrained(handle: StudyHandle, settings: Tracking, retrained: Any, data:
         mlflow_client = client(settings)
         experiment_id, parent_id = ensure_parent_run(mlflow_client, handle, settings, running=False)
         trial = retrained.trial
-        run = mlflow_client.create_run(experiment_id, tags={
-            PARENT_TAG: parent_id, STUDY_TAG: handle.name, ROLE_TAG: "retrain", NUMBER_TAG: str(trial.number),
-            "mlflow.runName": f"retrain-trial-{trial.number:03d}"})
+        run = mlflow_client.create_run(
+            experiment_id,
+            tags={
+                PARENT_TAG: parent_id,
+                STUDY_TAG: handle.name,
+                ROLE_TAG: "retrain",
+                NUMBER_TAG: str(trial.number),
+                "mlflow.runName": f"retrain-trial-{trial.number:03d}",
+            },
+        )
         now = int(time.time() * 1000)
-        log_to_run(mlflow_client, run.info.run_id,
-                   params={**trial_params(trial, handle.spec), "epochs": str(retrained.epochs), "data": "train+val"},
-                   metrics=retrained.test,
-                   metric_list=[m for entry in retrained.result.history for m in epoch_metrics(entry, now)])
-        log_model(settings.resolved_uri, run.info.run_id,
-                  trained_network(retrained.config, retrained.result.state, data), model_example(data), handle.code_dir)
+        log_to_run(
+            mlflow_client,
+            run.info.run_id,
+            params={**trial_params(trial, handle.spec), "epochs": str(retrained.epochs), "data": "train+val"},
+            metrics=retrained.test,
+            metric_list=[m for entry in retrained.result.history for m in epoch_metrics(entry, now)],
+        )
+        log_model(
+            settings.resolved_uri,
+            run.info.run_id,
+            trained_network(retrained.config, retrained.result.state, data),
+            model_example(data),
+            handle.code_dir,
+        )
         mlflow_client.set_terminated(run.info.run_id)
     except Exception as exc:
         raise TrackingError(
-            f"cannot log the re-training to MLflow at {redact(settings.resolved_uri)}: {describe(exc)}") from exc
+            f"cannot log the re-training to MLflow at {redact(settings.resolved_uri)}: {describe(exc)}"
+        ) from exc
     return run.info.run_id

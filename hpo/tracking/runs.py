@@ -151,8 +151,14 @@ def trial_state(trial: FrozenTrial) -> str:
     return {"COMPLETE": "complete", "PRUNED": "pruned"}.get(trial.state.name, trial.state.name.lower())
 
 
-_STATUS = {"complete": "FINISHED", "pruned": "KILLED", "failed": "FAILED", "abandoned": "KILLED",
-           "running": "RUNNING", "waiting": "SCHEDULED"}
+_STATUS = {
+    "complete": "FINISHED",
+    "pruned": "KILLED",
+    "failed": "FAILED",
+    "abandoned": "KILLED",
+    "running": "RUNNING",
+    "waiting": "SCHEDULED",
+}
 
 
 def run_params(params: dict[str, Any], seed: Any = None) -> dict[str, str]:
@@ -171,8 +177,14 @@ def trial_params(trial: FrozenTrial, spec: Spec) -> dict[str, str]:
 
 def run_tags(number: int, study_name: str, parent_id: str, state: str) -> dict[str, str]:
     """The tags that place a trial's run: its parent, study, trial number, state and name."""
-    return {PARENT_TAG: parent_id, STUDY_TAG: study_name, ROLE_TAG: "trial", NUMBER_TAG: str(number),
-            STATE_TAG: state, "mlflow.runName": f"trial-{number:03d}"}
+    return {
+        PARENT_TAG: parent_id,
+        STUDY_TAG: study_name,
+        ROLE_TAG: "trial",
+        NUMBER_TAG: str(number),
+        STATE_TAG: state,
+        "mlflow.runName": f"trial-{number:03d}",
+    }
 
 
 def trial_history(trial: FrozenTrial) -> list[dict[str, float]]:
@@ -207,11 +219,17 @@ def trial_record(trial: FrozenTrial, study_name: str, parent_id: str, objectives
     start = trial.datetime_start.timestamp() if trial.datetime_start else time.time()
     end = trial.datetime_complete.timestamp() if trial.datetime_complete else None
     return TrialRecord(
-        number=trial.number, params=trial_params(trial, spec), tags=tags, history=history,
-        metrics=metrics, status=_STATUS[state], start_ms=int(start * 1000),
+        number=trial.number,
+        params=trial_params(trial, spec),
+        tags=tags,
+        history=history,
+        metrics=metrics,
+        status=_STATUS[state],
+        start_ms=int(start * 1000),
         end_ms=None if end is None else int(end * 1000),
-        sites=None if table is None else {"sites": table, "max_norm": max_norm_table(trial),
-                                          "kept": attrs.get(DROPOUT_KEPT, [])},
+        sites=None
+        if table is None
+        else {"sites": table, "max_norm": max_norm_table(trial), "kept": attrs.get(DROPOUT_KEPT, [])},
     )
 
 
@@ -220,14 +238,18 @@ def epoch_metrics(entry: dict[str, float], timestamp_ms: int) -> list[Any]:
     from mlflow.entities import Metric
 
     step = int(entry.get("epoch", 0))
-    return [Metric(key, float(value), timestamp_ms, step)
-            for key, value in entry.items() if key != "epoch"]
+    return [Metric(key, float(value), timestamp_ms, step) for key, value in entry.items() if key != "epoch"]
 
 
 def study_metrics(counts: Counts, best: list[FrozenTrial], objectives: list[str], budget: int) -> dict[str, float]:
     """The parent run's running totals and best values."""
-    metrics = {"trials_complete": counts.complete, "trials_pruned": counts.pruned,
-               "trials_failed": counts.failed, "trials_finished": counts.finished, "budget": budget}
+    metrics = {
+        "trials_complete": counts.complete,
+        "trials_pruned": counts.pruned,
+        "trials_failed": counts.failed,
+        "trials_finished": counts.finished,
+        "budget": budget,
+    }
     if len(objectives) == 1 and best:
         metrics[f"best.{objectives[0]}"] = best[0].values[0]
         metrics["best_trial"] = best[0].number
@@ -291,8 +313,9 @@ def ensure_experiment(mlflow_client: MlflowClient, name: str, uri: str) -> str:
     return experiment.experiment_id
 
 
-def ensure_parent_run(mlflow_client: MlflowClient, handle: StudyHandle, settings: Tracking,
-                      running: bool = True) -> tuple[str, str]:
+def ensure_parent_run(
+    mlflow_client: MlflowClient, handle: StudyHandle, settings: Tracking, running: bool = True
+) -> tuple[str, str]:
     """(experiment id, run id) of the study's parent run: the one recorded in the study store
     when it still exists on this tracking URI, else a new one, recorded there. ``running``: the
     study runs now (the driver, ``hpo sync``), so the run is marked running; otherwise (a report
@@ -312,19 +335,23 @@ def ensure_parent_run(mlflow_client: MlflowClient, handle: StudyHandle, settings
     write_view(mlflow_client, experiment_id, handle)
     spec = handle.spec
     run = mlflow_client.create_run(
-        experiment_id, run_name=handle.name,
+        experiment_id,
+        run_name=handle.name,
         tags={STUDY_TAG: handle.name, ROLE_TAG: "study", "hpo.storage": redact(handle.storage)},
     )
     run_id = run.info.run_id
     params = {
-        "sampler": spec.sampler.name, "pruner": spec.active_pruner.name, "seed": handle.seed,
+        "sampler": spec.sampler.name,
+        "pruner": spec.active_pruner.name,
+        "seed": handle.seed,
         "objectives": ", ".join(f"{o.metric} ({o.direction})" for o in spec.objective),
         "data": getattr(spec.data, "dataset", None) or spec.data.class_path,
         "arch" if not spec.user_model else "model": getattr(spec.model, "arch", None) or spec.model.class_path,
         "spec_source": handle.study.user_attrs.get(SPEC_SOURCE, ""),
     }
-    log_to_run(mlflow_client, run_id, params={k: str(v) for k, v in params.items()},
-               metrics={"budget": float(handle.budget)})
+    log_to_run(
+        mlflow_client, run_id, params={k: str(v) for k, v in params.items()}, metrics={"budget": float(handle.budget)}
+    )
     mlflow_client.log_text(run_id, spec_text(handle.study) or "", "spec.yaml")
     handle.study.set_user_attr(PARENT_ATTR, {"uri": redact(uri), "experiment_id": experiment_id, "run_id": run_id})
     if not running:
@@ -347,9 +374,16 @@ def write_view(mlflow_client: MlflowClient, experiment_id: str, handle: StudyHan
     return key
 
 
-def log_to_run(mlflow_client: MlflowClient, run_id: str, *, params: dict[str, str] | None = None,
-               metrics: dict[str, float] | None = None, tags: dict[str, str] | None = None,
-               metric_list: list[Any] = (), step: int = 0) -> None:
+def log_to_run(
+    mlflow_client: MlflowClient,
+    run_id: str,
+    *,
+    params: dict[str, str] | None = None,
+    metrics: dict[str, float] | None = None,
+    tags: dict[str, str] | None = None,
+    metric_list: list[Any] = (),
+    step: int = 0,
+) -> None:
     """Log ``params``, ``metrics`` (at ``step``, timestamped now), ready-made ``metric_list``
     entries and ``tags`` to run ``run_id`` in one ``log_batch`` call (split at MLflow's
     1000-entry limit); values longer than MLflow keeps are cut."""
@@ -361,7 +395,7 @@ def log_to_run(mlflow_client: MlflowClient, run_id: str, *, params: dict[str, st
     entries += list(metric_list)
     entries += [RunTag(k, str(v)[:_MAX_VALUE]) for k, v in (tags or {}).items()]
     for start in range(0, len(entries), _MAX_BATCH):
-        chunk = entries[start:start + _MAX_BATCH]
+        chunk = entries[start : start + _MAX_BATCH]
         mlflow_client.log_batch(
             run_id,
             metrics=[e for e in chunk if isinstance(e, Metric)],
@@ -371,9 +405,14 @@ def log_to_run(mlflow_client: MlflowClient, run_id: str, *, params: dict[str, st
         )
 
 
-def write_trial_run(mlflow_client: MlflowClient, experiment_id: str, record: TrialRecord,
-                    run_id: str | None = None, logged_steps: Collection[int] = (),
-                    logged_params: Collection[str] = ()) -> str:
+def write_trial_run(
+    mlflow_client: MlflowClient,
+    experiment_id: str,
+    record: TrialRecord,
+    run_id: str | None = None,
+    logged_steps: Collection[int] = (),
+    logged_params: Collection[str] = (),
+) -> str:
     """Create (or complete, when ``run_id`` is given) the run of a stored trial, logging only
     the epochs not in ``logged_steps`` and the parameters not in ``logged_params`` (MLflow
     refuses to log a parameter twice). Returns the run id."""

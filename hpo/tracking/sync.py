@@ -58,8 +58,10 @@ def child_runs(mlflow_client: MlflowClient, experiment_id: str, parent_id: str) 
     runs, token = [], None
     while True:
         page = mlflow_client.search_runs(
-            [experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}' and tags.`{ROLE_TAG}` = 'trial'",
-            max_results=1000, page_token=token,
+            [experiment_id],
+            filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}' and tags.`{ROLE_TAG}` = 'trial'",
+            max_results=1000,
+            page_token=token,
         )
         runs += list(page)
         token = page.token
@@ -67,8 +69,11 @@ def child_runs(mlflow_client: MlflowClient, experiment_id: str, parent_id: str) 
             return runs
 
 
-def sync(handle: StudyHandle, settings: Tracking = Tracking(),
-         rerun: Callable[[FrozenTrial], tuple[Any, Any, list[float]]] | None = None) -> SyncReport:
+def sync(
+    handle: StudyHandle,
+    settings: Tracking = Tracking(),
+    rerun: Callable[[FrozenTrial], tuple[Any, Any, list[float]]] | None = None,
+) -> SyncReport:
     """Make MLflow hold every finished trial of the study exactly once: create missing runs,
     complete runs a failed tracking connection left open, delete duplicate runs of a trial, and
     refresh the parent run's totals. Running and waiting trials are left alone.
@@ -103,8 +108,14 @@ def sync(handle: StudyHandle, settings: Tracking = Tracking(),
                 created += 1
             elif runs[0].data.tags.get(STATE_TAG) != record.tags[STATE_TAG] or runs[0].info.status != record.status:
                 run_id = runs[0].info.run_id
-                write_trial_run(mlflow_client, experiment_id, record, run_id,
-                                _logged_steps(mlflow_client, run_id, record.history), runs[0].data.params)
+                write_trial_run(
+                    mlflow_client,
+                    experiment_id,
+                    record,
+                    run_id,
+                    _logged_steps(mlflow_client, run_id, record.history),
+                    runs[0].data.params,
+                )
                 completed += 1
             else:
                 run_id = runs[0].info.run_id
@@ -113,12 +124,24 @@ def sync(handle: StudyHandle, settings: Tracking = Tracking(),
         best = best_trial(handle.study) if len(handle.study.directions) == 1 else None
         if rerun is not None and best is not None and not best_model_of(mlflow_client, parent_id, best.number):
             net, example, model_values = rerun(best)
-            attach_best_model(mlflow_client, settings.resolved_uri, parent_id, run_ids[best.number], net, example,
-                              trial_record(best, handle.name, parent_id, objectives, handle.spec).end_ms, handle.code_dir)
+            attach_best_model(
+                mlflow_client,
+                settings.resolved_uri,
+                parent_id,
+                run_ids[best.number],
+                net,
+                example,
+                trial_record(best, handle.name, parent_id, objectives, handle.spec).end_ms,
+                handle.code_dir,
+            )
             model_trial = best.number
         counts = count_trials(trials)
-        log_to_run(mlflow_client, parent_id, step=counts.finished,
-                   metrics=study_metrics(counts, best_trials(handle.study), objectives, handle.budget))
+        log_to_run(
+            mlflow_client,
+            parent_id,
+            step=counts.finished,
+            metrics=study_metrics(counts, best_trials(handle.study), objectives, handle.budget),
+        )
         if counts.running == 0:
             mlflow_client.set_terminated(parent_id, status="FINISHED" if counts.finished >= handle.budget else "KILLED")
     except HpoError:

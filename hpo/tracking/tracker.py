@@ -92,9 +92,17 @@ class Tracker:
     MLflow afterwards.
     """
 
-    def __init__(self, handle: StudyHandle, settings: Tracking, data: TrialData | None = None, *,
-                 warn: Callable[[str], None] = print, flush_interval: float = 1.0,
-                 model_interval: float | None = None, metrics_lag: float | None = None) -> None:
+    def __init__(
+        self,
+        handle: StudyHandle,
+        settings: Tracking,
+        data: TrialData | None = None,
+        *,
+        warn: Callable[[str], None] = print,
+        flush_interval: float = 1.0,
+        model_interval: float | None = None,
+        metrics_lag: float | None = None,
+    ) -> None:
         self.handle, self.settings, self.data, self._warn = handle, settings, data, warn
         self.flush_interval = flush_interval
         self.metrics_lag = METRICS_LAG_S if metrics_lag is None else metrics_lag
@@ -126,17 +134,23 @@ class Tracker:
         self._thread.start()
 
     def trial_started(self, job: TrialJob) -> None:
-        self._put("started", job.trial.number, trial_settings(self.handle.spec, job.trial), job.config.seed,
-                  time.time())
+        self._put(
+            "started", job.trial.number, trial_settings(self.handle.spec, job.trial), job.config.seed, time.time()
+        )
 
     def epoch(self, number: int, entry: dict[str, float]) -> None:
         self._put("epoch", number, dict(entry), time.time())
 
-    def trial_finished(self, job: TrialJob, trial: FrozenTrial, outcome: Outcome, counts: Counts,
-                       best: list[FrozenTrial]) -> None:
+    def trial_finished(
+        self, job: TrialJob, trial: FrozenTrial, outcome: Outcome, counts: Counts, best: list[FrozenTrial]
+    ) -> None:
         model = None
-        if (outcome.result is not None and outcome.result.state and self.data is not None
-                and any(t.number == trial.number for t in best)):
+        if (
+            outcome.result is not None
+            and outcome.result.state
+            and self.data is not None
+            and any(t.number == trial.number for t in best)
+        ):
             model = (trained_network(job.config, outcome.result.state, self.data), model_example(self.data))
         self._put("finished", trial, model, counts, list(best))
 
@@ -156,8 +170,10 @@ class Tracker:
         self._thread.join(self.settings.flush_timeout)
         if self._thread.is_alive() and self.failed is None:
             self.failed = f"updates still queued after {self.settings.flush_timeout:.0f} s"
-            self._warn(f"MLflow at {redact(self.settings.resolved_uri)} did not take every update within "
-                       f"{self.settings.flush_timeout:.0f} s; run `hpo sync {self.handle.name}` to complete it")
+            self._warn(
+                f"MLflow at {redact(self.settings.resolved_uri)} did not take every update within "
+                f"{self.settings.flush_timeout:.0f} s; run `hpo sync {self.handle.name}` to complete it"
+            )
 
     # The background thread.
 
@@ -245,8 +261,12 @@ class Tracker:
         """The study run's totals and best values, as of the last trial that finished."""
         if self._totals is not None:
             (counts, best), self._totals = self._totals, None
-            log_to_run(self._client, self.parent_id, step=counts.finished,
-                       metrics=study_metrics(counts, best, self.objectives, self.handle.budget))
+            log_to_run(
+                self._client,
+                self.parent_id,
+                step=counts.finished,
+                metrics=study_metrics(counts, best, self.objectives, self.handle.budget),
+            )
 
     def _on_finished(self, trial: FrozenTrial, model: Any, counts: Counts, best: list[FrozenTrial]) -> None:
         state = self._runs.pop(trial.number, _RunState())
@@ -266,8 +286,16 @@ class Tracker:
         pending, self._model = self._model, None
         if pending is not None:
             self._model_logged_at = time.monotonic()
-            attach_best_model(self._client, self.settings.resolved_uri, self.parent_id, pending.run_id, pending.net,
-                              pending.example, pending.end_ms, self.handle.code_dir)
+            attach_best_model(
+                self._client,
+                self.settings.resolved_uri,
+                self.parent_id,
+                pending.run_id,
+                pending.net,
+                pending.example,
+                pending.end_ms,
+                self.handle.code_dir,
+            )
 
     def _on_close(self, stopped: str, counts: Counts, best: list[FrozenTrial]) -> None:
         self._log_model()
@@ -277,15 +305,20 @@ class Tracker:
                 log_to_run(self._client, state.run_id, metric_list=state.pending, tags={STATE_TAG: "abandoned"})
                 self._client.set_terminated(state.run_id, status="KILLED")
         self._runs.clear()
-        log_to_run(self._client, self.parent_id, step=counts.finished,
-                   metrics=study_metrics(counts, best, self.objectives, self.handle.budget))
+        log_to_run(
+            self._client,
+            self.parent_id,
+            step=counts.finished,
+            metrics=study_metrics(counts, best, self.objectives, self.handle.budget),
+        )
         status = {"budget": "FINISHED", "timeout": "FINISHED", "interrupted": "KILLED"}.get(stopped, "FAILED")
         self._client.set_terminated(self.parent_id, status=status)
 
 
 @contextlib.contextmanager
-def tracked(handle: StudyHandle, settings: Tracking, data: TrialData | None,
-            warn: Callable[[str], None]) -> Iterator[Tracker | None]:
+def tracked(
+    handle: StudyHandle, settings: Tracking, data: TrialData | None, warn: Callable[[str], None]
+) -> Iterator[Tracker | None]:
     """A started :class:`Tracker` for the study (``None`` when tracking is off). The caller
     closes it with how the run stopped; an exception closes it as failed."""
     if not settings.enabled:

@@ -57,15 +57,35 @@ def _column(kind: str, key: str) -> str:
 
 
 def _card(uuid: str, kind: str, **fields: Any) -> dict[str, Any]:
-    return {"uuid": uuid, "type": kind, "runsCountToCompare": 100, "metricSectionId": _SECTION, "deleted": False,
-            "isGenerated": False, **fields}
+    return {
+        "uuid": uuid,
+        "type": kind,
+        "runsCountToCompare": 100,
+        "metricSectionId": _SECTION,
+        "deleted": False,
+        "isGenerated": False,
+        **fields,
+    }
 
 
 def _line(uuid: str, metric: str) -> dict[str, Any]:
-    return _card(uuid, "LINE", metricKey=metric, selectedMetricKeys=[metric], xAxisKey="step", scaleType="linear",
-                 xAxisScaleType="linear", lineSmoothness=0, selectedXAxisMetricKey="", yAxisKey="metric",
-                 yAxisExpressions=[], ignoreOutliers=False, useGlobalXaxisKey=False, useGlobalLineSmoothing=False,
-                 range={})
+    return _card(
+        uuid,
+        "LINE",
+        metricKey=metric,
+        selectedMetricKeys=[metric],
+        xAxisKey="step",
+        scaleType="linear",
+        xAxisScaleType="linear",
+        lineSmoothness=0,
+        selectedXAxisMetricKey="",
+        yAxisKey="metric",
+        yAxisExpressions=[],
+        ignoreOutliers=False,
+        useGlobalXaxisKey=False,
+        useGlobalLineSmoothing=False,
+        range={},
+    )
 
 
 def view_state(spec: Spec, study: str, objective_prefix: str, study_tag: str, role_tag: str) -> dict[str, Any]:
@@ -77,29 +97,65 @@ def view_state(spec: Spec, study: str, objective_prefix: str, study_tag: str, ro
     objectives = [objective_prefix + o.metric for o in spec.objective]
     searched = searched_parameters(spec)
     dropout = dropout_parameters(spec)
-    numeric = [name for name in dropout
-               if isinstance(searched[name], (FloatRange, IntRange))
-               or (isinstance(searched[name], Choice) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                               for v in searched[name].choice if v is not None))]
+    numeric = [
+        name
+        for name in dropout
+        if isinstance(searched[name], (FloatRange, IntRange))
+        or (
+            isinstance(searched[name], Choice)
+            and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in searched[name].choice if v is not None
+            )
+        )
+    ]
     where = f"tags.`{role_tag}` = 'trial'" + ("" if "'" in study else f" and tags.`{study_tag}` = '{study}'")
-    columns = ([_column("metrics", o) for o in objectives]
-               + [_column("metrics", m) for m in ("best_epoch", "best/test_acc")]
-               + [_column("tags", t) for t in ("hpo.state", "hpo.baseline")]
-               + [_column("params", p) for p in dropout])
+    columns = (
+        [_column("metrics", o) for o in objectives]
+        + [_column("metrics", m) for m in ("best_epoch", "best/test_acc")]
+        + [_column("tags", t) for t in ("hpo.state", "hpo.baseline")]
+        + [_column("params", p) for p in dropout]
+    )
     curves = [o.metric for o in spec.objective if o.metric not in _WHOLE_TRIAL] or ["val/acc"]
-    charts = [_card("hpo-parallel", "PARALLEL", selectedParams=dropout, selectedMetrics=objectives[:1],
-                    showAllRuns=True)]
-    charts += [_card(f"hpo-scatter-{i}", "SCATTER", xaxis={"key": name, "type": "PARAM"},
-                     yaxis={"key": objectives[0], "type": "METRIC"}) for i, name in enumerate(numeric)]
+    charts = [
+        _card("hpo-parallel", "PARALLEL", selectedParams=dropout, selectedMetrics=objectives[:1], showAllRuns=True)
+    ]
+    charts += [
+        _card(
+            f"hpo-scatter-{i}",
+            "SCATTER",
+            xaxis={"key": name, "type": "PARAM"},
+            yaxis={"key": objectives[0], "type": "METRIC"},
+        )
+        for i, name in enumerate(numeric)
+    ]
     charts += [_line(f"hpo-curve-{i}", metric) for i, metric in enumerate(curves)]
     return {
-        "searchFilter": where, "orderByKey": _column("metrics", objectives[0]),
-        "orderByAsc": spec.objective[0].direction == "minimize", "startTime": "ALL", "lifecycleFilter": "Active",
-        "modelVersionFilter": "All Runs", "datasetsFilter": [],
-        "selectedColumns": columns, "columnOrder": columns, "runsHiddenMode": "SHOW_ALL", "isAccordionReordered": True,
-        "compareRunSections": [{"uuid": _SECTION, "name": f"Dropout vs {spec.objective[0].metric}", "display": True,
-                                "isReordered": True, "deleted": False, "isGenerated": False, "columns": 2}],
-        "compareRunCharts": charts, "hideEmptyCharts": True, "useGroupedValuesInCharts": True, "groupBy": None,
+        "searchFilter": where,
+        "orderByKey": _column("metrics", objectives[0]),
+        "orderByAsc": spec.objective[0].direction == "minimize",
+        "startTime": "ALL",
+        "lifecycleFilter": "Active",
+        "modelVersionFilter": "All Runs",
+        "datasetsFilter": [],
+        "selectedColumns": columns,
+        "columnOrder": columns,
+        "runsHiddenMode": "SHOW_ALL",
+        "isAccordionReordered": True,
+        "compareRunSections": [
+            {
+                "uuid": _SECTION,
+                "name": f"Dropout vs {spec.objective[0].metric}",
+                "display": True,
+                "isReordered": True,
+                "deleted": False,
+                "isGenerated": False,
+                "columns": 2,
+            }
+        ],
+        "compareRunCharts": charts,
+        "hideEmptyCharts": True,
+        "useGroupedValuesInCharts": True,
+        "groupBy": None,
         "globalLineChartConfig": {"xAxisKey": "step", "lineSmoothness": 0, "selectedXAxisMetricKey": ""},
     }
 
@@ -121,5 +177,4 @@ def read_state(value: str) -> dict[str, Any]:
 def view_query(key: str, charts: bool = False) -> str:
     """The runs page's query for the view ``key``: no search settings (they would override it),
     MLflow's machine-learning pages, the table or the charts."""
-    return (f"viewStateShareKey={key}&workflowType=machine_learning"
-            + ("&compareRunsMode=CHART" if charts else ""))
+    return f"viewStateShareKey={key}&workflowType=machine_learning" + ("&compareRunsMode=CHART" if charts else "")

@@ -53,8 +53,9 @@ class FlatMLP(nn.Module):
 
     def __init__(self, width: int = 32) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Flatten(), nn.Dropout(0.1), nn.Linear(192, width), nn.ReLU(), nn.Dropout(0.1),
-                                 nn.Linear(width, 10))
+        self.net = nn.Sequential(
+            nn.Flatten(), nn.Dropout(0.1), nn.Linear(192, width), nn.ReLU(), nn.Dropout(0.1), nn.Linear(width, 10)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -63,8 +64,9 @@ class FlatMLP(nn.Module):
 class SequenceTransformer(nn.Module):
     """A transformer encoder over a sequence, classifying from the mean of its steps."""
 
-    def __init__(self, d_model: int = 16, heads: int = 2, layers: int = 2, dropout: float = 0.1,
-                 num_classes: int = 10) -> None:
+    def __init__(
+        self, d_model: int = 16, heads: int = 2, layers: int = 2, dropout: float = 0.1, num_classes: int = 10
+    ) -> None:
         super().__init__()
         self.embed = nn.Linear(1, d_model)
         layer = nn.TransformerEncoderLayer(d_model, heads, 2 * d_model, dropout=dropout, batch_first=True)

@@ -41,13 +41,14 @@ def tokens(limit: int = 96, length: int = 12, eos: int | None = None, mapping: b
     """Digits as token sequences (the first ``length`` pixels, as ids 3-19; ``eos`` ends each
     sequence when given), as ``(ids, label)`` pairs or Hugging Face mappings with ``labels``."""
     pixels, labels = _digits(limit)
-    ids = torch.tensor(pixels.reshape(limit, -1)[:, 16:16 + length] * 16, dtype=torch.long).clamp(0, 16) + 3
+    ids = torch.tensor(pixels.reshape(limit, -1)[:, 16 : 16 + length] * 16, dtype=torch.long).clamp(0, 16) + 3
     if eos is not None:
         ids[:, -1] = eos
     y = torch.tensor(labels)
     if mapping:
-        examples = [{"input_ids": ids[i], "attention_mask": torch.ones_like(ids[i]), "labels": y[i]}
-                    for i in range(limit)]
+        examples = [
+            {"input_ids": ids[i], "attention_mask": torch.ones_like(ids[i]), "labels": y[i]} for i in range(limit)
+        ]
         return _split(examples)
     parts = _split(list(range(limit)))
     return tuple(TensorDataset(ids[idx], y[idx]) for idx in parts)
@@ -57,7 +58,9 @@ def sequences(limit: int = 96, steps: int = 8, features: int = 8) -> tuple[Tenso
     """Digits as sequences of ``steps`` steps of ``features`` values (image rows for 8, the first
     pixels one by one for 1), for a recurrent net or a transformer encoder."""
     pixels, labels = _digits(limit)
-    x = torch.tensor(pixels.reshape(limit, -1)[:, :steps * features].reshape(limit, steps, features), dtype=torch.float32)
+    x = torch.tensor(
+        pixels.reshape(limit, -1)[:, : steps * features].reshape(limit, steps, features), dtype=torch.float32
+    )
     y = torch.tensor(labels)
     parts = _split(list(range(limit)))
     return tuple(TensorDataset(x[idx], y[idx]) for idx in parts)  # type: ignore[return-value]
@@ -66,8 +69,15 @@ def sequences(limit: int = 96, steps: int = 8, features: int = 8) -> tuple[Tenso
 class Recurrent(nn.Module):
     """A stacked LSTM or GRU over a sequence, classifying from its last step."""
 
-    def __init__(self, cell: str = "LSTM", hidden: int = 16, layers: int = 2, dropout: float = 0.2,
-                 head_dropout: float = 0.1, num_classes: int = 10) -> None:
+    def __init__(
+        self,
+        cell: str = "LSTM",
+        hidden: int = 16,
+        layers: int = 2,
+        dropout: float = 0.2,
+        head_dropout: float = 0.1,
+        num_classes: int = 10,
+    ) -> None:
         super().__init__()
         self.rnn = getattr(nn, cell)(8, hidden, num_layers=layers, dropout=dropout, batch_first=True)
         self.head_dropout = nn.Dropout(head_dropout)
@@ -93,14 +103,21 @@ class TinyResNet(nn.Module):
     rate rising linearly with depth to ``stochastic_depth_prob`` (torchvision's rule), and a
     dropout before the head."""
 
-    def __init__(self, blocks: int = 3, width: int = 8, stochastic_depth_prob: float = 0.2, dropout: float = 0.1,
-                 num_classes: int = 10) -> None:
+    def __init__(
+        self,
+        blocks: int = 3,
+        width: int = 8,
+        stochastic_depth_prob: float = 0.2,
+        dropout: float = 0.1,
+        num_classes: int = 10,
+    ) -> None:
         super().__init__()
         from torchvision.ops import StochasticDepth
 
         self.stem = nn.Conv2d(3, width, 3, padding=1)
-        self.blocks = nn.Sequential(*[_Block(width, StochasticDepth(stochastic_depth_prob * (i + 1) / blocks, "row"))
-                                      for i in range(blocks)])
+        self.blocks = nn.Sequential(
+            *[_Block(width, StochasticDepth(stochastic_depth_prob * (i + 1) / blocks, "row")) for i in range(blocks)]
+        )
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(width, num_classes)
 
