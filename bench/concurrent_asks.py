@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import optuna
-
 from public_benchmarks import FCNET_DATASETS, FCNet
 from search_efficiency import Arm, group_arms, parallel_arms, run_study
 

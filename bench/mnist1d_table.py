@@ -39,8 +39,8 @@ import optuna  # noqa: E402
 import yaml  # noqa: E402
 
 from hpo.api import Execution, submit  # noqa: E402
-from hpo.running.group import SHARED_PARAMETERS  # noqa: E402
 from hpo.params import optuna_params, searched_parameters, trial_values  # noqa: E402
+from hpo.running.group import SHARED_PARAMETERS  # noqa: E402
 from hpo.spec import Choice, Spec, load_spec  # noqa: E402
 from hpo.tracking import Tracking  # noqa: E402
 

@@ -79,7 +79,7 @@ class FCNet:
         return dict(bench.search_space), means
 
     def load(self) -> None:
-        self._table
+        _ = self._table
 
     def suggest(self, trial: optuna.Trial) -> tuple:
         space, _ = self._table
@@ -156,7 +156,7 @@ class LCBench:
         return session.run(None, {"x_cat": x_cat, "x_cont": rows.astype(np.float32)})[0][:, 1].astype(float)
 
     def load(self) -> None:
-        self._model
+        _ = self._model
 
     def suggest(self, trial: optuna.Trial) -> tuple:
         return (
@@ -246,7 +246,7 @@ class MNIST1DTable:
         return {name: list(dict.fromkeys(column)) for name, column in zip(self.table["parameters"], columns)}
 
     def load(self) -> None:
-        self._index, self._scores, self._curves
+        _ = self._index, self._scores, self._curves
 
     def suggest(self, trial: optuna.Trial) -> tuple:
         return tuple(trial.suggest_categorical(name, choices) for name, choices in self.space.items())

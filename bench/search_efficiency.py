@@ -40,7 +40,6 @@ from pathlib import Path
 
 import numpy as np
 import optuna
-
 from public_benchmarks import (
     FCNET_DATASETS,
     LCBENCH_TASKS,
@@ -53,8 +52,8 @@ from public_benchmarks import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from hpo.running.pruning import make_pruner
 from hpo.params import searcher, settle_numeric_choices  # noqa: E402
+from hpo.running.pruning import make_pruner
 from hpo.running.study import make_sampler, tpe_options  # noqa: E402
 from hpo.spec import PrunerSpec, SamplerSpec, Spec  # noqa: E402
 
@@ -637,7 +636,7 @@ def main() -> None:
         results = {"runs": {}, "budgets": budgets}
         started = time.perf_counter()
         with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-            for done, (name, label, seed, run) in enumerate(pool.map(_job, jobs, chunksize=1), 1):
+            for done, (name, label, _seed, run) in enumerate(pool.map(_job, jobs, chunksize=1), 1):
                 results["runs"].setdefault(name, {}).setdefault(label, []).append(run)
                 if done % max(len(jobs) // 40, 1) == 0 or done == len(jobs):
                     print(

@@ -67,7 +67,7 @@ def main() -> None:
                 nn.Linear(args.inputs, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10)
             )
             x, y = torch.randn(batch, args.inputs), torch.randint(0, 10, (batch,))
-            flops = step_flops(model, lambda m: nn.functional.cross_entropy(m(x), y))
+            flops = step_flops(model, lambda m, x=x, y=y: nn.functional.cross_entropy(m(x), y))
             times = [ms_per_step(model, x, y, n, args.seconds) for n in counts]
             fastest = counts[times.index(min(times))]
             print(

@@ -166,7 +166,8 @@ def print_table(rows: list[dict], headers: list[str]) -> None:
         print(header)
     print()
     print(
-        "| mode | trials | study wall (s) | trials/min | s per model-epoch | vs (a) | diverged | best val acc | its test acc |"
+        "| mode | trials | study wall (s) | trials/min | s per model-epoch | vs (a) | diverged | best val acc | "
+        "its test acc |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:

@@ -25,6 +25,7 @@ from hpo.errors import HpoError, SpecError
 from hpo.params import Baseline, asked_together, ordered_choices, settle_numeric_choices
 from hpo.queries import StudyStatus, StudySummary, best, delete, status, studies  # noqa: F401 - the read side
 from hpo.running.executor import Backend, LocalBackend, ProgressCallback, RunSummary, run_study
+from hpo.running.harness import PRECISIONS, Precision
 from hpo.running.lease import driving
 from hpo.running.records import StoredTrial  # noqa: F401 - what the read side returns
 from hpo.running.study import (
@@ -36,7 +37,6 @@ from hpo.running.study import (
     reconcile,
     set_budget,
 )
-from hpo.running.harness import PRECISIONS, Precision
 from hpo.space import baseline_fixed, baseline_params
 from hpo.spec import UNPRUNED_SAMPLERS, Spec, UserDataSpec, parse_spec, read_spec_file
 from hpo.tracking import Tracking, tracked
@@ -326,6 +326,7 @@ def sites(space: str | Path, code_dir: str | Path | None = None) -> SiteReport:
 
     from hpo.models.groups import SiteSetting, constrained_layers
     from hpo.models.sites import probe
+    from hpo.running.trial import build_network
     from hpo.running.user_check import (
         argument_effects,
         build_checked,
@@ -334,7 +335,6 @@ def sites(space: str | Path, code_dir: str | Path | None = None) -> SiteReport:
         site_problems,
         site_warnings,
     )
-    from hpo.running.trial import build_network
     from hpo.running.user_trial import example_batch
     from hpo.space import centre_config
 

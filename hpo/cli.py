@@ -14,9 +14,10 @@ import inspect
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import optuna
 import typer
@@ -88,7 +89,10 @@ ExecutorOption = Annotated[
     Executor,
     typer.Option(
         "--executor",
-        help="local: one trial at a time in this process; ray: Ray tasks; auto: Ray when --workers > 1, --gpus-per-trial or a Ray address is given.",
+        help=(
+            "local: one trial at a time in this process; ray: Ray tasks; auto: Ray when --workers > 1, "
+            "--gpus-per-trial or a Ray address is given."
+        ),
     ),
 ]
 Workers = Annotated[int, typer.Option(min=1, help="Trials running at once (Ray).")]
@@ -97,19 +101,28 @@ CpusPerTrial = Annotated[
     typer.Option(
         min=0.01,
         show_default=False,
-        help="CPUs each Ray trial reserves \\[default: 1]; torch threads of in-process trials \\[default: one per 200 MFLOP of a training step, at most the cores].",
+        help=(
+            "CPUs each Ray trial reserves \\[default: 1]; torch threads of in-process trials \\[default: one per "
+            "200 MFLOP of a training step, at most the cores]."
+        ),
     ),
 ]
 GpusPerTrial = Annotated[
     str,
     typer.Option(
-        help="GPUs each Ray trial reserves; 0.25 packs four trials per GPU; auto measures one trial on a GPU and packs as many as fit."
+        help=(
+            "GPUs each Ray trial reserves; 0.25 packs four trials per GPU; auto measures one trial on a GPU and "
+            "packs as many as fit."
+        )
     ),
 ]
 GroupSize = Annotated[
     str,
     typer.Option(
-        help="Trials trained together as one vectorised model (MLP spaces; 32-128 fill a GPU); auto: 5 for an MLP trained in-process on a CPU, else 1."
+        help=(
+            "Trials trained together as one vectorised model (MLP spaces; 32-128 fill a GPU); auto: 5 for an MLP "
+            "trained in-process on a CPU, else 1."
+        )
     ),
 ]
 MaxRetries = Annotated[int, typer.Option(min=0, help="Times a configuration whose worker died is queued again.")]
@@ -129,7 +142,10 @@ PrecisionOption = Annotated[
     PrecisionChoice,
     typer.Option(
         "--precision",
-        help="Training arithmetic: 32 (float32), tf32 (TensorFloat-32 matrix products on a GPU) or bf16 (bf16 mixed precision).",
+        help=(
+            "Training arithmetic: 32 (float32), tf32 (TensorFloat-32 matrix products on a GPU) or bf16 (bf16 "
+            "mixed precision)."
+        ),
     ),
 ]
 TrackingUri = Annotated[
@@ -137,7 +153,10 @@ TrackingUri = Annotated[
     typer.Option(
         envvar="MLFLOW_TRACKING_URI",
         show_default=False,
-        help="MLflow tracking URI: an http(s):// server or an SQL store \\[default: sqlite:///mlflow.db in this directory].",
+        help=(
+            "MLflow tracking URI: an http(s):// server or an SQL store \\[default: sqlite:///mlflow.db in this "
+            "directory]."
+        ),
     ),
 ]
 Experiment = Annotated[
@@ -149,7 +168,10 @@ TrackingSwitch = Annotated[
 CodeDir = Annotated[
     Path | None,
     typer.Option(
-        help="Folder of your model's and data's code, put on sys.path and shipped to Ray workers \\[default: the spec's code_dir, else the spec file's folder].",
+        help=(
+            "Folder of your model's and data's code, put on sys.path and shipped to Ray workers \\[default: the "
+            "spec's code_dir, else the spec file's folder]."
+        ),
         show_default=False,
     ),
 ]
@@ -337,7 +359,9 @@ def resume(
         bool,
         typer.Option(
             "--take-over",
-            help="Run even if another driver holds the study (one known to be dead whose heartbeat is not yet 30 s old).",
+            help=(
+                "Run even if another driver holds the study (one known to be dead whose heartbeat is not yet 30 s old)."
+            ),
         ),
     ] = False,
     *,
@@ -463,7 +487,10 @@ def init(
     data: Annotated[
         str | None,
         typer.Option(
-            help="Your data's import path: a LightningDataModule, or a function returning (train, val[, test]) datasets \\[default: --dataset].",
+            help=(
+                "Your data's import path: a LightningDataModule, or a function returning (train, val[, test]) "
+                "datasets \\[default: --dataset]."
+            ),
             show_default=False,
         ),
     ] = None,
@@ -545,7 +572,10 @@ def sync(
     model: Annotated[
         bool,
         typer.Option(
-            help="Also log the best trial's network when MLflow has none, training the trial again from its configuration and seed (as long as the trial took)."
+            help=(
+                "Also log the best trial's network when MLflow has none, training the trial again from its "
+                "configuration and seed (as long as the trial took)."
+            )
         ),
     ] = True,
     accelerator: AcceleratorOption = Accelerator.cpu,
@@ -782,7 +812,10 @@ def ui(
     viewer: Annotated[
         Viewer,
         typer.Option(
-            help="mlflow: the MLflow dashboard on the tracking store; optuna: optuna-dashboard on the study store (pip install 'dropout-hpo[dashboard]')."
+            help=(
+                "mlflow: the MLflow dashboard on the tracking store; optuna: optuna-dashboard on the study store "
+                "(pip install 'dropout-hpo[dashboard]')."
+            )
         ),
     ] = Viewer.mlflow,
     storage: Storage = None,

@@ -142,7 +142,8 @@ class Findings:
 def _max_norm_hint(layers: tuple[str, ...]) -> str:
     if not layers:
         return "  # max_norm: the model has no Linear or Conv layer it could hold"
-    hint = f"  # max_norm: {{head: {{match: {json.dumps(layers[-1])}, radius: {{choice: [null, 3.0]}}}}}}   # Linear/Conv layers"
+    radius = "{choice: [null, 3.0]}"
+    hint = f"  # max_norm: {{head: {{match: {json.dumps(layers[-1])}, radius: {radius}}}}}   # Linear/Conv layers"
     others = list(dict.fromkeys(block_pattern(p) for p in layers[:-1][-3:]))
     return hint + (f" by path, e.g. {', '.join(others)}" if others else "")
 

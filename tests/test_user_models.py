@@ -183,7 +183,7 @@ def test_mc_dropout_samples_a_transformer_encoder_in_eval_mode_despite_its_fast_
 def test_hpo_sites_lists_the_sites_and_the_groups_that_match_them():
     result = runner.invoke(app, ["sites", str(USER_CODE / "bert.yaml")])
     assert result.exit_code == 0, result.output
-    line = next(l for l in result.output.splitlines() if l.startswith("bert.encoder.layer.0.attention.self.dropout"))
+    line = next(s for s in result.output.splitlines() if s.startswith("bert.encoder.layer.0.attention.self.dropout"))
     assert "functional" in line and "attention" in line and "scaled_dot_product_attention" in line
 
 
@@ -286,7 +286,8 @@ BAD_MODELS = {
     ),
     "Hugging Face config key its class does not define": (
         "model:\n  class_path: transformers.GPT2ForSequenceClassification\n  init_args:\n    config:\n"
-        "      class_path: transformers.GPT2Config\n      init_args: {n_embd: 16, n_layer: 1, n_head: 2, vocab_size: 20, "
+        "      class_path: transformers.GPT2Config\n      init_args: {n_embd: 16, n_layer: 1, n_head: 2, "
+        "vocab_size: 20, "
         "num_labels: 10, pad_token_id: 0, hidden_dropout_prob: {low: 0.0, high: 0.3}}\n"
         "data: {class_path: zoo.tokens}",
         "model.init_args.config.init_args.hidden_dropout_prob: GPT2Config defines no 'hidden_dropout_prob'",

@@ -130,8 +130,8 @@ class Backend(Protocol):
     it gets one trial, or several sharing a :func:`~hpo.running.group.group_key` to train as one
     vectorised group (one slot). ``on_epoch``, set by the driver, gets every epoch a running
     trial finishes. ``threads`` is the torch thread count its trials train with (recorded on each
-    trial, so a re-run computes the same numbers). ``precision`` is how its trials compute (recorded on trials that are not
-    float32)."""
+    trial, so a re-run computes the same numbers). ``precision`` is how its trials compute
+    (recorded on trials that are not float32)."""
 
     slots: int
     on_epoch: EpochCallback | None

@@ -182,7 +182,7 @@ class PruningBroker:
         self._news.set()
         try:
             return await asyncio.wait_for(future, DECISION_TIMEOUT)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
         finally:
             self._decisions.pop((number, step), None)
@@ -193,7 +193,7 @@ class PruningBroker:
         if not (self._reports or self._started or self._epochs):
             try:
                 await asyncio.wait_for(self._news.wait(), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         self._news.clear()
         news = self._reports, self._started, self._epochs
