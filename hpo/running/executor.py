@@ -29,6 +29,7 @@ from hpo.data import Splits
 from hpo.data.batches import Loading
 from hpo.models.module import NonFiniteLossError
 from hpo.models.user_model import SiteReport
+from hpo.running import internals
 from hpo.running.group import SHARED_PARAMETERS, group_key, run_group
 from hpo.running.harness import Precision, TrialResult
 from hpo.running.records import (
@@ -395,7 +396,7 @@ def run_study(
                     groups = _ask_group(study, spec, handle.seed, size)
                     for job in (job for jobs in groups for job in jobs):
                         running[job.trial.number] = job
-                        beat.trial_ids.add(job.trial._trial_id)
+                        beat.trial_ids.add(internals.trial_id(job.trial))
                         job.trial.set_user_attr(THREADS, backend.threads)
                         if backend.precision != "32":
                             job.trial.set_user_attr(PRECISION, backend.precision)
@@ -414,7 +415,7 @@ def run_study(
             with deferred_interrupts():
                 for job, outcome in backend.wait(timeout=0.2):
                     running.pop(job.trial.number)
-                    beat.trial_ids.discard(job.trial._trial_id)
+                    beat.trial_ids.discard(internals.trial_id(job.trial))
                     _tell(study, job, outcome, max_retries)
                     if outcome.kind == "error":
                         errors_in_a_row, last_error = errors_in_a_row + 1, outcome.reason
@@ -423,17 +424,21 @@ def run_study(
                     counts, best = progress()
                     if listener is not None:
                         listener.trial_finished(
-                            job, study._storage.get_trial(job.trial._trial_id), outcome, counts, best
+                            job,
+                            internals.storage_of(study).get_trial(internals.trial_id(job.trial)),
+                            outcome,
+                            counts,
+                            best,
                         )
         message = f"{errors_in_a_row} trials in a row failed; last: {last_error}" if stopped == "errors" else ""
         return RunSummary(counts, stopped, message)
     except KeyboardInterrupt:
         backend.cancel(running.values())
         for job in running.values():
-            if study._storage.get_trial(job.trial._trial_id).state == TrialState.RUNNING:
+            if internals.storage_of(study).get_trial(internals.trial_id(job.trial)).state == TrialState.RUNNING:
                 abandon(
                     study,
-                    job.trial._trial_id,
+                    internals.trial_id(job.trial),
                     job.trial.params,
                     job.trial.user_attrs,
                     "abandoned: interrupted by the user (Ctrl-C)",

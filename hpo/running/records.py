@@ -24,6 +24,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from hpo.params import Baseline, trial_values
+from hpo.running import internals
 from hpo.spec import Spec
 
 # --- Study user attributes ----------------------------------------------------------------------
@@ -141,17 +142,17 @@ LEASE_TABLE = "hpo_driver_leases"
 
 def set_study_record(study: optuna.Study, key: str, value: Any) -> None:
     """Keep ``value`` as the study's system attribute ``key``."""
-    study._storage.set_study_system_attr(study._study_id, key, value)
+    internals.storage_of(study).set_study_system_attr(internals.study_id(study), key, value)
 
 
 def study_record(study: optuna.Study, key: str) -> Any:
     """The study's system attribute ``key`` (``None``: absent)."""
-    return study._storage.get_study_system_attrs(study._study_id).get(key)
+    return internals.storage_of(study).get_study_system_attrs(internals.study_id(study)).get(key)
 
 
 def set_trial_record(trial: optuna.Trial, key: str, value: Any) -> None:
     """Keep ``value`` as the running trial's system attribute ``key``."""
-    trial.study._storage.set_trial_system_attr(trial._trial_id, key, value)
+    internals.storage_of(trial.study).set_trial_system_attr(internals.trial_id(trial), key, value)
 
 
 # --- Readers ------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from hpo.errors import StoreError, first_line
+from hpo.running import internals
 from hpo.running.records import ABANDONED, FAIL_REASON
 
 DEFAULT_STORAGE = "sqlite:///hpo.db"
@@ -190,7 +191,7 @@ def _created_once(create: Any) -> Any:
                     break
                 fail_as_abandoned(
                     self,
-                    trial._trial_id,
+                    internals.trial_id(trial),
                     f"abandoned: a copy of trial {created.number}, made when "
                     "the study store lost the acknowledgement of its creation",
                 )

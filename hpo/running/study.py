@@ -26,6 +26,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from hpo.errors import StoreError
 from hpo.params import optuna_params, with_numeric_choices
+from hpo.running import internals
 from hpo.running.pruning import make_pruner
 
 # The store's schema lives in hpo.running.records; the names below are re-exported for the modules
@@ -278,13 +279,13 @@ def driver_identity() -> dict[str, Any]:
 
 def claim(study: optuna.Study, trial: optuna.Trial) -> None:
     """Mark ``trial`` as run by this process, so another driver can tell when it is orphaned."""
-    storage = study._storage
-    storage.set_trial_system_attr(trial._trial_id, DRIVER, driver_identity())
-    heartbeat(study, trial._trial_id)
+    storage = internals.storage_of(study)
+    storage.set_trial_system_attr(internals.trial_id(trial), DRIVER, driver_identity())
+    heartbeat(study, internals.trial_id(trial))
 
 
 def heartbeat(study: optuna.Study, trial_id: int) -> None:
-    study._storage.set_trial_system_attr(trial_id, HEARTBEAT, time.time())
+    internals.storage_of(study).set_trial_system_attr(trial_id, HEARTBEAT, time.time())
 
 
 def _orphaned(trial: FrozenTrial, now: float) -> bool:
@@ -311,7 +312,7 @@ def abandon(
 ) -> None:
     """Fail a trial its driver could not finish, record why, and queue its configuration again
     (the abandoned trial does not count against the budget)."""
-    fail_as_abandoned(study._storage, trial_id, reason)
+    fail_as_abandoned(internals.storage_of(study), trial_id, reason)
     requeue(study, params, user_attrs)
 
 
@@ -333,7 +334,7 @@ def reconcile(study: optuna.Study, *, leased: bool = False) -> list[int]:
         owner = t.system_attrs.get(DRIVER, {})
         abandon(
             study,
-            t._trial_id,
+            internals.trial_id(t),
             t.params,
             t.user_attrs,
             f"abandoned: driver {owner.get('host', '?')}:{owner.get('pid', '?')} stopped during the trial",
