@@ -19,7 +19,9 @@ the same thing of each:
 5. a worker process killed mid-trial fails its trial with the reason, the configuration is run
    once more, and the budget is still exact (Ray only: in-process trials have no worker apart
    from the driver, whose death is case 4's);
-6. a user's own ``nn.Module`` runs, and each of its trials stores its resolved site table.
+6. a user's own ``nn.Module`` runs, and each of its trials stores its resolved site table;
+7. a Ctrl-C that reaches the driver or a trial as a store error (as it does on PostgreSQL when
+   it lands inside a query) is still Ctrl-C.
 
 Every study is real and small (digits, a one-layer MLP or the user's FlatMLP, 1-8 epochs, 2-4
 trials) and not mirrored in MLflow, which tests/test_tracking.py covers with both executors.
@@ -383,6 +385,64 @@ def test_an_interrupted_study_resumes_to_its_budget_losing_and_repeating_nothing
     assert [t.number for t in after if t.user_attrs.get(ABANDONED)] == [t.number for t in abandoned]
     rerun = [_key(t.params) for t in _counted(after) if t.number not in done]
     assert all(rerun.count(_key(t.params)) == 1 for t in abandoned), "each abandoned configuration ran once more"
+
+
+def test_a_ctrl_c_that_surfaces_as_a_store_error_is_still_an_interrupt(executor, store, specs):
+    """On PostgreSQL a Ctrl-C that lands inside a store read reaches the driver as Optuna's
+    ``StorageInternalError`` (psycopg stops mid-query, SQLAlchemy's clean-up fails, Optuna wraps
+    that), with the ``KeyboardInterrupt`` in its chain: 14 of 300 reads interrupted at random on
+    this machine did so. The driver must still treat it as Ctrl-C: running trials abandoned,
+    nothing left RUNNING. Raised here with the same chain, from the progress callback, which runs
+    right after a store read."""
+    name = _name("storeint")
+    raised: list[int] = []
+
+    def interrupted_read(counts, best) -> None:
+        if counts.running >= 1 and not raised:
+            raised.append(counts.running)
+            try:
+                raise KeyboardInterrupt
+            except KeyboardInterrupt as exc:
+                raise optuna.exceptions.StorageInternalError("An exception is raised during the commit.") from exc
+
+    _, summary = api.submit(
+        specs(STEADY_SPEC),
+        trials=4,
+        study_name=name,
+        storage=store,
+        baselines=False,
+        execution=executor,
+        tracking=NO_TRACKING,
+        on_progress=interrupted_read,
+    )
+    assert raised and summary.stopped == "interrupted"
+    trials = _trials(store, name)
+    assert TrialState.RUNNING not in [t.state for t in trials], _states(trials)
+    assert len([t for t in trials if t.user_attrs.get(ABANDONED)]) == raised[0]
+
+
+def test_a_ctrl_c_inside_a_trials_store_write_interrupts_the_study_not_the_trial(digits):
+    """The same chain from a trial's own store write (the per-epoch pruning report) is Ctrl-C,
+    not a failed trial: :func:`~hpo.running.executor.execute` re-raises it as
+    ``KeyboardInterrupt``."""
+    from hpo.running.executor import execute
+    from hpo.spec import ObjectiveSpec
+
+    from .conftest import mlp_config
+
+    class InterruptedReport:
+        def report(self, value: float, step: int) -> None:
+            try:
+                raise KeyboardInterrupt
+            except KeyboardInterrupt as exc:
+                raise optuna.exceptions.StorageInternalError("An exception is raised during the commit.") from exc
+
+        def should_prune(self) -> bool:
+            return False
+
+    objective = [ObjectiveSpec(metric="val/acc", direction="maximize")]
+    with pytest.raises(KeyboardInterrupt):
+        execute(mlp_config(1, epochs=1), digits, objective, InterruptedReport(), "cpu")
 
 
 def _states(trials: list[FrozenTrial]) -> list[tuple[int, str, str]]:

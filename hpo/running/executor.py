@@ -183,6 +183,7 @@ def execute(
     except NonFiniteLossError as exc:
         return Outcome("nan", reason=f"{type(exc).__name__}: {exc}", sites=next(iter(built), None))
     except Exception as exc:
+        _raise_if_interrupted(exc)
         return Outcome("error", reason=_describe(exc), sites=next(iter(built), None))
 
 
@@ -224,11 +225,31 @@ def execute_group(
             precision=precision,
         )
     except Exception as exc:
+        _raise_if_interrupted(exc)
         return [Outcome("error", reason=_describe(exc))] * len(configs)
     return [
         Outcome("complete", result=end) if isinstance(end, TrialResult) else Outcome(end.kind, reason=end.reason)
         for end in ends
     ]
+
+
+def interrupted(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised because of Ctrl-C or SIGTERM. A ``KeyboardInterrupt`` that
+    lands inside a PostgreSQL query reaches the caller as another error: psycopg stops mid-query,
+    SQLAlchemy's clean-up then fails (``can't change 'autocommit' now``) and Optuna raises
+    ``StorageInternalError``, with the interrupt in the chain of causes."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _raise_if_interrupted(exc: BaseException) -> None:
+    if interrupted(exc):
+        raise KeyboardInterrupt("interrupted") from exc
 
 
 def _describe(exc: BaseException) -> str:
@@ -347,8 +368,9 @@ def run_study(
     A trial is started only while finished plus running trials stay under the budget, so the
     budget is exact at any number of workers. A trial whose worker died is failed with the reason
     and its configuration re-queued, at most ``max_retries`` times. Ctrl-C
-    (``KeyboardInterrupt``) abandons every running trial (failed with the reason, re-queued, not
-    counted) and returns with ``stopped == "interrupted"``; finished trials are already stored.
+    (``KeyboardInterrupt``, or a store error it caused: :func:`interrupted`) abandons every
+    running trial (failed with the reason, re-queued, not counted) and returns with
+    ``stopped == "interrupted"``; finished trials are already stored.
     ``listener`` hears of every trial's start, epochs and end (e.g. the MLflow tracker).
 
     With ``group_size`` above 1 each slot trains up to that many trials as one vectorised group
@@ -432,7 +454,9 @@ def run_study(
                         )
         message = f"{errors_in_a_row} trials in a row failed; last: {last_error}" if stopped == "errors" else ""
         return RunSummary(counts, stopped, message)
-    except KeyboardInterrupt:
+    except BaseException as exc:
+        if not interrupted(exc):
+            raise
         backend.cancel(running.values())
         for job in running.values():
             if internals.storage_of(study).get_trial(internals.trial_id(job.trial)).state == TrialState.RUNNING:
