@@ -35,14 +35,14 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import optuna  # noqa: E402
-import yaml  # noqa: E402
+import optuna
+import yaml
 
-from hpo.api import Execution, submit  # noqa: E402
-from hpo.params import optuna_params, searched_parameters, trial_values  # noqa: E402
-from hpo.running.group import SHARED_PARAMETERS  # noqa: E402
-from hpo.spec import Choice, Spec, load_spec  # noqa: E402
-from hpo.tracking import Tracking  # noqa: E402
+from hpo.api import Execution, submit
+from hpo.params import optuna_params, searched_parameters, trial_values
+from hpo.running.group import SHARED_PARAMETERS
+from hpo.spec import Choice, Spec, load_spec
+from hpo.tracking import Tracking
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACE = ROOT / "search_spaces" / "mnist1d_table.yaml"

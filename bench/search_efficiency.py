@@ -52,10 +52,10 @@ from public_benchmarks import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from hpo.params import searcher, settle_numeric_choices  # noqa: E402
+from hpo.params import searcher, settle_numeric_choices
 from hpo.running.pruning import make_pruner
-from hpo.running.study import make_sampler, tpe_options  # noqa: E402
-from hpo.spec import PrunerSpec, SamplerSpec, Spec  # noqa: E402
+from hpo.running.study import make_sampler, tpe_options
+from hpo.spec import PrunerSpec, SamplerSpec, Spec
 
 LCBENCH_FULL_EVALUATIONS = 126
 #: The MNIST-1D table has 216 configurations: a budget of 20 full evaluations is under a tenth.

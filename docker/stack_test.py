@@ -224,7 +224,8 @@ def wait_for(what: str, check, timeout: float, every: float = 2.0):
 
 
 def start_podman(stack: Stack) -> None:
-    """podman with this machine's settings (../shared/CONTAINERS.md), its store under ``work``,
+    """podman with the settings these VMs need (:data:`CONTAINERS_CONF`: runc, cgroupfs, file
+    events, raised open-file limits; no systemd, no Docker daemon), its store under ``work``,
     and its Docker-compatible API on a socket for docker-compose; health checks run by a loop
     (no systemd here to run them)."""
     stack.work.mkdir(parents=True, exist_ok=True)

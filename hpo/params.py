@@ -22,8 +22,8 @@ class Suggester(Protocol):
 
     def suggest_float(
         self, name: str, low: float, high: float, *, step: float | None = None, log: bool = False
-    ) -> float: ...  # noqa: E501
-    def suggest_int(self, name: str, low: int, high: int, *, step: int = 1, log: bool = False) -> int: ...  # noqa: E501
+    ) -> float: ...
+    def suggest_int(self, name: str, low: int, high: int, *, step: int = 1, log: bool = False) -> int: ...
     def suggest_categorical(self, name: str, choices: Any) -> Any: ...
 
 
@@ -43,7 +43,7 @@ class OrderedChoices:
 
     def suggest_float(
         self, name: str, low: float, high: float, *, step: float | None = None, log: bool = False
-    ) -> float:  # noqa: E501
+    ) -> float:
         return self.trial.suggest_float(name, low, high, step=step, log=log)
 
     def suggest_int(self, name: str, low: int, high: int, *, step: int = 1, log: bool = False) -> int:
@@ -82,7 +82,7 @@ class WithFixed:
 
     def suggest_float(
         self, name: str, low: float, high: float, *, step: float | None = None, log: bool = False
-    ) -> float:  # noqa: E501
+    ) -> float:
         return (
             self._fixed(name) if name in self.fixed else self.trial.suggest_float(name, low, high, step=step, log=log)
         )

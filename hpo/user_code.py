@@ -61,7 +61,7 @@ def locate(class_path: str, key: str = "class_path") -> Any:
             key,
             f"cannot import {module_name!r}: no module named {missing!r} (is the code directory right? see --code-dir)",
         ) from exc
-    except Exception as exc:  # noqa: BLE001 - the user's module raised while importing
+    except Exception as exc:
         raise UserCodeError(key, f"importing {module_name!r} raised {type(exc).__name__}: {_first(exc)}") from exc
     try:
         return getattr(module, name)
@@ -139,7 +139,7 @@ def instantiate(value: Any, key: str) -> Any:
         ):
             raise UserCodeError(f"{key}.init_args", f"{_first(exc)}; it takes: {_parameters(target, exc)}") from exc
         raise UserCodeError(key, f"{value['class_path']}(…) raised TypeError: {_first(exc)}") from exc
-    except Exception as exc:  # noqa: BLE001 - the user's constructor raised
+    except Exception as exc:
         raise UserCodeError(key, f"{value['class_path']}(…) raised {type(exc).__name__}: {_first(exc)}") from exc
 
 

@@ -13,7 +13,7 @@ import torch
 from hpo.data import DataError, DataSpec, load_data
 
 try:
-    import torchvision  # noqa: F401
+    import torchvision
 except ImportError:  # pragma: no cover - depends on the install
     torchvision = None
 needs_torchvision = pytest.mark.skipif(torchvision is None, reason="the vision extra is not installed")

@@ -170,7 +170,7 @@ def test_the_mlflow_service_command_serves_basic_auth_on_postgresql(postgres_dat
         start_new_session=True,
         stdout=subprocess.DEVNULL,
         stderr=open(tmp_path / "server.log", "wb"),
-    )  # noqa: SIM115
+    )
     try:
         deadline = time.monotonic() + 120
         while not healthy("http://127.0.0.1:5099"):

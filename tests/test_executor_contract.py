@@ -208,7 +208,7 @@ class _Watch(threading.Thread):
                     self.act(found)
                     return
                 self._done.wait(0.02)
-        except BaseException as exc:  # noqa: BLE001 - reported by finish()
+        except BaseException as exc:
             self.error = exc
         finally:
             storage.engine.dispose()

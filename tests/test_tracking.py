@@ -62,7 +62,7 @@ class MlflowServer:
         self.process: subprocess.Popen | None = None
 
     def start(self) -> MlflowServer:
-        log = open(self.workdir / f"mlflow-server-{self.port}.log", "ab")  # noqa: SIM115
+        log = open(self.workdir / f"mlflow-server-{self.port}.log", "ab")
         self.process = subprocess.Popen(
             server_command(self.backend_uri, "127.0.0.1", self.port),
             cwd=self.workdir,

@@ -474,7 +474,7 @@ def probe(model: nn.Module, step: Callable[[nn.Module], Any], table: SiteTable |
     twin, sentinels = sentinel_twin(model, candidates)
     try:
         calls, ran = trace(twin, step, frozenset(sentinels))
-    except Exception as exc:  # noqa: BLE001 - reported, the walk still stands
+    except Exception as exc:
         kept = tuple(s for s in table.sites if s.kind not in ("functional", "layer"))
         return replace(table, sites=kept, probe_error=f"{type(exc).__name__}: {exc}".splitlines()[0])
     used: dict[int, list[Call]] = {}

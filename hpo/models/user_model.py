@@ -129,7 +129,7 @@ def training_step_of(network: nn.Module, batch: Any) -> Any:
         if isinstance(model, pl.LightningModule):
             try:
                 return model.training_step(batch, 0)
-            except Exception:  # noqa: BLE001 - e.g. manual optimisation needs a trainer
+            except Exception:
                 return model(*args, **kwargs)
         return model(*args, **kwargs)
 

@@ -138,7 +138,7 @@ def _importable(class_path: str) -> str:
 
     try:
         importlib.import_module(class_path.rpartition(".")[0])
-    except Exception as exc:  # noqa: BLE001 - reported to the driver
+    except Exception as exc:
         return describe(exc)
     return ""
 

@@ -174,7 +174,7 @@ def thread_choice(spec: Any, data: Any, cpus_per_trial: float | None, group_size
         return ThreadChoice(max(1, int(cpus_per_trial)), cores=cores)
     try:
         flops = centre_step_flops(spec, data, group_size)
-    except Exception:  # noqa: BLE001 - a model the counter cannot follow keeps torch's default
+    except Exception:
         return ThreadChoice(torch.get_num_threads(), cores=cores)
     return ThreadChoice(choose_threads(flops, cores), flops, cores, group_size)
 

@@ -268,7 +268,7 @@ def argument_effects(spec: Spec, built: BuiltModel, batch: Any) -> list[Argument
         config = suggest(FixedTrial(optuna_params(spec, {**values, name: other})), spec, seed=0)
         try:
             _, second = probed(config, batch)
-        except Exception:  # noqa: BLE001 - a value the model refuses says nothing about dropout
+        except Exception:
             continue
         effects.append(ArgumentEffect(name, (values[name], other), *_difference(built.table, second)))
     return effects
@@ -330,7 +330,7 @@ def build_checked(config: UserTrialConfig, batch: Any, *, strict: bool = True) -
         return build(config, batch, strict=strict)
     except UserCodeError:
         raise
-    except Exception as exc:  # noqa: BLE001 - the user's forward
+    except Exception as exc:
         raise UserCodeError(
             "model", f"a forward pass on the first batch raised {type(exc).__name__}: {first_line(exc)}"
         ) from exc
@@ -355,7 +355,7 @@ def check_user_model(spec: Spec, data: TrialData, accelerator: str = "cpu") -> C
         result = run_trial(once, _head(data), spec.objective, accelerator=accelerator, batches=1)
     except MissingMetricError as exc:
         raise UserCodeError("objective", str(exc)) from exc
-    except Exception as exc:  # noqa: BLE001 - the user's training code
+    except Exception as exc:
         raise UserCodeError(
             "model", f"training on the first batch raised {type(exc).__name__}: {first_line(exc)}"
         ) from exc

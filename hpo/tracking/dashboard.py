@@ -344,7 +344,7 @@ def _run_server(
     """Start ``command`` in its own session (its output kept in a temporary log), wait until
     ``up``, call ``on_up``, then wait for Ctrl-C or SIGTERM; every process it started is gone when
     this returns."""
-    log = tempfile.NamedTemporaryFile(prefix="hpo-ui-", suffix=".log", delete=False)  # noqa: SIM115
+    log = tempfile.NamedTemporaryFile(prefix="hpo-ui-", suffix=".log", delete=False)
     process: subprocess.Popen | None = None
     try:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)

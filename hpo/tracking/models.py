@@ -85,7 +85,7 @@ def log_model(uri: str, run_id: str, net: Any, example: Any, code_dir: str | Non
             with torch.inference_mode():
                 output = net(torch.as_tensor(example))
             signature = infer_signature(example, logits_of(output).float().numpy())
-        except Exception:  # noqa: BLE001 - a LightningModule's forward may want other inputs
+        except Exception:
             example, output = None, None
         if not isinstance(output, torch.Tensor):
             example = None  # MLflow checks an input example by serving it, which needs a tensor output
@@ -128,7 +128,7 @@ def model_uri(handle: StudyHandle, settings: Tracking, number: int) -> str | Non
         return None
     try:
         return best_model_of(client(settings), known["run_id"], number)
-    except Exception:  # noqa: BLE001 - no model to load: the caller trains the trial again
+    except Exception:
         return None
 
 
