@@ -60,6 +60,7 @@ KINDS: dict[type, TrialKind] = {TrialConfig: BuiltinTrial(), UserTrialConfig: Us
 
 
 def kind_of(config: TrialConfig | UserTrialConfig) -> TrialKind:
+    """The kind of trial that trains ``config`` (a new configuration type registers in :data:`KINDS`)."""
     try:
         return KINDS[type(config)]
     except KeyError:
