@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -140,3 +141,30 @@ def test_the_trial_overhead_bench_prints_each_part():
     }
     assert {"training (fit and measurement)", "pruning decisions", "epoch reports", "ask (sampler)"} <= parts.keys()
     assert parts["training (fit and measurement)"] > parts["pruning decisions"] > 0
+
+
+def test_the_driver_scale_bench_feeds_simulated_trials_through_the_real_driver_to_an_exact_budget():
+    """--quick: 16 simulated concurrent trials of 0.2 s through run_study, the real store, TPE and
+    pruner; one row, the study holding exactly its budget of 3 x 16 finished trials."""
+    done = subprocess.run(
+        [sys.executable, str(BENCH.with_name("driver_scale.py")), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.strip().splitlines()
+    header = next(line for line in lines if line.startswith("| store | tracking | C |"))
+    columns = [c.strip() for c in header.split("|")[1:-1]]
+    assert columns[:7] == ["store", "tracking", "C", "finished / budget", "pruned", "wall s", "utilisation"]
+    assert {"trials/s", "ask ms p50 / p95", "tell ms p50 / p95", "report ms p50 / p95", "peak RSS MiB"} <= set(columns)
+    rows = [
+        dict(zip(columns, [c.strip() for c in line.split("|")[1:-1]]))
+        for line in lines
+        if line.startswith("| SQLite | off |")
+    ]
+    assert len(rows) == 1 and rows[0]["C"] == "16", rows
+    assert rows[0]["finished / budget"] == "48 / 48", "the budget is exact"
+    assert 0 < float(rows[0]["utilisation"].rstrip("%")) <= 100
+    assert all(float(part) > 0 for part in rows[0]["ask ms p50 / p95"].split(" / "))
+    assert re.fullmatch(r"utilisation \d+\.\d% at 16 concurrent trials of 0\.2 s", lines[-1]), lines[-1]
