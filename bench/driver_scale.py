@@ -7,7 +7,12 @@ a table of the driver's ask against the study's length, and a last line
 
     python bench/driver_scale.py                                   # C = 16, 64, 256, 1024; S = 10 s
     python bench/driver_scale.py --storage sqlite postgresql://postgres@127.0.0.1:5432/test
-    python bench/driver_scale.py --quick                           # the CI size: a few seconds
+    python bench/driver_scale.py --quick                           # the CI size: ~11 s, mostly imports
+    python bench/driver_scale.py --pruner none --tracking off --lengths   # no pruning decisions
+
+A row that runs past ``--limit`` seconds (90) is stopped as Ctrl-C stops the driver (its running
+trials abandoned) at the driver's next hand-over to the backend, and marked "(limit)": its figures
+cover the time up to then.
 
 Only the trials are simulated. :class:`SimulatedBackend` is a ``Backend`` as ``RayBackend`` is:
 ``start`` returns at once, and each trial runs as an asyncio task in one worker thread: it records
@@ -720,12 +725,12 @@ def main() -> None:
     parser.add_argument("--asks", type=int, default=15, help="timed asks per study length")
     parser.add_argument("--task", default="189873", help="LCBench OpenML task whose surrogate gives the curves")
     parser.add_argument(
-        "--quick", action="store_true", help="the CI size: 16 trials of 0.2 s, 10 epochs, 48 trials, no MLflow"
+        "--quick", action="store_true", help="the CI size: 16 trials of 0.2 s, 5 epochs, 48 trials, no MLflow"
     )
     args = parser.parse_args()
     if args.quick:
-        args.concurrent, args.seconds, args.epochs, args.rounds = [16], 0.2, 10, 3
-        args.tracking, args.lengths, args.asks, args.limit = args.tracking or "off", [20, 60], 3, 60.0
+        args.concurrent, args.seconds, args.epochs, args.rounds = [16], 0.2, 5, 3
+        args.tracking, args.lengths, args.asks, args.limit = args.tracking or "off", [10, 30], 3, 60.0
     if not 1 <= args.epochs <= 52:
         parser.error("--epochs must be 1-52 (LCBench's curves have 52)")
 
