@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Protocol
 
-from hpo.spec import Choice, PlacementSpec, SamplerSpec, Spec, is_searched
+from hpo.spec import SHAPE_PARAMETER, Choice, PlacementSpec, SamplerSpec, ScheduleSpec, Spec, is_searched
 
 
 class Suggester(Protocol):
@@ -168,8 +168,20 @@ def searched_parameters(spec: Spec) -> dict[str, Any]:
                         [f"{section}.{key}.rate.{i}" for i in range(layers)] if layers else [f"{section}.{key}.rate"]
                     )
                     params.update(dict.fromkeys(names, field.rate))
+            elif isinstance(field, ScheduleSpec):
+                params.update(schedule_parameters(f"{section}.{key}", field))
             elif is_searched(field):
                 params[f"{section}.{key}"] = field
+    return params
+
+
+def schedule_parameters(prefix: str, schedule: ScheduleSpec) -> dict[str, Any]:
+    """A schedule's searched values: its shape, and the parameter of each shape it may take."""
+    params: dict[str, Any] = {f"{prefix}.shape": schedule.shape} if is_searched(schedule.shape) else {}
+    for shape in schedule.shapes:
+        own = SHAPE_PARAMETER[shape]
+        if own and is_searched(getattr(schedule, own)):
+            params[f"{prefix}.{own}"] = getattr(schedule, own)
     return params
 
 
@@ -183,6 +195,8 @@ def _user_dropout_parameters(spec: Spec) -> dict[str, Any]:
                 if is_searched(v)
             }
         )
+    for name in spec.dropout.groups:
+        params.update(schedule_parameters(*spec.dropout.schedule_of(name)))
     params.update(
         {
             f"dropout.max_norm.{name}.radius": m.radius

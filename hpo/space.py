@@ -15,6 +15,7 @@ from hpo.models.dropout import DropoutConfig
 from hpo.models.groups import Group
 from hpo.models.module import TrainConfig
 from hpo.models.nets import NetConfig
+from hpo.models.schedules import CONSTANT, Schedule
 from hpo.models.user_model import MaxNormSetting, UserTrialConfig
 from hpo.params import (
     Baseline,
@@ -26,7 +27,7 @@ from hpo.params import (
     searcher,
     with_numeric_choices,
 )
-from hpo.spec import Choice, FloatRange, IntRange, PlacementSpec, Spec, is_searched
+from hpo.spec import SHAPE_PARAMETER, Choice, FloatRange, IntRange, PlacementSpec, ScheduleSpec, Spec, is_searched
 
 #: Srivastava et al.'s recommended drop probabilities per placement (retention 0.8 on inputs,
 #: 0.75 after convolutions, 0.5 on hidden units), used by the ``recommended`` baseline.
@@ -68,10 +69,24 @@ def _placement(trial: Suggester, name: str, placement: PlacementSpec | None, lay
     return (value(trial, f"{name}.rate", placement.rate),) * layers
 
 
+def schedule(trial: Suggester, prefix: str, spec: ScheduleSpec) -> Schedule:
+    """The schedule of ``spec`` (parameters ``<prefix>.shape``, ``<prefix>.cutoff``, …): its
+    shape, then only the parameter that shape takes (define-by-run, so a sampler models each
+    shape's parameter among the trials of that shape alone)."""
+    shape = value(trial, f"{prefix}.shape", spec.shape)
+    own = SHAPE_PARAMETER[shape]
+    resolved = {own: value(trial, f"{prefix}.{own}", getattr(spec, own))} if own else {}
+    return Schedule(shape=shape, levels=spec.levels, **resolved)
+
+
 def suggest(trial: Suggester, spec: Spec, seed: int, baseline: Baseline | None = None) -> TrialConfig | UserTrialConfig:
     """Draw one configuration of ``spec`` from ``trial``; a ``baseline`` trial takes its fixed
     values unsuggested, and the no-dropout baseline drops nowhere and holds no norm, whatever
-    values the spec fixes (a user model's sites all at 0).
+    values the spec fixes (a user model's sites all at 0). A baseline's rates are constant,
+    whatever schedule the spec sets: it is the reference a schedule is compared with. So is the
+    ``standard`` variant's, whose test-time scaling by ``1 - rate`` assumes one rate. A
+    schedule is suggested only where a rate above 0 follows it (else it would be a parameter that
+    changed nothing).
 
     With ``model.couple_width`` on, each hidden layer gets ``round(units / (1 - rate))`` units, so
     the expected number of active units stays ``units`` (Srivastava et al.'s n/q rule).
@@ -81,7 +96,7 @@ def suggest(trial: Suggester, spec: Spec, seed: int, baseline: Baseline | None =
         trial = WithFixed(trial, baseline.fixed)
     nowhere = baseline is not None and baseline.kind == "no_dropout"
     if spec.user_model:
-        return suggest_user(trial, spec, seed, zero_sites=nowhere)
+        return suggest_user(trial, spec, seed, zero_sites=nowhere, scheduled=baseline is None)
     d, m = spec.dropout, spec.model
     variant = value(trial, "dropout.variant", d.variant)
     layers = value(trial, "model.layers", m.layers)
@@ -95,6 +110,8 @@ def suggest(trial: Suggester, spec: Spec, seed: int, baseline: Baseline | None =
         block_size=value(trial, "dropout.block_size", d.block_size) if variant == "dropblock" else 3,
         max_norm=value(trial, "dropout.max_norm", d.max_norm),
     )
+    if baseline is None and variant != "standard" and dropout.peaks():
+        dropout = replace(dropout, schedule=schedule(trial, "dropout.schedule", d.schedule))
     if nowhere:
         hidden = (0.0,) * layers
         dropout = replace(dropout, input=0.0, hidden=hidden, conv=0.0, recurrent=0.0, max_norm=None)
@@ -135,19 +152,22 @@ def _resolved(arguments: Any, trial: Suggester, prefix: str) -> Any:
     return arguments
 
 
-def suggest_user(trial: Suggester, spec: Spec, seed: int, zero_sites: bool = False) -> UserTrialConfig:
+def suggest_user(
+    trial: Suggester, spec: Spec, seed: int, zero_sites: bool = False, scheduled: bool = True
+) -> UserTrialConfig:
     """One configuration of a user model's spec: constructor arguments (``model.init_args.…``),
     each group's rate and variant (``dropout.groups.<name>.rate``, ``….variant``), each max-norm
     radius (``dropout.max_norm.<name>.radius``) and training. ``trial`` as :func:`suggest` hands
     it over (:func:`hpo.params.searcher`). ``zero_sites`` (the no-dropout baseline): every group's
     rate is 0, fixed ones too, sites no group matches get 0 whatever the spec's ``unmatched``
-    says, and max-norm is off."""
+    says, and max-norm is off. Without ``scheduled`` (a baseline) every rate is constant."""
     d = spec.dropout
     groups = []
     for name, g in d.groups.items():
         rate = value(trial, f"dropout.groups.{name}.rate", g.rate)
         variant = None if g.variant is None else value(trial, f"dropout.groups.{name}.variant", g.variant)
-        groups.append(Group(name, tuple(g.match), 0.0 if zero_sites else rate, variant))
+        shaped = schedule(trial, *d.schedule_of(name)) if scheduled and variant != "standard" and rate > 0 else CONSTANT
+        groups.append(Group(name, tuple(g.match), 0.0 if zero_sites else rate, variant, shaped))
     max_norm = tuple(
         MaxNormSetting(name, tuple(m.match), value(trial, f"dropout.max_norm.{name}.radius", m.radius))
         for name, m in d.max_norm.items()
@@ -202,10 +222,44 @@ def _contains(searchable: Any, v: Any) -> bool:
     return v is not None and searchable.low <= v <= searchable.high
 
 
+#: The schedules the literature measured, run first when a study searches the shape: Liu et
+#: al. 2023's early (linear to 0 at 1/6 of training) and late (on from 1/6), and Morerio et al.
+#: 2017's curriculum (gamma 10).
+LITERATURE_SCHEDULES = (("early", "cutoff", 1 / 6), ("late", "cutoff", 1 / 6), ("curriculum", "gamma", 10.0))
+
+
+def schedule_warm_starts(spec: Spec) -> list[tuple[str, dict[str, Any]]]:
+    """``(shape, values)`` of each literature schedule every searched shape of ``spec`` can take
+    (with ``warm_starts`` on), its parameter inside the spec's range, every other searched value
+    at its :func:`centre`: trials to enqueue after the baselines."""
+    searched = searched_parameters(spec)
+    starts = []
+    for shape, parameter, setting in LITERATURE_SCHEDULES:
+        values: dict[str, Any] = {}
+        for prefix, schedule_spec in spec.schedules.items():
+            if f"{prefix}.shape" not in searched or not schedule_spec.warm_starts or shape not in schedule_spec.shapes:
+                continue
+            values[f"{prefix}.shape"] = shape
+            own = searched.get(f"{prefix}.{parameter}")
+            if own is not None and _contains(own, setting):
+                values[f"{prefix}.{parameter}"] = setting
+        if values:
+            centres = {name: centre(s) for name, s in searched.items() if not is_schedule_parameter(name)}
+            starts.append((shape, {**centres, **values}))
+    return starts
+
+
+def is_schedule_parameter(name: str) -> bool:
+    """Whether a parameter shapes a schedule (``dropout.schedule.shape``, ``….schedule.cutoff``)."""
+    return ".schedule." in name
+
+
 def _baseline_targets(spec: Spec, kind: str) -> dict[str, Any]:
     """What a baseline sets each searched value it is about to (the rest stay at the centre)."""
     targets = {}
     for name in searched_parameters(spec):
+        if is_schedule_parameter(name):
+            continue
         target = _user_baseline_value(name) if spec.user_model else _baseline_value(name, kind == "recommended")
         if target is not _UNSET:
             targets[name] = target
@@ -234,7 +288,7 @@ def baseline_params(spec: Spec, kind: str) -> dict[str, Any]:
     return {
         name: targets[name] if name in targets and _contains(searchable, targets[name]) else centre(searchable)
         for name, searchable in searched_parameters(spec).items()
-        if name not in outside
+        if name not in outside and not is_schedule_parameter(name)
     }
 
 
@@ -251,7 +305,7 @@ def baseline_fixed(spec: Spec, kind: str) -> dict[str, Any]:
         return {}
     plain = with_numeric_choices(spec, "categorical")
     recorder = WithFixed(FixedTrial(baseline_params(plain, kind)), outside)
-    suggest(recorder, plain, seed=0)
+    suggest(recorder, plain, seed=0, baseline=Baseline(kind))
     return {name: value for name, value in outside.items() if name in recorder.asked}
 
 

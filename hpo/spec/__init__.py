@@ -12,6 +12,7 @@ wrong, before anything touches a study store.
 Modules, each importing only those above it:
 
 - :mod:`~hpo.spec.values`: searchable values (fixed, range, choice) and constrained searchables.
+- :mod:`~hpo.spec.schedule`: dropout schedules (a rate's shape over training).
 - :mod:`~hpo.spec.builtin`: the built-in networks and data sets, and dropout by placement.
 - :mod:`~hpo.spec.user`: a user's model and data by ``class_path``, and groups of dropout sites.
 - :mod:`~hpo.spec.study`: training, objectives, sampler, pruner, budget, and :class:`Spec`.
@@ -37,6 +38,7 @@ from hpo.spec.builtin import (
     Variant,
 )
 from hpo.spec.loading import load_spec, parse_spec, read_spec_file
+from hpo.spec.schedule import CUTOFF_SHAPES, ENDS_AT_ZERO, SHAPE_PARAMETER, SHAPES, ScheduleSpec, Shape
 from hpo.spec.study import (
     EPOCH_METRICS,
     METRICS,
@@ -86,6 +88,12 @@ from hpo.spec.values import (
 )
 
 __all__ = [
+    "CUTOFF_SHAPES",
+    "ENDS_AT_ZERO",
+    "SHAPES",
+    "SHAPE_PARAMETER",
+    "ScheduleSpec",
+    "Shape",
     "EPOCH_METRICS",
     "METRICS",
     "PLACEMENTS_BY_ARCH",

@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from hpo.spec.schedule import ScheduleSpec
 from hpo.spec.values import MaxNorm, PositiveInt, Rate, SearchBool, SearchInt, _check, _searchable, _Strict
 
 Arch = Literal["mlp", "cnn", "conv1d", "lstm", "gru"]
@@ -102,7 +103,8 @@ class PlacementSpec(_Strict):
 
 
 class DropoutSpec(_Strict):
-    """Where dropout sits, how much, which variant, and the max-norm constraint."""
+    """Where dropout sits, how much, which variant, the max-norm constraint, and how every
+    placement's rate changes over training (``schedule``, named ``dropout.schedule.…``)."""
 
     variant: _searchable(Variant, None) = "inverted"
     input: PlacementSpec | None = None
@@ -111,6 +113,7 @@ class DropoutSpec(_Strict):
     recurrent: PlacementSpec | None = None
     block_size: Annotated[SearchInt, _check(lambda v: v >= 1 and v % 2 == 1, "must be an odd size >= 1")] = 3
     max_norm: MaxNorm = None
+    schedule: ScheduleSpec = ScheduleSpec()
 
 
 class ModelSpec(_Strict):

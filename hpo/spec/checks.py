@@ -57,7 +57,19 @@ def inconsistencies(spec: Spec) -> list[tuple[str, str]]:
     metrics = [o.metric for o in spec.objective]
     if len(set(metrics)) != len(metrics):
         problems.append(("objective", "the same metric appears twice"))
-    return problems
+    return problems + _schedule_problems(spec)
+
+
+def _schedule_problems(spec: Spec) -> list[tuple[str, str]]:
+    """A pruner set to judge trials before a schedule's cutoff: a rate jumps there, so epochs
+    before it are not comparable across shapes and cutoffs."""
+    pruner, cutoff = spec.active_pruner, spec.cutoff_epoch
+    where = f"epoch {cutoff} is the first after the latest schedule cutoff ({spec.training.epochs} epochs)"
+    if pruner.name == "median" and pruner.n_warmup_steps < cutoff:
+        return [("pruner.n_warmup_steps", f"is {pruner.n_warmup_steps}, but {where}: set it to {cutoff} or more")]
+    if pruner.name == "hyperband" and pruner.min_resource < cutoff:
+        return [("pruner.min_resource", f"is {pruner.min_resource}, but {where}: set it to {cutoff} or more")]
+    return []
 
 
 def _builtin_inconsistencies(spec: Spec) -> list[tuple[str, str]]:

@@ -4,6 +4,7 @@ the user's own)."""
 
 from __future__ import annotations
 
+import math
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -11,8 +12,18 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import Discriminator, Field, ModelWrapValidatorHandler, Tag, field_validator, model_validator
 
 from hpo.spec.builtin import DataSpec, DropoutSpec, ModelSpec
+from hpo.spec.schedule import CUTOFF_SHAPES, ScheduleSpec
 from hpo.spec.user import SiteGroupsSpec, UserDataSpec, UserModelSpec
-from hpo.spec.values import NonNegative, Positive, PositiveInt, SearchFloat, _check, _searchable, _Strict
+from hpo.spec.values import (
+    NonNegative,
+    Positive,
+    PositiveInt,
+    SearchFloat,
+    _check,
+    _searchable,
+    _Strict,
+    candidates,
+)
 
 Optimizer = Literal["sgd", "adam"]
 
@@ -252,14 +263,39 @@ class Spec(_Strict):
         return [o.direction for o in self.objective]
 
     @property
+    def schedules(self) -> dict[str, ScheduleSpec]:
+        """Every schedule a trial's rates may follow, by parameter prefix: the built-in network's
+        ``dropout.schedule``; a user model's shared one (when a group follows it) and the
+        groups' own."""
+        if not isinstance(self.dropout, SiteGroupsSpec):
+            return {"dropout.schedule": self.dropout.schedule}
+        return dict(self.dropout.schedule_of(name) for name in self.dropout.groups)
+
+    @property
+    def cutoff_epoch(self) -> int:
+        """The first epoch (0-based) that starts after every cutoff a schedule may have
+        (``early``/``late``), or 0: a rate jumps at its cutoff, so a pruner comparing trials at
+        one epoch must not judge them before it."""
+        latest = [
+            max(candidates(schedule.cutoff))
+            for schedule in self.schedules.values()
+            if set(schedule.shapes) & set(CUTOFF_SHAPES)
+        ]
+        return math.ceil(max(latest) * self.training.epochs - 1e-9) if latest else 0
+
+    @property
     def active_pruner(self) -> PrunerSpec:
         """The pruner in force: median by default; none for multi-objective studies, which
         Optuna cannot prune, and for the ``gp`` sampler, which learns from complete trials only
-        (:data:`UNPRUNED_SAMPLERS`)."""
+        (:data:`UNPRUNED_SAMPLERS`). Its warm-up (median) or first rung (hyperband), where the
+        spec leaves them unset, reaches past every schedule's cutoff (:attr:`cutoff_epoch`)."""
         unpruned = self.multi_objective or self.sampler.name in UNPRUNED_SAMPLERS
         pruner = self.pruner or PrunerSpec(name="none" if unpruned else "median")
         if pruner.n_warmup_steps is None:
-            pruner = pruner.model_copy(update={"n_warmup_steps": default_warmup(self.training.epochs)})
+            warmup = max(default_warmup(self.training.epochs), self.cutoff_epoch)
+            pruner = pruner.model_copy(update={"n_warmup_steps": warmup})
+        if "min_resource" not in pruner.model_fields_set and self.cutoff_epoch > pruner.min_resource:
+            pruner = pruner.model_copy(update={"min_resource": self.cutoff_epoch})
         return pruner
 
 

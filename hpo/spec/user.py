@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, Field, ValidationError, field_validator
 
+from hpo.spec.schedule import ScheduleSpec
 from hpo.spec.values import Choice, FloatRange, IntRange, MaxNorm, Rate, _searchable, _Strict, is_searched
 
 
@@ -139,11 +140,14 @@ class GroupSpec(_Strict):
         variant: For the group's element-wise dropout modules, the variant that replaces them
             (``inverted``, ``standard``, ``gaussian``, ``alpha``; searchable); other sites (attention,
             channel, recurrent, functional) take only the rate. Unset: each keeps its own layer.
+        schedule: The group's own schedule (``dropout.groups.<name>.schedule.…``); unset, the
+            group follows ``dropout.schedule``.
     """
 
     match: Patterns
     rate: Rate
     variant: _searchable(Literal["inverted", "standard", "gaussian", "alpha"], None) | None = None
+    schedule: ScheduleSpec | None = None
 
     @field_validator("match", mode="before")
     @classmethod
@@ -175,8 +179,18 @@ class SiteGroupsSpec(_Strict):
         unmatched: ``keep`` (the rate as built), ``zero`` (no dropout there) or ``refuse`` (every
             site must belong to a group: a study does not start otherwise).
         max_norm: Name to layers and radius, named ``dropout.max_norm.<name>.radius``.
+        schedule: How every group's rate changes over training, unless the group has its own
+            (``dropout.schedule.…``). Sites no group matches keep their rate.
     """
 
     groups: dict[GroupName, GroupSpec] = Field(default_factory=dict)
     unmatched: Literal["keep", "zero", "refuse"] = "keep"
     max_norm: dict[GroupName, MaxNormGroupSpec] = Field(default_factory=dict)
+    schedule: ScheduleSpec = ScheduleSpec()
+
+    def schedule_of(self, group: str) -> tuple[str, ScheduleSpec]:
+        """The parameter prefix and schedule that ``group`` follows: its own, or the shared one."""
+        own = self.groups[group].schedule
+        if own is not None:
+            return f"dropout.groups.{group}.schedule", own
+        return "dropout.schedule", self.schedule
