@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from hpo.models.schedules import CONSTANT, Schedule
 from hpo.spec import Variant
 
 
@@ -36,6 +37,9 @@ class DropoutConfig:
         block_size: Side of the dropped square for ``dropblock``, in feature-map pixels.
         max_norm: Upper bound ``c`` on the L2 norm of each unit's incoming weights, applied
             after every optimiser step; ``None`` disables the constraint.
+        schedule: How every placement's rate changes over training; the rates above are the
+            peaks (the network is built with them, so a rate that a schedule starts at 0 still
+            has its layer).
     """
 
     variant: Variant = "inverted"
@@ -45,11 +49,23 @@ class DropoutConfig:
     recurrent: float = 0.0
     block_size: int = 3
     max_norm: float | None = None
+    schedule: Schedule = CONSTANT
 
     @classmethod
     def none(cls, hidden_layers: int) -> DropoutConfig:
         """No dropout anywhere and no max-norm: the baseline every study is compared with."""
         return cls(hidden=(0.0,) * hidden_layers)
+
+    def peaks(self) -> dict[str, float]:
+        """Each placement that drops, with its (peak) rate: ``input``, ``conv``, ``recurrent``,
+        and ``hidden`` (``hidden.0``, ``hidden.1``, … when the layers' rates differ)."""
+        hidden = (
+            {"hidden": self.hidden[0]}
+            if len(set(self.hidden)) == 1
+            else {f"hidden.{i}": p for i, p in enumerate(self.hidden)}
+        )
+        rates = {"input": self.input, "conv": self.conv, "recurrent": self.recurrent, **hidden}
+        return {name: p for name, p in rates.items() if p > 0}
 
 
 #: ``-scale * alpha`` of SELU: the value alpha dropout sets dropped units to.
@@ -219,6 +235,12 @@ def linear_layer(in_features: int, out_features: int, variant: str, p: float) ->
     if variant == "dropconnect" and p > 0:
         return DropConnectLinear(in_features, out_features, p)
     return nn.Linear(in_features, out_features)
+
+
+def rate_holders(net: nn.Module) -> list[tuple[nn.Module, str, float]]:
+    """``(module, "p", rate)`` of every module of a built-in network that drops at a rate above
+    0: the attributes a schedule sets (every layer here reads ``p`` at each forward)."""
+    return [(m, "p", m.p) for m in net.modules() if isinstance(getattr(m, "p", None), float) and m.p > 0]
 
 
 @torch.no_grad()

@@ -17,6 +17,7 @@ from functools import lru_cache
 from torch import nn
 
 from hpo.models.dropout import variant_layer
+from hpo.models.schedules import CONSTANT, Schedule
 from hpo.models.sites import Site, SiteTable, set_rate
 
 #: Layers max-norm constrains: each output unit's incoming weights are a row (Linear) or a
@@ -54,22 +55,26 @@ def first_match(patterns: Sequence[str], path: str) -> bool:
 @dataclass(frozen=True)
 class Group:
     """One group of sites searched together: a name, its patterns, the rate every member gets
-    and, for element-wise members, the variant (``None`` keeps each site's own layer)."""
+    (the peak of its ``schedule``) and, for element-wise members, the variant (``None`` keeps
+    each site's own layer)."""
 
     name: str
     patterns: tuple[str, ...]
     rate: float
     variant: str | None = None
+    schedule: Schedule = CONSTANT
 
 
 @dataclass(frozen=True)
 class SiteSetting:
-    """What a trial does at one site: its group (``None`` when unmatched), rate and variant."""
+    """What a trial does at one site: its group (``None`` when unmatched), rate (the peak of
+    ``schedule``) and variant."""
 
     site: Site
     group: str | None
     rate: float
     variant: str | None
+    schedule: Schedule = CONSTANT
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -79,6 +84,7 @@ class SiteSetting:
             "rate": self.rate,
             "variant": self.variant,
             "built_rate": self.site.rate,
+            "schedule": self.schedule.describe(),
         }
 
 
@@ -103,7 +109,7 @@ def resolve(table: SiteTable, groups: Sequence[Group], unmatched: str = "keep") 
             settings.append(SiteSetting(site, None, 0.0 if unmatched == "zero" else site.rate, None))
         else:
             variant = group.variant if site.takes_variant and group.variant not in (None, "keep") else None
-            settings.append(SiteSetting(site, group.name, group.rate, variant))
+            settings.append(SiteSetting(site, group.name, group.rate, variant, group.schedule))
     return settings
 
 

@@ -195,13 +195,14 @@ class DropoutLSTMLayer(nn.Module):
     def __init__(self, input_size: int, hidden_size: int, p: float, locked: bool, cell: str = "lstm") -> None:
         super().__init__()
         self.p, self.locked, self.hidden_size, self.kind = p, locked, hidden_size, cell
-        if p > 0:
-            self.cell = (nn.GRUCell if cell == "gru" else nn.LSTMCell)(input_size, hidden_size)
-        else:
+        self.fused = p == 0
+        if self.fused:
             self.lstm = (nn.GRU if cell == "gru" else nn.LSTM)(input_size, hidden_size, batch_first=True)
+        else:
+            self.cell = (nn.GRUCell if cell == "gru" else nn.LSTMCell)(input_size, hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.p == 0:
+        if self.fused:
             return self.lstm(x)[0]
         batch, steps, _ = x.shape
         h = x.new_zeros(batch, self.hidden_size)
@@ -210,7 +211,7 @@ class DropoutLSTMLayer(nn.Module):
         mask = None
         outputs = []
         for t in range(steps):
-            if self.training:
+            if self.training and self.p > 0:  # a schedule may set p to 0 for a while
                 if mask is None or not self.locked:
                     mask = h.new_empty(h.shape).bernoulli_(keep) / keep
                 h = h * mask

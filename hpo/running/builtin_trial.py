@@ -1,6 +1,7 @@
 """One trial of a built-in network (:mod:`hpo.models.nets`): the network the trial's
 configuration describes, trained by :class:`~hpo.models.module.ClassifierModule` on batches of a
-built-in data set, and measured in eval mode on every split."""
+built-in data set (every placement's rate following the configuration's schedule), and measured
+in eval mode on every split."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ import torch
 
 from hpo.data import Splits
 from hpo.data.batches import Loading, make_loaders
+from hpo.models.dropout import rate_holders
 from hpo.models.module import ClassifierModule
 from hpo.models.nets import build_net
 from hpo.running.harness import EVAL_BATCH, Fitted, Prepared, TrialResult, measure, selection_objective
+from hpo.running.schedule import DropoutSchedule, ScheduledRates, varies
 from hpo.space import TrialConfig
 from hpo.spec import ObjectiveSpec
 
@@ -26,7 +29,9 @@ class BuiltinTrial:
     def prepare(self, config: TrialConfig, data: Splits, objectives: list[ObjectiveSpec]) -> Prepared:
         net = self.network(config, data)
         module = ClassifierModule(net, config.train, data.num_classes, max_norm=config.dropout.max_norm)
-        return Prepared(module, net, module.history, selection_objective(objectives))
+        rates = [ScheduledRates(config.dropout.schedule, tuple(rate_holders(net)), config.dropout.peaks())]
+        before = [DropoutSchedule(rates, module.history)] if varies(rates) else []
+        return Prepared(module, net, module.history, selection_objective(objectives), before=before)
 
     def fit_data(self, config: TrialConfig, data: Splits, device: torch.device, loading: Loading) -> dict[str, Any]:
         train, val = make_loaders(data, config.train.batch_size, EVAL_BATCH, config.seed, device, loading)

@@ -7,8 +7,9 @@ measured once on an H100 with the 784-1024x3-10 MLP, batch 128, MNIST-sized data
 model-epoch for 128 models trained at once with ``torch.func.vmap``, against 1.09 s for one model
 in plain PyTorch with the data on the GPU). Each member keeps what
 makes it a different trial: its own initial weights (built exactly as a solo trial with its seed
-builds them), its own batch order (that solo trial's order), its own dropout rates and masks,
-max-norm radius, learning rate, weight decay and L1 coefficient. What members must share is
+builds them), its own batch order (that solo trial's order), its own dropout rates, schedule and masks
+(each step writes every member's scheduled rates into the rates the network holds), max-norm
+radius, learning rate, weight decay and L1 coefficient. What members must share is
 :func:`group_key`: the layer widths, activation, dropout variant, optimiser, momentum, batch size
 and epochs.
 
@@ -34,6 +35,7 @@ from torch.nn import functional as F
 from hpo.data import Splits
 from hpo.data.batches import GroupBatches, ResidentBatches
 from hpo.models.nets import build_net
+from hpo.models.schedules import training_fraction
 from hpo.models.vectorised import GroupMLP
 from hpo.running.harness import (
     EVAL_BATCH,
@@ -134,6 +136,10 @@ class GroupModule(pl.LightningModule):
         self.register_buffer(
             "max_norm", torch.tensor([math.inf if c.dropout.max_norm is None else c.dropout.max_norm for c in configs])
         )
+        self.register_buffer("peaks", self.net.rates.clone())  # each member's rates, the peaks of its schedule
+        self.schedules = [c.dropout.schedule for c in configs]
+        self.scheduled = any(not schedule.constant for schedule in self.schedules)
+        self.curves = [c.dropout.peaks() for c in configs]
         self.uses_l1 = any(x.l1 > 0 for x in t)
         self.uses_weight_decay = any(x.weight_decay > 0 for x in t)
         self.uses_max_norm = any(c.dropout.max_norm is not None for c in configs)
@@ -155,8 +161,16 @@ class GroupModule(pl.LightningModule):
         self._batches = 0
         self._val = torch.zeros(4, k, device=self.device)  # batch-mean loss sum, correct, examples, batches
 
+    def _factors(self, step: int) -> torch.Tensor:
+        """Each member's schedule factor at optimiser step ``step``, as a ``(K, 1)`` column."""
+        t = training_fraction(step, int(self.trainer.estimated_stepping_batches))
+        factors = [self.schedules[k].factor(t) for k in self.members]
+        return torch.tensor(factors, dtype=self.peaks.dtype, device=self.peaks.device).unsqueeze(1)
+
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
+        if self.scheduled:
+            self.net.rates = self.peaks * self._factors(self.trainer.global_step)
         logits = self.net(x)
         losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape).mean(1)
         with torch.no_grad():
@@ -222,6 +236,7 @@ class GroupModule(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         train, val = self._train.cpu(), self._val.cpu()
+        factors = self._factors(max(self.trainer.global_step - 1, 0)).squeeze(1).tolist() if self.scheduled else None
         leaving: list[int] = []
         for pos, k in enumerate(self.members):
             entry = {
@@ -232,6 +247,8 @@ class GroupModule(pl.LightningModule):
                 "val/acc": float(val[1, pos] / val[2, pos]),
                 "epoch_time": self._epoch_time,
             }
+            if factors is not None and not self.schedules[k].constant:
+                entry.update({f"dropout/{name}": peak * factors[pos] for name, peak in self.curves[k].items()})
             if not math.isfinite(entry["train/loss"]):
                 self.ends[k] = MemberEnd(
                     "nan",
@@ -292,6 +309,7 @@ class GroupModule(pl.LightningModule):
         for name in ("lr", "weight_decay", "l1", "max_norm"):
             setattr(self, name, getattr(self, name).index_select(0, index))
         self.net.rates = self.net.rates.index_select(0, index)
+        self.peaks = self.peaks.index_select(0, index)
         self.best_weights = [t.index_select(0, index) for t in self.best_weights]
         self.best_biases = [t.index_select(0, index) for t in self.best_biases]
         self.members = [self.members[pos] for pos in keep]

@@ -30,6 +30,7 @@ from hpo.running.harness import (
     evaluate_splits,
     selection_objective,
 )
+from hpo.running.schedule import DropoutSchedule, ScheduledRates, varies
 from hpo.spec import ObjectiveSpec
 
 
@@ -144,6 +145,19 @@ def _lightning_summary(fitter: pl.Trainer, built: BuiltModel, data: TrialData) -
     return {k: v for result in results for k, v in _scalars(result).items()}
 
 
+def scheduled_sites(built: BuiltModel) -> list[ScheduledRates]:
+    """Each group's sites with the group's schedule and rate: the attribute each site's rate lives
+    in (a module's ``p``, a float an attention module hands to SDPA), set every step. Sites no
+    group matches keep their rate."""
+    parts = []
+    for schedule in dict.fromkeys(s.schedule for s in built.settings if s.group is not None):
+        settings = [s for s in built.settings if s.group is not None and s.schedule == schedule]
+        holders = tuple((built.network.get_submodule(s.site.module), s.site.attribute, s.rate) for s in settings)
+        curves = {s.group: s.rate for s in settings}
+        parts.append(ScheduledRates(schedule, holders, curves))
+    return parts
+
+
 class UserTrial:
     """The user-model kind of trial (:class:`~hpo.running.trial.TrialKind`). A plain network is
     measured on every split as hpo measures its own; a ``LightningModule`` by the metrics it
@@ -158,12 +172,14 @@ class UserTrial:
         logged = [o.metric for o in objectives if o.metric != "epoch_time"]
         recorder = MetricHistory(logged) if built.lightning else None
         history = recorder.entries if recorder is not None else built.module.history
+        rates = scheduled_sites(built)
         return Prepared(
             built.module,
             built.network,
             history,
             _selection(objectives, built.lightning),
-            before=[recorder] if recorder is not None else [],
+            before=([recorder] if recorder is not None else [])
+            + ([DropoutSchedule(rates, history)] if varies(rates) else []),
             after=[MaxNormCallback(built.constrained)] if built.constrained else [],
             sites=built.report(),
             built=built,
