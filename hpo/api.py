@@ -27,7 +27,10 @@ from hpo.queries import StudyStatus, StudySummary, best, delete, status, studies
 from hpo.running.executor import Backend, LocalBackend, ProgressCallback, RunSummary, run_study
 from hpo.running.harness import PRECISIONS, Precision
 from hpo.running.lease import driving
-from hpo.running.records import StoredTrial  # noqa: F401 - what the read side returns
+from hpo.running.records import (
+    WARM_START,
+    StoredTrial,  # noqa: F401 - what the read side returns
+)
 from hpo.running.study import (
     StudyHandle,
     baseline_attrs,
@@ -37,7 +40,7 @@ from hpo.running.study import (
     reconcile,
     set_budget,
 )
-from hpo.space import baseline_fixed, baseline_params
+from hpo.space import baseline_fixed, baseline_params, schedule_warm_starts
 from hpo.spec import UNPRUNED_SAMPLERS, Spec, UserDataSpec, parse_spec, read_spec_file
 from hpo.tracking import Tracking, tracked
 from hpo.user_code import UserCodeError, add_code_dir
@@ -435,7 +438,8 @@ def submit(
             first_trials=[
                 (baseline_params(spec, kind), baseline_attrs(Baseline(kind, baseline_fixed(spec, kind))))
                 for kind in spec.baselines
-            ],
+            ]
+            + [(values, {WARM_START: shape}) for shape, values in schedule_warm_starts(spec)],
         )
         with driving(handle.storage, handle.name):
             if on_start is not None:

@@ -711,7 +711,7 @@ def evaluate_uncertainty(
 ) -> None:
     """Monte-Carlo dropout on the test split: accuracy, negative log-likelihood and expected
     calibration error of the averaged predictions, against the deterministic network."""
-    from hpo.analysis.best_model import chosen_trial, network, test_set
+    from hpo.analysis.best_model import chosen_trial, network, schedule_note, test_set
     from hpo.analysis.uncertainty import compare
     from hpo.api import study_data
     from hpo.tracking import Tracking, model_uri
@@ -734,6 +734,8 @@ def evaluate_uncertainty(
             highlight=False,
             soft_wrap=True,
         )
+    if note := schedule_note(chosen):
+        console.print(note, highlight=False, soft_wrap=True)
     for line in result.switch.unsampled:
         _warn(f"MC dropout cannot sample {line}")
     printing.print_uncertainty(console, result)

@@ -20,14 +20,16 @@ from hpo.analysis.uncertainty import EvalSet
 from hpo.data import Split, Splits, TrialData
 from hpo.errors import HpoError
 from hpo.models.module import split_batch
+from hpo.models.schedules import Schedule
 from hpo.models.user_model import UserTrialConfig
 from hpo.running.group import run_group
 from hpo.running.harness import TrialResult, evaluate, evaluate_batches
-from hpo.running.records import BEST_EPOCH, GROUP, SEED, THREADS, baseline_of
+from hpo.running.records import BEST_EPOCH, CONFIG, GROUP, SEED, THREADS, baseline_of
 from hpo.running.study import StudyHandle, best_trial
 from hpo.running.threads import torch_threads
 from hpo.running.trial import run_trial
 from hpo.space import TrialConfig, suggest
+from hpo.spec import ENDS_AT_ZERO
 from hpo.tracking import trained_network
 
 
@@ -42,6 +44,27 @@ def chosen_trial(handle: StudyHandle, number: int | None = None) -> FrozenTrial:
     if number not in trials or trials[number].state != optuna.trial.TrialState.COMPLETE:
         raise HpoError(f"study {handle.name!r} has no complete trial {number}")
     return trials[number]
+
+
+def schedule_note(trial: FrozenTrial) -> str | None:
+    """What MC dropout samples at when ``trial``'s rates followed a schedule: each site's peak,
+    the searched rate (the network is built with it, and a fit ends with its peaks back); a
+    schedule that ends at 0 trained its last steps without dropout, so the peak is the rate
+    that stands for it. ``None`` for constant rates."""
+    config = trial.user_attrs.get(CONFIG) or {}
+    stored = [(config.get("dropout") or {}).get("schedule")] + [g.get("schedule") for g in config.get("groups", [])]
+    schedules = [Schedule(**s) for s in stored if s and s.get("shape", "constant") != "constant"]
+    if not schedules:
+        return None
+    described = ", ".join(dict.fromkeys(s.describe() for s in schedules))
+    ends = (
+        " (it ends at rate 0, so its last epochs trained without dropout)"
+        if any(s.shape in ENDS_AT_ZERO for s in schedules)
+        else ""
+    )
+    return (
+        f"the rates followed the schedule {described}{ends}: MC dropout samples at each site's peak, the searched rate"
+    )
 
 
 def trial_config(handle: StudyHandle, trial: FrozenTrial) -> TrialConfig | UserTrialConfig:

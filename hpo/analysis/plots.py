@@ -3,12 +3,22 @@ recorded in ``report.figures`` under the key of the table it illustrates."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import optuna
 
-from hpo.analysis.tables import Report, complete_trials, group_rate, rate, user_trials, varied_groups, varied_placements
+from hpo.analysis.tables import (
+    Report,
+    complete_trials,
+    group_rate,
+    rate,
+    schedule_shape,
+    user_trials,
+    varied_groups,
+    varied_placements,
+)
 from hpo.running.records import BEST_EPOCH
 from hpo.running.study import StudyHandle
 
@@ -51,6 +61,7 @@ def plot(report: Report, handle: StudyHandle, out: Path) -> None:
         )
         ax.set_ylim(min(r[3] for r in rows) - 0.1, 1.0)
         report.figures["gap"] = _save(fig, out / "gap.png")
+    _plot_schedules(report, trials, lambda t, key: schedule_shape(t), out)
     _plot_search(report, handle, out, bool(trials))
 
 
@@ -69,7 +80,33 @@ def plot_user(report: Report, handle: StudyHandle, out: Path) -> None:
         ax.set(xlabel=f"group {group}: dropout rate", ylabel=report.objective, title=f"{report.objective} vs rate")
         fig.tight_layout()
         report.figures[f"rate_{group}"] = _save(fig, out / f"rate_{group}.png")
+    _plot_schedules(report, trials, lambda t, key: schedule_shape(t, key.removeprefix("schedule_")), out)
     _plot_search(report, handle, out, bool(trials))
+
+
+def _plot_schedules(
+    report: Report, trials: list[optuna.trial.FrozenTrial], shape_of: Callable[[Any, str], str], out: Path
+) -> None:
+    """For each schedule table, the first objective of every trial by the shape it followed
+    (``shape_of(trial, table key)``), one column of points per shape with its median marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for table in report.tables:
+        if not table.key.startswith("schedule"):
+            continue
+        shapes = [row[0] for row in table.rows]
+        fig, ax = plt.subplots(figsize=(1.5 + 1.2 * len(shapes), 4))
+        for i, shape in enumerate(shapes):
+            values = sorted(t.values[0] for t in trials if shape_of(t, table.key) == shape)
+            ax.scatter([i] * len(values), values, alpha=0.6)
+            ax.hlines(values[len(values) // 2], i - 0.3, i + 0.3, color="black")
+        ax.set_xticks(range(len(shapes)), shapes)
+        ax.set(ylabel=report.objective, title=f"{report.objective} by schedule (line: median)")
+        fig.tight_layout()
+        report.figures[table.key] = _save(fig, out / f"{table.key}.png")
 
 
 def plot_compare(report: Report, out: Path) -> None:

@@ -29,9 +29,9 @@ _FIGURE_AFTER = {
 
 
 def _figure(report: Report, key: str) -> Path | None:
-    """The figure shown after table ``key``: its own (a rate table's scatter), or the history
+    """The figure shown after table ``key``: its own (a rate or schedule table's scatter), or the history
     after the best configuration."""
-    return report.figures.get(_FIGURE_AFTER.get(key, key if key.startswith("rate_") else ""))
+    return report.figures.get(_FIGURE_AFTER.get(key, key if key.startswith(("rate_", "schedule")) else ""))
 
 
 def to_markdown(report: Report, command: str = "") -> str:

@@ -87,6 +87,17 @@ def regularizer(trial: FrozenTrial) -> str:
     return " + ".join(parts) or "none"
 
 
+def schedule_shape(trial: FrozenTrial, group: str | None = None) -> str:
+    """The shape the trial's rates followed (its user-model ``group``'s): ``constant`` for
+    trials stored before schedules existed, ``no dropout`` for a trial that dropped nowhere."""
+    config = trial.user_attrs[CONFIG]
+    if group is None:
+        schedule = config["dropout"].get("schedule") or {}
+    else:
+        schedule = next(g for g in config["groups"] if g["name"] == group).get("schedule") or {}
+    return schedule.get("shape", "constant") if uses_dropout(trial) else "no dropout"
+
+
 def complete_trials(study: optuna.Study) -> list[FrozenTrial]:
     return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if CONFIG in t.user_attrs]
 
@@ -252,6 +263,7 @@ def study_tables(handle: StudyHandle) -> list[Table]:
             lambda t: t.user_attrs[CONFIG]["dropout"]["variant"],
             "variant",
         ),
+        grouped_table("schedule", "Dropout schedule vs accuracy", trials, schedule_shape, "schedule"),
         grouped_table("regularizer", "Regularizer comparison", trials, regularizer, "regularizers"),
         grouped_table(
             "max_norm",
@@ -379,6 +391,15 @@ def user_tables(handle: StudyHandle) -> list[Table]:
                 f"Group {g['name']}: variant",
                 lambda t, n=g["name"]: next(x["variant"] for x in t.user_attrs[CONFIG]["groups"] if x["name"] == n),
                 "variant",
+            )
+            for g in trials[0].user_attrs[CONFIG]["groups"]
+        ],
+        *[
+            (
+                f"schedule_{g['name']}",
+                f"Group {g['name']}: schedule",
+                lambda t, n=g["name"]: schedule_shape(t, n),
+                "schedule",
             )
             for g in trials[0].user_attrs[CONFIG]["groups"]
         ],

@@ -119,6 +119,9 @@ BASELINE = "baseline"
 #: A baseline trial's values that its spec's ranges exclude, applied without being suggested
 #: (``{spec path: value}``, :class:`hpo.params.Baseline`); absent when there are none.
 BASELINE_FIXED = "baseline_fixed"
+#: A queued trial of a schedule the literature measured (``early``, ``late``, ``curriculum``:
+#: :func:`hpo.space.schedule_warm_starts`), run before the sampler's own.
+WARM_START = "warm_start"
 #: Where a user model's trial set to drop nowhere still drops (functional dropout no site holds):
 #: a list of descriptions (str).
 DROPOUT_KEPT = "dropout_kept"

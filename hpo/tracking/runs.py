@@ -33,6 +33,7 @@ from hpo.running.records import (
     SEED,
     SPEC_SOURCE,
     TRIAL_METRICS,
+    WARM_START,
     max_norm_table,
     site_table,
     spec_text,
@@ -204,6 +205,8 @@ def trial_record(trial: FrozenTrial, study_name: str, parent_id: str, objectives
     tags = run_tags(trial.number, study_name, parent_id, state)
     if attrs.get(BASELINE):
         tags["hpo.baseline"] = str(attrs[BASELINE])
+    if WARM_START in attrs:
+        tags["hpo.warm_start"] = str(attrs[WARM_START])
     reason = attrs.get(FAIL_REASON) or attrs.get(PRUNED_REASON)
     if reason and state != "complete":
         tags["hpo.reason"] = str(reason)[:_MAX_VALUE]
