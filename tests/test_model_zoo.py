@@ -9,7 +9,9 @@ random weights and nothing downloaded, hpo must
     masks and the layer-drop draws;
 (d) train the no-dropout baseline with rate 0 everywhere, even where the ranges exclude 0;
 (e) sample every kind of site in MC dropout;
-(f) run a two-trial study.
+(f) run a two-trial study;
+(g) drive every site's rate by its group's schedule: at chosen fractions of training the forward
+    uses the group's peak times the schedule's factor, at every kind of site.
 
 Each family's expected sites are written from its source, not from what the probe prints. The
 table in docs/user-models.md ("Model zoo") is rendered from this file and checked against it.
@@ -33,9 +35,11 @@ from hpo.analysis.uncertainty import enable_mc_dropout
 from hpo.api import Execution, submit
 from hpo.models.groups import Group
 from hpo.models.module import TrainConfig
+from hpo.models.schedules import Schedule
 from hpo.models.sites import probe, set_rate
 from hpo.models.user_model import UserTrialConfig, build, construct, inputs_of
 from hpo.running.study import SITES, site_counts, site_table
+from hpo.running.user_trial import scheduled_sites
 from hpo.space import baseline_config
 from hpo.spec import parse_spec
 from hpo.tracking import Tracking
@@ -745,6 +749,29 @@ def test_e_mc_dropout_samples_every_kind_of_site(family: Family, batch: Any, tab
         with torch.inference_mode():
             passes = [_logits(net(*args, **kwargs)) for _ in range(6)]
         assert any(not torch.equal(passes[0], p) for p in passes[1:]), f"MC passes with only {kind} sites on agree"
+
+
+def test_g_a_schedule_sets_the_rate_every_site_uses(family: Family, batch: Any, table):
+    acting = [s for s in table.sites if s.acts]
+    rates = {s.path: (1e-6 * (k + 1) if s.kind == "layer" else 0.05 + 0.0113 * k) for k, s in enumerate(acting)}
+    annealed = Schedule("annealed", end=1.0)
+    groups = [Group(f"g{k}", (s.path,), rates[s.path], schedule=annealed) for k, s in enumerate(acting)]
+    built = build(_config(family, groups, unmatched="zero"), batch)
+    parts = scheduled_sites(built)
+    expected_way = {"path": "mask", "layer": "draw"}
+    for t in (0.5, 0.8):
+        for part in parts:
+            part.apply(t)
+        recorded = _recorded(built.network, batch)
+        for site in acting:
+            way, want = expected_way.get(site.kind, "dropout"), rates[site.path] * (1 - t)
+            assert any(w == way and abs(r - want) < 1e-9 for w, r in recorded), (t, site.path, site.kind, want)
+    for part in parts:
+        part.restore()
+    recorded = _recorded(built.network, batch)
+    for site in acting:
+        way = expected_way.get(site.kind, "dropout")
+        assert any(w == way and abs(r - rates[site.path]) < 1e-9 for w, r in recorded), ("restored", site.path)
 
 
 def test_f_a_two_trial_study_runs(family: Family, tmp_path: Path):
