@@ -38,6 +38,7 @@ from hpo.models.module import TrainConfig
 from hpo.models.schedules import Schedule
 from hpo.models.sites import probe, set_rate
 from hpo.models.user_model import UserTrialConfig, build, construct, inputs_of
+from hpo.running.records import HISTORY
 from hpo.running.study import SITES, site_counts, site_table
 from hpo.running.user_trial import scheduled_sites
 from hpo.space import baseline_config
@@ -782,7 +783,10 @@ def test_f_a_two_trial_study_runs(family: Family, tmp_path: Path):
                 "name": "zoo",
                 "model": family.model,
                 "data": family.data,
-                "dropout": {"groups": {"all": {"match": "**", "rate": {"low": 0.0, "high": 0.3}}}},
+                "dropout": {
+                    "groups": {"all": {"match": "**", "rate": {"low": 0.05, "high": 0.3}}},
+                    "schedule": {"shape": "ramp"},
+                },
                 "training": {"epochs": 1, "batch_size": 16, "optimizer": "adam", "lr": 1.0e-3},
                 "sampler": {"name": "tpe", "seed": 0},
                 "budget": {"trials": 2},
@@ -802,6 +806,10 @@ def test_f_a_two_trial_study_runs(family: Family, tmp_path: Path):
     assert all(s["rate"] == 0.0 for s in site_table(baseline))
     assert {s["rate"] for s in site_table(searched)} == {searched.params["dropout.groups.all.rate"]}
     assert searched.user_attrs[SITES] == site_counts(site_table(searched)), "the listing's count per group"
+    assert {s["schedule"] for s in site_table(searched) if s["group"]} == {"ramp(warmup=1)"}
+    assert "dropout/all" not in baseline.user_attrs[HISTORY][0], "the baseline's rates are constant"
+    ramped = searched.user_attrs[HISTORY][0]["dropout/all"]
+    assert 0 < ramped < searched.params["dropout.groups.all.rate"], "below the peak until the last step"
 
 
 def _logits(output: Any) -> torch.Tensor:

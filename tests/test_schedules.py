@@ -365,3 +365,27 @@ def test_a_study_stores_curves_warm_starts_and_reports_by_shape(write_spec, tmp_
     evaluated = runner.invoke(app, ["evaluate", "schedules", *common, "--trial", "3", "--mc-samples", "3"])
     assert evaluated.exit_code == 0, evaluated.output
     assert "late(cutoff=0.167): MC dropout samples at each site's peak" in evaluated.output
+
+
+def test_a_lightning_modules_group_follows_its_schedule_after_its_own_metrics_are_recorded():
+    from hpo.data.user import DataSource, load_user_data
+    from hpo.models.groups import Group
+    from hpo.models.module import TrainConfig
+    from hpo.models.user_model import UserTrialConfig
+
+    code = str(Path(__file__).parent / "user_code")
+    source = {"class_path": "third_party.mnist1d_sequences", "init_args": {"limit": 200}}
+    data = load_user_data(DataSource(source, code))
+    late = Schedule("late", cutoff=0.5)
+    config = UserTrialConfig(
+        {"class_path": "third_party.TinyLightning", "init_args": {}},
+        (Group("all", ("**",), 0.3, schedule=late),),
+        "keep",
+        (),
+        TrainConfig(epochs=4, batch_size=32),
+        seed=0,
+    )
+    result = run_trial(config, data, [ObjectiveSpec(metric="val_loss")], accelerator="cpu")
+    assert [h["dropout/all"] for h in result.history] == pytest.approx([0.0, 0.0, 0.3, 0.3])
+    assert all("val_loss" in h for h in result.history)
+    assert [s["schedule"] for s in result.sites.sites] == ["late(cutoff=0.5)"]
