@@ -8,13 +8,22 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.nn import functional as F
 
 from hpo.data import Splits
 from hpo.data.batches import Loading, make_loaders
 from hpo.models.dropout import rate_holders
-from hpo.models.module import ClassifierModule
+from hpo.models.module import ClassifierModule, logits_of
 from hpo.models.nets import build_net
-from hpo.running.harness import EVAL_BATCH, Fitted, Prepared, TrialResult, measure, selection_objective
+from hpo.running.harness import (
+    EVAL_BATCH,
+    Fitted,
+    Prepared,
+    TrainingStep,
+    TrialResult,
+    measure,
+    selection_objective,
+)
 from hpo.running.schedule import DropoutSchedule, ScheduledRates, varies
 from hpo.space import TrialConfig
 from hpo.spec import ObjectiveSpec
@@ -36,6 +45,11 @@ class BuiltinTrial:
     def fit_data(self, config: TrialConfig, data: Splits, device: torch.device, loading: Loading) -> dict[str, Any]:
         train, val = make_loaders(data, config.train.batch_size, EVAL_BATCH, config.seed, device, loading)
         return {"train": train, "val": val}
+
+    def training_step(self, config: TrialConfig, data: Splits) -> TrainingStep:
+        net = self.network(config, data)
+        x, y = data.train.x[: config.train.batch_size], data.train.y[: config.train.batch_size]
+        return TrainingStep(net, lambda m: F.cross_entropy(logits_of(m(x)), y))
 
     def measure(
         self,

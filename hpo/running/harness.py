@@ -234,6 +234,56 @@ def fit(
     return Fitted(fitter, best.epoch, best.state)
 
 
+class MissingMetricError(KeyError):
+    """An objective names a metric the model does not log; the message lists what it logs."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+@dataclass
+class TrainingStep:
+    """One training step of a trial's network, to measure what a step costs.
+
+    Args:
+        network: The network, as the trial builds it.
+        loss: The training loss of ``network`` on an example batch.
+        scale: A real step's examples over the example batch's (1 when it is a real batch).
+    """
+
+    network: torch.nn.Module
+    loss: Callable[[torch.nn.Module], torch.Tensor]
+    scale: float = 1.0
+
+
+def result(
+    summary: dict[str, float],
+    history: list[dict[str, float]],
+    best_epoch: int,
+    objectives: list[ObjectiveSpec],
+    state: dict[str, torch.Tensor] | None,
+    sites: SiteReport | None = None,
+) -> TrialResult:
+    """A finished trial's result from the measurement of its kept weights (``summary``) and its
+    per-epoch ``history``: epochs run, mean epoch time (seconds), and the objectives at
+    ``best_epoch`` (a whole-trial ``gap`` or ``epoch_time`` from ``summary``). Raises
+    :class:`MissingMetricError` when an objective is in neither."""
+    summary["epochs"] = len(history)
+    summary["epoch_time"] = sum(h["epoch_time"] for h in history) / max(len(history), 1)
+    at_best = {**history[best_epoch], **{k: summary[k] for k in ("gap", "epoch_time") if k in summary}}
+    missing = [o.metric for o in objectives if o.metric not in at_best]
+    if missing:
+        raise MissingMetricError(f"the model did not log {', '.join(map(repr, missing))} in epoch {best_epoch}")
+    return TrialResult(
+        values=[at_best[o.metric] for o in objectives],
+        best_epoch=best_epoch,
+        history=history,
+        summary=summary,
+        state=state,
+        sites=sites,
+    )
+
+
 def measure(
     net: torch.nn.Module,
     data: Splits,
@@ -244,17 +294,7 @@ def measure(
 ) -> TrialResult:
     """The result of a trial whose ``net`` holds the kept weights: eval-mode metrics of every
     split, and the objectives at ``best_epoch`` of ``history`` (shared by solo and grouped trials)."""
-    summary = evaluate_splits(net, data)
-    summary["epochs"] = len(history)
-    summary["epoch_time"] = sum(h["epoch_time"] for h in history) / max(len(history), 1)
-    at_best = {**history[best_epoch], "gap": summary["gap"], "epoch_time": summary["epoch_time"]}
-    return TrialResult(
-        values=[at_best[o.metric] for o in objectives],
-        best_epoch=best_epoch,
-        history=history,
-        summary=summary,
-        state=state,
-    )
+    return result(evaluate_splits(net, data), history, best_epoch, objectives, state)
 
 
 def fit_interruptible(

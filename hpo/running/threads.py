@@ -118,53 +118,16 @@ class ThreadChoice:
 def centre_step_flops(spec: Any, data: Any, group_size: int = 1) -> float:
     """FLOP of one training step of the study's model at the centre of its space, on a batch of
     the spec's batch size (a vectorised group of ``group_size`` members does that many)."""
-    from torch.nn import functional as F
-
-    from hpo.data import Splits
-    from hpo.models.module import logits_of, split_batch
-    from hpo.space import TrialConfig, centre_config
+    from hpo.running.trial import kind_of
+    from hpo.space import centre_config
 
     config = centre_config(spec)
-    batch_size = config.train.batch_size
     with torch.random.fork_rng(devices=[]):
-        if isinstance(config, TrialConfig):
-            from hpo.models.nets import build_net
-
-            model = build_net(config.net, config.dropout, data.input_shape, data.num_classes)
-            x, y = data.train.x[:batch_size], data.train.y[:batch_size]
-            return group_size * step_flops(model, lambda m: F.cross_entropy(logits_of(m(x)), y))
-        from hpo.models.user_model import build
-        from hpo.running.user_trial import example_batch
-
-        batch = example_batch(data)
-        built = build(config, batch)
-        if built.lightning:
-            loss_of = lambda m: _as_loss(m.training_step(batch, 0))  # noqa: E731
-        else:
-            args, kwargs, y = split_batch(batch)
-            loss_of = lambda m: F.cross_entropy(logits_of(m(*args, **kwargs)), y)  # noqa: E731
-        if not isinstance(data, Splits) and data.datamodule is not None:
-            batch_size = getattr(data.split_loader("train"), "batch_size", None) or batch_size
+        step = kind_of(config).training_step(config, data)
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # self.log outside a trainer
-            flops = step_flops(built.network, loss_of)
-        return group_size * flops * batch_size / max(_examples_in(batch), 1)
-
-
-def _as_loss(output: Any) -> torch.Tensor:
-    if isinstance(output, dict):
-        return output["loss"]
-    return output
-
-
-def _examples_in(batch: Any) -> int:
-    if isinstance(batch, torch.Tensor):
-        return len(batch)
-    if isinstance(batch, dict):
-        return next((len(v) for v in batch.values() if isinstance(v, torch.Tensor)), 0)
-    if isinstance(batch, (tuple, list)):
-        return next((_examples_in(v) for v in batch if _examples_in(v)), 0)
-    return 0
+            warnings.simplefilter("ignore")  # a LightningModule's self.log outside a trainer
+            flops = step_flops(step.network, step.loss)
+    return group_size * flops * step.scale
 
 
 def thread_choice(spec: Any, data: Any, cpus_per_trial: float | None, group_size: int = 1) -> ThreadChoice:

@@ -22,7 +22,7 @@ from hpo.data import TrialData
 from hpo.data.batches import Loading
 from hpo.models.user_model import SiteReport, UserTrialConfig
 from hpo.running.builtin_trial import BuiltinTrial
-from hpo.running.harness import Fitted, Precision, Prepared, TrialResult, fit, quiet_lightning
+from hpo.running.harness import Fitted, Precision, Prepared, TrainingStep, TrialResult, fit, quiet_lightning
 from hpo.running.user_trial import UserTrial
 from hpo.space import TrialConfig
 from hpo.spec import ObjectiveSpec
@@ -41,6 +41,11 @@ class TrialKind(Protocol):
 
     def fit_data(self, config: Any, data: TrialData, device: torch.device, loading: Loading) -> dict[str, Any]:
         """``trainer.fit``'s data arguments (loaders or a ``datamodule``) on ``device``."""
+        ...
+
+    def training_step(self, config: Any, data: TrialData) -> TrainingStep:
+        """One training step of the untrained network on an example batch (its cost sets the
+        torch threads a trial gets)."""
         ...
 
     def measure(

@@ -24,9 +24,9 @@ from hpo.models.groups import assign, constrained_layers, matches, unmatched_sit
 from hpo.models.sites import SiteTable
 from hpo.models.user_model import BuiltModel, UserTrialConfig, build, probed
 from hpo.params import names_dropout, optuna_params, searched_parameters
-from hpo.running.harness import TrialResult
+from hpo.running.harness import MissingMetricError, TrialResult
 from hpo.running.trial import run_trial
-from hpo.running.user_trial import MissingMetricError, example_batch
+from hpo.running.user_trial import example_batch
 from hpo.space import centre, centre_config, on_grid, suggest
 from hpo.spec import METRICS, Choice, FloatRange, Spec
 from hpo.user_code import UserCodeError, is_object, locate

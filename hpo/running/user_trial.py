@@ -16,29 +16,27 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from torch.nn import functional as F
 
 from hpo.data import Splits, TrialData
 from hpo.data.batches import Loading, make_loaders
 from hpo.data.user import EXAMPLE_SIZE
+from hpo.models.module import logits_of, split_batch
 from hpo.models.user_model import BuiltModel, MaxNormCallback, UserTrialConfig, build
 from hpo.running.harness import (
     EVAL_BATCH,
     Fitted,
+    MissingMetricError,
     Prepared,
+    TrainingStep,
     TrialResult,
     evaluate_batches,
     evaluate_splits,
+    result,
     selection_objective,
 )
 from hpo.running.schedule import DropoutSchedule, ScheduledRates, varies
 from hpo.spec import ObjectiveSpec
-
-
-class MissingMetricError(KeyError):
-    """An objective names a metric the model does not log; the message lists what it logs."""
-
-    def __str__(self) -> str:
-        return str(self.args[0])
 
 
 def example_batch(data: TrialData) -> Any:
@@ -89,6 +87,20 @@ class MetricHistory(Callback):
                 f"{', '.join(logged) or 'nothing'}; log it with self.log in validation_step)"
             )
         self.entries.append(entry)
+
+
+def _as_loss(output: Any) -> torch.Tensor:
+    return output["loss"] if isinstance(output, dict) else output
+
+
+def _examples_in(batch: Any) -> int:
+    if isinstance(batch, torch.Tensor):
+        return len(batch)
+    if isinstance(batch, dict):
+        return next((len(v) for v in batch.values() if isinstance(v, torch.Tensor)), 0)
+    if isinstance(batch, (tuple, list)):
+        return next((_examples_in(v) for v in batch if _examples_in(v)), 0)
+    return 0
 
 
 def _selection(objectives: list[ObjectiveSpec], lightning: bool) -> ObjectiveSpec:
@@ -190,6 +202,19 @@ class UserTrial:
     ) -> dict[str, Any]:
         return _fit_data(data, config.train.batch_size, config.seed, device, loading)
 
+    def training_step(self, config: UserTrialConfig, data: TrialData) -> TrainingStep:
+        batch = example_batch(data)
+        built = build(config, batch)
+        if built.lightning:
+            loss = lambda m: _as_loss(m.training_step(batch, 0))  # noqa: E731
+        else:
+            args, kwargs, y = split_batch(batch)
+            loss = lambda m: F.cross_entropy(logits_of(m(*args, **kwargs)), y)  # noqa: E731
+        batch_size = config.train.batch_size
+        if not isinstance(data, Splits) and data.datamodule is not None:
+            batch_size = getattr(data.split_loader("train"), "batch_size", None) or batch_size
+        return TrainingStep(built.network, loss, batch_size / max(_examples_in(batch), 1))
+
     def measure(
         self,
         prepared: Prepared,
@@ -204,19 +229,4 @@ class UserTrial:
             summary = _lightning_summary(fitted.trainer, built, data)
         else:
             summary = _classifier_summary(built.network, data, batches)
-        summary["epochs"] = len(history)
-        summary["epoch_time"] = sum(h["epoch_time"] for h in history) / len(history)
-        at_best = {**history[fitted.best_epoch], **{k: summary[k] for k in ("gap", "epoch_time") if k in summary}}
-        missing = [o.metric for o in objectives if o.metric not in at_best]
-        if missing:
-            raise MissingMetricError(
-                f"the model did not log {', '.join(map(repr, missing))} in epoch {fitted.best_epoch}"
-            )
-        return TrialResult(
-            values=[at_best[o.metric] for o in objectives],
-            best_epoch=fitted.best_epoch,
-            history=history,
-            summary=summary,
-            state=fitted.state,
-            sites=prepared.sites,
-        )
+        return result(summary, history, fitted.best_epoch, objectives, fitted.state, prepared.sites)
