@@ -13,6 +13,8 @@ from hpo.analysis.tables import (
     Report,
     complete_trials,
     group_rate,
+    importance_evaluator,
+    quiet_importance,
     rate,
     schedule_shape,
     user_trials,
@@ -131,9 +133,10 @@ def _plot_search(report: Report, handle: StudyHandle, out: Path, any_complete: b
         )
         report.figures["history"] = _save(ax.figure, out / "history.png")
     if report.table("importance") is not None:
-        ax = optuna.visualization.matplotlib.plot_param_importances(
-            handle.study, target=target, target_name=report.objective
-        )
+        with quiet_importance():
+            ax = optuna.visualization.matplotlib.plot_param_importances(
+                handle.study, evaluator=importance_evaluator(), target=target, target_name=report.objective
+            )
         report.figures["importance"] = _save(ax.figure, out / "importance.png")
 
 
