@@ -251,7 +251,7 @@ def schedule_warm_starts(spec: Spec) -> list[tuple[str, dict[str, Any]]]:
 
 def is_schedule_parameter(name: str) -> bool:
     """Whether a parameter shapes a schedule (``dropout.schedule.shape``, ``….schedule.cutoff``)."""
-    return ".schedule." in name
+    return name.startswith("dropout.") and ".schedule." in name
 
 
 def _baseline_targets(spec: Spec, kind: str) -> dict[str, Any]:

@@ -67,11 +67,8 @@ class DropoutSchedule(Callback):
         self.parts, self.history = parts, history
         self._total = 0
 
-    def _fraction(self, trainer: pl.Trainer, step: int) -> float:
-        return training_fraction(step, self._total)
-
     def _apply(self, trainer: pl.Trainer) -> None:
-        t = self._fraction(trainer, trainer.global_step)
+        t = training_fraction(trainer.global_step, self._total)
         for part in self.parts:
             part.apply(t)
 
@@ -85,7 +82,7 @@ class DropoutSchedule(Callback):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or not self.history:
             return
-        t = self._fraction(trainer, max(trainer.global_step - 1, 0))
+        t = training_fraction(max(trainer.global_step - 1, 0), self._total)
         for part in self.parts:
             factor = part.schedule.factor(t)
             self.history[-1].update({f"dropout/{name}": peak * factor for name, peak in part.curves.items()})
