@@ -295,6 +295,20 @@ for _name in PATIENT_CALLS:
 PatientRDBStorage._create_new_trial = _created_once(PatientRDBStorage._create_new_trial)
 
 
+def complete_trial_ids(rdb: RDBStorage, study_id: int) -> set[int]:
+    """:func:`hpo.running.internals.complete_trial_ids`, as patient as the storage's own calls."""
+    return _patiently(internals.complete_trial_ids, rdb, study_id)
+
+
+def count_in_states(rdb: RDBStorage, study_id: int, states: Sequence[TrialState]) -> int:
+    """:func:`hpo.running.internals.count_in_states`, as patient as the storage's own calls."""
+    return _patiently(internals.count_in_states, rdb, study_id, states)
+
+
+def _patiently(read: Any, rdb: RDBStorage, *args: Any) -> Any:
+    return (_patient(read) if isinstance(rdb, PatientRDBStorage) else read)(rdb, *args)
+
+
 def open_storage(url: str | None = None) -> RDBStorage:
     """Optuna RDB storage at ``url`` (see :func:`storage_url`), with a clear error when it
     cannot be reached."""
