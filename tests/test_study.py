@@ -403,3 +403,67 @@ def test_an_lstms_training_step_counts_its_recurrent_flops(layers):
         model = nn.ModuleDict({"rnn": rnn, "head": head})
         flops[cell] = step_flops(model, lambda m: F.cross_entropy(m["head"](m["rnn"](x)[0][:, -1]), y))
     assert flops["LSTM"] / flops["GRU"] == pytest.approx(4 / 3, rel=0.1), "an estimate: torch counts a GRU 2-8 % lower"
+
+
+class _InstantBackend:
+    """Three slots of trials that complete at the driver's next ``wait``, told a value of 0.5;
+    ``meanwhile`` runs at each ``wait`` (what another driver of the study does)."""
+
+    slots, threads, precision = 3, 1, "32"
+
+    def __init__(self, meanwhile) -> None:
+        self.on_epoch, self.meanwhile, self.started, self._jobs = None, meanwhile, 0, []
+
+    def start(self, jobs) -> None:
+        self.started += len(jobs)
+        self._jobs.extend(jobs)
+
+    def wait(self, timeout: float):
+        from hpo.running.executor import Outcome
+        from hpo.running.harness import TrialResult
+
+        self.meanwhile()
+        done, self._jobs = self._jobs, []
+        result = TrialResult(values=[0.5], best_epoch=0, history=[{"val/acc": 0.5}], summary={"val_acc": 0.5})
+        return [(job, Outcome("complete", result=result)) for job in done]
+
+    def cancel(self, jobs) -> None:
+        pass
+
+
+def test_the_driver_counts_its_own_trials_and_a_finish_elsewhere_before_the_next_start(storage_url, monkeypatch):
+    """The driver keeps the trial counts from what it asked and told, instead of reading every
+    trial of the study after each start and finish, and the budget stays exact: trials another
+    driver finishes (one complete, one failed, one abandoned, which counts for nothing) are
+    seen before the driver's next start, by the store's count of finished trials."""
+    from hpo.running.store import fail_as_abandoned
+    from hpo.running.study import create_study
+    from hpo.spec import parse_spec
+
+    name = _name()
+    handle = create_study(parse_spec(TINY_SPEC), TINY_SPEC, name=name, storage=storage_url, budget=12, seed=0)
+    other = optuna.load_study(study_name=name, storage=storage_url)
+    waits = []
+
+    def elsewhere() -> None:
+        waits.append(1)
+        if len(waits) == 2:
+            other.tell(other.ask(), 0.9)
+            other.tell(other.ask(), state=TrialState.FAIL)
+            lost = other.ask()
+            fail_as_abandoned(other._storage, lost._trial_id, "abandoned: a test")
+
+    reads = []
+    get_trials = optuna.Study.get_trials
+    monkeypatch.setattr(optuna.Study, "get_trials", lambda self, *a, **k: reads.append(1) or get_trials(self, *a, **k))
+    shown = []
+    backend = _InstantBackend(elsewhere)
+    summary = run_study(handle, backend, on_progress=lambda counts, best: shown.append(counts))
+    driver_reads = len(reads)
+    counts = count_trials(optuna.load_study(study_name=name, storage=storage_url).trials)
+    assert summary.stopped == "budget" and counts.finished == 12 and backend.started == 10
+    assert summary.counts == counts and counts.abandoned == 1 and counts.failed == 1
+    assert shown[-1].finished == 12 and shown[-1].running == 0
+    assert [c.finished for c in shown] == sorted(c.finished for c in shown)
+    # the start, the catch-up after the other driver's tells, the end; before: one read per start and finish
+    assert driver_reads == 3
