@@ -55,8 +55,9 @@ The first table, one row per store, tracking setting and C (budget ``--rounds`` 
     tracker             with tracking: the most updates queued in the tracker at once (sampled
                         every 0.25 s) and the seconds its ``close`` took to flush them
     driver busy         share of the wall the driver's thread was not waiting for trials, and how
-                        it was spent: ask / tell / reports / reads (the trial counts and best
-                        trials read after each start and finish) / the rest, in % of the wall
+                        it was spent: ask / tell / reports / reads (``run_study``'s reads of
+                        the trial counts and best trials, and its count of finished trials
+                        before each start) / the rest, in % of the wall
     CPU                 CPU time over the wall (one core is 100 %) of the driver's thread, of the
                         simulated trials' thread, and of the whole process (with the tracker's,
                         the heartbeats' and the garbage collector's)
@@ -547,6 +548,7 @@ def run_row(
         timed.wrap(executor, "_ask", measures.ask)
         timed.wrap(executor, "_tell", measures.tell)
         timed.wrap(executor, "best_trials", None)
+        timed.wrap(executor._Tally, "catch_up", None)
         timed.wrap(optuna.Study, "get_trials", None)
         tracker = None
         if tracking:
