@@ -38,8 +38,10 @@ class BuiltinTrial:
     def prepare(self, config: TrialConfig, data: Splits, objectives: list[ObjectiveSpec]) -> Prepared:
         net = self.network(config, data)
         module = ClassifierModule(net, config.train, data.num_classes, max_norm=config.dropout.max_norm)
-        rates = [ScheduledRates(config.dropout.schedule, tuple(rate_holders(net)), config.dropout.peaks())]
-        before = [DropoutSchedule(rates, module.history)] if varies(rates) else []
+        before = []
+        if not config.dropout.schedule.constant:
+            rates = [ScheduledRates(config.dropout.schedule, tuple(rate_holders(net)), config.dropout.peaks())]
+            before = [DropoutSchedule(rates, module.history)] if varies(rates) else []
         return Prepared(module, net, module.history, selection_objective(objectives), before=before)
 
     def fit_data(self, config: TrialConfig, data: Splits, device: torch.device, loading: Loading) -> dict[str, Any]:
