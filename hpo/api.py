@@ -46,6 +46,7 @@ from hpo.tracking import Tracking, tracked
 from hpo.user_code import UserCodeError, add_code_dir
 
 if TYPE_CHECKING:
+    from hpo.cluster.jobs import Cluster, StudyJob
     from hpo.models.groups import SiteSetting
 
 log = logging.getLogger("hpo")
@@ -562,3 +563,68 @@ def resume(
                 on_progress,
                 on_warning,
             )
+
+
+def submit_to_cluster(
+    space: str | Path,
+    cluster: Cluster,
+    *,
+    driver_args: list[str],
+    study_name: str | None = None,
+    tracking: bool = True,
+    check: bool = True,
+    code_dir: str | Path | None = None,
+    on_note: Callable[[str], None] = log.info,
+    on_warning: Callable[[str], None] = log.warning,
+) -> StudyJob:
+    """Check the search space ``space`` here, then submit its study's driver to ``cluster`` as a
+    Ray job and return at once (:mod:`hpo.cluster.jobs`).
+
+    The spec is validated, and a user model is built and trained on one batch here where its code
+    is at hand (``check``), before anything is sent. The folder shipped as the job's working
+    directory is the code folder (a user model's) or the spec's own, and must hold the spec.
+    ``driver_args`` are the options of ``hpo submit`` the driver runs with on the head; the study
+    store and the MLflow server are the head's (``HPO_STORAGE``, ``MLFLOW_TRACKING_URI``).
+    """
+    path = Path(space)
+    text = read_spec_file(path)
+    spec = parse_spec(text, source=path)
+    folder = resolve_code_dir(spec, path, code_dir)
+    if folder is not None and check:
+        prepare(spec, path, folder, on_note, on_warning)
+    shipped = Path(folder or path.parent).resolve()
+    try:
+        relative = path.resolve().relative_to(shipped)
+    except ValueError:
+        raise SpecError(
+            path, "code_dir", f"the search space must lie inside the code folder shipped to the cluster, {shipped}"
+        ) from None
+    name = study_name or spec.name
+    args = ["submit", relative.as_posix(), "--study-name", name, *driver_args]
+    if folder is not None:
+        args += ["--code-dir", "."]
+    return cluster.submit(name, args, kind="submit", spec_text=text, working_dir=str(shipped), tracking=tracking)
+
+
+def resume_on_cluster(
+    study_name: str,
+    cluster: Cluster,
+    *,
+    driver_args: list[str],
+    tracking: bool = True,
+    code_dir: str | Path | None = None,
+) -> StudyJob:
+    """Submit a driver that resumes study ``study_name`` on ``cluster`` (after ``hpo stop``, or
+    a head restart that killed its driver). A user model's ``code_dir`` is shipped again."""
+    folder = None if code_dir is None else Path(code_dir).resolve()
+    if folder is not None and not folder.is_dir():
+        raise HpoError(f"--code-dir {code_dir} is not a folder")
+    args = ["resume", study_name, *driver_args] + (["--code-dir", "."] if folder is not None else [])
+    return cluster.submit(
+        study_name,
+        args,
+        kind="resume",
+        spec_text=None,
+        working_dir=None if folder is None else str(folder),
+        tracking=tracking,
+    )

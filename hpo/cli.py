@@ -176,6 +176,19 @@ CodeDir = Annotated[
     ),
 ]
 
+ClusterAddress = Annotated[
+    str | None,
+    typer.Option(
+        "--cluster",
+        envvar="HPO_CLUSTER",
+        show_default=False,
+        help=(
+            "A Ray cluster's Jobs API, http://HEAD:8265: the study's driver runs there as a Ray job and this "
+            "command returns at once (`hpo status`, `hpo logs`, `hpo stop`)."
+        ),
+    ),
+]
+
 #: The options ``submit`` and ``resume`` share (see :func:`_run_options`).
 _RUN_OPTIONS = [
     ("executor", ExecutorOption, Executor.auto),
@@ -302,6 +315,11 @@ def submit(
         bool, typer.Option(help="Run the spec's baselines (no dropout; Srivastava et al.'s recommendation) first.")
     ] = True,
     code_dir: CodeDir = None,
+    cluster: ClusterAddress = None,
+    check: Annotated[
+        bool,
+        typer.Option(help="With --cluster: build your model and train it on one batch here before submitting."),
+    ] = True,
     *,
     execution: Any = None,
     tracking: Any = None,
@@ -309,6 +327,23 @@ def submit(
     """Create a study from a search space and run it until its trial budget is spent."""
     from hpo import api
 
+    if cluster:
+        from hpo.cluster.jobs import Cluster
+
+        args = _driver_args(execution, tracking, trials=trials, timeout=timeout, seed=seed)
+        job = api.submit_to_cluster(
+            space,
+            Cluster(cluster),
+            driver_args=args + ([] if baselines else ["--no-baselines"]),
+            study_name=study_name,
+            tracking=tracking.enabled,
+            check=check,
+            code_dir=code_dir,
+            on_note=_note,
+            on_warning=_warn,
+        )
+        _print_submitted(job, cluster)
+        return
     with StudyProgress(console) as progress:
 
         def start(handle: StudyHandle) -> None:
@@ -342,7 +377,7 @@ def submit(
 @_user_errors
 @_run_options
 def resume(
-    study: StudyName,
+    study: Annotated[str | None, typer.Argument(help="Study name (see `hpo list`).", show_default=False)] = None,
     storage: Storage = None,
     trials: Annotated[
         int | None,
@@ -364,6 +399,14 @@ def resume(
             ),
         ),
     ] = False,
+    cluster: ClusterAddress = None,
+    interrupted: Annotated[
+        bool,
+        typer.Option(
+            "--interrupted",
+            help="With --cluster: resubmit every interrupted study (its driver died, its budget unmet).",
+        ),
+    ] = False,
     *,
     execution: Any = None,
     tracking: Any = None,
@@ -372,6 +415,11 @@ def resume(
     until the budget of finished trials is reached."""
     from hpo import api
 
+    if cluster:
+        _resume_on_cluster(study, cluster, storage, interrupted, code_dir, trials, timeout, execution, tracking)
+        return
+    if study is None or interrupted:
+        raise HpoError("name the study to resume (--interrupted resubmits studies to a --cluster)")
     with StudyProgress(console) as progress:
 
         def start(handle: StudyHandle, orphans: list[int]) -> None:
@@ -787,13 +835,14 @@ def doctor(
     storage: Storage = None,
     tracking_uri: TrackingUri = None,
     ray_address: RayAddress = None,
+    cluster: ClusterAddress = None,
 ) -> None:
     """Check that the study store, the MLflow tracking URI and the Ray cluster configured here
-    (options or HPO_STORAGE, MLFLOW_TRACKING_URI, RAY_ADDRESS) can be reached; exit 1 if one
-    cannot, naming it."""
+    (options or HPO_STORAGE, MLFLOW_TRACKING_URI, RAY_ADDRESS, HPO_CLUSTER) can be reached; exit 1
+    if one cannot, naming it."""
     from hpo.doctor import diagnose
 
-    checks = diagnose(storage, tracking_uri, ray_address)
+    checks = diagnose(storage, tracking_uri, ray_address, cluster)
     for check in checks:
         mark = "[green]ok[/]" if check.ok else "[red]UNREACHABLE[/]"
         console.print(
@@ -873,9 +922,90 @@ def ui(
 
 @app.command()
 @_user_errors
-def status(study: StudyName, storage: Storage = None) -> None:
-    """Trial counts against the budget, the best value, and running or failed trials."""
-    printing.print_status(console, queries.status(study, storage))
+def status(
+    study: Annotated[
+        str | None, typer.Argument(help="Study name \\[default: every study].", show_default=False)
+    ] = None,
+    storage: Storage = None,
+    cluster: ClusterAddress = None,
+) -> None:
+    """A study's trial counts against the budget, best value and failed trials; without a study,
+    every study's state (queued, running, finished, stopped, failed, interrupted), from the store
+    and, with --cluster, the cluster's jobs."""
+    if study is not None:
+        printing.print_status(console, queries.status(study, storage))
+        if cluster:
+            from hpo.cluster.jobs import Cluster
+
+            job = Cluster(cluster).latest(study)
+            console.print(
+                f"job {job.job_id}: {job.status}"
+                + (f" ({job.message.strip().splitlines()[-1]})" if job.message.strip() else ""),
+                markup=False,
+                highlight=False,
+                soft_wrap=True,
+            )
+        return
+    printing.print_board(console, _board(storage, cluster), _shown(storage))
+
+
+def _board(storage: str | None, cluster: str | None) -> list[Any]:
+    from hpo.cluster import board
+    from hpo.running.lease import holders
+
+    jobs = []
+    if cluster:
+        from hpo.cluster.jobs import Cluster
+
+        jobs = Cluster(cluster).jobs()
+    try:
+        studies, leases = queries.studies(storage), holders(storage_url(storage))
+    except StoreError as exc:
+        if not cluster:
+            raise
+        _warn(f"{exc}; showing the cluster's jobs only")
+        studies, leases = [], {}
+    return board.rows(jobs, studies, leases)
+
+
+@app.command()
+@_user_errors
+def logs(
+    study: StudyName,
+    cluster: Annotated[
+        str, typer.Option("--cluster", envvar="HPO_CLUSTER", help="The Ray cluster's Jobs API, http://HEAD:8265.")
+    ],
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing until the driver ends.")] = False,
+) -> None:
+    """The log of the study's driver on the cluster (its latest job)."""
+    from hpo.cluster.jobs import Cluster
+
+    jobs = Cluster(cluster)
+    for text in jobs.follow(study) if follow else [jobs.logs(study)]:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+
+@app.command()
+@_user_errors
+def stop(
+    study: StudyName,
+    cluster: Annotated[
+        str, typer.Option("--cluster", envvar="HPO_CLUSTER", help="The Ray cluster's Jobs API, http://HEAD:8265.")
+    ],
+) -> None:
+    """Stop the study's driver on the cluster: it fails and re-queues its running trials, closes
+    its MLflow runs and releases the study (`hpo resume STUDY --cluster …` goes on)."""
+    from hpo.cluster.jobs import STOP_GRACE_S, Cluster
+
+    job = Cluster(cluster).stop(study)
+    console.print(
+        f"stopping job {job.job_id} of study {study} (its driver has {STOP_GRACE_S} s to clean up); "
+        f"`hpo status --cluster {cluster}` shows it stopped, `hpo resume {study} --cluster {cluster}` goes on",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 @app.command()
@@ -937,6 +1067,80 @@ def export(
     else:
         out.write_text(text)
         console.print(f"wrote {len(rows)} trials to {out}")
+
+
+def _driver_args(
+    execution: Any, tracking: Any, *, trials: int | None, timeout: float | None, seed: int | None = None
+) -> list[str]:
+    """The options of the driver's own ``hpo submit``/``resume`` on the cluster: how trials run
+    and are tracked. The store's and MLflow's addresses are the head's, so never passed."""
+    args = [
+        "--executor",
+        execution.executor,
+        "--workers",
+        str(execution.workers),
+        "--gpus-per-trial",
+        str(execution.gpus_per_trial),
+        "--group-size",
+        str(execution.group_size),
+        "--max-retries",
+        str(execution.max_retries),
+        "--accelerator",
+        execution.accelerator,
+        "--precision",
+        execution.precision,
+    ]
+    for option, value in (
+        ("--cpus-per-trial", execution.cpus_per_trial),
+        ("--trials", trials),
+        ("--timeout", timeout),
+        ("--seed", seed),
+        ("--experiment", tracking.experiment),
+    ):
+        if value is not None:
+            args += [option, str(value)]
+    return args + ([] if tracking.enabled else ["--no-tracking"])
+
+
+def _print_submitted(job: Any, cluster: str) -> None:
+    queued = "" if job.metadata.get("hpo_kind") != "resume" else " (resumed)"
+    console.print(
+        f"submitted study {job.study}{queued} to {cluster} as job {job.job_id}; it runs there, this terminal "
+        "may close.\n"
+        f"next: `hpo status --cluster {cluster}`, `hpo logs {job.study} -f --cluster {cluster}`, "
+        f"`hpo stop {job.study} --cluster {cluster}`",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+def _resume_on_cluster(
+    study: str | None,
+    cluster: str,
+    storage: str | None,
+    interrupted: bool,
+    code_dir: Path | None,
+    trials: int | None,
+    timeout: float | None,
+    execution: Any,
+    tracking: Any,
+) -> None:
+    from hpo import api
+    from hpo.cluster import board
+    from hpo.cluster.jobs import Cluster
+
+    if (study is None) == (not interrupted):
+        raise HpoError("name one study to resume, or pass --interrupted for every interrupted one")
+    jobs = Cluster(cluster)
+    names = [study] if study is not None else board.interrupted(_board(storage, cluster))
+    if not names:
+        console.print("no interrupted study")
+        return
+    args = _driver_args(execution, tracking, trials=trials, timeout=timeout)
+    for name in names:
+        job = api.resume_on_cluster(name, jobs, driver_args=args, tracking=tracking.enabled, code_dir=code_dir)
+        _print_submitted(job, cluster)
 
 
 def _shown(url: str | None) -> str:

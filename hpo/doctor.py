@@ -106,5 +106,26 @@ def _ray_auto() -> str:
         return f"cluster at {address} accepts connections"
 
 
-def diagnose(storage: str | None, tracking: str | None, ray_address: str | None) -> list[Check]:
-    return [check_store(storage), check_tracking(tracking), check_ray(ray_address)]
+def check_cluster(address: str) -> Check:
+    """The Jobs API at ``address`` (``hpo submit --cluster``): reachable, Ray's token accepted,
+    and whether the head queues drivers."""
+
+    def probe() -> str:
+        from hpo.cluster.jobs import DRIVER_RESOURCE, Cluster
+
+        cluster = Cluster(address)
+        queue = (
+            f"queues drivers ({DRIVER_RESOURCE})"
+            if cluster.declares_driver_slots()
+            else f"no {DRIVER_RESOURCE} resource: drivers start at once, unqueued"
+        )
+        return f"Ray {cluster.ray_version() or '?'} serves the Jobs API; {queue}"
+
+    return _timed("Ray Jobs API", address, probe)
+
+
+def diagnose(
+    storage: str | None, tracking: str | None, ray_address: str | None, cluster: str | None = None
+) -> list[Check]:
+    checks = [check_store(storage), check_tracking(tracking), check_ray(ray_address)]
+    return checks + ([check_cluster(cluster)] if cluster else [])

@@ -91,6 +91,28 @@ def print_studies(console: Console, studies: list[StudySummary], storage: str) -
     console.print(table)
 
 
+def print_board(console: Console, rows: list[Any], where: str) -> None:
+    """``hpo status`` without a study: every study's state (``rows``:
+    :class:`hpo.cluster.board.StudyRow`), from the job table and the store at ``where``."""
+    if not rows:
+        console.print(f"no studies in {where}")
+        return
+    table = Table("study", "state", "finished", "best", "heartbeat", "job", "user", "why")
+    for row in rows:
+        state = f"queued ({row.position})" if row.state == "queued" else row.state
+        table.add_row(
+            row.name,
+            state,
+            "-" if row.finished is None else f"{row.finished}/{row.budget}",
+            "-" if row.best is None else f"{row.best:.4g}",
+            "-" if row.heartbeat_age is None else f"{row.heartbeat_age:.0f} s ago",
+            "-" if row.job is None else row.job.job_id,
+            "-" if row.job is None else row.job.user or "-",
+            row.reason,
+        )
+    console.print(table)
+
+
 def print_deleted(console: Console, study: str, trials: int) -> None:
     """``hpo delete``'s last line."""
     console.print(f"deleted study {study!r} ({trials} trials)")

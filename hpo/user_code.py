@@ -22,6 +22,25 @@ from typing import Any
 
 from hpo.errors import HpoError
 
+#: Left out when a user's code folder is shipped to Ray workers or to a Ray job: stores,
+#: artifacts and environments that often sit beside a search space.
+CODE_EXCLUDES = [
+    "*.db",
+    "*.db-journal",
+    "*.db-wal",
+    "mlartifacts/",
+    "mlruns/",
+    "reports/",
+    ".git/",
+    ".venv/",
+    "venv/",
+    "__pycache__/",
+    "*.ckpt",
+    "*.pt",
+    "*.pth",
+    "lightning_logs/",
+]
+
 
 class UserCodeError(HpoError):
     """The user's class, callable or its arguments cannot be used; ``key`` is the spec key."""

@@ -129,6 +129,21 @@ def holder(engine: Engine, study_name: str) -> Holder | None:
     return None if row is None else Holder(row.token, row.host, row.pid, row.heartbeat)
 
 
+def holders(url: str) -> dict[str, Holder]:
+    """Every study's lease in the store at ``url``, by study name (none before a driver ran)."""
+    engine = create_engine(url, **engine_options(url))
+    try:
+        if not inspect(engine).has_table(LEASES.name):
+            return {}
+        with engine.connect() as db:
+            return {
+                row.study_name: Holder(row.token, row.host, row.pid, row.heartbeat)
+                for row in db.execute(select(LEASES))
+            }
+    finally:
+        engine.dispose()
+
+
 def acquire(
     url: str,
     study_name: str,

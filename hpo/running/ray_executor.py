@@ -18,8 +18,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import signal
 import socket
 import sys
+import threading
 from collections.abc import Iterable
 from typing import Any
 
@@ -34,6 +36,7 @@ from hpo.running.executor import EpochCallback, Outcome, TrialJob, execute_group
 from hpo.running.harness import Precision
 from hpo.running.records import WORKER
 from hpo.spec import ObjectiveSpec
+from hpo.user_code import CODE_EXCLUDES
 
 #: The resource Ray gives the head node only (``ray._common.constants.HEAD_NODE_RESOURCE_NAME``).
 HEAD_NODE_RESOURCE = "node:__internal_head__"
@@ -53,31 +56,18 @@ _LOST = (
 )
 
 
-#: Left out when a user's code folder is shipped to Ray workers: stores, artifacts and
-#: environments that often sit beside a search space.
-CODE_EXCLUDES = [
-    "*.db",
-    "*.db-journal",
-    "*.db-wal",
-    "mlartifacts/",
-    "mlruns/",
-    "reports/",
-    ".git/",
-    ".venv/",
-    "venv/",
-    "__pycache__/",
-    "*.ckpt",
-    "*.pt",
-    "*.pth",
-    "lightning_logs/",
-]
+def in_ray_job() -> bool:
+    """Whether this process is a Ray job's entrypoint (``hpo submit --cluster`` on the head):
+    Ray's job supervisor gives it the job's configuration in this variable."""
+    return bool(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"))
 
 
 def connect(address: str | None = None, *, num_cpus: int | None = None, code_dir: str | None = None) -> bool:
     """Connect to the Ray cluster at ``address`` (else ``$RAY_ADDRESS``), or start a local Ray
     instance. ``code_dir``, the user's code folder, is shipped with the job as Ray's working
     directory, so workers import the user's model and data as the driver does. Returns whether
-    this call started Ray (and so should shut it down)."""
+    this call started Ray (and so should shut it down). Inside a Ray job the job's own working
+    directory is the code's, and none is added."""
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS") or None
@@ -89,7 +79,14 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, code_dir
                 f"{address} is a Ray client address, and Ray's client is not installed: "
                 "pip install 'dropout-hpo[cluster]'"
             ) from None
-    runtime_env = {"working_dir": code_dir, "excludes": CODE_EXCLUDES} if code_dir else None
+    # Inside a Ray job the job's working_dir already reaches every task, and Ray refuses to merge
+    # a second one into it ("Failed to merge the Job's runtime env").
+    ship = code_dir and not in_ray_job()
+    runtime_env = {"working_dir": code_dir, "excludes": CODE_EXCLUDES} if ship else None
+    # ray.init replaces the SIGTERM handler with sys.exit, which would skip the driver's clean stop
+    # (abandon and re-queue running trials, close MLflow runs, release the lease): keep ours.
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    sigterm = signal.getsignal(signal.SIGTERM) if on_main_thread else None
     try:
         for attempt in range(1, CLIENT_ATTEMPTS + 1):
             try:
@@ -128,6 +125,9 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, code_dir
                 "--code-dir at a folder holding only your code"
             ) from exc
         raise
+    finally:
+        if on_main_thread and sigterm is not None:
+            signal.signal(signal.SIGTERM, sigterm)
     return True
 
 
