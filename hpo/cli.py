@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 import signal
 import sys
 import threading
@@ -328,12 +329,15 @@ def submit(
     from hpo import api
 
     if cluster:
-        from hpo.cluster.jobs import Cluster
+        from hpo.cluster.jobs import Cluster, client_version_warning
 
+        jobs = Cluster(cluster)
+        if warning := client_version_warning(jobs):
+            _warn(warning)
         args = _driver_args(execution, tracking, trials=trials, timeout=timeout, seed=seed)
         job = api.submit_to_cluster(
             space,
-            Cluster(cluster),
+            jobs,
             driver_args=args + ([] if baselines else ["--no-baselines"]),
             study_name=study_name,
             tracking=tracking.enabled,
@@ -344,6 +348,7 @@ def submit(
         )
         _print_submitted(job, cluster)
         return
+    _warn_of_job_version()
     with StudyProgress(console) as progress:
 
         def start(handle: StudyHandle) -> None:
@@ -420,6 +425,7 @@ def resume(
         return
     if study is None or interrupted:
         raise HpoError("name the study to resume (--interrupted resubmits studies to a --cluster)")
+    _warn_of_job_version()
     with StudyProgress(console) as progress:
 
         def start(handle: StudyHandle, orphans: list[int]) -> None:
@@ -1100,6 +1106,14 @@ def _driver_args(
         if value is not None:
             args += [option, str(value)]
     return args + ([] if tracking.enabled else ["--no-tracking"])
+
+
+def _warn_of_job_version() -> None:
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
+        from hpo.cluster.jobs import driver_version_warning
+
+        if warning := driver_version_warning():
+            _warn(warning)
 
 
 def _print_submitted(job: Any, cluster: str) -> None:

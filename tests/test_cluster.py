@@ -17,7 +17,9 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +54,10 @@ from .conftest import TINY_SPEC, processes_with
 
 pytest.importorskip("ray.job_submission")
 runner = CliRunner()
+
+SLOW_SPEC = TINY_SPEC.replace("epochs: 3", "epochs: 200").replace(
+    "pruner: {name: median, n_startup_trials: 2, n_warmup_steps: 1}", "pruner: {name: none}"
+)
 
 #: The user's own module, shipped as the job's working directory and imported on the workers.
 USER_MODULE = """
@@ -111,13 +117,11 @@ class Head:
     folder: Path
 
 
-@pytest.fixture(scope="module")
-def head():
-    """A Ray head with one driver slot (``hpo_driver: 1``) and one CPU for trials."""
-    folder = Path(tempfile.mkdtemp(prefix="hc", dir="/tmp"))  # Ray's socket paths must stay short
+def _start_head(folder: Path, dashboard: int, **extra_env: str) -> subprocess.Popen:
+    """``ray start --head --block`` with one driver slot and one CPU for trials, its store and
+    MLflow store in ``folder``; returns once its Jobs API answers."""
     home = folder / "home"
-    home.mkdir()
-    storage = f"sqlite:///{folder / 'studies.db'}"
+    home.mkdir(exist_ok=True)
     venv_bin = Path(sys.executable).parent
     env = {
         k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "HPO_STORAGE", "HPO_CLUSTER")
@@ -125,13 +129,12 @@ def head():
     env.update(
         HOME=str(home),
         PATH=os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if Path(p) != venv_bin),
-        HPO_STORAGE=storage,
+        HPO_STORAGE=f"sqlite:///{folder / 'studies.db'}",
         MLFLOW_TRACKING_URI=f"sqlite:///{folder / 'mlflow.db'}",
         HPO_BIN=str(venv_bin / "hpo"),
         RAY_JOB_START_TIMEOUT_SECONDS="600",
-        RAY_USAGE_STATS_ENABLED="0",
+        **extra_env,
     )
-    dashboard = _free_port()
     process = subprocess.Popen(
         [
             str(venv_bin / "ray"),
@@ -153,28 +156,46 @@ def head():
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    address = f"http://127.0.0.1:{dashboard}"
     deadline = time.monotonic() + 120
     while True:
         try:
-            urllib.request.urlopen(f"{address}/api/version", timeout=2)
-            break
+            urllib.request.urlopen(f"http://127.0.0.1:{dashboard}/api/version", timeout=2)
+            return process
+        except urllib.error.HTTPError:
+            return process  # it answers, asking for a token
         except OSError:
             if process.poll() is not None or time.monotonic() > deadline:
                 process.kill()
-                pytest.fail(f"the Ray head did not serve {address} (exit {process.poll()})")
+                pytest.fail(f"the Ray head did not serve port {dashboard} (exit {process.poll()})")
             time.sleep(0.5)
+
+
+def _end_head(process: subprocess.Popen, folder: Path, signum: int = signal.SIGTERM) -> None:
+    """End a head by its process id (SIGTERM: cleanly; SIGKILL: as a crash), then any process
+    of it left (by its temp dir)."""
+    process.send_signal(signum)
     try:
-        yield Head(address, storage, folder)
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+    for pid in processes_with(str(folder)):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _head_folder() -> Path:
+    return Path(tempfile.mkdtemp(prefix="hc", dir="/tmp"))  # Ray's socket paths must stay short
+
+
+@pytest.fixture(scope="module")
+def head():
+    """The module's Ray head."""
+    folder, dashboard = _head_folder(), _free_port()
+    process = _start_head(folder, dashboard)
+    try:
+        yield Head(f"http://127.0.0.1:{dashboard}", f"sqlite:///{folder / 'studies.db'}", folder)
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        for pid in processes_with(str(folder)):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
+        _end_head(process, folder)
 
 
 def _wait_for(predicate, timeout: float = 240, every: float = 0.5):
@@ -238,9 +259,7 @@ def test_a_study_submitted_from_another_folder_ends_its_exact_budget_after_the_c
 
 
 def test_a_second_study_waits_for_the_one_driver_slot_and_a_stopped_study_resumes_exactly(head, tmp_path):
-    slow = TINY_SPEC.replace("name: tiny", "name: slow").replace("epochs: 3", "epochs: 200")
-    slow = slow.replace("pruner: {name: median, n_startup_trials: 2, n_warmup_steps: 1}", "pruner: {name: none}")
-    (tmp_path / "slow.yaml").write_text(slow)
+    (tmp_path / "slow.yaml").write_text(SLOW_SPEC.replace("name: tiny", "name: slow"))
     (tmp_path / "quick.yaml").write_text(TINY_SPEC.replace("name: tiny", "name: quick"))
     for space in ("slow.yaml", "quick.yaml"):
         result = _cli("submit", str(tmp_path / space), "--trials", "2", "--no-tracking", "--cluster", head.address)
@@ -330,7 +349,69 @@ def test_doctor_reports_the_jobs_api_and_its_driver_queue(head):
     assert line.startswith("ok") and "queues drivers (hpo_driver)" in line
 
 
+def test_after_a_head_restart_the_study_shows_interrupted_and_one_command_resubmits_it(tmp_path):
+    folder, dashboard = _head_folder(), _free_port()
+    address, storage = f"http://127.0.0.1:{dashboard}", f"sqlite:///{folder / 'studies.db'}"
+    process = _start_head(folder, dashboard)
+    try:
+        (tmp_path / "slow.yaml").write_text(SLOW_SPEC.replace("name: tiny", "name: restart"))
+        submitted = _cli("submit", str(tmp_path / "slow.yaml"), "--trials", "2", "--no-tracking", "--cluster", address)
+        assert submitted.exit_code == 0, submitted.output
+        _wait_for(lambda: any(t.state == TrialState.RUNNING for t in _trials_or_none(storage, "restart")))
+        driver = _wait_for(lambda: holders(storage).get("restart"))
+        _end_head(process, folder, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(driver.pid, signal.SIGKILL)  # a head restart kills the drivers on it
+        process = _start_head(folder, dashboard)
+
+        assert not Cluster(address).jobs(), "the restarted head forgot its jobs"
+        status = _cli("status", "--cluster", address, storage=storage)
+        assert "interrupted" in next(line for line in status.stdout.splitlines() if "restart" in line)
+        again = ("resume", "--interrupted", "--trials", "1", "--no-tracking", "--cluster", address)
+        resumed = _cli(*again, storage=storage)
+        assert resumed.exit_code == 0, resumed.output
+        assert "submitted study restart (resumed)" in resumed.stdout
+        cluster = Cluster(address)
+        assert _ended(cluster, "restart", timeout=300).status == SUCCEEDED, cluster.logs("restart")
+        trials = _trials(storage, "restart")
+        assert sum(t.state.is_finished() and not t.user_attrs.get("abandoned") for t in trials) == 1
+        assert [t.user_attrs.get("abandoned") for t in trials].count(True) == 1, "the killed trial, abandoned"
+        assert TrialState.RUNNING not in [t.state for t in trials]
+    finally:
+        _end_head(process, folder)
+
+
+def test_a_cluster_with_token_authentication_needs_the_token(monkeypatch, tmp_path):
+    folder, dashboard = _head_folder(), _free_port()
+    address, token = f"http://127.0.0.1:{dashboard}", uuid.uuid4().hex
+    process = _start_head(folder, dashboard, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
+    try:
+        monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.ray/auth_token
+        monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+        monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{address}/api/jobs/", timeout=10)
+        assert refused.value.code == 401
+        result = _cli("status", "--cluster", address, storage=f"sqlite:///{tmp_path / 'none.db'}")
+        assert result.exit_code == 2 and "RAY_AUTH_TOKEN" in result.stderr, result.output
+        (tmp_path / "token").write_text(token + "\n")
+        monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "token"))
+        assert Cluster(address).jobs() == []
+    finally:
+        _end_head(process, folder)
+
+
 # --- The parts, without a cluster ---------------------------------------------------------------
+
+
+def test_a_driver_warns_when_the_clusters_hpo_is_not_the_one_that_submitted_it(monkeypatch):
+    from hpo import __version__
+    from hpo.cluster.jobs import driver_version_warning
+
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"metadata": {"hpo_version": __version__}}))
+    assert driver_version_warning() is None
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"metadata": {"hpo_version": "0.0.1"}}))
+    assert "submitted by dropout-hpo 0.0.1" in driver_version_warning()
 
 
 def test_job_ids_come_from_the_study_and_stay_distinct_when_a_name_is_not_ray_safe():
@@ -375,23 +456,22 @@ def _summary(name: str, finished: int, budget: int = 4) -> StudySummary:
 
 
 @pytest.mark.parametrize(
-    "job, finished, heartbeat, state",
+    "job, finished, alive, state",
     [
-        (_job("s", PENDING, 1), None, None, "queued"),
-        (_job("s", RUNNING, 1), 2, 3.0, "running"),
-        (_job("s", STOPPED, 1), 2, None, "stopped"),
-        (_job("s", SUCCEEDED, 1), 4, None, "finished"),
-        (_job("s", SUCCEEDED, 1), 2, None, "stopped"),
-        (_job("s", FAILED, 1, message="Traceback\nValueError: bad"), 0, None, "failed"),
-        (_job("s", FAILED, 1, SUPERVISOR_DIED), 2, 300.0, "interrupted"),
-        (None, 4, None, "finished"),
-        (None, 2, 5.0, "running"),
-        (None, 2, 300.0, "interrupted"),
-        (None, 2, None, "interrupted"),
+        (_job("s", PENDING, 1), None, False, "queued"),
+        (_job("s", RUNNING, 1), 2, True, "running"),
+        (_job("s", STOPPED, 1), 2, False, "stopped"),
+        (_job("s", SUCCEEDED, 1), 4, False, "finished"),
+        (_job("s", SUCCEEDED, 1), 2, False, "stopped"),
+        (_job("s", FAILED, 1, message="Traceback\nValueError: bad"), 0, False, "failed"),
+        (_job("s", FAILED, 1, SUPERVISOR_DIED), 2, False, "interrupted"),
+        (None, 4, False, "finished"),
+        (None, 2, True, "running"),
+        (None, 2, False, "interrupted"),
     ],
 )
-def test_a_studys_state_joins_its_job_its_trials_and_its_drivers_heartbeat(job, finished, heartbeat, state):
-    found, reason = board.state_of(job, finished, 4, heartbeat)
+def test_a_studys_state_joins_its_job_its_trials_and_its_drivers_heartbeat(job, finished, alive, state):
+    found, reason = board.state_of(job, finished, 4, alive)
     assert found == state
     assert bool(reason) == (state in ("failed", "interrupted"))
     if state == "failed":
@@ -402,7 +482,8 @@ def test_the_board_lists_studies_ray_forgot_and_numbers_the_queue():
     now = 1000.0
     jobs = [_job("a", RUNNING, 10), _job("b", PENDING, 20), _job("c", PENDING, 30)]
     studies = [_summary("old", 2), _summary("a", 1), _summary("done", 4)]
-    leases = {"a": Holder("t", "h", 1, now - 2), "old": Holder("t", "h", 1, now - 600)}
+    elsewhere = "another-host"  # a holder on this host is also stale when its process is gone
+    leases = {"a": Holder("t", elsewhere, 1, now - 2), "old": Holder("t", elsewhere, 1, now - 600)}
     rows = {row.name: row for row in board.rows(jobs, studies, leases, now=now)}
     assert [rows[n].state for n in ("old", "done", "a", "b", "c")] == [
         "interrupted",

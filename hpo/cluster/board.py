@@ -48,13 +48,10 @@ class StudyRow:
     reason: str = ""
 
 
-def state_of(
-    job: StudyJob | None, finished: int | None, budget: int | None, heartbeat_age: float | None
-) -> tuple[State, str]:
-    """A study's state and, for a failed or interrupted one, why. ``heartbeat_age`` is ``None``
-    when no driver holds the study's lease."""
+def state_of(job: StudyJob | None, finished: int | None, budget: int | None, driver_alive: bool) -> tuple[State, str]:
+    """A study's state and, for a failed or interrupted one, why. ``driver_alive``: a driver
+    holds the study's lease and its heartbeat is fresh."""
     met = finished is not None and budget is not None and finished >= budget
-    alive = heartbeat_age is not None and heartbeat_age <= STALE_AFTER_S
     if job is not None:
         if job.status == PENDING:
             return "queued", ""
@@ -71,7 +68,7 @@ def state_of(
         return "stopped", ""  # ended early: a timeout or a run of failing trials
     if met:
         return "finished", ""
-    if alive:
+    if driver_alive:
         return "running", ""
     return "interrupted", "no driver: the budget is unmet and no heartbeat in the store"
 
@@ -100,7 +97,8 @@ def rows(
         finished = None if summary is None else summary.counts.finished
         budget = None if summary is None else summary.budget
         age = None if holder is None else holder.age(now)
-        state, reason = state_of(job, finished, budget, age)
+        alive = holder is not None and not holder.is_stale(now, STALE_AFTER_S)
+        state, reason = state_of(job, finished, budget, alive)
         best = None if summary is None or summary.best is None else summary.best.values[0]
         found.append(
             StudyRow(

@@ -25,6 +25,7 @@ from __future__ import annotations
 import fnmatch
 import getpass
 import hashlib
+import json
 import os
 import re
 import shlex
@@ -131,6 +132,30 @@ def read_token() -> str | None:
         return path.read_text().strip() or None
     except OSError:
         return None
+
+
+def driver_version_warning() -> str | None:
+    """Inside a job submitted by ``hpo submit --cluster``: a warning when the cluster's hpo is not
+    the version that submitted it (the job's metadata), since the spec was checked by that one."""
+    try:
+        metadata = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("metadata") or {}
+    except ValueError:
+        return None
+    submitted = metadata.get(VERSION_KEY)
+    if submitted and submitted != __version__:
+        return f"this job was submitted by dropout-hpo {submitted} and runs on the cluster's {__version__}"
+    return None
+
+
+def client_version_warning(cluster: Cluster) -> str | None:
+    """A warning when this machine's Ray differs from the cluster's (the job client and the Jobs
+    API are made to match)."""
+    import ray
+
+    theirs = cluster.ray_version()
+    if theirs and theirs != ray.__version__:
+        return f"Ray {ray.__version__} here, {theirs} on the cluster at {cluster.address}: install Ray {theirs}"
+    return None
 
 
 def _excluded(relative: str, is_dir: bool, patterns: list[str]) -> bool:
