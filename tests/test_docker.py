@@ -102,14 +102,37 @@ def test_the_image_has_rays_client_when_the_head_serves_it():
     """The Ray head serves ray:// (--ray-client-server-port), which plain `ray` cannot: it then
     crash-loops with "Ray Client requires pip package ray[client]". The image installs the
     cluster extra, and the extra brings ray[client]."""
-    import tomllib
-
     command = _services()["ray-head"]["command"]
     assert "--ray-client-server-port" in (command if isinstance(command, str) else " ".join(command))
-    extras = tomllib.loads((DOCKER.parent / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    assert any(req.startswith("ray[client]") for req in extras["cluster"])
+    assert "client" in _ray_extras()
     text = (DOCKER / "Dockerfile").read_text()
     assert re.search(r"^ARG EXTRAS=\S*\bcluster\b", text, re.M) and '".[${EXTRAS}]"' in text
+
+
+def _ray_extras() -> set[str]:
+    """The extras of Ray that the image's ``cluster`` extra installs."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    extras = tomllib.loads((DOCKER.parent / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    return {extra for req in map(Requirement, extras["cluster"]) if req.name == "ray" for extra in req.extras}
+
+
+def test_the_head_serves_the_jobs_api_that_drivers_are_submitted_to():
+    """`hpo submit --cluster` needs the head's dashboard to serve the Jobs API (only with
+    ray[default]), the study store and MLflow in the head's environment (a job's driver inherits
+    it), a driver slot resource for the queue, a start timeout past Ray's 15 minutes, and the
+    image's hpo by absolute path."""
+    head = _services()["ray-head"]
+    assert "default" in _ray_extras()
+    assert """--resources='{"hpo_driver": ${HPO_DRIVERS:-2}}'""" in head["command"]
+    env = head["environment"]
+    assert env["HPO_STORAGE"].startswith("postgresql://") and env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    assert int(env["RAY_JOB_START_TIMEOUT_SECONDS"]) >= 24 * 3600
+    assert any(port.endswith(":8265:8265") for port in head["ports"])
+    text = (DOCKER / "Dockerfile").read_text()
+    assert re.search(r"^ENV HPO_BIN=(/\S+)$", text, re.M).group(1) in text.split("ENV HPO_BIN")[0]
 
 
 def test_a_ray_client_address_without_rays_client_is_one_line(monkeypatch):
