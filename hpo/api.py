@@ -34,6 +34,7 @@ from hpo.running.records import (
 from hpo.running.study import (
     StudyHandle,
     baseline_attrs,
+    clear_drain,
     create_study,
     load_study,
     name_metrics,
@@ -542,6 +543,7 @@ def resume(
     data = prepare(handle.spec, f"study {study_name!r}", folder, on_note, on_warning)
     with driving(handle.storage, handle.name, take_over=take_over):
         orphans = reconcile(handle.study, leased=True)
+        clear_drain(handle)
         name_metrics(handle)
         if trials is not None:
             set_budget(handle, trials)

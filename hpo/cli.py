@@ -999,12 +999,33 @@ def stop(
     cluster: Annotated[
         str, typer.Option("--cluster", envvar="HPO_CLUSTER", help="The Ray cluster's Jobs API, http://HEAD:8265.")
     ],
+    drain: Annotated[
+        bool,
+        typer.Option(
+            "--drain",
+            help="Start no trial, let the running ones finish, then end (asked through the study store: --storage).",
+        ),
+    ] = False,
+    storage: Storage = None,
 ) -> None:
     """Stop the study's driver on the cluster: it fails and re-queues its running trials, closes
     its MLflow runs and releases the study (`hpo resume STUDY --cluster …` goes on)."""
-    from hpo.cluster.jobs import STOP_GRACE_S, Cluster
+    from hpo.cluster.jobs import RUNNING, STOP_GRACE_S, Cluster
 
-    job = Cluster(cluster).stop(study)
+    jobs = Cluster(cluster)
+    if drain and jobs.latest(study).status == RUNNING:
+        from hpo.running.study import request_drain
+
+        request_drain(load_study(study, storage))
+        console.print(
+            f"study {study} drains: no new trial starts, the running ones finish, then its driver ends "
+            f"(`hpo logs {study} -f --cluster {cluster}` shows it)",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+        return
+    job = jobs.stop(study)
     console.print(
         f"stopping job {job.job_id} of study {study} (its driver has {STOP_GRACE_S} s to clean up); "
         f"`hpo status --cluster {cluster}` shows it stopped, `hpo resume {study} --cluster {cluster}` goes on",
@@ -1161,7 +1182,7 @@ def _shown(url: str | None) -> str:
     return redact(storage_url(url))
 
 
-_EXIT_CODES = {"budget": 0, "timeout": 0, "errors": 1, "interrupted": 130}
+_EXIT_CODES = {"budget": 0, "timeout": 0, "errors": 1, "interrupted": 130, "drained": 0}
 
 
 def _report_run(handle: StudyHandle, summary: RunSummary) -> None:
@@ -1172,6 +1193,7 @@ def _report_run(handle: StudyHandle, summary: RunSummary) -> None:
         "budget": "budget reached",
         "timeout": "timeout reached",
         "interrupted": f"interrupted; run `hpo resume {handle.name}` to continue",
+        "drained": f"drained (hpo stop --drain); run `hpo resume {handle.name}` to continue",
         "errors": summary.message,
     }[summary.stopped]
     console.print(

@@ -292,6 +292,24 @@ def test_a_second_study_waits_for_the_one_driver_slot_and_a_stopped_study_resume
     assert TrialState.RUNNING not in [t.state for t in trials]
 
 
+def test_a_drained_study_starts_no_trial_and_ends_when_its_running_ones_finish(head, tmp_path):
+    spec = SLOW_SPEC.replace("name: tiny", "name: drain").replace("epochs: 200", "epochs: 100")
+    (tmp_path / "drain.yaml").write_text(spec)
+    result = _cli("submit", str(tmp_path / "drain.yaml"), "--trials", "4", "--no-tracking", "--cluster", head.address)
+    assert result.exit_code == 0, result.output
+    _wait_for(lambda: any(t.state == TrialState.RUNNING for t in _trials_or_none(head.storage, "drain")))
+    drained = _cli("stop", "drain", "--drain", "--cluster", head.address, storage=head.storage)
+    assert drained.exit_code == 0 and "drains" in drained.stdout, drained.output
+    cluster = Cluster(head.address)
+    assert _ended(cluster, "drain").status == SUCCEEDED, cluster.logs("drain")
+    assert "drained (hpo stop --drain)" in cluster.logs("drain")
+    trials = _trials(head.storage, "drain")
+    assert not any(t.user_attrs.get("abandoned") for t in trials), "running trials finished, none abandoned"
+    assert 1 <= sum(t.state.is_finished() for t in trials) < 4 and TrialState.RUNNING not in [t.state for t in trials]
+    status = _cli("status", "--cluster", head.address, storage=head.storage).stdout
+    assert "stopped" in next(line for line in status.splitlines() if "drain" in line)
+
+
 def _trials_or_none(storage: str, study: str) -> list[optuna.trial.FrozenTrial]:
     try:
         return _trials(storage, study)

@@ -35,6 +35,7 @@ from hpo.running.harness import Precision, TrialResult
 from hpo.running.records import (
     BEST_EPOCH,
     CONFIG,
+    DRAIN,
     DROPOUT_KEPT,
     FAIL_REASON,
     GROUP,
@@ -72,7 +73,9 @@ from hpo.spec import ObjectiveSpec
 #: the study: the cause is then almost surely the setup, not the configurations.
 MAX_CONSECUTIVE_ERRORS = 5
 
-StopReason = Literal["budget", "timeout", "interrupted", "errors"]
+StopReason = Literal["budget", "timeout", "interrupted", "errors", "drained"]
+#: Seconds between two reads of the study's drain request (``hpo stop --drain``).
+DRAIN_POLL_S = 2.0
 ProgressCallback = Callable[[Counts, FrozenTrial | None], None]
 #: ``(trial number, one epoch's metrics)``, from a backend to the driver.
 EpochCallback = Callable[[int, dict[str, float]], None]
@@ -305,6 +308,20 @@ class LocalBackend:
         pass
 
 
+class _DrainRequest:
+    """Whether ``hpo stop --drain`` asked this study's driver to stop starting trials: the study's
+    :data:`DRAIN` attribute, read at most every :data:`DRAIN_POLL_S` seconds."""
+
+    def __init__(self, study: optuna.Study) -> None:
+        self.study, self._asked, self._read_at = study, False, -DRAIN_POLL_S
+
+    def requested(self) -> bool:
+        if not self._asked and time.monotonic() - self._read_at >= DRAIN_POLL_S:
+            self._read_at = time.monotonic()
+            self._asked = bool(self.study.user_attrs.get(DRAIN))
+        return self._asked
+
+
 class _Heartbeat(threading.Thread):
     """Records a heartbeat for every running trial each :data:`HEARTBEAT_INTERVAL` seconds."""
 
@@ -375,7 +392,9 @@ def run_study(
     and its configuration re-queued, at most ``max_retries`` times. Ctrl-C
     (``KeyboardInterrupt``, or a store error it caused: :func:`interrupted`) abandons every
     running trial (failed with the reason, re-queued, not counted) and returns with
-    ``stopped == "interrupted"``; finished trials are already stored.
+    ``stopped == "interrupted"``; finished trials are already stored. A drain request in the
+    store (``hpo stop --drain``, :data:`DRAIN`) starts no more trials and returns, once the
+    running ones have finished, with ``stopped == "drained"``.
     ``listener`` hears of every trial's start, epochs and end (e.g. the MLflow tracker).
 
     With ``group_size`` above 1 each slot trains up to that many trials as one vectorised group
@@ -412,6 +431,8 @@ def run_study(
         def timed_out() -> bool:
             return deadline is not None and time.monotonic() >= deadline
 
+        drain = _DrainRequest(study)
+
         def finish(ended: list[tuple[TrialJob, Outcome]]) -> None:
             nonlocal errors_in_a_row, last_error
             for job, outcome in ended:
@@ -433,6 +454,7 @@ def run_study(
                 and tally.counts.finished + len(running) < handle.budget
                 and not timed_out()
                 and errors_in_a_row < MAX_CONSECUTIVE_ERRORS
+                and not drain.requested()
             )
 
         while True:
@@ -463,6 +485,8 @@ def run_study(
                     stopped = "errors"
                 elif timed_out() and tally.counts.finished < handle.budget:
                     stopped = "timeout"
+                elif drain.requested() and tally.counts.finished < handle.budget:
+                    stopped = "drained"
                 break
             with deferred_interrupts():
                 finish(backend.wait(timeout=0.2))

@@ -53,6 +53,9 @@ MLFLOW_PARENT = "hpo:mlflow"
 #: The YAML text the study was submitted with (str); its presence makes a study hpo's. Studies
 #: stored before it moved to a system attribute keep it as a user attribute (:func:`spec_text`).
 SPEC = "hpo:spec"
+#: ``True`` while ``hpo stop --drain`` asks the study's driver to start no trial and end once its
+#: running ones finish; ``hpo resume`` sets it back to ``False``.
+DRAIN = "hpo:drain"
 
 # --- Trial system attributes --------------------------------------------------------------------
 

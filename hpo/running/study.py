@@ -36,6 +36,7 @@ from hpo.running.records import (  # noqa: F401
     BASELINE_FIXED,
     BUDGET,
     CODE_DIR,
+    DRAIN,
     DRIVER,
     DROPOUT_KEPT,
     GROUP,
@@ -227,6 +228,18 @@ def set_budget(handle: StudyHandle, trials: int) -> None:
     """Change the study's budget of finished trials (``hpo resume --trials``)."""
     handle.study.set_user_attr(BUDGET, trials)
     handle.budget = trials
+
+
+def request_drain(handle: StudyHandle) -> None:
+    """Ask the study's driver to start no trial and end once its running ones finish
+    (``hpo stop --drain``); it reads the request within seconds."""
+    handle.study.set_user_attr(DRAIN, True)
+
+
+def clear_drain(handle: StudyHandle) -> None:
+    """Withdraw a drain request, so that a resumed driver runs (``hpo resume``)."""
+    if handle.study.user_attrs.get(DRAIN):
+        handle.study.set_user_attr(DRAIN, False)
 
 
 def best_trial(study: optuna.Study) -> FrozenTrial | None:

@@ -311,7 +311,8 @@ class Tracker:
             step=counts.finished,
             metrics=study_metrics(counts, best, self.objectives, self.handle.budget),
         )
-        status = {"budget": "FINISHED", "timeout": "FINISHED", "interrupted": "KILLED"}.get(stopped, "FAILED")
+        ended = {"budget": "FINISHED", "timeout": "FINISHED", "interrupted": "KILLED", "drained": "KILLED"}
+        status = ended.get(stopped, "FAILED")
         self._client.set_terminated(self.parent_id, status=status)
 
 
