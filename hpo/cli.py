@@ -966,12 +966,13 @@ def _board(storage: str | None, cluster: str | None) -> list[Any]:
         jobs = Cluster(cluster).jobs()
     try:
         studies, leases = queries.studies(storage), holders(storage_url(storage))
+        addresses = {s.name: queries.mlflow_address(s.name, storage) for s in studies}
     except StoreError as exc:
         if not cluster:
             raise
         _warn(f"{exc}; showing the cluster's jobs only")
-        studies, leases = [], {}
-    return board.rows(jobs, studies, leases)
+        studies, leases, addresses = [], {}, {}
+    return board.rows(jobs, studies, leases, addresses={k: v for k, v in addresses.items() if v})
 
 
 @app.command()

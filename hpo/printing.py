@@ -97,7 +97,7 @@ def print_board(console: Console, rows: list[Any], where: str) -> None:
     if not rows:
         console.print(f"no studies in {where}")
         return
-    table = Table("study", "state", "finished", "best", "heartbeat", "job", "user", "why")
+    table = Table("study", "state", "finished", "best", "heartbeat", "job", "user", "why", "MLflow")
     for row in rows:
         state = f"queued ({row.position})" if row.state == "queued" else row.state
         table.add_row(
@@ -109,6 +109,7 @@ def print_board(console: Console, rows: list[Any], where: str) -> None:
             "-" if row.job is None else row.job.job_id,
             "-" if row.job is None else row.job.user or "-",
             row.reason,
+            row.mlflow or "-",
         )
     console.print(table)
 

@@ -104,6 +104,14 @@ def status(study: str, storage: str | None = None) -> StudyStatus:
     )
 
 
+def mlflow_address(study: str, storage: str | None = None) -> str | None:
+    """Where MLflow shows study ``study``'s trials (``None`` before it reached MLflow)."""
+    from hpo.tracking.dashboard import planned_address
+
+    planned = planned_address(load_study(study, storage))
+    return None if planned is None else planned[0]
+
+
 def best(study: str, storage: str | None = None) -> list[StoredTrial]:
     """Study ``study``'s best complete trial as a one-element list (single objective), or its
     Pareto front; empty before a trial completes. Each comes with its settings (the values as

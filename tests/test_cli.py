@@ -51,6 +51,8 @@ VERBS = [
     "submit",
     "resume",
     "status",
+    "logs",
+    "stop",
     "best",
     "list",
     "delete",
@@ -77,7 +79,9 @@ def test_every_verb_is_tested_for_help():
     assert sorted(c.name or c.callback.__name__ for c in app.registered_commands) == sorted(VERBS)
 
 
-@pytest.mark.parametrize("verb", ["status", "list", "ui", "doctor", "sync", "report", "compare", "sites", "init"])
+@pytest.mark.parametrize(
+    "verb", ["status", "list", "ui", "doctor", "sync", "report", "compare", "sites", "init", "logs", "stop"]
+)
 def test_verbs_that_need_no_training_do_not_import_torch(verb):
     code = (
         "import sys; from typer.testing import CliRunner; from hpo.cli import app; "
@@ -103,6 +107,13 @@ def test_best_as_json_matches_the_store(study_db):
 def test_status_counts_trials_against_the_budget(study_db):
     result = runner.invoke(app, ["status", "tiny", "--storage", study_db])
     assert result.exit_code == 0 and "finished 4/4" in result.output
+
+
+def test_status_without_a_study_shows_every_studys_state_from_the_store(study_db):
+    result = runner.invoke(app, ["status", "--storage", study_db])
+    assert result.exit_code == 0, result.output
+    row = next(line for line in result.stdout.splitlines() if "tiny" in line)
+    assert "finished" in row and "4/4" in row
 
 
 def test_list_shows_every_study(study_db):

@@ -249,7 +249,7 @@ def test_a_study_submitted_from_another_folder_ends_its_exact_budget_after_the_c
     status = _cli("status", "--cluster", head.address, storage=head.storage)
     assert status.exit_code == 0, status.output
     row = next(line for line in status.stdout.splitlines() if "walk-away" in line)
-    assert "finished" in row and "3/3" in row and "hpo-walk-away" in row
+    assert "finished" in row and "3/3" in row and "hpo-walk-away" in row and "http://127.0.0.1:5000/#/" in row
 
     again = _cli("submit", str(tmp_path / "space.yaml"), "--cluster", head.address)
     assert again.exit_code == 2
@@ -267,6 +267,8 @@ def test_a_second_study_waits_for_the_one_driver_slot_and_a_stopped_study_resume
     cluster = Cluster(head.address)
     _wait_for(lambda: any(t.state == TrialState.RUNNING for t in _trials_or_none(head.storage, "slow")))
     assert cluster.latest("quick").status == PENDING, "one driver slot: the second study waits"
+    twice = _cli("submit", str(tmp_path / "quick.yaml"), "--no-tracking", "--cluster", head.address)
+    assert twice.exit_code == 2 and "study 'quick' is already queued" in twice.stderr and "hpo-quick" in twice.stderr
     status = _cli("status", "--cluster", head.address, storage=head.storage).stdout
     assert "queued (1)" in next(line for line in status.splitlines() if "quick" in line)
     assert "running" in next(line for line in status.splitlines() if "slow" in line)

@@ -35,6 +35,7 @@ class StudyRow:
         heartbeat_age: Seconds since its driver's last heartbeat (``None``: no driver holds it).
         job: The Ray job that drives or drove it, if the cluster still knows it.
         reason: Why it failed or was interrupted.
+        mlflow: The address of its trials in MLflow, once it reached MLflow.
     """
 
     name: str
@@ -46,6 +47,7 @@ class StudyRow:
     heartbeat_age: float | None = None
     job: StudyJob | None = None
     reason: str = ""
+    mlflow: str | None = None
 
 
 def state_of(job: StudyJob | None, finished: int | None, budget: int | None, driver_alive: bool) -> tuple[State, str]:
@@ -79,9 +81,11 @@ def rows(
     holders: dict[str, Holder],
     *,
     now: float | None = None,
+    addresses: dict[str, str] | None = None,
 ) -> list[StudyRow]:
     """Join the job table and the store: one row per study, queued jobs with their position, in
-    the order they were submitted (studies only the store knows first, oldest first)."""
+    the order they were submitted (studies only the store knows first, oldest first).
+    ``addresses``: each study's MLflow address, where it has one."""
     now = time.time() if now is None else now
     latest: dict[str, StudyJob] = {}
     for job in sorted(jobs, key=lambda j: j.submitted):
@@ -111,6 +115,7 @@ def rows(
                 age,
                 job,
                 reason,
+                (addresses or {}).get(name),
             )
         )
     return found

@@ -332,7 +332,8 @@ class Cluster:
         jobs = self.study_jobs(study)
         if live := [job for job in jobs if job.live]:
             raise ClusterError(
-                f"study {study!r} is already {live[-1].status.lower()} on {self.address} as job {live[-1].job_id}; "
+                f"study {study!r} is already {'queued' if live[-1].status == PENDING else 'running'} on "
+                f"{self.address} as job {live[-1].job_id}; "
                 f"`hpo stop {study}` stops it"
             )
         if kind == "submit" and (earlier := [job for job in jobs if job.metadata.get(KIND_KEY) == "submit"]):
