@@ -9,6 +9,8 @@ with two Ray worker containers, and checks from outside what a user would:
 - a study submitted through the ``hpo`` CLI service finishes its exact budget on PostgreSQL,
   with trials on both worker containers and its runs (parent, children, epoch metrics) in MLflow;
 - the same from this host through ``ray://`` (Ray client);
+- a study submitted from this host to the head's Jobs API (``hpo submit --cluster``), run there
+  as a Ray job to its exact budget, and shown finished by ``hpo status --cluster``;
 - the MLflow dashboard renders the study in headless Chromium, and with ``MLFLOW_AUTH=1``
   refuses a request without credentials;
 - faults while a study runs: a worker killed, MLflow stopped, PostgreSQL restarted, the driver
@@ -480,6 +482,36 @@ def check_ray_client(stack: Stack) -> None:
     assert_tracked(stack, "stack-client", 6)
 
 
+def check_jobs_api(stack: Stack) -> None:
+    """A study submitted from this host through the head's Jobs API (port 8265) runs on the head
+    as a Ray job: this CLI returns at once, the job (one of the head's hpo_driver slots, the image's
+    HPO_BIN, the head's store and MLflow server) ends the exact budget, and `hpo status` joins the
+    job with the store."""
+    from hpo.cluster.jobs import Cluster
+
+    spec = write_spec(stack, "stack-job", trials=6, epochs=3)
+    cluster = f"http://{BIND}:8265"
+    out = stack.hpo("submit", spec, "--workers", "2", "--cluster", cluster, timeout=300)
+    if "as job hpo-stack-job" not in out.stdout:
+        raise StackError(f"hpo submit --cluster did not name its job: {tail(out)}")
+    jobs = Cluster(cluster)
+
+    def ended():
+        job = jobs.latest("stack-job")
+        return None if job.live else job
+
+    job = wait_for("the study's Ray job to end", ended, 900)
+    if job.status != "SUCCEEDED":
+        raise StackError(f"job {job.job_id} ended {job.status}: {jobs.logs('stack-job')[-3000:]}")
+    assert_budget(stack, "stack-job", 6)
+    assert_tracked(stack, "stack-job", 6)
+    status = stack.hpo("status", "--cluster", cluster).stdout
+    row = next((line for line in status.splitlines() if "stack-job" in line), "")
+    if "finished" not in row or "6/6" not in row:
+        raise StackError(f"hpo status --cluster shows {row!r} for the finished study")
+    print(f"   6 trials through job {job.job_id}; hpo status: finished")
+
+
 def check_dashboard(stack: Stack) -> None:
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
@@ -772,6 +804,8 @@ def main(argv: list[str] | None = None) -> int:
             check_cli_study(stack)
         with stack.phase("study via ray:// from the host"):
             check_ray_client(stack)
+        with stack.phase("study as a Ray job through 8265"):
+            check_jobs_api(stack)
         with stack.phase("dashboard and auth"):
             check_dashboard(stack)
         if not args.no_faults:

@@ -50,6 +50,7 @@ def test_the_stack_builds_runs_studies_and_survives_faults(tmp_path):
     assert {
         "study via the hpo service",
         "study via ray:// from the host",
+        "study as a Ray job through 8265",
         "dashboard and auth",
         "down, up: state kept",
     } <= set(phases)
