@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import os
 import signal
 import sys
 import threading
@@ -945,25 +944,24 @@ def status(
 
             job = Cluster(cluster).latest(study)
             console.print(
-                f"job {job.job_id}: {job.status}"
-                + (f" ({job.message.strip().splitlines()[-1]})" if job.message.strip() else ""),
+                f"job {job.job_id}: {job.status}" + (f" ({job.reason})" if job.reason else ""),
                 markup=False,
                 highlight=False,
                 soft_wrap=True,
             )
         return
-    printing.print_board(console, _board(storage, cluster), _shown(storage))
+    from hpo.cluster.jobs import Cluster
+
+    printing.print_board(console, _board(storage, Cluster(cluster) if cluster else None), _shown(storage))
 
 
-def _board(storage: str | None, cluster: str | None) -> list[Any]:
+def _board(storage: str | None, cluster: Any) -> list[Any]:
+    """Every study's row: the store's studies and leases, joined with ``cluster``'s jobs (a
+    :class:`hpo.cluster.jobs.Cluster`, or ``None``)."""
     from hpo.cluster import board
     from hpo.running.lease import holders
 
-    jobs = []
-    if cluster:
-        from hpo.cluster.jobs import Cluster
-
-        jobs = Cluster(cluster).jobs()
+    jobs = [] if cluster is None else cluster.jobs()
     try:
         studies, leases = queries.studies(storage), holders(storage_url(storage))
         addresses = {s.name: queries.mlflow_address(s.name, storage) for s in studies}
@@ -1131,17 +1129,18 @@ def _driver_args(
 
 
 def _warn_of_job_version() -> None:
-    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
-        from hpo.cluster.jobs import driver_version_warning
+    from hpo.cluster.jobs import driver_version_warning
 
-        if warning := driver_version_warning():
-            _warn(warning)
+    if warning := driver_version_warning():
+        _warn(warning)
 
 
 def _print_submitted(job: Any, cluster: str) -> None:
-    queued = "" if job.metadata.get("hpo_kind") != "resume" else " (resumed)"
+    from hpo.cluster.jobs import KIND_KEY
+
+    resumed = " (resumed)" if job.metadata.get(KIND_KEY) == "resume" else ""
     console.print(
-        f"submitted study {job.study}{queued} to {cluster} as job {job.job_id}; it runs there, this terminal "
+        f"submitted study {job.study}{resumed} to {cluster} as job {job.job_id}; it runs there, this terminal "
         "may close.\n"
         f"next: `hpo status --cluster {cluster}`, `hpo logs {job.study} -f --cluster {cluster}`, "
         f"`hpo stop {job.study} --cluster {cluster}`",
@@ -1169,7 +1168,7 @@ def _resume_on_cluster(
     if (study is None) == (not interrupted):
         raise HpoError("name one study to resume, or pass --interrupted for every interrupted one")
     jobs = Cluster(cluster)
-    names = [study] if study is not None else board.interrupted(_board(storage, cluster))
+    names = [study] if study is not None else board.interrupted(_board(storage, jobs))
     if not names:
         console.print("no interrupted study")
         return

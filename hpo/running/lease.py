@@ -21,6 +21,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import (
     Column,
@@ -126,7 +127,11 @@ def create_table(engine: Engine) -> None:
 def holder(engine: Engine, study_name: str) -> Holder | None:
     with engine.connect() as db:
         row = db.execute(select(LEASES).where(LEASES.c.study_name == study_name)).first()
-    return None if row is None else Holder(row.token, row.host, row.pid, row.heartbeat)
+    return None if row is None else _holder(row)
+
+
+def _holder(row: Any) -> Holder:
+    return Holder(row.token, row.host, row.pid, row.heartbeat)
 
 
 def holders(url: str) -> dict[str, Holder]:
@@ -136,10 +141,7 @@ def holders(url: str) -> dict[str, Holder]:
         if not inspect(engine).has_table(LEASES.name):
             return {}
         with engine.connect() as db:
-            return {
-                row.study_name: Holder(row.token, row.host, row.pid, row.heartbeat)
-                for row in db.execute(select(LEASES))
-            }
+            return {row.study_name: _holder(row) for row in db.execute(select(LEASES))}
     finally:
         engine.dispose()
 
